@@ -1,0 +1,247 @@
+"""`hpo` commands: each parses its options, calls one library function and prints the result.
+
+Errors a user can cause are `HpoError`s; they print as one line and exit 1 (`--debug` re-raises).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hpo import config, storage as storage_mod
+from hpo.errors import HpoError, StudyFileNotFound
+
+log = logging.getLogger("hpo")
+
+
+class HpoGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HpoError as e:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            raise click.ClickException(str(e)) from e
+
+
+def _setup_logging(verbose: bool) -> None:
+    import optuna
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(name)s[%(process)d] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    # Route Optuna's messages through the same handler instead of its own coloured one.
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+@click.group(cls=HpoGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.version_option(package_name="hpo")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
+    """Hyperparameter search for a DynamicCNN on Fashion-MNIST, shared by many workers."""
+    ctx.obj = {"debug": debug}
+    _setup_logging(verbose)
+
+
+study_option = click.option("--study", "study_arg", required=True, metavar="NAME|PATH",
+                            help="Study name (finds studies/NAME.toml) or a path to a study file.")
+storage_option = click.option("--storage", envvar="HPO_STORAGE", metavar="URL",
+                              help=f"Storage URL [env HPO_STORAGE; default {storage_mod.default_url()}].")
+data_option = click.option("--data-dir", envvar="HPO_DATA_DIR", type=click.Path(file_okay=False),
+                           help="Directory with the Fashion-MNIST IDX files [env HPO_DATA_DIR].")
+device_option = click.option("--device", envvar="HPO_DEVICE", help="cpu, cuda or cuda:N [default: cuda if present].")
+
+
+def _open(storage: str | None):
+    url = storage_mod.resolve_url(storage)
+    return url, storage_mod.open_storage(url)
+
+
+def _study_name(study_arg: str) -> str:
+    """A name is used as is; a path to a study file gives the name inside it."""
+    if study_arg.endswith(".toml") or os.sep in study_arg:
+        return config.load(study_arg).name
+    return study_arg
+
+
+def _load_existing(study_arg: str, storage: str | None):
+    from hpo import study as study_mod
+
+    url, store = _open(storage)
+    study, cfg = study_mod.load(store, _study_name(study_arg))
+    return url, study, cfg
+
+
+def _config_for_worker(study_arg: str, storage: str | None):
+    """The study file, or, on a host without it, the settings stored in the existing study.
+
+    The file is read before the storage is opened, so an invalid file writes nothing.
+    """
+    from hpo import study as study_mod
+
+    try:
+        cfg = config.load(study_arg)
+    except StudyFileNotFound as missing:
+        url, store = _open(storage)
+        try:
+            return study_mod.load(store, study_arg)[1], url, store
+        except HpoError:
+            raise missing from None
+    return (cfg, *_open(storage))
+
+
+@cli.command()
+@study_option
+@storage_option
+@data_option
+@device_option
+@click.option("--threads", type=int, envvar="HPO_THREADS", help="CPU threads for this worker [default: all cores].")
+def worker(study_arg: str, storage: str | None, data_dir: str | None, device: str | None, threads: int | None) -> None:
+    """Run trials of a shared study until its budget is met."""
+    from hpo import data, study as study_mod, worker as worker_mod
+    from hpo.devices import place
+
+    cfg, url, store = _config_for_worker(study_arg, storage)
+    worker_mod.install_signal_handlers()
+    placement = place(device, threads)
+    directory = data.find_data_dir(data_dir)
+    study, cfg = study_mod.create_or_load(store, cfg, sampler_seed=None)
+    log.info("worker on %s joins study %r at %s (data %s)", placement.name, cfg.name, storage_mod.mask(url), directory)
+    trial_data = data.load_trial_data(directory, cfg.budget.val_fraction, cfg.seed, placement.device,
+                                      cfg.budget.train_subset)
+    try:
+        result = worker_mod.run(study, cfg, trial_data, placement)
+    except worker_mod.Shutdown as e:
+        log.warning("stopping: %s; the running trial was marked FAIL", e)
+        sys.exit(128 + signal.SIGTERM)
+    log.info("worker done after %d trials: %s", result.trials_run, result.reason)
+
+
+@cli.command()
+@study_option
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Local worker processes.")
+@storage_option
+@data_option
+@device_option
+def optimize(study_arg: str, workers: int, storage: str | None, data_dir: str | None, device: str | None) -> None:
+    """Start N local workers on one study (embedded storage by default) and wait for them."""
+    from hpo import data, study as study_mod
+    from hpo.devices import threads_per_worker
+
+    cfg = config.load(study_arg)
+    directory = data.find_data_dir(data_dir)
+    url, store = _open(storage)
+    # Create the study once here, so the workers only ever load it.
+    study, cfg = study_mod.create_or_load(store, cfg)
+    threads = threads_per_worker(workers)
+    log.info("study %r: %d workers x %d thread(s), storage %s", cfg.name, workers, threads, storage_mod.mask(url))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HPO_THREADS": str(threads)}
+    args = [sys.executable, "-m", "hpo", "worker", "--study", study_arg, "--storage", url,
+            "--data-dir", str(directory)] + (["--device", device] if device else [])
+    started = time.monotonic()
+    children = [subprocess.Popen(args, env=env) for _ in range(workers)]
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        codes = [child.wait() for child in children]
+    except KeyboardInterrupt:
+        forward(signal.SIGINT, None)
+        codes = [child.wait(timeout=30) for child in children]
+    summary = study_mod.summary(study, cfg)
+    click.echo(_format_status(summary))
+    click.echo(f"wall time {time.monotonic() - started:.0f}s")
+    if any(codes):
+        raise HpoError(f"{sum(1 for c in codes if c)} of {workers} workers exited with an error "
+                       f"(exit codes {codes}); see their log lines above.")
+
+
+@cli.command("final-train")
+@study_option
+@storage_option
+@data_option
+@device_option
+@click.option("--out", type=click.Path(file_okay=False), help="Output directory [default: runs/STUDY/final].")
+@click.option("--epochs", type=click.IntRange(min=1), help="Override the study file's final epochs.")
+def final_train(study_arg: str, storage: str | None, data_dir: str | None, device: str | None,
+                out: str | None, epochs: int | None) -> None:
+    """Retrain the best trial on train + validation and score the test split once."""
+    from hpo import data, final
+    from hpo.devices import place
+
+    _, study, cfg = _load_existing(study_arg, storage)
+    placement = place(device)
+    directory = data.find_data_dir(data_dir)
+    out_dir = Path(out) if out else storage_mod.RUNS_DIR / cfg.name / "final"
+    metrics = final.final_train(study, cfg, directory, placement, out_dir, epochs)
+    click.echo(f"test accuracy {metrics['test_accuracy']:.4f}  (loss {metrics['test_loss']:.4f}, "
+               f"{metrics['test_images']} test images, best trial {metrics['best_trial']} had val "
+               f"{metrics['best_trial_value']:.4f}, {metrics['epochs']} epochs, {metrics['wall_time_s']:.0f}s)")
+    click.echo(f"wrote {out_dir / 'model.pt'} and {out_dir / 'metrics.json'}")
+
+
+def _format_status(s: dict[str, Any]) -> str:
+    lines = [f"study {s['study']}  ({s['direction']} {s['metric']}, budget {s['n_trials']} finished trials)"]
+    lines += [f"  {state:<9}{n:>5}" for state, n in s["states"].items() if n or state in ("COMPLETE", "PRUNED")]
+    lines.append(f"  finished {s['finished']}/{s['n_trials']}, pruned share {s['pruned_share']:.0%}")
+    if s["best"]:
+        b = s["best"]
+        lines.append(f"  best trial {b['number']}: {s['metric']} {b['value']:.4f}")
+        lines.append("    " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in b["params"].items()))
+    if s["final"]:
+        f = s["final"]
+        lines.append(f"  final-train: test accuracy {f['test_accuracy']:.4f} (trial {f['best_trial']}, "
+                     f"{f['epochs']} epochs) in {f['output_dir']}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@study_option
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def status(study_arg: str, storage: str | None, as_json: bool) -> None:
+    """Trial counts by state, the best trial and the pruned share."""
+    from hpo import study as study_mod, worker as worker_mod
+
+    _, study, cfg = _load_existing(study_arg, storage)
+    worker_mod.reap_stale(study)
+    summary = study_mod.summary(study, cfg)
+    click.echo(json.dumps(summary, indent=2) if as_json else _format_status(summary))
+
+
+@cli.command()
+@study_option
+@storage_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (no authentication!).")
+@click.option("--port", default=8080, show_default=True, type=int)
+def dashboard(study_arg: str, storage: str | None, host: str, port: int) -> None:
+    """Serve optuna-dashboard on the study's storage."""
+    from optuna_dashboard import run_server
+
+    url, study, _ = _load_existing(study_arg, storage)
+    click.echo(f"optuna-dashboard on {storage_mod.mask(url)}: http://{host}:{port}/dashboard/studies/"
+               f"{study._study_id}  (Ctrl-C to stop)")
+    run_server(study._storage, host=host, port=port)
+
+
+def main() -> None:
+    cli(prog_name="hpo")

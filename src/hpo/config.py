@@ -1,0 +1,400 @@
+"""Study files: TOML in, a validated, frozen StudyConfig out.
+
+This module never imports torch, so `hpo status` and the tests of bad files stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hpo.errors import ConfigError, StudyFileNotFound
+
+# The parameters DynamicCNN and the training recipe understand, in the order they are suggested.
+SPACE_KEYS = (
+    "n_conv",        # conv blocks, each halves the image: 28 -> 14 -> 7 -> 3 -> 1, so at most 4
+    "filters",       # output channels, suggested once per conv block
+    "kernel_size",   # odd, pixels
+    "n_fc",          # hidden fully connected layers before the classifier
+    "fc_size",       # units per hidden FC layer
+    "dropout",       # probability, after every hidden FC layer
+    "optimizer",     # adam | sgd | rmsprop
+    "lr",            # peak learning rate
+    "batch_size",    # images per step
+    "weight_decay",  # L2 coefficient
+)
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
+SCHEDULES = ("cosine", "onecycle", "constant")
+SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "qmc": "QMCSampler"}
+PRUNERS = {
+    "median": "MedianPruner",
+    "percentile": "PercentilePruner",
+    "hyperband": "HyperbandPruner",
+    "none": "NopPruner",
+}
+SEARCH_PATHS_HELP = "studies/NAME.toml in the current directory, then the studies shipped with hpo"
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One search dimension: a numeric range, a list of choices, or a fixed value."""
+
+    name: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] | None = None
+
+    @property
+    def is_int(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int)
+
+
+@dataclass(frozen=True)
+class Budget:
+    n_trials: int            # finished trials (COMPLETE + PRUNED) the study ends with
+    epochs: int              # epochs per trial; the pruner sees one report per epoch
+    train_subset: int = 0    # images of the training part each trial trains on; 0 = all of it
+    val_fraction: float = 0.1  # share of the official training set held out for validation
+
+
+@dataclass(frozen=True)
+class Component:
+    """A sampler or pruner: an Optuna class name key and its keyword arguments."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Augment:
+    crop_padding: int = 0    # pixels of zero padding before a random 28x28 crop; 0 = off
+    hflip: bool = False      # random horizontal flip with probability 1/2
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How every model is trained, in trials and in the finalizer alike."""
+
+    schedule: str = "cosine"       # learning-rate shape over the run
+    warmup_epochs: float = 0.0     # linear ramp from 0 to the peak lr, in epochs
+    label_smoothing: float = 0.0
+    eval_batch_size: int = 2048    # images per evaluation step (no gradients, so large)
+
+
+@dataclass(frozen=True)
+class Final:
+    epochs: int                    # epochs of the from-scratch retrain on train + validation
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    direction: str
+    metric: str
+    seed: int
+    budget: Budget
+    sampler: Component
+    pruner: Component
+    augment: Augment
+    train: Recipe
+    final: Final
+    space: dict[str, ParamSpec]
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able form, stored in the study so later commands need no file."""
+        d = dataclasses.asdict(self)
+        d["space"] = {k: _spec_to_raw(v) for k, v in self.space.items()}
+        return d
+
+    def space_dict(self) -> dict[str, Any]:
+        return self.to_dict()["space"]
+
+
+def _spec_to_raw(spec: ParamSpec) -> Any:
+    if spec.choices is not None:
+        return {"choices": list(spec.choices)}
+    if spec.low == spec.high and not spec.log and spec.step is None:
+        return spec.low
+    raw: dict[str, Any] = {"low": spec.low, "high": spec.high}
+    if spec.log:
+        raw["log"] = True
+    if spec.step is not None:
+        raw["step"] = spec.step
+    return raw
+
+
+# --------------------------------------------------------------------------- finding files
+
+
+def resolve_path(study: str, cwd: Path | None = None) -> Path:
+    """`study` is a path to a TOML file or a name looked up in studies/."""
+    cwd = cwd or Path.cwd()
+    as_path = Path(study)
+    if as_path.suffix == ".toml" or os.sep in study:
+        if as_path.is_file():
+            return as_path
+        raise StudyFileNotFound(f"study file {study} does not exist. Check the path, or pass a study name.")
+    candidates = [cwd / "studies" / f"{study}.toml", Path(__file__).parent / "studies" / f"{study}.toml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    known = sorted({p.stem for c in candidates for p in c.parent.glob("*.toml")})
+    hint = _did_you_mean(study, known)
+    raise StudyFileNotFound(
+        f"no study file named {study!r}: looked for {SEARCH_PATHS_HELP}.{hint} "
+        f"Known studies: {', '.join(known) or 'none'}."
+    )
+
+
+def load(study: str | Path) -> StudyConfig:
+    path = resolve_path(str(study))
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e}). Fix the syntax.") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the study file ({e.strerror}).") from e
+    return parse(raw, source=str(path))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+class _Reader:
+    """Walks one table of the file, checking types and refusing keys nobody reads."""
+
+    def __init__(self, raw: Any, where: str, source: str):
+        self.source, self.where = source, where
+        if not isinstance(raw, dict):
+            self.fail(f"must be a table, got {type(raw).__name__}")
+        self.raw = dict(raw)
+        self.used: set[str] = set()
+
+    def fail(self, message: str) -> None:
+        where = f"[{self.where}] " if self.where else ""
+        raise ConfigError(f"{self.source}: {where}{message}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        self.used.add(key)
+        if key not in self.raw:
+            if default is ...:
+                self.fail(f"missing required key {key!r}")
+            return default
+        value = self.raw[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # TOML ints are valid floats; bools are not numbers here.
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            self.fail(f"{key} must be {names}, got {type(value).__name__} {value!r}")
+        return value
+
+    def table(self, key: str) -> "_Reader":
+        self.used.add(key)
+        where = f"{self.where}.{key}" if self.where else key
+        return _Reader(self.raw.get(key, {}), where, self.source)
+
+    def done(self, known: tuple[str, ...] | None = None) -> None:
+        for key in self.raw:
+            if key not in self.used:
+                hint = _did_you_mean(key, list(known or self.used))
+                self.fail(f"unknown key {key!r}.{hint} Remove it or fix its spelling.")
+
+
+def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
+    top = _Reader(raw, "", source)
+    name = top.get("name", str)
+    if not name or any(c.isspace() for c in name):
+        top.fail(f"name must be a non-empty word without spaces, got {name!r}")
+    description = top.get("description", str, "")
+    metric = top.get("metric", str, "val_accuracy")
+    if metric not in METRICS:
+        top.fail(f"metric {metric!r} is not supported.{_did_you_mean(metric, list(METRICS))} Use one of: {', '.join(METRICS)}")
+    direction = top.get("direction", str, METRICS[metric])
+    if direction != METRICS[metric]:
+        top.fail(f"direction for {metric} must be {METRICS[metric]!r}, got {direction!r}")
+    seed = top.get("seed", int, 0)
+
+    b = top.table("budget")
+    budget = Budget(
+        n_trials=b.get("n_trials", int),
+        epochs=b.get("epochs", int),
+        train_subset=b.get("train_subset", int, 0),
+        val_fraction=b.get("val_fraction", float, 0.1),
+    )
+    b.done()
+    if budget.n_trials < 1:
+        b.fail(f"n_trials must be at least 1, got {budget.n_trials}")
+    if budget.epochs < 1:
+        b.fail(f"epochs must be at least 1, got {budget.epochs}")
+    if budget.train_subset < 0:
+        b.fail(f"train_subset must be 0 (all) or a positive number of images, got {budget.train_subset}")
+    if not 0.0 < budget.val_fraction < 0.5:
+        b.fail(f"val_fraction must be between 0 and 0.5, got {budget.val_fraction}")
+
+    sampler = _component(top.table("sampler"), SAMPLERS, "tpe", "optuna.samplers")
+    pruner = _component(top.table("pruner"), PRUNERS, "median", "optuna.pruners")
+
+    a = top.table("augment")
+    augment = Augment(crop_padding=a.get("crop_padding", int, 0), hflip=a.get("hflip", bool, False))
+    a.done()
+    if not 0 <= augment.crop_padding <= 8:
+        a.fail(f"crop_padding must be between 0 and 8 pixels, got {augment.crop_padding}")
+
+    t = top.table("train")
+    recipe = Recipe(
+        schedule=t.get("schedule", str, "cosine"),
+        warmup_epochs=t.get("warmup_epochs", float, 0.0),
+        label_smoothing=t.get("label_smoothing", float, 0.0),
+        eval_batch_size=t.get("eval_batch_size", int, 2048),
+    )
+    t.done()
+    if recipe.schedule not in SCHEDULES:
+        t.fail(f"schedule {recipe.schedule!r} is not known.{_did_you_mean(recipe.schedule, SCHEDULES)} Use one of: {', '.join(SCHEDULES)}")
+    if not 0.0 <= recipe.label_smoothing < 1.0:
+        t.fail(f"label_smoothing must be in [0, 1), got {recipe.label_smoothing}")
+    if recipe.warmup_epochs < 0:
+        t.fail(f"warmup_epochs must not be negative, got {recipe.warmup_epochs}")
+    if recipe.eval_batch_size < 1:
+        t.fail(f"eval_batch_size must be positive, got {recipe.eval_batch_size}")
+
+    f = top.table("final")
+    final = Final(epochs=f.get("epochs", int, budget.epochs))
+    f.done()
+    if final.epochs < 1:
+        f.fail(f"epochs must be at least 1, got {final.epochs}")
+
+    space = _space(top.table("space"))
+    top.done(("name", "description", "metric", "direction", "seed", "budget", "sampler", "pruner",
+              "augment", "train", "final", "space"))
+    return StudyConfig(name=name, description=description, direction=direction, metric=metric,
+                       seed=seed, budget=budget, sampler=sampler, pruner=pruner, augment=augment,
+                       train=recipe, final=final, space=space)
+
+
+def _component(r: _Reader, known: dict[str, str], default: str, module: str) -> Component:
+    name = r.get("name", str, default)
+    if name not in known:
+        r.fail(f"name {name!r} is not known.{_did_you_mean(name, list(known))} Use one of: {', '.join(known)}")
+    options = {k: v for k, v in r.raw.items() if k != "name"}
+    import importlib
+
+    cls = getattr(importlib.import_module(module), known[name])
+    accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "seed")]
+    for key in options:
+        if key not in accepted:
+            r.fail(f"{known[name]} has no option {key!r}.{_did_you_mean(key, accepted)} Options: {', '.join(accepted)}")
+    if name == "tpe":
+        # Parallel workers need constant_liar or they pile onto the same promising point.
+        for required in ("multivariate", "constant_liar"):
+            if required not in options:
+                r.fail(f"set {required} explicitly for the TPE sampler (true is right for parallel workers)")
+    return Component(name=name, options=options)
+
+
+def _space(r: _Reader) -> dict[str, ParamSpec]:
+    space: dict[str, ParamSpec] = {}
+    for key in r.raw:
+        if key not in SPACE_KEYS:
+            r.fail(f"unknown parameter {key!r}.{_did_you_mean(key, SPACE_KEYS)} Parameters: {', '.join(SPACE_KEYS)}")
+    for key in SPACE_KEYS:
+        if key not in r.raw:
+            r.fail(f"missing parameter {key!r}; give a range, a choice list or a fixed value")
+        space[key] = _param(key, r.raw[key], r)
+    _check_domain(space, r)
+    return space
+
+
+def _param(key: str, raw: Any, r: _Reader) -> ParamSpec:
+    where = f"{key}"
+    if isinstance(raw, (int, float, str)) and not isinstance(raw, bool):
+        return ParamSpec(key, choices=(raw,)) if isinstance(raw, str) else ParamSpec(key, low=raw, high=raw)
+    if not isinstance(raw, dict):
+        r.fail(f"{where} must be a table like {{ low = 1, high = 4 }}, {{ choices = [...] }} or a value, got {raw!r}")
+    extra = set(raw) - {"low", "high", "log", "step", "choices"}
+    if extra:
+        bad = sorted(extra)[0]
+        r.fail(f"{where} has unknown key {bad!r}.{_did_you_mean(bad, ['low', 'high', 'log', 'step', 'choices'])}")
+    if "choices" in raw:
+        choices = raw["choices"]
+        if set(raw) != {"choices"}:
+            r.fail(f"{where}: use either choices or low/high, not both")
+        if not isinstance(choices, list) or not choices:
+            r.fail(f"{where}: choices must be a non-empty list, got {choices!r}")
+        if len({type(c) for c in choices}) != 1:
+            r.fail(f"{where}: choices must all have one type, got {choices!r}")
+        return ParamSpec(key, choices=tuple(choices))
+    for bound in ("low", "high"):
+        if bound not in raw:
+            r.fail(f"{where} needs both low and high (or choices)")
+        if isinstance(raw[bound], bool) or not isinstance(raw[bound], (int, float)):
+            r.fail(f"{where}.{bound} must be a number, got {raw[bound]!r}")
+    low, high = raw["low"], raw["high"]
+    log, step = raw.get("log", False), raw.get("step")
+    if not isinstance(log, bool):
+        r.fail(f"{where}.log must be true or false, got {log!r}")
+    if isinstance(low, int) != isinstance(high, int):
+        low, high = float(low), float(high)
+    if low > high:
+        r.fail(f"{where}: low ({low}) is greater than high ({high}). Swap them.")
+    if log and low <= 0:
+        r.fail(f"{where}: a log range must be above 0, got low = {low}. Use a small positive low such as 1e-6.")
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
+            r.fail(f"{where}.step must be a positive number, got {step!r}")
+        if log:
+            r.fail(f"{where}: step and log cannot be combined")
+    return ParamSpec(key, low=low, high=high, log=log, step=step)
+
+
+def _values(spec: ParamSpec) -> list[Any]:
+    """The extremes a parameter can take, for range checks."""
+    return list(spec.choices) if spec.choices is not None else [spec.low, spec.high]
+
+
+def _check_domain(space: dict[str, ParamSpec], r: _Reader) -> None:
+    def need(key: str, ok: Any, what: str) -> None:
+        bad = [v for v in _values(space[key]) if not ok(v)]
+        if bad:
+            r.fail(f"{key} must be {what}, got {bad[0]!r}")
+
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    need("n_conv", lambda v: integer(v) and 1 <= v <= 4, "an integer from 1 to 4 (each block halves 28x28)")
+    need("filters", lambda v: integer(v) and 1 <= v <= 1024, "an integer from 1 to 1024")
+    need("kernel_size", lambda v: integer(v) and v in (1, 3, 5, 7), "1, 3, 5 or 7")
+    need("n_fc", lambda v: integer(v) and 0 <= v <= 4, "an integer from 0 to 4")
+    need("fc_size", lambda v: integer(v) and 1 <= v <= 8192, "an integer from 1 to 8192")
+    need("dropout", lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a probability in [0, 1)")
+    need("optimizer", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
+    need("lr", lambda v: isinstance(v, (int, float)) and 0 < v < 10 and math.isfinite(v), "a positive learning rate")
+    need("batch_size", lambda v: integer(v) and 1 <= v <= 65536, "a positive integer")
+    need("weight_decay", lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)")
+
+
+def from_dict(stored: dict[str, Any], source: str) -> StudyConfig:
+    """Rebuild a config recorded in a study (the inverse of StudyConfig.to_dict)."""
+    raw = dict(stored)
+    for key in ("budget", "augment", "train", "final"):
+        raw[key] = dict(stored[key])
+    raw["sampler"] = {"name": stored["sampler"]["name"], **stored["sampler"]["options"]}
+    raw["pruner"] = {"name": stored["pruner"]["name"], **stored["pruner"]["options"]}
+    return parse(raw, source=source)

@@ -1,0 +1,69 @@
+"""Which device this process trains on, how many CPU threads it owns, and its fast paths."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (respects taskset and container CPU sets)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_per_worker(workers: int, cores: int | None = None) -> int:
+    """Split the cores evenly so N local workers never oversubscribe the CPU."""
+    return max(1, (cores or cpu_count()) // max(1, workers))
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where the hardware runs it natively, else None (plain fp32)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    # Without AMX or AVX-512 BF16, CPU bf16 is emulated and slower than fp32.
+    return torch.bfloat16 if _cpu_flags() & {"amx_bf16", "avx512_bf16"} else None
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    threads: int
+    name: str          # what a person would call it: "cpu (1 thread)", "NVIDIA H100 (cuda:0)"
+    host: str
+
+    def describe(self) -> dict[str, object]:
+        return {"device": str(self.device), "device_name": self.name, "threads": self.threads, "host": self.host}
+
+
+def place(device: str | None = None, threads: int | None = None) -> Placement:
+    """Choose the device (CUDA when present unless told otherwise) and pin the CPU thread count."""
+    wanted = device or os.environ.get("HPO_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(wanted)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", 0)
+    n_threads = threads or int(os.environ.get("HPO_THREADS", 0)) or cpu_count()
+    torch.set_num_threads(n_threads)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True  # fixed input shapes per trial, so autotuning pays off
+        name = f"{torch.cuda.get_device_name(dev)} ({dev})"
+    else:
+        name = f"cpu {platform.processor() or platform.machine()} ({n_threads} thread{'s' if n_threads > 1 else ''})"
+    return Placement(dev, n_threads, name, socket.gethostname())

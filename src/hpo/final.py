@@ -1,0 +1,155 @@
+"""The finalizer: retrain the best trial from scratch on train + validation, score the test split once."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+import hpo
+from hpo import data as data_mod
+from hpo.config import StudyConfig
+from hpo.data import CLASSES, DeviceData
+from hpo.devices import Placement
+from hpo.errors import HpoError
+from hpo.model import ModelSpec, count_parameters
+from hpo.objective import derive_seed
+from hpo.study import FINAL_ATTR
+from hpo.train import EpochStats, Hyper, evaluate, fit, seeded_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "hpo-checkpoint/1"
+FINAL_SEED_TAG = 0x46494E41  # "FINA": keeps the final run's seed apart from every trial's
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "hpo": hpo.__version__}
+    for dist in ("torch", "torchvision", "optuna", "optuna-dashboard", "sqlalchemy", "numpy"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("HPO_GIT_REVISION")
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HpoError(f"cannot create the output directory {out_dir} ({e.strerror}). Pass a writable --out.") from e
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise HpoError(f"output directory {out_dir} is not writable. Pass a writable --out.")
+
+
+def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement: Placement,
+                out_dir: Path, epochs: int | None = None) -> dict[str, Any]:
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise HpoError(f"study {cfg.name!r} has no COMPLETE trial yet, so there is nothing to retrain. "
+                       f"Run `hpo optimize --study {cfg.name}` (or workers) until one completes.")
+    _check_writable(out_dir)
+    best = study.best_trial
+    epochs = epochs or cfg.final.epochs
+    seed = derive_seed(cfg.seed, FINAL_SEED_TAG)
+    device = placement.device
+
+    images, labels = data_mod.load_split(data_dir, "train")
+    train_all = DeviceData(images, labels, device)
+    log.info("final-train: trial %d (val %s %.4f) from scratch on %d images for %d epochs on %s",
+             best.number, cfg.metric, best.value, len(train_all), epochs, placement.name)
+
+    def on_epoch(stats: EpochStats) -> None:
+        log.info("final epoch %d/%d  loss %.4f  train_acc %.4f  (%.1fs)", stats.epoch, epochs,
+                 stats.train_loss, stats.train_accuracy, stats.seconds)
+
+    started = time.perf_counter()
+    model = seeded_model(best.params, seed, device)
+    history = fit(model, train_all, None, Hyper.from_params(best.params), cfg.train, cfg.augment, epochs, seed,
+                  on_epoch)
+    train_seconds = time.perf_counter() - started
+
+    # The only read of the test split in the whole project.
+    test_images, test_labels = data_mod.load_split(data_dir, "test")
+    test = DeviceData(test_images, test_labels, device)
+    ev = evaluate(model, test, cfg.train.eval_batch_size)
+    truth = test.y.cpu()
+    per_class = {name: float((ev.predictions[truth == i] == i).float().mean()) for i, name in enumerate(CLASSES)}
+
+    metrics: dict[str, Any] = {
+        "study": cfg.name,
+        "test_accuracy": ev.accuracy,
+        "test_loss": ev.loss,
+        "test_images": len(test),
+        "per_class_accuracy": per_class,
+        "best_trial": best.number,
+        "best_trial_value": best.value,
+        "metric": cfg.metric,
+        "params": best.params,
+        "seed": seed,
+        "epochs": epochs,
+        "train_images": len(train_all),
+        "n_params": count_parameters(model),
+        "history": [{"epoch": s.epoch, "train_loss": s.train_loss, "train_accuracy": s.train_accuracy}
+                    for s in history],
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "train_time_s": round(train_seconds, 2),
+        "device": placement.describe(),
+        "versions": versions(),
+        "git_revision": git_revision(),
+    }
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "study": cfg.name,
+        "trial": best.number,
+        "params": best.params,
+        "model_spec": ModelSpec.from_params(best.params).to_dict(),
+        "test_accuracy": ev.accuracy,
+        "hpo_version": hpo.__version__,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    write_atomic(out_dir / "model.pt", buffer.getvalue())
+    write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+    summary = {k: metrics[k] for k in ("test_accuracy", "test_loss", "best_trial", "best_trial_value", "seed",
+                                       "epochs", "wall_time_s")}
+    summary["output_dir"] = str(out_dir.resolve())
+    study.set_user_attr(FINAL_ATTR, summary)
+    return metrics

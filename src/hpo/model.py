@@ -1,0 +1,77 @@
+"""DynamicCNN: a conv stack and an MLP head, built from plain values (never from a trial)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that shapes the network; the whole boundary of the model."""
+
+    filters: tuple[int, ...]   # output channels of each conv block; len() is the number of blocks
+    kernel_size: int = 3       # pixels, odd so that "same" padding keeps the size
+    n_fc: int = 1              # hidden fully connected layers before the classifier
+    fc_size: int = 128         # units per hidden FC layer
+    dropout: float = 0.0       # after every hidden FC layer
+    in_channels: int = 1
+    image_size: int = 28       # pixels per side
+    num_classes: int = 10
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "ModelSpec":
+        """Read a trial's flat params (`n_conv`, `filters_0`, ...); extra keys are ignored."""
+        return cls(
+            filters=tuple(int(params[f"filters_{i}"]) for i in range(int(params["n_conv"]))),
+            kernel_size=int(params["kernel_size"]),
+            n_fc=int(params["n_fc"]),
+            fc_size=int(params["fc_size"]),
+            dropout=float(params["dropout"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["filters"] = list(self.filters)
+        return d
+
+
+class DynamicCNN(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        blocks: list[nn.Module] = []
+        channels, size = spec.in_channels, spec.image_size
+        for width in spec.filters:
+            blocks += [
+                # No conv bias: BatchNorm's shift makes it redundant.
+                nn.Conv2d(channels, width, spec.kernel_size, padding=spec.kernel_size // 2, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            channels, size = width, size // 2
+        if size < 1:
+            raise ValueError(f"{len(spec.filters)} conv blocks shrink a {spec.image_size}px image below 1px")
+        self.features = nn.Sequential(*blocks)
+        head: list[nn.Module] = [nn.Flatten()]
+        width = channels * size * size
+        for _ in range(spec.n_fc):
+            head += [nn.Linear(width, spec.fc_size), nn.ReLU(inplace=True), nn.Dropout(spec.dropout)]
+            width = spec.fc_size
+        head.append(nn.Linear(width, spec.num_classes))
+        self.head = nn.Sequential(*head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def build(params: dict[str, Any]) -> DynamicCNN:
+    return DynamicCNN(ModelSpec.from_params(params))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,84 @@
+"""The trial objective: sample params, train on the validation split, report every epoch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+import numpy as np
+import optuna
+
+from hpo import space
+from hpo.config import StudyConfig
+from hpo.data import TrialData
+from hpo.devices import Placement
+from hpo.model import count_parameters
+from hpo.train import EpochStats, Hyper, TrainingDiverged, fit, seeded_model
+
+log = logging.getLogger(__name__)
+
+REASON_ATTR = "fail_reason"
+
+
+class OverBudget(Exception):
+    """Every slot of the trial budget is taken by trials that are finished or running."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed that depends on every part, so nearby trials get unrelated streams."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0] >> 1)
+
+
+def trial_seed(study_seed: int, trial: optuna.Trial) -> int:
+    # A retried trial keeps its original number's seed, so the retry repeats the same run.
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    origin = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+    return derive_seed(study_seed, trial.number if origin is None else origin)
+
+
+def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
+                   over_budget: Callable[[optuna.Trial], bool]) -> Callable[[optuna.Trial], float]:
+    def objective(trial: optuna.Trial) -> float:
+        if over_budget(trial):
+            trial.set_user_attr(REASON_ATTR, "over budget: another worker took the last slot")
+            raise OverBudget(f"trial {trial.number} is beyond the budget of {cfg.budget.n_trials}")
+        params = space.suggest(trial, cfg.space)
+        seed = trial_seed(cfg.seed, trial)
+        model = seeded_model(params, seed, placement.device)
+        for key, value in {**placement.describe(), "pid": os.getpid(), "seed": seed,
+                           "n_params": count_parameters(model)}.items():
+            trial.set_user_attr(key, value)
+        history: list[dict[str, float]] = []
+        started = time.perf_counter()
+
+        def on_epoch(stats: EpochStats) -> None:
+            value = stats.val_accuracy if cfg.metric == "val_accuracy" else stats.val_loss
+            history.append({"epoch": stats.epoch, "train_loss": round(stats.train_loss, 5),
+                            "val_loss": round(stats.val_loss, 5), "val_accuracy": round(stats.val_accuracy, 5),
+                            "seconds": round(stats.seconds, 2)})
+            trial.set_user_attr("history", history)
+            trial.set_user_attr("epoch", stats.epoch)
+            log.info("trial %d epoch %d/%d  loss %.4f  val_acc %.4f  (%.1fs)", trial.number, stats.epoch,
+                     cfg.budget.epochs, stats.train_loss, stats.val_accuracy, stats.seconds)
+            trial.report(value, stats.epoch)
+            # Re-check once the trials created just before this one are certainly visible.
+            if stats.epoch == 1 and over_budget(trial):
+                trial.set_user_attr(REASON_ATTR, "over budget: another worker took the last slot")
+                raise OverBudget(f"trial {trial.number} is beyond the budget of {cfg.budget.n_trials}")
+            if trial.should_prune():
+                trial.set_user_attr("wall_time_s", round(time.perf_counter() - started, 2))
+                raise optuna.TrialPruned(f"val {cfg.metric} {value:.4f} at epoch {stats.epoch}")
+
+        try:
+            history_stats = fit(model, data.train, data.val, Hyper.from_params(params), cfg.train,
+                                cfg.augment, cfg.budget.epochs, seed, on_epoch)
+        except TrainingDiverged as e:
+            trial.set_user_attr(REASON_ATTR, str(e))
+            raise
+        trial.set_user_attr("wall_time_s", round(time.perf_counter() - started, 2))
+        last = history_stats[-1]
+        return last.val_accuracy if cfg.metric == "val_accuracy" else last.val_loss
+
+    return objective

@@ -1,0 +1,32 @@
+"""The search space: the one place that calls `trial.suggest_*`.
+
+`suggest` turns a study's declared space into a flat dict of plain values, named as Optuna stores
+them (`filters_0`, `filters_1`, ...), so a best trial's `params` rebuild the same model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from hpo.config import ParamSpec
+
+
+def _suggest(trial: optuna.Trial, name: str, spec: ParamSpec) -> Any:
+    if spec.choices is not None:
+        return trial.suggest_categorical(name, list(spec.choices))
+    if spec.is_int:
+        return trial.suggest_int(name, spec.low, spec.high, step=spec.step or 1, log=spec.log)
+    return trial.suggest_float(name, spec.low, spec.high, step=spec.step, log=spec.log)
+
+
+def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
+    params: dict[str, Any] = {"n_conv": _suggest(trial, "n_conv", space["n_conv"])}
+    # One width per conv block; deeper blocks only exist (and are only sampled) when n_conv says so.
+    for i in range(params["n_conv"]):
+        params[f"filters_{i}"] = _suggest(trial, f"filters_{i}", space["filters"])
+    for name in ("kernel_size", "n_fc", "fc_size", "dropout", "optimizer", "lr", "batch_size",
+                 "weight_decay"):
+        params[name] = _suggest(trial, name, space[name])
+    return params

@@ -1,0 +1,167 @@
+"""Storage URLs: one RDBStorage code path for the embedded SQLite file and for PostgreSQL.
+
+SQLite is only safe for several local worker processes with three settings: WAL (readers, such as
+the dashboard, never block writers), a long busy timeout, and BEGIN IMMEDIATE so that a transaction
+takes the write lock up front instead of failing when it tries to upgrade a read lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sqlite3
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, make_url
+
+from hpo.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+RUNS_DIR = Path("runs")  # relative to the working directory, like studies/
+SQLITE_BUSY_TIMEOUT_S = 120  # a writer waits this long for the lock; local writes take milliseconds
+
+
+def default_url() -> str:
+    return f"sqlite:///{RUNS_DIR / 'hpo.db'}"
+
+
+def resolve_url(explicit: str | None) -> str:
+    """--storage, then HPO_STORAGE, then the embedded default file."""
+    return explicit or os.environ.get("HPO_STORAGE") or default_url()
+
+
+def mask(url: str) -> str:
+    """The URL with its password replaced by ***, safe to log."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return "<malformed storage URL>"
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    heartbeat_interval: int = 10   # seconds between a running trial's heartbeats
+    grace_period: int = 30         # seconds without a heartbeat before a trial counts as dead
+    max_retry: int = 2             # re-runs of a trial whose worker died
+    wait_s: float = 60.0           # how long to wait for a database that is not up yet
+    pool_size: int = 2             # connections per process: the main thread and the heartbeat
+
+    @classmethod
+    def from_env(cls) -> "StorageSettings":
+        def env(name: str, default: float) -> float:
+            return float(os.environ.get(name, default))
+
+        d = cls()
+        return cls(heartbeat_interval=int(env("HPO_HEARTBEAT_INTERVAL", d.heartbeat_interval)),
+                   grace_period=int(env("HPO_GRACE_PERIOD", d.grace_period)),
+                   max_retry=int(env("HPO_MAX_RETRY", d.max_retry)),
+                   wait_s=env("HPO_DB_WAIT", d.wait_s))
+
+
+def _sqlite_on_connect(dbapi_connection, _record) -> None:
+    if not isinstance(dbapi_connection, sqlite3.Connection):
+        return
+    # Let SQLAlchemy's "begin" hook below issue BEGIN itself instead of pysqlite's deferred BEGIN.
+    dbapi_connection.isolation_level = None
+    dbapi_connection.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
+    dbapi_connection.execute("PRAGMA journal_mode = WAL")
+    dbapi_connection.execute("PRAGMA synchronous = NORMAL")
+
+
+# Optuna's schema set-up (inside RDBStorage's constructor) reads on one connection while writing on
+# another, which deadlocks on BEGIN IMMEDIATE; it gets plain BEGIN, everything after it IMMEDIATE.
+_defer_begin = False
+
+
+def _sqlite_on_begin(connection) -> None:
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN" if _defer_begin else "BEGIN IMMEDIATE")
+
+
+def _new_rdb_storage(url: str, **kwargs) -> optuna.storages.RDBStorage:
+    global _defer_begin
+    _defer_begin = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, **kwargs)
+    finally:
+        _defer_begin = False
+
+
+def _install_sqlite_hooks() -> None:
+    # RDBStorage builds its engine internally, so the hooks go on the Engine class, SQLite only.
+    if not event.contains(Engine, "connect", _sqlite_on_connect):
+        event.listen(Engine, "connect", _sqlite_on_connect)
+        event.listen(Engine, "begin", _sqlite_on_begin)
+
+
+def _engine_kwargs(url: sqlalchemy.URL, settings: StorageSettings) -> dict:
+    if url.get_backend_name() == "sqlite":
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    return {
+        "pool_pre_ping": True,  # a connection the server dropped (restart, idle kill) is replaced, not used
+        "pool_size": settings.pool_size,
+        "max_overflow": 1,
+        "pool_recycle": 300,    # seconds; stays under typical proxy idle timeouts
+        "connect_args": {"connect_timeout": 5},
+    }
+
+
+def _is_auth_error(e: Exception) -> bool:
+    text = str(e).lower()
+    return "password authentication failed" in text or "no password supplied" in text or (
+        "role" in text and "does not exist" in text)
+
+
+def open_storage(url: str, settings: StorageSettings | None = None) -> optuna.storages.RDBStorage:
+    """An RDBStorage with heartbeats and retry of dead workers' trials; waits for a starting database."""
+    settings = settings or StorageSettings.from_env()
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError as e:
+        raise StorageError(f"malformed storage URL {url!r}. Use sqlite:///path/to/file.db or "
+                           "postgresql+psycopg2://user:password@host:5432/dbname.") from e
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise StorageError(f"unsupported storage scheme {parsed.drivername!r} in {mask(url)}. Use sqlite:/// "
+                           "for one machine or postgresql+psycopg2:// for a shared database.")
+    if backend == "postgresql" and parsed.drivername not in ("postgresql", "postgresql+psycopg2"):
+        raise StorageError(f"unsupported PostgreSQL driver {parsed.drivername!r}; use postgresql+psycopg2://.")
+    if backend == "sqlite":
+        _install_sqlite_hooks()
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+
+    deadline = time.monotonic() + settings.wait_s
+    delay = 0.5
+    while True:
+        try:
+            return _new_rdb_storage(
+                url,
+                engine_kwargs=_engine_kwargs(parsed, settings),
+                heartbeat_interval=settings.heartbeat_interval,
+                grace_period=settings.grace_period,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=settings.max_retry),
+            )
+        except sqlalchemy.exc.OperationalError as e:
+            reason = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+            if _is_auth_error(e):
+                raise StorageError(f"the database refused the credentials in {mask(url)} ({reason}). "
+                                   "Check the user and password (HPO_STORAGE or --storage).") from e
+            if backend == "sqlite" or time.monotonic() + delay > deadline:
+                raise StorageError(f"cannot reach the database at {mask(url)} after waiting "
+                                   f"{settings.wait_s:.0f}s ({reason}). Start it, or raise HPO_DB_WAIT.") from e
+            log.warning("database at %s not ready (%s); retrying in %.1fs (giving up after %.0fs)",
+                        mask(url), reason, delay, settings.wait_s)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0) * (0.75 + random.random() / 2)  # jitter so workers don't stampede

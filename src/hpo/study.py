@@ -1,0 +1,108 @@
+"""Create a study once, load it everywhere; its settings live in the study itself."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from hpo import config
+from hpo.config import StudyConfig
+from hpo.errors import ConfigError, StorageError
+
+log = logging.getLogger(__name__)
+
+CONFIG_ATTR = "hpo:config"
+FINAL_ATTR = "hpo:final"
+
+
+def make_sampler(cfg: StudyConfig, seed: int | None) -> optuna.samplers.BaseSampler:
+    cls = getattr(optuna.samplers, config.SAMPLERS[cfg.sampler.name])
+    return cls(seed=seed, **cfg.sampler.options)
+
+
+def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
+    return getattr(optuna.pruners, config.PRUNERS[cfg.pruner.name])(**cfg.pruner.options)
+
+
+def _stored_config(study: optuna.Study) -> StudyConfig | None:
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    return None if stored is None else config.from_dict(stored, source=f"study {study.study_name!r}")
+
+
+def create_or_load(storage: optuna.storages.BaseStorage, cfg: StudyConfig,
+                   sampler_seed: int | None = None) -> tuple[optuna.Study, StudyConfig]:
+    """Open the study `cfg` names, creating it (and recording `cfg`) if it is new.
+
+    Safe to call from many processes at once: creation is idempotent and every caller checks that
+    the recorded search space is the one it was given.
+    """
+    study = optuna.create_study(storage=storage, study_name=cfg.name, direction=cfg.direction,
+                                load_if_exists=True)
+    stored = _stored_config(study)
+    if stored is None:
+        study.set_user_attr(CONFIG_ATTR, cfg.to_dict())
+        stored = cfg
+    elif stored.space_dict() != cfg.space_dict():
+        diff = sorted(k for k in cfg.space if stored.space_dict().get(k) != cfg.space_dict().get(k))
+        raise ConfigError(
+            f"study {cfg.name!r} already exists with a different search space ({', '.join(diff)} differ: "
+            f"stored {json.dumps({k: stored.space_dict()[k] for k in diff})}). Use a new study name, "
+            "or restore the original space.")
+    elif stored.to_dict() != cfg.to_dict():
+        log.warning("study %r exists with other settings than the file; using the settings stored "
+                    "in the study", cfg.name)
+    study.sampler = make_sampler(stored, sampler_seed)
+    study.pruner = make_pruner(stored)
+    return study, stored
+
+
+def load(storage: optuna.storages.BaseStorage, name: str,
+         sampler_seed: int | None = None) -> tuple[optuna.Study, StudyConfig]:
+    """Open an existing study by name; its settings come from the study, no file needed."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError as e:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        hint = f" Studies in this storage: {', '.join(names)}." if names else " This storage holds no studies."
+        raise StorageError(f"no study named {name!r} in this storage.{hint} Run `hpo optimize --study "
+                           f"{name}` or `hpo worker --study {name}` first, or pass the right --storage.") from e
+    stored = _stored_config(study)
+    if stored is None:
+        raise StorageError(f"study {name!r} was not created by hpo (it has no {CONFIG_ATTR} attribute).")
+    study.sampler = make_sampler(stored, sampler_seed)
+    study.pruner = make_pruner(stored)
+    return study, stored
+
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    by_state = {s.name: 0 for s in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        by_state[t.state.name] += 1
+    return by_state
+
+
+def summary(study: optuna.Study, cfg: StudyConfig) -> dict[str, Any]:
+    by_state = counts(study)
+    finished = by_state["COMPLETE"] + by_state["PRUNED"]
+    best: dict[str, Any] | None = None
+    if by_state["COMPLETE"]:
+        t = study.best_trial
+        best = {"number": t.number, "value": t.value, "params": t.params}
+    return {
+        "study": study.study_name,
+        "metric": cfg.metric,
+        "direction": cfg.direction,
+        "n_trials": cfg.budget.n_trials,
+        "finished": finished,
+        "states": by_state,
+        "pruned_share": by_state["PRUNED"] / finished if finished else 0.0,
+        "best": best,
+        "final": study.user_attrs.get(FINAL_ATTR),
+    }

@@ -1,0 +1,152 @@
+"""The one training loop and the one evaluation, shared by trials and the finalizer."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from hpo.config import Augment, Recipe
+from hpo.data import DeviceData
+from hpo.devices import autocast_dtype
+from hpo.model import DynamicCNN, build
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the configuration cannot be trained as given."""
+
+
+@dataclass(frozen=True)
+class Hyper:
+    optimizer: str       # adam | sgd | rmsprop
+    lr: float            # peak learning rate
+    batch_size: int      # images per step
+    weight_decay: float  # decoupled for adam (AdamW), L2 for sgd and rmsprop
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "Hyper":
+        return cls(str(params["optimizer"]), float(params["lr"]), int(params["batch_size"]),
+                   float(params["weight_decay"]))
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int                 # 1-based
+    train_loss: float          # mean over the epoch's training images
+    train_accuracy: float
+    val_loss: float | None
+    val_accuracy: float | None
+    lr: float                  # at the end of the epoch
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    accuracy: float
+    predictions: torch.Tensor  # (N,) class indices, on the CPU
+
+
+def get_lr(step: int, total: int, peak: float, schedule: str, warmup: int) -> float:
+    """Learning rate at optimizer step `step` of `total` (warmup then the schedule's shape)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    # "onecycle": linear decay to zero after the warmup.
+    return peak * max(0.0, 1.0 - progress)
+
+
+def make_optimizer(model: nn.Module, hyper: Hyper) -> torch.optim.Optimizer:
+    # Decay only weight matrices and kernels; decaying BatchNorm scales and biases only hurts.
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": hyper.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if hyper.optimizer == "adam":
+        return torch.optim.AdamW(groups, lr=hyper.lr)
+    if hyper.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=hyper.lr, momentum=0.9, nesterov=True)
+    if hyper.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=hyper.lr, alpha=0.9, momentum=0.0)
+    raise ValueError(f"unknown optimizer {hyper.optimizer!r}")
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: DeviceData, batch_size: int = 2048) -> Evaluation:
+    """Mean cross-entropy and accuracy on `data`, with no augmentation and no label smoothing."""
+    model.eval()
+    amp = autocast_dtype(data.device)
+    loss_sum = torch.zeros((), device=data.device)
+    preds = []
+    for x, y in data.batches(batch_size):
+        with torch.autocast(data.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(x)
+        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        preds.append(logits.argmax(1))
+    predictions = torch.cat(preds)
+    correct = (predictions == data.y).sum()
+    n = max(1, len(data))
+    return Evaluation(loss=float(loss_sum) / n, accuracy=float(correct) / n, predictions=predictions.cpu())
+
+
+OnEpoch = Callable[[EpochStats], None]
+
+
+def fit(model: DynamicCNN, train: DeviceData, val: DeviceData | None, hyper: Hyper, recipe: Recipe,
+        augment: Augment, epochs: int, seed: int, on_epoch: OnEpoch | None = None) -> list[EpochStats]:
+    """Train `model` in place for `epochs`; `on_epoch` may raise to stop early (pruning)."""
+    device = train.device
+    amp = autocast_dtype(device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    optimizer = make_optimizer(model, hyper)
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    steps_per_epoch = max(1, len(train) // hyper.batch_size)
+    total, warmup = steps_per_epoch * epochs, int(recipe.warmup_epochs * steps_per_epoch)
+    history: list[EpochStats] = []
+    step = 0
+    for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        # Accumulate on the device and read once per epoch: no host sync inside the step loop.
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        seen = 0
+        for x, y in train.batches(hyper.batch_size, generator, augment, drop_last=True):
+            lr = get_lr(step, total, hyper.lr, recipe.schedule, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                logits = model(x)
+                loss = criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            step += 1
+        train_loss = float(loss_sum) / max(1, seen)
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch} (lr {hyper.lr:g}, "
+                                   f"{hyper.optimizer})")
+        ev = evaluate(model, val, recipe.eval_batch_size) if val is not None else None
+        stats = EpochStats(epoch, train_loss, float(correct) / max(1, seen), ev.loss if ev else None,
+                           ev.accuracy if ev else None, lr, time.perf_counter() - started)
+        history.append(stats)
+        if on_epoch is not None:
+            on_epoch(stats)
+    return history
+
+
+def seeded_model(params: dict[str, Any], seed: int, device: torch.device) -> DynamicCNN:
+    """Build the model with weights drawn from `seed`, so a (params, seed) pair is reproducible."""
+    torch.manual_seed(seed)
+    return build(params).to(device, memory_format=torch.channels_last)
