@@ -110,7 +110,10 @@ def _config_for_worker(study_arg: str, storage: str | None):
 @data_option
 @device_option
 @click.option("--threads", type=int, envvar="HPO_THREADS", help="CPU threads for this worker [default: all cores].")
-def worker(study_arg: str, storage: str | None, data_dir: str | None, device: str | None, threads: int | None) -> None:
+@click.option("--sampler-seed", type=int, envvar="HPO_SAMPLER_SEED",
+              help="Seed this worker's sampler (distinct per worker) [default: random].")
+def worker(study_arg: str, storage: str | None, data_dir: str | None, device: str | None, threads: int | None,
+           sampler_seed: int | None) -> None:
     """Run trials of a shared study until its budget is met."""
     from hpo import data, study as study_mod, worker as worker_mod
     from hpo.devices import place
@@ -119,7 +122,7 @@ def worker(study_arg: str, storage: str | None, data_dir: str | None, device: st
     worker_mod.install_signal_handlers()
     placement = place(device, threads)
     directory = data.find_data_dir(data_dir)
-    study, cfg = study_mod.create_or_load(store, cfg, sampler_seed=None)
+    study, cfg = study_mod.create_or_load(store, cfg, sampler_seed=sampler_seed)
     log.info("worker on %s joins study %r at %s (data %s)", placement.name, cfg.name, storage_mod.mask(url), directory)
     trial_data = data.load_trial_data(directory, cfg.budget.val_fraction, cfg.seed, placement.device,
                                       cfg.budget.train_subset)
@@ -141,6 +144,7 @@ def optimize(study_arg: str, workers: int, storage: str | None, data_dir: str | 
     """Start N local workers on one study (embedded storage by default) and wait for them."""
     from hpo import data, study as study_mod
     from hpo.devices import threads_per_worker
+    from hpo.objective import derive_seed
 
     cfg = config.load(study_arg)
     directory = data.find_data_dir(data_dir)
@@ -153,7 +157,9 @@ def optimize(study_arg: str, workers: int, storage: str | None, data_dir: str | 
     args = [sys.executable, "-m", "hpo", "worker", "--study", study_arg, "--storage", url,
             "--data-dir", str(directory)] + (["--device", device] if device else [])
     started = time.monotonic()
-    children = [subprocess.Popen(args, env=env) for _ in range(workers)]
+    # Distinct sampler seeds: identical ones would make every worker propose the same first trials.
+    children = [subprocess.Popen(args + ["--sampler-seed", str(derive_seed(cfg.seed, i))], env=env)
+                for i in range(workers)]
 
     def forward(signum: int, _frame: Any) -> None:
         for child in children:

@@ -102,7 +102,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) != expected:
         raise DataError(f"{path}: {len(raw)} bytes but its header {shape} needs {expected}; the file is "
                         "truncated or corrupt. Replace the file with an intact copy.")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=header).reshape(shape)  # writable for torch
 
 
 def load_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

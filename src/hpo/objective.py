@@ -67,7 +67,8 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
             if stats.epoch == 1 and over_budget(trial):
                 trial.set_user_attr(REASON_ATTR, "over budget: another worker took the last slot")
                 raise OverBudget(f"trial {trial.number} is beyond the budget of {cfg.budget.n_trials}")
-            if trial.should_prune():
+            # Pruning after the last epoch saves nothing and hides a full-fidelity value from the sampler.
+            if stats.epoch < cfg.budget.epochs and trial.should_prune():
                 trial.set_user_attr("wall_time_s", round(time.perf_counter() - started, 2))
                 raise optuna.TrialPruned(f"val {cfg.metric} {value:.4f} at epoch {stats.epoch}")
 

@@ -66,9 +66,7 @@ class StorageSettings:
                    wait_s=env("HPO_DB_WAIT", d.wait_s))
 
 
-def _sqlite_on_connect(dbapi_connection, _record) -> None:
-    if not isinstance(dbapi_connection, sqlite3.Connection):
-        return
+def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record) -> None:
     # Let SQLAlchemy's "begin" hook below issue BEGIN itself instead of pysqlite's deferred BEGIN.
     dbapi_connection.isolation_level = None
     dbapi_connection.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
@@ -76,32 +74,25 @@ def _sqlite_on_connect(dbapi_connection, _record) -> None:
     dbapi_connection.execute("PRAGMA synchronous = NORMAL")
 
 
-# Optuna's schema set-up (inside RDBStorage's constructor) reads on one connection while writing on
-# another, which deadlocks on BEGIN IMMEDIATE; it gets plain BEGIN, everything after it IMMEDIATE.
-_defer_begin = False
-
-
 def _sqlite_on_begin(connection) -> None:
-    if connection.dialect.name == "sqlite":
-        connection.exec_driver_sql("BEGIN" if _defer_begin else "BEGIN IMMEDIATE")
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _make_sqlite_concurrent(engine: Engine) -> None:
+    """Add the hooks to this engine only, after RDBStorage's set-up.
+
+    Optuna's schema checks read on one connection while another is open, which would deadlock on
+    BEGIN IMMEDIATE, so set-up runs with pysqlite's defaults and everything after it with the hooks.
+    """
+    event.listen(engine, "connect", _sqlite_on_connect)
+    event.listen(engine, "begin", _sqlite_on_begin)
+    engine.dispose()  # pooled connections from the set-up predate the hooks
 
 
 def _new_rdb_storage(url: str, **kwargs) -> optuna.storages.RDBStorage:
-    global _defer_begin
-    _defer_begin = True
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, **kwargs)
-    finally:
-        _defer_begin = False
-
-
-def _install_sqlite_hooks() -> None:
-    # RDBStorage builds its engine internally, so the hooks go on the Engine class, SQLite only.
-    if not event.contains(Engine, "connect", _sqlite_on_connect):
-        event.listen(Engine, "connect", _sqlite_on_connect)
-        event.listen(Engine, "begin", _sqlite_on_begin)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, **kwargs)
 
 
 def _engine_kwargs(url: sqlalchemy.URL, settings: StorageSettings) -> dict:
@@ -137,7 +128,6 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> optuna.st
     if backend == "postgresql" and parsed.drivername not in ("postgresql", "postgresql+psycopg2"):
         raise StorageError(f"unsupported PostgreSQL driver {parsed.drivername!r}; use postgresql+psycopg2://.")
     if backend == "sqlite":
-        _install_sqlite_hooks()
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
@@ -145,7 +135,7 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> optuna.st
     delay = 0.5
     while True:
         try:
-            return _new_rdb_storage(
+            storage = _new_rdb_storage(
                 url,
                 engine_kwargs=_engine_kwargs(parsed, settings),
                 heartbeat_interval=settings.heartbeat_interval,
@@ -153,6 +143,9 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> optuna.st
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                     max_retry=settings.max_retry),
             )
+            if backend == "sqlite":
+                _make_sqlite_concurrent(storage.engine)
+            return storage
         except sqlalchemy.exc.OperationalError as e:
             reason = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
             if _is_auth_error(e):

@@ -1,0 +1,63 @@
+"""Shared fixtures: generated IDX files for the reader, and the real Fashion-MNIST files."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpo import data
+from hpo.errors import DataError
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
+    """Write `array` (uint8) as an IDX file, the format the real data ships in."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    payload = header + array.tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        payload = gzip.compress(payload)
+    path.write_bytes(payload)
+    return path
+
+
+def make_dataset(directory: Path, n_train: int = 200, n_test: int = 50, seed: int = 0, gz: bool = True) -> Path:
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        images_stem, labels_stem = data.FILES[split]
+        write_idx(directory / images_stem, rng.integers(0, 256, (n, 28, 28)), gz)
+        write_idx(directory / labels_stem, np.arange(n) % 10, gz)
+    return directory
+
+
+@pytest.fixture
+def fake_data_dir(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "fake-fmnist")
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The real Fashion-MNIST files (Debian's dataset-fashion-mnist, HPO_DATA_DIR, or the cache)."""
+    try:
+        return data.find_data_dir()
+    except DataError as e:
+        if IN_CI:
+            pytest.fail(f"CI needs the real Fashion-MNIST files: {e}")
+        pytest.skip(f"real Fashion-MNIST files not found: {e}")
+
+
+@pytest.fixture
+def real_data_copy(real_data_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the real files, for tests that alter some of them."""
+    target = tmp_path / "fmnist"
+    shutil.copytree(real_data_dir, target)
+    return target

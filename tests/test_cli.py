@@ -1,0 +1,87 @@
+"""The CLI's messages for errors a user can make: one line, exit code 1, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from hpo.cli import cli
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HPO_STORAGE", raising=False)
+
+    def invoke(*args: str):
+        return CliRunner().invoke(cli, list(args))
+
+    return invoke
+
+
+def assert_user_error(result, text: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: "), result.output
+    assert text in result.output
+    assert "Traceback" not in result.output
+    assert result.output.count("\n") == 1  # one line
+
+
+def test_unknown_study_file(run):
+    assert_user_error(run("worker", "--study", "cnn-quik"), "no study file named 'cnn-quik'")
+
+
+def test_invalid_study_file_writes_nothing(run, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "bad"\n[budget]\nn_trials = 0\nepochs = 1\n')
+    assert_user_error(run("optimize", "--study", str(bad)), "n_trials must be at least 1, got 0")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_malformed_storage_url(run):
+    assert_user_error(run("status", "--study", "tiny", "--storage", "not a url"), "malformed storage URL")
+
+
+def test_unsupported_scheme(run):
+    assert_user_error(run("status", "--study", "tiny", "--storage", "mysql://u:secret@h/db"),
+                      "unsupported storage scheme 'mysql'")
+
+
+def test_password_is_masked_in_messages(run):
+    result = run("status", "--study", "tiny", "--storage", "mysql://u:secret@h/db")
+    assert "secret" not in result.output and "***" in result.output
+
+
+def test_status_of_missing_study(run, tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert_user_error(run("status", "--study", "nope", "--storage", url), "no study named 'nope' in this storage")
+
+
+def test_final_train_without_a_complete_trial(run, tmp_path):
+    import optuna
+
+    from hpo import config, storage, study
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    study.create_or_load(storage.open_storage(url), config.load("tiny"))
+    assert_user_error(run("final-train", "--study", "tiny", "--storage", url), "has no COMPLETE trial yet")
+    assert optuna.load_study(study_name="tiny", storage=url).trials == []
+
+
+def test_changed_search_space_is_refused(run, tmp_path):
+    from hpo import config, storage, study
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    study.create_or_load(storage.open_storage(url), config.load("tiny"))
+    changed = tmp_path / "tiny.toml"
+    text = (config.resolve_path("tiny")).read_text().replace("filters      = { choices = [8, 16] }",
+                                                              "filters      = { choices = [8, 32] }")
+    changed.write_text(text)
+    result = run("worker", "--study", str(changed), "--storage", url)
+    assert_user_error(result, "study 'tiny' already exists with a different search space (filters differ")
+
+
+def test_debug_shows_the_traceback(run):
+    result = run("--debug", "worker", "--study", "cnn-quik")
+    assert result.exit_code == 1
+    assert type(result.exception).__name__ == "StudyFileNotFound"

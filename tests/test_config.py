@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hpo import config
+from hpo.errors import ConfigError, StudyFileNotFound
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+
+
+def raw_tiny() -> dict:
+    import tomllib
+
+    return tomllib.loads((STUDIES / "tiny.toml").read_text())
+
+
+@pytest.mark.parametrize("name", ["cnn", "cnn-quick", "tiny"])
+def test_shipped_studies_parse_and_round_trip(name):
+    cfg = config.load(name)
+    assert cfg.name == name
+    assert set(cfg.space) == set(config.SPACE_KEYS)
+    assert config.from_dict(cfg.to_dict(), source="stored") == cfg
+
+
+def test_cnn_study_covers_the_mission_space():
+    cfg = config.load("cnn")
+    s = cfg.space
+    assert (s["n_conv"].low, s["n_conv"].high) == (1, 4)
+    assert set(s["kernel_size"].choices) == {3, 5}
+    assert (s["n_fc"].low, s["n_fc"].high) == (1, 3)
+    assert set(s["optimizer"].choices) == {"adam", "sgd", "rmsprop"}
+    assert s["lr"].log and s["weight_decay"].log
+    assert cfg.sampler.name == "tpe" and cfg.sampler.options["multivariate"] is True
+    assert cfg.sampler.options["constant_liar"] is True
+    assert cfg.pruner.name == "median" and cfg.pruner.options["n_warmup_steps"] >= 1
+
+
+def test_path_to_a_file_works(tmp_path):
+    target = tmp_path / "mine.toml"
+    target.write_text((STUDIES / "tiny.toml").read_text())
+    assert config.load(str(target)).name == "tiny"
+
+
+def expect_error(raw: dict, *fragments: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        config.parse(raw, source="s.toml")
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_missing_study_names_where_it_looked():
+    with pytest.raises(StudyFileNotFound) as info:
+        config.load("cnn-quik")
+    assert "no study file named 'cnn-quik'" in str(info.value)
+    assert "Did you mean 'cnn-quick'?" in str(info.value)
+
+
+def test_missing_path():
+    with pytest.raises(StudyFileNotFound, match="study file nowhere/x.toml does not exist"):
+        config.load("nowhere/x.toml")
+
+
+def test_not_toml(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(str(bad))
+
+
+def test_unknown_top_level_key_suggests_the_right_one():
+    raw = raw_tiny()
+    raw["budjet"] = raw.pop("budget")
+    # The missing budget is reported first because it is required.
+    expect_error(raw, "[budget] missing required key 'n_trials'")
+    raw = raw_tiny()
+    raw["sed"] = 3
+    expect_error(raw, "unknown key 'sed'", "Did you mean 'seed'?")
+
+
+def test_unknown_space_parameter():
+    raw = raw_tiny()
+    raw["space"]["dropuot"] = raw["space"].pop("dropout")
+    expect_error(raw, "[space] unknown parameter 'dropuot'", "Did you mean 'dropout'?")
+
+
+def test_wrong_type():
+    raw = raw_tiny()
+    raw["budget"]["n_trials"] = "six"
+    expect_error(raw, "[budget] n_trials must be int, got str 'six'")
+
+
+def test_low_greater_than_high():
+    raw = raw_tiny()
+    raw["space"]["lr"] = {"low": 0.1, "high": 0.01, "log": True}
+    expect_error(raw, "lr: low (0.1) is greater than high (0.01). Swap them.")
+
+
+def test_log_range_including_zero():
+    raw = raw_tiny()
+    raw["space"]["weight_decay"] = {"low": 0.0, "high": 0.01, "log": True}
+    expect_error(raw, "weight_decay: a log range must be above 0")
+
+
+def test_empty_choices():
+    raw = raw_tiny()
+    raw["space"]["optimizer"] = {"choices": []}
+    expect_error(raw, "optimizer: choices must be a non-empty list")
+
+
+def test_n_trials_below_one():
+    raw = raw_tiny()
+    raw["budget"]["n_trials"] = 0
+    expect_error(raw, "n_trials must be at least 1, got 0")
+
+
+def test_unknown_sampler_and_pruner():
+    raw = raw_tiny()
+    raw["sampler"]["name"] = "tpee"
+    expect_error(raw, "[sampler] name 'tpee' is not known.", "Did you mean 'tpe'?")
+    raw = raw_tiny()
+    raw["pruner"]["name"] = "medain"
+    expect_error(raw, "[pruner] name 'medain' is not known.", "Did you mean 'median'?")
+
+
+def test_unknown_sampler_option_is_checked_against_optuna():
+    raw = raw_tiny()
+    raw["pruner"]["n_warmup_step"] = 2
+    expect_error(raw, "MedianPruner has no option 'n_warmup_step'", "Did you mean 'n_warmup_steps'?")
+
+
+def test_tpe_needs_explicit_parallel_settings():
+    raw = raw_tiny()
+    del raw["sampler"]["constant_liar"]
+    expect_error(raw, "set constant_liar explicitly")
+
+
+def test_space_outside_what_the_model_can_build():
+    raw = raw_tiny()
+    raw["space"]["n_conv"] = {"low": 1, "high": 5}
+    expect_error(raw, "n_conv must be an integer from 1 to 4", "got 5")
+    raw = raw_tiny()
+    raw["space"]["optimizer"] = {"choices": ["adam", "lbfgs"]}
+    expect_error(raw, "optimizer must be one of adam, sgd, rmsprop, got 'lbfgs'")
+
+
+def test_fixed_values_are_allowed():
+    cfg = config.parse(raw_tiny())
+    assert cfg.space["n_fc"].low == cfg.space["n_fc"].high == 1

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hpo.config import Augment, Recipe
+from hpo.data import DeviceData
+from hpo.train import Hyper, TrainingDiverged, evaluate, fit, get_lr, seeded_model
+
+PARAMS = dict(n_conv=1, filters_0=8, kernel_size=3, n_fc=1, fc_size=32, dropout=0.0, optimizer="adam",
+              lr=3e-3, batch_size=32, weight_decay=0.0)
+CPU = torch.device("cpu")
+
+
+def synthetic(n: int = 256, seed: int = 0) -> DeviceData:
+    """Each class is a bright square at its own position: learnable in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    images = torch.randint(0, 40, (n, 28, 28), generator=g, dtype=torch.uint8)
+    for i, c in enumerate(labels.tolist()):
+        r, col = 2 + (c // 5) * 12, 2 + (c % 5) * 5
+        images[i, r:r + 8, col:col + 4] = 255
+    return DeviceData(images, labels, CPU)
+
+
+def test_loss_falls_and_accuracy_rises_on_a_synthetic_set():
+    data = synthetic()
+    model = seeded_model(PARAMS, 0, CPU)
+    before = evaluate(model, data)
+    history = fit(model, data, data, Hyper.from_params(PARAMS), Recipe(schedule="constant"), Augment(), 8, seed=0)
+    assert history[-1].train_loss < 0.5 * history[0].train_loss
+    assert history[-1].val_accuracy > before.accuracy + 0.3
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "rmsprop"])
+def test_every_optimizer_trains(optimizer):
+    params = {**PARAMS, "optimizer": optimizer, "lr": 3e-3 if optimizer != "sgd" else 3e-2}
+    data = synthetic()
+    model = seeded_model(params, 0, CPU)
+    history = fit(model, data, None, Hyper.from_params(params), Recipe(schedule="constant"), Augment(), 4, seed=0)
+    assert history[-1].train_loss < history[0].train_loss
+
+
+def test_same_seed_same_result_different_seed_different_result():
+    data = synthetic()
+
+    def run(seed: int) -> float:
+        model = seeded_model(PARAMS, seed, CPU)
+        return fit(model, data, data, Hyper.from_params(PARAMS), Recipe(), Augment(2, True), 2, seed)[-1].val_loss
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_callback_sees_every_epoch_and_can_stop_training():
+    data = synthetic(64)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def on_epoch(stats):
+        seen.append(stats.epoch)
+        if stats.epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(seeded_model(PARAMS, 0, CPU), data, data, Hyper.from_params(PARAMS), Recipe(), Augment(), 5, 0, on_epoch)
+    assert seen == [1, 2]
+
+
+def test_divergence_is_reported_not_hidden():
+    params = {**PARAMS, "optimizer": "sgd", "lr": 1e6}
+    data = synthetic(64)
+    with pytest.raises(TrainingDiverged, match="training loss became"):
+        fit(seeded_model(params, 0, CPU), data, None, Hyper.from_params(params), Recipe(schedule="constant"),
+            Augment(), 3, 0)
+
+
+def test_batch_larger_than_the_data_still_takes_one_step():
+    params = {**PARAMS, "batch_size": 1024}
+    data = synthetic(100)
+    history = fit(seeded_model(params, 0, CPU), data, None, Hyper.from_params(params), Recipe(), Augment(), 1, 0)
+    assert math.isfinite(history[0].train_loss)
+
+
+def test_lr_schedules():
+    assert get_lr(0, 100, 1.0, "constant", 10) == pytest.approx(0.1)   # warmup ramps up
+    assert get_lr(9, 100, 1.0, "cosine", 10) == pytest.approx(1.0)
+    assert get_lr(10, 100, 1.0, "cosine", 10) == pytest.approx(1.0)
+    assert get_lr(55, 100, 1.0, "cosine", 10) == pytest.approx(0.5)
+    assert get_lr(100, 100, 1.0, "cosine", 10) == pytest.approx(0.0, abs=1e-9)
+    assert get_lr(55, 100, 1.0, "onecycle", 10) == pytest.approx(0.5)
+    assert get_lr(50, 100, 1.0, "constant", 0) == 1.0
+
+
+def test_evaluate_counts_correct_predictions():
+    data = synthetic(40)
+    model = seeded_model(PARAMS, 0, CPU)
+    ev = evaluate(model, data, batch_size=7)
+    assert ev.predictions.shape == (40,)
+    assert ev.accuracy == pytest.approx(float((ev.predictions == data.y).float().mean()))
