@@ -155,3 +155,43 @@ def test_trials_never_read_the_test_split(tmp_path, real_data_copy):
         study = optuna.load_study(study_name="isolation", storage=url)
         values.append([(t.params, t.value) for t in study.trials])
     assert len(values[0]) == 3 and values[0] == values[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dashboard_serves_the_study_from_the_embedded_storage(tiny_study):
+    """`hpo dashboard` opens the same SQLite file the workers wrote and serves the study's trials."""
+    import time
+    import urllib.request
+
+    work, url, _ = tiny_study
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "HPO_STORAGE"}
+    proc = subprocess.Popen([sys.executable, "-m", "hpo", "dashboard", "--study", "tiny", "--storage", url,
+                             "--port", str(port)], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    studies = json.loads(r.read())["studies"]
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"dashboard did not answer:\n{proc.stdout.read() if proc.stdout else ''}")
+                time.sleep(0.5)
+        assert [s["study_name"] for s in studies] == ["tiny"]
+        study_id = studies[0]["study_id"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}", timeout=10) as r:
+            detail = json.loads(r.read())
+        assert len(detail["trials"]) == len(optuna.load_study(study_name="tiny", storage=url).trials)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
