@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,29 @@ def real_data_copy(real_data_dir: Path, tmp_path: Path) -> Path:
     target = tmp_path / "fmnist"
     shutil.copytree(real_data_dir, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL server (needs Debian's `postgresql`); CI fails instead of skipping without it."""
+    from pg import PostgresServer
+
+    try:
+        server = PostgresServer()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or ""
+        if IN_CI:
+            pytest.fail(f"CI needs a PostgreSQL server: {e} {detail}")
+        pytest.skip(f"no PostgreSQL server: {e} {detail}")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_url(postgres, request) -> str:
+    """A fresh, empty database for one test."""
+    import re
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+    postgres.sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return postgres.create_database(name)

@@ -213,6 +213,10 @@ def _format_status(s: dict[str, Any]) -> str:
         lines.append(f"  best trial {b['number']}: {s['metric']} {b['value']:.4f}")
         lines.append("    " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in b["params"].items()))
+    for r in s.get("running", []):
+        age = "no heartbeat yet" if r["heartbeat_age_s"] is None else f"heartbeat {r['heartbeat_age_s']:.0f}s ago"
+        lines.append(f"  running trial {r['number']}: epoch {r['epoch']}/{r['epochs']} on {r['host']} "
+                     f"pid {r['pid']} {r['device']}, {age}")
     if s["final"]:
         f = s["final"]
         lines.append(f"  final-train: test accuracy {f['test_accuracy']:.4f} (trial {f['best_trial']}, "

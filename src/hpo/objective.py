@@ -78,6 +78,9 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
         except TrainingDiverged as e:
             trial.set_user_attr(REASON_ATTR, str(e))
             raise
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM from `docker compose stop`
+            trial.set_user_attr(REASON_ATTR, f"worker stopped ({e or 'SIGINT'}); re-queued")
+            raise
         trial.set_user_attr("wall_time_s", round(time.perf_counter() - started, 2))
         last = history_stats[-1]
         return last.val_accuracy if cfg.metric == "val_accuracy" else last.val_loss

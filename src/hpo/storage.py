@@ -7,14 +7,17 @@ takes the write lock up front instead of failing when it tries to upgrade a read
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import socket
 import sqlite3
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import optuna
 import sqlalchemy
@@ -89,10 +92,58 @@ def _make_sqlite_concurrent(engine: Engine) -> None:
     engine.dispose()  # pooled connections from the set-up predate the hooks
 
 
-def _new_rdb_storage(url: str, **kwargs) -> optuna.storages.RDBStorage:
+class Storage(optuna.storages.RDBStorage):
+    """RDBStorage whose heartbeat survives a database blip.
+
+    Optuna's heartbeat thread ends at the first failed write, after which a healthy, running trial
+    would be reaped as dead once the grace period passes. A database restart must not do that, so
+    a failed heartbeat is logged and the next one tries again.
+    """
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+            log.warning("heartbeat for trial id %d failed (%s); retrying at the next interval",
+                        trial_id, str(e).splitlines()[0])
+
+
+def _new_rdb_storage(url: str, **kwargs) -> Storage:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, **kwargs)
+        return Storage(url, **kwargs)
+
+
+# Any fixed 64-bit key: it names the lock that serialises table and study creation in PostgreSQL.
+_CREATE_LOCK_KEY = 0x68706F5F63726561  # "hpo_crea"
+
+
+@contextlib.contextmanager
+def creation_lock(url: str) -> Iterator[None]:
+    """Hold a PostgreSQL advisory lock, so that N workers starting together create tables and the
+    study exactly once; a no-op for SQLite, whose BEGIN IMMEDIATE already serialises writers."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        yield
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                      connect_args={"connect_timeout": 5, "application_name": _app_name("create")})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _CREATE_LOCK_KEY})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _CREATE_LOCK_KEY})
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
+def _app_name(role: str) -> str:
+    """Shown in pg_stat_activity, so an operator can tell whose connections are whose."""
+    return f"hpo-{role}-{socket.gethostname()}-{os.getpid()}"[:63]
 
 
 def _engine_kwargs(url: sqlalchemy.URL, settings: StorageSettings) -> dict:
@@ -103,7 +154,7 @@ def _engine_kwargs(url: sqlalchemy.URL, settings: StorageSettings) -> dict:
         "pool_size": settings.pool_size,
         "max_overflow": 1,
         "pool_recycle": 300,    # seconds; stays under typical proxy idle timeouts
-        "connect_args": {"connect_timeout": 5},
+        "connect_args": {"connect_timeout": 5, "application_name": _app_name("worker")},
     }
 
 
@@ -113,7 +164,7 @@ def _is_auth_error(e: Exception) -> bool:
         "role" in text and "does not exist" in text)
 
 
-def open_storage(url: str, settings: StorageSettings | None = None) -> optuna.storages.RDBStorage:
+def open_storage(url: str, settings: StorageSettings | None = None) -> Storage:
     """An RDBStorage with heartbeats and retry of dead workers' trials; waits for a starting database."""
     settings = settings or StorageSettings.from_env()
     try:
@@ -135,14 +186,15 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> optuna.st
     delay = 0.5
     while True:
         try:
-            storage = _new_rdb_storage(
-                url,
-                engine_kwargs=_engine_kwargs(parsed, settings),
-                heartbeat_interval=settings.heartbeat_interval,
-                grace_period=settings.grace_period,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=settings.max_retry),
-            )
+            with creation_lock(url):
+                storage = _new_rdb_storage(
+                    url,
+                    engine_kwargs=_engine_kwargs(parsed, settings),
+                    heartbeat_interval=settings.heartbeat_interval,
+                    grace_period=settings.grace_period,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=settings.max_retry),
+                )
             if backend == "sqlite":
                 _make_sqlite_concurrent(storage.engine)
             return storage
@@ -158,3 +210,16 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> optuna.st
                         mask(url), reason, delay, settings.wait_s)
             time.sleep(delay)
             delay = min(delay * 2, 8.0) * (0.75 + random.random() / 2)  # jitter so workers don't stampede
+
+
+def heartbeat_ages(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> dict[int, float]:
+    """Seconds since each trial's last heartbeat, by the database's clock (Optuna keeps no API for it)."""
+    if not trial_ids:
+        return {}
+    beats = sqlalchemy.table("trial_heartbeats", sqlalchemy.column("trial_id", sqlalchemy.Integer),
+                             sqlalchemy.column("heartbeat", sqlalchemy.DateTime))
+    with storage.engine.connect() as conn:
+        now = conn.execute(sqlalchemy.select(sqlalchemy.func.current_timestamp(type_=sqlalchemy.DateTime))).scalar()
+        rows = conn.execute(sqlalchemy.select(beats.c.trial_id, beats.c.heartbeat)
+                            .where(beats.c.trial_id.in_(trial_ids))).all()
+    return {trial_id: max(0.0, (now - beat).total_seconds()) for trial_id, beat in rows}

@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 from hpo import config
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError, StorageError
+from hpo.storage import creation_lock, heartbeat_ages
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +34,27 @@ def _stored_config(study: optuna.Study) -> StudyConfig | None:
     return None if stored is None else config.from_dict(stored, source=f"study {study.study_name!r}")
 
 
-def create_or_load(storage: optuna.storages.BaseStorage, cfg: StudyConfig,
+def create_or_load(storage: optuna.storages.RDBStorage, cfg: StudyConfig,
                    sampler_seed: int | None = None) -> tuple[optuna.Study, StudyConfig]:
     """Open the study `cfg` names, creating it (and recording `cfg`) if it is new.
 
-    Safe to call from many processes at once: creation is idempotent and every caller checks that
-    the recorded search space is the one it was given.
+    Safe to call from many processes at once: creation runs under a database-wide lock, and every
+    caller checks that the recorded search space is the one it was given.
     """
-    study = optuna.create_study(storage=storage, study_name=cfg.name, direction=cfg.direction,
-                                load_if_exists=True)
-    stored = _stored_config(study)
-    if stored is None:
-        study.set_user_attr(CONFIG_ATTR, cfg.to_dict())
-        stored = cfg
-    elif stored.space_dict() != cfg.space_dict():
+    with creation_lock(storage.url):
+        study = optuna.create_study(storage=storage, study_name=cfg.name, direction=cfg.direction,
+                                    load_if_exists=True)
+        stored = _stored_config(study)
+        if stored is None:
+            study.set_user_attr(CONFIG_ATTR, cfg.to_dict())
+            stored = cfg
+    if stored is not cfg and stored.space_dict() != cfg.space_dict():
         diff = sorted(k for k in cfg.space if stored.space_dict().get(k) != cfg.space_dict().get(k))
         raise ConfigError(
             f"study {cfg.name!r} already exists with a different search space ({', '.join(diff)} differ: "
             f"stored {json.dumps({k: stored.space_dict()[k] for k in diff})}). Use a new study name, "
             "or restore the original space.")
-    elif stored.to_dict() != cfg.to_dict():
+    if stored is not cfg and stored.to_dict() != cfg.to_dict():
         log.warning("study %r exists with other settings than the file; using the settings stored "
                     "in the study", cfg.name)
     study.sampler = make_sampler(stored, sampler_seed)
@@ -95,6 +97,8 @@ def summary(study: optuna.Study, cfg: StudyConfig) -> dict[str, Any]:
     if by_state["COMPLETE"]:
         t = study.best_trial
         best = {"number": t.number, "value": t.value, "params": t.params}
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    ages = heartbeat_ages(study._storage, [t._trial_id for t in running]) if running else {}
     return {
         "study": study.study_name,
         "metric": cfg.metric,
@@ -104,5 +108,8 @@ def summary(study: optuna.Study, cfg: StudyConfig) -> dict[str, Any]:
         "states": by_state,
         "pruned_share": by_state["PRUNED"] / finished if finished else 0.0,
         "best": best,
+        "running": [{"number": t.number, "host": t.user_attrs.get("host"), "pid": t.user_attrs.get("pid"),
+                     "device": t.user_attrs.get("device_name"), "epoch": t.user_attrs.get("epoch", 0),
+                     "epochs": cfg.budget.epochs, "heartbeat_age_s": ages.get(t._trial_id)} for t in running],
         "final": study.user_attrs.get(FINAL_ATTR),
     }

@@ -11,6 +11,7 @@ worker died (their retries then come back as WAITING trials that anyone may pick
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 import warnings
@@ -18,11 +19,14 @@ from dataclasses import dataclass
 from types import FrameType
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 
 from hpo.config import StudyConfig
 from hpo.data import TrialData
 from hpo.devices import Placement
+from hpo.errors import StorageError
+from hpo.storage import StorageSettings
 from hpo.objective import OverBudget, make_objective
 from hpo.study import counts
 from hpo.train import TrainingDiverged
@@ -62,8 +66,48 @@ class WorkerResult:
     reason: str
 
 
+def requeue_interrupted(study: optuna.Study, placement: Placement) -> None:
+    """Queue a WAITING copy of the trial this process was running when it was told to stop."""
+    mine = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if t.user_attrs.get("pid") == os.getpid() and t.user_attrs.get("host") == placement.host
+            and "worker stopped" in t.user_attrs.get("fail_reason", "")]
+    if mine:
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=StorageSettings.from_env().max_retry)
+        retry(study, max(mine, key=lambda t: t.number))
+
+
+STORAGE_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                  optuna.exceptions.StorageInternalError)
+
+
 def run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Placement,
-        poll_s: float = 2.0) -> WorkerResult:
+        poll_s: float = 2.0, outage_s: float = 120.0) -> WorkerResult:
+    """Run trials until the budget is met, riding out database outages of up to `outage_s`."""
+    outage_started: float | None = None
+    delay = 1.0
+    while True:
+        try:
+            result = _run(study, cfg, data, placement, poll_s)
+            return result
+        except Shutdown:
+            requeue_interrupted(study, placement)
+            raise
+        except STORAGE_ERRORS as e:
+            now = time.monotonic()
+            outage_started = outage_started or now
+            if now - outage_started > outage_s:
+                raise StorageError(f"lost the database for more than {outage_s:.0f}s ({str(e).splitlines()[0]}). "
+                                   "Check that it is up; the study's trials are safe in it.") from e
+            # The interrupted trial stays RUNNING without heartbeats; a worker reaps and retries it.
+            log.warning("storage error (%s); retrying in %.0fs", str(e).splitlines()[0], delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+        except optuna.exceptions.UpdateFinishedTrialError as e:
+            log.warning("a trial this worker ran was finished elsewhere (%s); carrying on", e)
+
+
+def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Placement,
+         poll_s: float) -> WorkerResult:
     n_trials = cfg.budget.n_trials
     objective = make_objective(cfg, data, placement, lambda trial: over_budget(study, n_trials, trial))
     ran = 0

@@ -181,7 +181,7 @@ def test_dashboard_serves_the_study_from_the_embedded_storage(tiny_study):
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
-                    studies = json.loads(r.read())["studies"]
+                    studies = json.loads(r.read())["study_summaries"]
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
