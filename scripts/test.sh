@@ -2,5 +2,5 @@
 # The whole test suite on a fresh machine: installs what it needs, then runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh postgresql chromium  # the server and browser the integration tests start
 exec .venv/bin/python -m pytest "$@"

@@ -18,6 +18,14 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
     """Write `array` (uint8) as an IDX file, the format the real data ships in."""
     array = np.asarray(array, dtype=np.uint8)

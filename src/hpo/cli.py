@@ -83,7 +83,7 @@ def _load_existing(study_arg: str, storage: str | None):
 
     url, store = _open(storage)
     study, cfg = study_mod.load(store, _study_name(study_arg))
-    return url, study, cfg
+    return url, store, study, cfg
 
 
 def _config_for_worker(study_arg: str, storage: str | None):
@@ -127,7 +127,7 @@ def worker(study_arg: str, storage: str | None, data_dir: str | None, device: st
     trial_data = data.load_trial_data(directory, cfg.budget.val_fraction, cfg.seed, placement.device,
                                       cfg.budget.train_subset)
     try:
-        result = worker_mod.run(study, cfg, trial_data, placement)
+        result = worker_mod.run(study, cfg, trial_data, placement, store)
     except worker_mod.Shutdown as e:
         log.warning("stopping: %s; the running trial was marked FAIL", e)
         sys.exit(128 + signal.SIGTERM)
@@ -172,7 +172,7 @@ def optimize(study_arg: str, workers: int, storage: str | None, data_dir: str | 
     except KeyboardInterrupt:
         forward(signal.SIGINT, None)
         codes = [child.wait(timeout=30) for child in children]
-    summary = study_mod.summary(study, cfg)
+    summary = study_mod.summary(study, cfg, store)
     click.echo(_format_status(summary))
     click.echo(f"wall time {time.monotonic() - started:.0f}s")
     if any(codes):
@@ -193,7 +193,7 @@ def final_train(study_arg: str, storage: str | None, data_dir: str | None, devic
     from hpo import data, final
     from hpo.devices import place
 
-    _, study, cfg = _load_existing(study_arg, storage)
+    _, _, study, cfg = _load_existing(study_arg, storage)
     placement = place(device)
     directory = data.find_data_dir(data_dir)
     out_dir = Path(out) if out else storage_mod.RUNS_DIR / cfg.name / "final"
@@ -230,11 +230,11 @@ def _format_status(s: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def status(study_arg: str, storage: str | None, as_json: bool) -> None:
     """Trial counts by state, the best trial and the pruned share."""
-    from hpo import study as study_mod, worker as worker_mod
+    from hpo import study as study_mod
 
-    _, study, cfg = _load_existing(study_arg, storage)
-    worker_mod.reap_stale(study)
-    summary = study_mod.summary(study, cfg)
+    _, store, study, cfg = _load_existing(study_arg, storage)
+    study_mod.reap_stale(study)
+    summary = study_mod.summary(study, cfg, store)
     click.echo(json.dumps(summary, indent=2) if as_json else _format_status(summary))
 
 
@@ -247,7 +247,7 @@ def dashboard(study_arg: str, storage: str | None, host: str, port: int) -> None
     """Serve optuna-dashboard on the study's storage."""
     from optuna_dashboard import run_server
 
-    url, study, _ = _load_existing(study_arg, storage)
+    url, _, study, _ = _load_existing(study_arg, storage)
     click.echo(f"optuna-dashboard on {storage_mod.mask(url)}: http://{host}:{port}/dashboard/studies/"
                f"{study._study_id}  (Ctrl-C to stop)")
     run_server(study._storage, host=host, port=port)

@@ -39,9 +39,11 @@ def trial_seed(study_seed: int, trial: optuna.Trial) -> int:
 
 
 def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
-                   over_budget: Callable[[optuna.Trial], bool]) -> Callable[[optuna.Trial], float]:
+                   claim: Callable[[optuna.Trial], bool]) -> Callable[[optuna.Trial], float]:
+    """`claim(trial)` says whether the trial holds one of the budget's slots; it is asked first."""
+
     def objective(trial: optuna.Trial) -> float:
-        if over_budget(trial):
+        if not claim(trial):
             trial.set_user_attr(REASON_ATTR, "over budget: another worker took the last slot")
             raise OverBudget(f"trial {trial.number} is beyond the budget of {cfg.budget.n_trials}")
         params = space.suggest(trial, cfg.space)
@@ -63,10 +65,6 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
             log.info("trial %d epoch %d/%d  loss %.4f  val_acc %.4f  (%.1fs)", trial.number, stats.epoch,
                      cfg.budget.epochs, stats.train_loss, stats.val_accuracy, stats.seconds)
             trial.report(value, stats.epoch)
-            # Re-check once the trials created just before this one are certainly visible.
-            if stats.epoch == 1 and over_budget(trial):
-                trial.set_user_attr(REASON_ATTR, "over budget: another worker took the last slot")
-                raise OverBudget(f"trial {trial.number} is beyond the budget of {cfg.budget.n_trials}")
             # Pruning after the last epoch saves nothing and hides a full-fidelity value from the sampler.
             if stats.epoch < cfg.budget.epochs and trial.should_prune():
                 trial.set_user_attr("wall_time_s", round(time.perf_counter() - started, 2))

@@ -8,6 +8,8 @@ takes the write lock up front instead of failing when it tries to upgrade a read
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import logging
 import os
 import random
@@ -203,12 +205,13 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> Storage:
             if _is_auth_error(e):
                 raise StorageError(f"the database refused the credentials in {mask(url)} ({reason}). "
                                    "Check the user and password (HPO_STORAGE or --storage).") from e
-            if backend == "sqlite" or time.monotonic() + delay > deadline:
+            remaining = deadline - time.monotonic()
+            if backend == "sqlite" or remaining <= 0:
                 raise StorageError(f"cannot reach the database at {mask(url)} after waiting "
                                    f"{settings.wait_s:.0f}s ({reason}). Start it, or raise HPO_DB_WAIT.") from e
             log.warning("database at %s not ready (%s); retrying in %.1fs (giving up after %.0fs)",
-                        mask(url), reason, delay, settings.wait_s)
-            time.sleep(delay)
+                        mask(url), reason, min(delay, remaining), settings.wait_s)
+            time.sleep(min(delay, remaining))
             delay = min(delay * 2, 8.0) * (0.75 + random.random() / 2)  # jitter so workers don't stampede
 
 
@@ -222,4 +225,46 @@ def heartbeat_ages(storage: optuna.storages.RDBStorage, trial_ids: list[int]) ->
         now = conn.execute(sqlalchemy.select(sqlalchemy.func.current_timestamp(type_=sqlalchemy.DateTime))).scalar()
         rows = conn.execute(sqlalchemy.select(beats.c.trial_id, beats.c.heartbeat)
                             .where(beats.c.trial_id.in_(trial_ids))).all()
+    # PostgreSQL's now() is zone-aware; the column holds the same wall-clock time without the zone.
+    now = now.replace(tzinfo=None)
     return {trial_id: max(0.0, (now - beat).total_seconds()) for trial_id, beat in rows}
+
+
+class SlotLock:
+    """A lock shared by every worker of one study, held from asking for a trial until it has been
+    checked against the budget, so that the check and the creation are one step.
+
+    PostgreSQL: a session advisory lock on a pooled connection (the server drops it if the worker
+    dies). SQLite: an flock on a file beside the database (the kernel drops it likewise).
+    """
+
+    def __init__(self, storage: optuna.storages.RDBStorage, study_name: str):
+        self.engine = storage.engine
+        self.key = int.from_bytes(hashlib.blake2b(study_name.encode(), digest_size=8).digest(), "big", signed=True)
+        self._conn: sqlalchemy.Connection | None = None
+        self._file = None
+        database = storage.engine.url.database
+        self.path = Path(f"{database}.{study_name}.lock") if storage.engine.dialect.name == "sqlite" else None
+
+    def acquire(self) -> None:
+        if self.path is not None:
+            self._file = open(self.path, "a")
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+            return
+        self._conn = self.engine.connect()
+        self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+        self._conn.commit()
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+                conn.commit()
+            except sqlalchemy.exc.SQLAlchemyError:
+                conn.invalidate()  # a dead connection took its lock with it
+            finally:
+                conn.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from typing import Any
 
 import optuna
@@ -80,7 +81,11 @@ def load(storage: optuna.storages.BaseStorage, name: str,
     return study, stored
 
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+def reap_stale(study: optuna.Study) -> None:
+    """Fail trials whose worker stopped sending heartbeats; the retry callback re-queues them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
@@ -90,7 +95,7 @@ def counts(study: optuna.Study) -> dict[str, int]:
     return by_state
 
 
-def summary(study: optuna.Study, cfg: StudyConfig) -> dict[str, Any]:
+def summary(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBStorage) -> dict[str, Any]:
     by_state = counts(study)
     finished = by_state["COMPLETE"] + by_state["PRUNED"]
     best: dict[str, Any] | None = None
@@ -98,7 +103,7 @@ def summary(study: optuna.Study, cfg: StudyConfig) -> dict[str, Any]:
         t = study.best_trial
         best = {"number": t.number, "value": t.value, "params": t.params}
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    ages = heartbeat_ages(study._storage, [t._trial_id for t in running]) if running else {}
+    ages = heartbeat_ages(storage, [t._trial_id for t in running]) if running else {}
     return {
         "study": study.study_name,
         "metric": cfg.metric,

@@ -1,9 +1,10 @@
 """One worker process: run trials of a shared study until its budget of finished trials is met.
 
-The budget is exact however many workers share the study. A worker first asks for a trial, then
-checks that fewer than `n_trials` earlier-numbered trials are finished, running or waiting; trial
-numbers are handed out under a lock in the storage, so the check cannot be won twice. A trial that
-loses it is failed at once (reason in its `fail_reason` attribute) and does not count. While the
+The budget is exact however many workers share the study. Holding a study-wide lock (SlotLock), a
+worker counts the trials that are finished, running or waiting, asks for a trial only if one of
+the `n_trials` slots is free, and lets go once the trial exists; so two workers can never both
+take the last slot. As a second line of defence, a trial numbered beyond the budget is failed at
+once (reason in its `fail_reason` attribute) and does not count. While the
 remaining slots are held by other workers' running trials, a worker waits and reaps trials whose
 worker died (their retries then come back as WAITING trials that anyone may pick up).
 """
@@ -26,9 +27,9 @@ from hpo.config import StudyConfig
 from hpo.data import TrialData
 from hpo.devices import Placement
 from hpo.errors import StorageError
-from hpo.storage import StorageSettings
+from hpo.storage import SlotLock, StorageSettings
 from hpo.objective import OverBudget, make_objective
-from hpo.study import counts
+from hpo.study import counts, reap_stale
 from hpo.train import TrainingDiverged
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,6 @@ def over_budget(study: optuna.Study, n_trials: int, trial: optuna.Trial) -> bool
     return len(ahead) >= n_trials
 
 
-def reap_stale(study: optuna.Study) -> None:
-    """Fail trials whose worker stopped sending heartbeats; the retry callback re-queues them."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-
-
 @dataclass
 class WorkerResult:
     trials_run: int
@@ -76,57 +70,94 @@ def requeue_interrupted(study: optuna.Study, placement: Placement) -> None:
         retry(study, max(mine, key=lambda t: t.number))
 
 
-STORAGE_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+STORAGE_ERRORS = (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.PendingRollbackError,
                   optuna.exceptions.StorageInternalError)
 
 
+def storage_cause(e: BaseException) -> BaseException | None:
+    """The database error behind `e`, if any.
+
+    When the database drops while a trial is being told, Optuna 5.0's `_run_trial` fails again
+    while recovering and raises an UnboundLocalError whose context is the storage error; that
+    counts as a storage error too.
+    """
+    seen = 0
+    current: BaseException | None = e
+    while current is not None and seen < 8:
+        if isinstance(current, STORAGE_ERRORS):
+            return current
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return None
+
+
 def run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Placement,
-        poll_s: float = 2.0, outage_s: float = 120.0) -> WorkerResult:
+        storage: optuna.storages.RDBStorage, poll_s: float = 2.0, outage_s: float = 120.0) -> WorkerResult:
     """Run trials until the budget is met, riding out database outages of up to `outage_s`."""
-    outage_started: float | None = None
+    outage_started = last_error = -1e9
     delay = 1.0
     while True:
         try:
-            result = _run(study, cfg, data, placement, poll_s)
+            result = _run(study, cfg, data, placement, poll_s, storage)
             return result
         except Shutdown:
             requeue_interrupted(study, placement)
             raise
-        except STORAGE_ERRORS as e:
-            now = time.monotonic()
-            outage_started = outage_started or now
-            if now - outage_started > outage_s:
-                raise StorageError(f"lost the database for more than {outage_s:.0f}s ({str(e).splitlines()[0]}). "
-                                   "Check that it is up; the study's trials are safe in it.") from e
-            # The interrupted trial stays RUNNING without heartbeats; a worker reaps and retries it.
-            log.warning("storage error (%s); retrying in %.0fs", str(e).splitlines()[0], delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 15.0)
         except optuna.exceptions.UpdateFinishedTrialError as e:
             log.warning("a trial this worker ran was finished elsewhere (%s); carrying on", e)
+        except Exception as e:
+            cause = storage_cause(e)
+            if cause is None:
+                raise
+            now = time.monotonic()
+            if now - last_error > 30:  # errors less than 30 s apart belong to one outage
+                outage_started, delay = now, 1.0
+            last_error = now
+            if now - outage_started > outage_s:
+                raise StorageError(f"lost the database for more than {outage_s:.0f}s ({str(cause).splitlines()[0]}). "
+                                   "Check that it is up; the study's trials are safe in it.") from e
+            # The interrupted trial stays RUNNING without heartbeats; a worker reaps and retries it.
+            log.warning("storage error (%s); retrying in %.0fs", str(cause).splitlines()[0], delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
 
 
 def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Placement,
-         poll_s: float) -> WorkerResult:
+         poll_s: float, storage: optuna.storages.RDBStorage) -> WorkerResult:
     n_trials = cfg.budget.n_trials
-    objective = make_objective(cfg, data, placement, lambda trial: over_budget(study, n_trials, trial))
+    lock = SlotLock(storage, cfg.name)
+
+    def claim(trial: optuna.Trial) -> bool:
+        """Called by the objective first: is this trial within the budget? Then let others ask."""
+        try:
+            return not over_budget(study, n_trials, trial)
+        finally:
+            lock.release()
+
+    objective = make_objective(cfg, data, placement, claim)
     ran = 0
     waiting_logged = False
     while True:
         reap_stale(study)
-        c = counts(study)
-        finished = c["COMPLETE"] + c["PRUNED"]
-        if finished >= n_trials:
-            return WorkerResult(ran, f"budget met: {finished}/{n_trials} trials finished")
-        holding = finished + c["RUNNING"] + c["WAITING"]
-        if c["WAITING"] == 0 and holding >= n_trials:
+        # Count and ask under the lock: a slot seen free here is still free when the trial is created.
+        lock.acquire()
+        try:
+            c = counts(study)
+            finished = c["COMPLETE"] + c["PRUNED"]
+            if finished >= n_trials:
+                return WorkerResult(ran, f"budget met: {finished}/{n_trials} trials finished")
+            full = c["WAITING"] == 0 and finished + c["RUNNING"] >= n_trials
+            if not full:
+                waiting_logged = False
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.optimize(objective, n_trials=1, catch=(OverBudget, TrainingDiverged),
+                                   gc_after_trial=False)
+                ran += 1
+        finally:
+            lock.release()
+        if full:
             if not waiting_logged:
                 log.info("all %d slots are taken (%d running); waiting for them to finish", n_trials, c["RUNNING"])
                 waiting_logged = True
             time.sleep(poll_s)
-            continue
-        waiting_logged = False
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(objective, n_trials=1, catch=(OverBudget, TrainingDiverged), gc_after_trial=False)
-        ran += 1

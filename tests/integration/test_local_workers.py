@@ -12,7 +12,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import REPO, write_idx
+from conftest import free_port, write_idx
 
 pytestmark = pytest.mark.integration
 
@@ -155,14 +155,6 @@ def test_trials_never_read_the_test_split(tmp_path, real_data_copy):
         study = optuna.load_study(study_name="isolation", storage=url)
         values.append([(t.params, t.value) for t in study.trials])
     assert len(values[0]) == 3 and values[0] == values[1]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_dashboard_serves_the_study_from_the_embedded_storage(tiny_study):
