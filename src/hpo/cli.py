@@ -107,6 +107,20 @@ def _config_for_worker(study_arg: str, storage: str | None):
 @cli.command()
 @study_option
 @storage_option
+def create(study_arg: str, storage: str | None) -> None:
+    """Create the tables and the study if missing (safe to repeat), then exit."""
+    from hpo import study as study_mod
+
+    cfg = config.load(study_arg)
+    url, store = _open(storage)
+    study, cfg = study_mod.create_or_load(store, cfg)
+    click.echo(f"study {cfg.name!r} is ready in {storage_mod.mask(url)} with {len(study.trials)} trials so far "
+               f"(budget {cfg.budget.n_trials})")
+
+
+@cli.command()
+@study_option
+@storage_option
 @data_option
 @device_option
 @click.option("--threads", type=int, envvar="HPO_THREADS", help="CPU threads for this worker [default: all cores].")
@@ -239,18 +253,22 @@ def status(study_arg: str, storage: str | None, as_json: bool) -> None:
 
 
 @cli.command()
-@study_option
+@click.option("--study", "study_arg", metavar="NAME|PATH", help="Open this study's page [default: the study list].")
 @storage_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (no authentication!).")
 @click.option("--port", default=8080, show_default=True, type=int)
-def dashboard(study_arg: str, storage: str | None, host: str, port: int) -> None:
-    """Serve optuna-dashboard on the study's storage."""
+def dashboard(study_arg: str | None, storage: str | None, host: str, port: int) -> None:
+    """Serve optuna-dashboard on the storage the workers use."""
     from optuna_dashboard import run_server
 
-    url, _, study, _ = _load_existing(study_arg, storage)
-    click.echo(f"optuna-dashboard on {storage_mod.mask(url)}: http://{host}:{port}/dashboard/studies/"
-               f"{study._study_id}  (Ctrl-C to stop)")
-    run_server(study._storage, host=host, port=port)
+    if study_arg:
+        url, store, study, _ = _load_existing(study_arg, storage)
+        page = f"dashboard/studies/{study._study_id}"
+    else:
+        url, store = _open(storage)
+        page = "dashboard"
+    click.echo(f"optuna-dashboard on {storage_mod.mask(url)}: http://{host}:{port}/{page}  (Ctrl-C to stop)")
+    run_server(store, host=host, port=port)
 
 
 def main() -> None:

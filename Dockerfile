@@ -1,0 +1,36 @@
+# hpo worker / finalizer / dashboard image.
+# BASE_IMAGE is a build argument so that air-gapped hosts can pass a local stand-in.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DEBIAN_FRONTEND=noninteractive
+
+# The real Fashion-MNIST files, from Debian (/usr/share/datasets/fashion-mnist).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends dataset-fashion-mnist \
+ && rm -rf /var/lib/apt/lists/*
+
+# PyPI's Linux x86_64 torch wheels are CUDA builds: they use NVIDIA GPUs when the container gets
+# them (--gpus / compose device reservations) and fall back to the CPU otherwise.
+# A layer of its own, so that code changes do not re-download several GB.
+RUN python3 -m pip install "torch>=2.4,<3" "torchvision>=0.19,<1"
+
+WORKDIR /opt/hpo
+COPY pyproject.toml README.md ./
+COPY studies ./studies
+COPY src ./src
+RUN python3 -m pip install . && python3 -c "import hpo.cli"
+
+# A non-root user; /work holds runs/ (final-train outputs) and the GPU claim locks, both volumes.
+RUN useradd --create-home --uid 10001 hpo \
+ && mkdir -p /work/runs /work/locks \
+ && chown -R hpo:hpo /work
+COPY --chmod=755 docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+USER hpo
+WORKDIR /work
+ENV HPO_GPU_LOCK_DIR=/work/locks
+ENTRYPOINT ["docker-entrypoint.sh"]
+CMD ["--help"]

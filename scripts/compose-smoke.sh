@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The real compose stack on this host, CPU variant: `up --scale worker=N` runs the tiny study to its
+# exact budget, `run --rm worker hpo final-train` finalizes it, the dashboard answers on
+# 127.0.0.1:8080, and the study survives `down`/`up`. Checks the results in the database itself.
+# Too heavy for CI (it builds the image, torch included). Usage:
+#   BASE_IMAGE=hpo-standin/python:3.11-slim scripts/compose-smoke.sh [workers]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+workers=${1:-4}
+export COMPOSE_PROJECT_NAME=hpo-smoke
+export POSTGRES_USER=hpo POSTGRES_DB=hpo HPO_STUDY=tiny HPO_THREADS=1
+POSTGRES_PASSWORD="smoke-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+export POSTGRES_PASSWORD
+export BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim}
+compose=(docker compose --env-file /dev/null -f docker-compose.yml -f docker-compose.cpu.yml)
+n_trials=$(sed -n 's/^n_trials = \([0-9]*\).*/\1/p' studies/tiny.toml)
+fail() { echo "FAIL: $*" >&2; "${compose[@]}" logs --tail 40 >&2 || true; exit 1; }
+sql() { "${compose[@]}" exec -T postgres psql -U "$POSTGRES_USER" -d "$POSTGRES_DB" -At -F ' ' -c "$1"; }
+step() { printf '\n== %s\n' "$*"; }
+
+step "build (BASE_IMAGE=$BASE_IMAGE)"
+"${compose[@]}" build --quiet
+"${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
+
+step "up --scale worker=$workers"
+started=$(date +%s)
+"${compose[@]}" up -d --scale "worker=$workers"
+for _ in $(seq 600); do
+  running=$("${compose[@]}" ps --status running -q worker | wc -l)
+  [ "$running" -eq 0 ] && break
+  sleep 2
+done
+[ "$running" -eq 0 ] || fail "workers still running after 20 minutes"
+echo "all $workers workers exited after $(( $(date +%s) - started ))s"
+"${compose[@]}" ps -a --format '{{.Service}} {{.Name}} {{.State}} {{.ExitCode}}' worker create
+codes=$("${compose[@]}" ps -a --format '{{.ExitCode}}' worker | sort -u | tr '\n' ' ')
+[ "$codes" = "0 " ] || fail "worker exit codes: $codes"
+
+step "trials in PostgreSQL"
+q="SELECT t.state, count(*) FROM trials t JOIN studies s USING (study_id) WHERE s.study_name = '$HPO_STUDY' GROUP BY t.state ORDER BY 1"
+sql "$q"
+finished=$(sql "SELECT count(*) FROM trials t JOIN studies s USING (study_id) WHERE s.study_name = '$HPO_STUDY' AND t.state IN ('COMPLETE', 'PRUNED')")
+open=$(sql "SELECT count(*) FROM trials t JOIN studies s USING (study_id) WHERE s.study_name = '$HPO_STUDY' AND t.state IN ('RUNNING', 'WAITING')")
+hosts=$(sql "SELECT count(DISTINCT a.value_json) FROM trial_user_attributes a JOIN trials t USING (trial_id) JOIN studies s USING (study_id) WHERE s.study_name = '$HPO_STUDY' AND a.key = 'host'")
+echo "finished $finished of budget $n_trials, running/waiting $open, trials came from $hosts worker containers"
+[ "$finished" -eq "$n_trials" ] || fail "expected exactly $n_trials finished trials"
+[ "$open" -eq 0 ] || fail "trials left RUNNING or WAITING"
+[ "$hosts" -ge 2 ] || fail "the workers did not share the study"
+
+step "run --rm worker hpo final-train --study $HPO_STUDY"
+"${compose[@]}" run --rm worker hpo final-train --study "$HPO_STUDY" 2>&1 | grep -v " INFO " | tail -3
+sql "SELECT value_json FROM study_user_attributes a JOIN studies s USING (study_id) WHERE s.study_name = '$HPO_STUDY' AND a.key = 'hpo:final'"
+
+step "dashboard on 127.0.0.1:8080"
+for _ in $(seq 30); do curl -fsS http://127.0.0.1:8080/api/studies >/tmp/hpo-smoke-studies.json 2>/dev/null && break; sleep 1; done
+python3 -c "import json; s=json.load(open('/tmp/hpo-smoke-studies.json'))['study_summaries']; print('studies served:', [x['study_name'] for x in s])"
+grep -q "\"$HPO_STUDY\"" /tmp/hpo-smoke-studies.json || fail "dashboard does not list $HPO_STUDY"
+docker ps --filter "name=${COMPOSE_PROJECT_NAME}-dashboard" --format '{{.Ports}}'
+"${compose[@]}" port postgres 5432 >/dev/null 2>&1 && fail "postgres is published to the host" || echo "postgres: not published to the host"
+echo "worker runs as: $("${compose[@]}" run --rm --no-deps --entrypoint id worker)"
+
+step "the study survives down/up"
+"${compose[@]}" down
+"${compose[@]}" up -d --wait postgres
+after=$(sql "SELECT count(*) FROM trials t JOIN studies s USING (study_id) WHERE s.study_name = '$HPO_STUDY' AND t.state IN ('COMPLETE', 'PRUNED')")
+echo "finished trials after down/up: $after"
+[ "$after" -eq "$n_trials" ] || fail "trials lost across down/up"
+"${compose[@]}" down -v
+echo; echo "compose smoke: OK"
