@@ -10,8 +10,17 @@ ENV PYTHONUNBUFFERED=1 \
 
 # The real Fashion-MNIST files, from Debian (/usr/share/datasets/fashion-mnist).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends dataset-fashion-mnist \
+ && apt-get install -y --no-install-recommends dataset-fashion-mnist ca-certificates \
  && rm -rf /var/lib/apt/lists/*
+
+# Behind a TLS-inspecting proxy, pass its CA certificate (PEM text; public, not a secret) so pip
+# can reach PyPI: --build-arg EXTRA_CA_CERTS="$(cat proxy-ca.crt)". pip then uses the system store.
+ARG EXTRA_CA_CERTS=""
+RUN if [ -n "$EXTRA_CA_CERTS" ]; then \
+      printf '%s\n' "$EXTRA_CA_CERTS" > /usr/local/share/ca-certificates/extra-build-ca.crt \
+      && update-ca-certificates >/dev/null; \
+    fi
+ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 
 # PyPI's Linux x86_64 torch wheels are CUDA builds: they use NVIDIA GPUs when the container gets
 # them (--gpus / compose device reservations) and fall back to the CPU otherwise.

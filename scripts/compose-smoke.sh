@@ -12,10 +12,15 @@ export POSTGRES_USER=hpo POSTGRES_DB=hpo HPO_STUDY=tiny HPO_THREADS=1
 POSTGRES_PASSWORD="smoke-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
 export POSTGRES_PASSWORD
 export BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim}
+# Locally added CAs (a TLS-inspecting proxy's, say) go into the build so pip can reach PyPI.
+if [ -z "${EXTRA_CA_CERTS:-}" ] && ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+  EXTRA_CA_CERTS="$(cat /usr/local/share/ca-certificates/*.crt)"
+  export EXTRA_CA_CERTS
+fi
 compose=(docker compose --env-file /dev/null -f docker-compose.yml -f docker-compose.cpu.yml)
 n_trials=$(sed -n 's/^n_trials = \([0-9]*\).*/\1/p' studies/tiny.toml)
 fail() { echo "FAIL: $*" >&2; "${compose[@]}" logs --tail 40 >&2 || true; exit 1; }
-sql() { "${compose[@]}" exec -T postgres psql -U "$POSTGRES_USER" -d "$POSTGRES_DB" -At -F ' ' -c "$1"; }
+sql() { "${compose[@]}" exec -T -e PGPASSWORD="$POSTGRES_PASSWORD" postgres psql -U "$POSTGRES_USER" -d "$POSTGRES_DB" -At -F ' ' -c "$1"; }
 step() { printf '\n== %s\n' "$*"; }
 
 step "build (BASE_IMAGE=$BASE_IMAGE)"
@@ -56,7 +61,9 @@ for _ in $(seq 30); do curl -fsS http://127.0.0.1:8080/api/studies >/tmp/hpo-smo
 python3 -c "import json; s=json.load(open('/tmp/hpo-smoke-studies.json'))['study_summaries']; print('studies served:', [x['study_name'] for x in s])"
 grep -q "\"$HPO_STUDY\"" /tmp/hpo-smoke-studies.json || fail "dashboard does not list $HPO_STUDY"
 docker ps --filter "name=${COMPOSE_PROJECT_NAME}-dashboard" --format '{{.Ports}}'
-"${compose[@]}" port postgres 5432 >/dev/null 2>&1 && fail "postgres is published to the host" || echo "postgres: not published to the host"
+pg_ports=$(docker ps --filter "name=${COMPOSE_PROJECT_NAME}-postgres" --format '{{.Ports}}')
+case "$pg_ports" in *"->"*) fail "postgres is published to the host: $pg_ports" ;; esac
+echo "postgres ports: ${pg_ports:-none} (not published to the host)"
 echo "worker runs as: $("${compose[@]}" run --rm --no-deps --entrypoint id worker)"
 
 step "the study survives down/up"

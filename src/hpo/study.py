@@ -43,8 +43,12 @@ def create_or_load(storage: optuna.storages.RDBStorage, cfg: StudyConfig,
     caller checks that the recorded search space is the one it was given.
     """
     with creation_lock(storage.url):
-        study = optuna.create_study(storage=storage, study_name=cfg.name, direction=cfg.direction,
-                                    load_if_exists=True)
+        # Look before creating: an INSERT that loses to an existing row would fill the server log.
+        try:
+            study = optuna.load_study(study_name=cfg.name, storage=storage)
+        except KeyError:
+            study = optuna.create_study(storage=storage, study_name=cfg.name, direction=cfg.direction,
+                                        load_if_exists=True)
         stored = _stored_config(study)
         if stored is None:
             study.set_user_attr(CONFIG_ATTR, cfg.to_dict())
