@@ -147,14 +147,6 @@ class DeviceData:
     def __len__(self) -> int:
         return len(self.y)
 
-    def subset(self, indices: np.ndarray) -> "DeviceData":
-        idx = torch.as_tensor(indices, device=self.device)
-        return DeviceData(self.x[idx], self.y[idx], self.device)
-
-    @staticmethod
-    def concat(parts: list["DeviceData"]) -> "DeviceData":
-        return DeviceData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), parts[0].device)
-
     def batches(self, batch_size: int, generator: torch.Generator | None = None,
                 augment: Augment | None = None, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Normalised float batches; shuffled and augmented when a generator is given."""

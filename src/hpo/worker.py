@@ -56,8 +56,8 @@ def over_budget(study: optuna.Study, n_trials: int, trial: optuna.Trial) -> bool
 
 @dataclass
 class WorkerResult:
-    trials_run: int
-    reason: str
+    trials_run: int = 0
+    reason: str = ""
 
 
 def requeue_interrupted(study: optuna.Study, placement: Placement) -> None:
@@ -96,9 +96,10 @@ def run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Place
     """Run trials until the budget is met, riding out database outages of up to `outage_s`."""
     outage_started = last_error = -1e9
     delay = 1.0
+    result = WorkerResult()  # survives the restarts of _run after an outage
     while True:
         try:
-            result = _run(study, cfg, data, placement, poll_s, storage)
+            _run(study, cfg, data, placement, poll_s, storage, result)
             return result
         except Shutdown:
             requeue_interrupted(study, placement)
@@ -123,7 +124,7 @@ def run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Place
 
 
 def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Placement,
-         poll_s: float, storage: optuna.storages.RDBStorage) -> WorkerResult:
+         poll_s: float, storage: optuna.storages.RDBStorage, result: WorkerResult) -> None:
     n_trials = cfg.budget.n_trials
     lock = SlotLock(storage, cfg.name)
 
@@ -135,7 +136,6 @@ def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Plac
             lock.release()
 
     objective = make_objective(cfg, data, placement, claim)
-    ran = 0
     waiting_logged = False
     while True:
         reap_stale(study)
@@ -145,7 +145,8 @@ def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Plac
             c = counts(study)
             finished = c["COMPLETE"] + c["PRUNED"]
             if finished >= n_trials:
-                return WorkerResult(ran, f"budget met: {finished}/{n_trials} trials finished")
+                result.reason = f"budget met: {finished}/{n_trials} trials finished"
+                return
             full = c["WAITING"] == 0 and finished + c["RUNNING"] >= n_trials
             if not full:
                 waiting_logged = False
@@ -153,7 +154,7 @@ def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Plac
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     study.optimize(objective, n_trials=1, catch=(OverBudget, TrainingDiverged),
                                    gc_after_trial=False)
-                ran += 1
+                result.trials_run += 1
         finally:
             lock.release()
         if full:
