@@ -134,17 +134,20 @@ def worker(study_arg: str, storage: str | None, data_dir: str | None, device: st
 
     cfg, url, store = _config_for_worker(study_arg, storage)
     worker_mod.install_signal_handlers()
-    placement = place(device, threads)
-    directory = data.find_data_dir(data_dir)
-    study, cfg = study_mod.create_or_load(store, cfg, sampler_seed=sampler_seed)
-    log.info("worker on %s joins study %r at %s (data %s)", placement.name, cfg.name, storage_mod.mask(url), directory)
-    trial_data = data.load_trial_data(directory, cfg.budget.val_fraction, cfg.seed, placement.device,
-                                      cfg.budget.train_subset)
     try:
+        placement = place(device, threads)
+        # Data problems surface before the study is touched.
+        directory = data.find_data_dir(data_dir)
+        images, labels = data.load_split(directory, "train")
+        study, cfg = study_mod.create_or_load(store, cfg, sampler_seed=sampler_seed)
+        trial_data = data.trial_data(images, labels, cfg.budget.val_fraction, cfg.seed, placement.device,
+                                     cfg.budget.train_subset)
+        log.info("worker on %s joins study %r at %s (data %s)", placement.name, cfg.name, storage_mod.mask(url),
+                 directory)
         result = worker_mod.run(study, cfg, trial_data, placement, store)
     except worker_mod.Shutdown as e:
-        log.warning("stopping: %s; the running trial was marked FAIL", e)
-        sys.exit(128 + signal.SIGTERM)
+        log.warning("stopping: %s; a running trial was failed and re-queued", e)
+        sys.exit(128 + (signal.SIGINT if "SIGINT" in str(e) else signal.SIGTERM))
     log.info("worker done after %d trials: %s", result.trials_run, result.reason)
 
 
@@ -175,20 +178,31 @@ def optimize(study_arg: str, workers: int, storage: str | None, data_dir: str | 
     children = [subprocess.Popen(args + ["--sampler-seed", str(derive_seed(cfg.seed, i))], env=env)
                 for i in range(workers)]
 
+    stopped_by: list[str] = []
+
     def forward(signum: int, _frame: Any) -> None:
+        stopped_by.append(signal.Signals(signum).name)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
+    # Ctrl-C and SIGTERM both stop every worker the same way: fail, re-queue, exit.
     signal.signal(signal.SIGTERM, forward)
-    try:
-        codes = [child.wait() for child in children]
-    except KeyboardInterrupt:
-        forward(signal.SIGINT, None)
-        codes = [child.wait(timeout=30) for child in children]
+    signal.signal(signal.SIGINT, forward)
+    for child in children:
+        while True:
+            try:
+                child.wait(timeout=30 if stopped_by else None)
+                break
+            except subprocess.TimeoutExpired:
+                child.kill()  # a worker that ignores SIGTERM for 30 s
+    codes = [child.returncode for child in children]
     summary = study_mod.summary(study, cfg, store)
     click.echo(_format_status(summary))
     click.echo(f"wall time {time.monotonic() - started:.0f}s")
+    if stopped_by:
+        raise HpoError(f"stopped by {stopped_by[0]}: all {workers} workers exited and their running trials were "
+                       f"re-queued. Run the same command to carry on.")
     if any(codes):
         raise HpoError(f"{sum(1 for c in codes if c)} of {workers} workers exited with an error "
                        f"(exit codes {codes}); see their log lines above.")

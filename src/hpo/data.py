@@ -195,9 +195,9 @@ class TrialData:
     val: DeviceData
 
 
-def load_trial_data(directory: Path, val_fraction: float, seed: int, device: torch.device,
-                    train_subset: int = 0) -> TrialData:
-    images, labels = load_split(directory, "train")
+def trial_data(images: np.ndarray, labels: np.ndarray, val_fraction: float, seed: int, device: torch.device,
+               train_subset: int = 0) -> TrialData:
+    """Split the official training set (from `load_split(dir, "train")`) and move it to the device."""
     train_idx, val_idx = stratified_split(labels, val_fraction, seed)
     if train_subset and train_subset < len(train_idx):
         _, keep = stratified_split(labels[train_idx], train_subset / len(train_idx), seed + 1)

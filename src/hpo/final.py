@@ -69,6 +69,23 @@ def write_atomic(path: Path, payload: bytes) -> None:
         raise
 
 
+def load_checkpoint(path: Path, study: str | None = None) -> dict[str, Any]:
+    """Load a final checkpoint (tensors and plain values only: weights_only=True), refusing one
+    written by another study or by an incompatible version of hpo."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types; none of them is usable
+        raise HpoError(f"{path} is not a readable hpo checkpoint ({type(e).__name__}). Re-run final-train.") from e
+    found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    if found != CHECKPOINT_FORMAT:
+        raise HpoError(f"{path} has checkpoint format {found!r}, but this hpo {hpo.__version__} reads "
+                       f"{CHECKPOINT_FORMAT!r}. Re-run final-train with this version.")
+    if study is not None and checkpoint["study"] != study:
+        raise HpoError(f"{path} belongs to study {checkpoint['study']!r}, not {study!r}. "
+                       "Pass the matching --study, or another --out.")
+    return checkpoint
+
+
 def _check_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +102,8 @@ def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement
         raise HpoError(f"study {cfg.name!r} has no COMPLETE trial yet, so there is nothing to retrain. "
                        f"Run `hpo optimize --study {cfg.name}` (or workers) until one completes.")
     _check_writable(out_dir)
+    if (out_dir / "model.pt").exists():
+        load_checkpoint(out_dir / "model.pt", cfg.name)  # never overwrite another study's model
     best = study.best_trial
     epochs = epochs or cfg.final.epochs
     seed = derive_seed(cfg.seed, FINAL_SEED_TAG)

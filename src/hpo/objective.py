@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -9,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 import optuna
+import torch
 
 from hpo import space
 from hpo.config import StudyConfig
@@ -24,6 +26,10 @@ REASON_ATTR = "fail_reason"
 
 class OverBudget(Exception):
     """Every slot of the trial budget is taken by trials that are finished or running."""
+
+
+class OutOfMemory(Exception):
+    """The configuration does not fit in the device's memory; the trial fails, the worker goes on."""
 
 
 def derive_seed(*parts: int) -> int:
@@ -76,6 +82,15 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
         except TrainingDiverged as e:
             trial.set_user_attr(REASON_ATTR, str(e))
             raise
+        except torch.cuda.OutOfMemoryError as e:
+            del model  # drop the weights and optimizer state before the next trial allocates its own
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            reason = (f"out of memory on {placement.name} with batch_size {params['batch_size']} and "
+                      f"filters {[params[f'filters_{i}'] for i in range(params['n_conv'])]}")
+            trial.set_user_attr(REASON_ATTR, reason)
+            raise OutOfMemory(reason) from e
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM from `docker compose stop`
             trial.set_user_attr(REASON_ATTR, f"worker stopped ({e or 'SIGINT'}); re-queued")
             raise

@@ -180,6 +180,10 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> Storage:
                            "for one machine or postgresql+psycopg2:// for a shared database.")
     if backend == "postgresql" and parsed.drivername not in ("postgresql", "postgresql+psycopg2"):
         raise StorageError(f"unsupported PostgreSQL driver {parsed.drivername!r}; use postgresql+psycopg2://.")
+    if parsed.drivername == "postgresql":
+        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which hpo does not ship.
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+        url = parsed.render_as_string(hide_password=False)
     if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

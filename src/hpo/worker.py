@@ -28,7 +28,7 @@ from hpo.data import TrialData
 from hpo.devices import Placement
 from hpo.errors import StorageError
 from hpo.storage import SlotLock, StorageSettings
-from hpo.objective import OverBudget, make_objective
+from hpo.objective import OutOfMemory, OverBudget, make_objective
 from hpo.study import counts, reap_stale
 from hpo.train import TrainingDiverged
 
@@ -38,7 +38,7 @@ HOLDS_A_SLOT = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, Tria
 
 
 class Shutdown(KeyboardInterrupt):
-    """SIGTERM: Optuna fails the running trial (as for Ctrl-C) and the worker exits."""
+    """SIGTERM or SIGINT: Optuna fails the running trial, the worker re-queues it and exits."""
 
 
 def _raise_shutdown(signum: int, _frame: FrameType | None) -> None:
@@ -47,6 +47,7 @@ def _raise_shutdown(signum: int, _frame: FrameType | None) -> None:
 
 def install_signal_handlers() -> None:
     signal.signal(signal.SIGTERM, _raise_shutdown)
+    signal.signal(signal.SIGINT, _raise_shutdown)
 
 
 def over_budget(study: optuna.Study, n_trials: int, trial: optuna.Trial) -> bool:
@@ -152,7 +153,7 @@ def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Plac
                 waiting_logged = False
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    study.optimize(objective, n_trials=1, catch=(OverBudget, TrainingDiverged),
+                    study.optimize(objective, n_trials=1, catch=(OverBudget, TrainingDiverged, OutOfMemory),
                                    gc_after_trial=False)
                 result.trials_run += 1
         finally:

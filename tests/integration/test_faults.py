@@ -1,0 +1,118 @@
+"""Failure modes that need real processes, signals or PostgreSQL, and one run with every fault at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from integration.test_postgres import Workers, assert_exact_budget, count, load, running_trial_in_epoch, \
+    study_file, wait_for
+from pg import PASSWORD
+
+pytestmark = pytest.mark.integration
+
+
+def hpo(*args: str, cwd: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hpo", *args], cwd=cwd, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_wrong_credentials_exit_at_once_without_printing_the_password(postgres, tmp_path):
+    started = time.monotonic()
+    proc = hpo("status", "--study", "pg", "--storage", postgres.url(password="not-the-password"), cwd=tmp_path)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and time.monotonic() - started < 15
+    assert out.strip().startswith("Error: the database refused the credentials") and out.count("\n") == 1, out
+    assert "not-the-password" not in out and "hpo:***@" in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_optimize_stops_every_worker_and_leaves_nothing_running(tmp_path, real_data_dir, sig):
+    study = tmp_path / "long.toml"
+    study.write_text(study_file(tmp_path, n_trials=20, epochs=8, subset=4000).read_text().replace('"pg"', '"long"'))
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    proc = hpo("optimize", "--study", str(study), "--workers", "2", "--storage", url, "--data-dir", str(real_data_dir),
+               cwd=tmp_path)
+    def running() -> list:
+        try:
+            trials = optuna.load_study(study_name="long", storage=url).trials
+        except KeyError:  # not created yet
+            return []
+        return [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("epoch", 0) >= 1]
+
+    wait_for(running, 120, "a running trial", interval=0.5)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 20
+    assert proc.returncode == 1, out
+    assert f"Error: stopped by {sig.name}: all 2 workers exited" in out
+    trials = optuna.load_study(study_name="long", storage=url).trials
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    stopped = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert stopped and all("worker stopped" in t.user_attrs["fail_reason"] for t in stopped)
+    # Every stopped trial is queued again, so running the command again loses nothing.
+    waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == sorted(t.number for t in stopped)
+
+
+def test_two_final_trains_at_once_leave_whole_files(tmp_path, real_data_dir):
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    first = hpo("optimize", "--study", "tiny", "--workers", "2", "--storage", url, "--data-dir", str(real_data_dir),
+                cwd=tmp_path)
+    assert first.wait(timeout=300) == 0, first.stdout.read()
+    out = tmp_path / "final"
+    procs = [hpo("final-train", "--study", "tiny", "--storage", url, "--data-dir", str(real_data_dir), "--out",
+                 str(out), cwd=tmp_path) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    metrics = json.loads((out / "metrics.json").read_text())
+    model = torch.load(out / "model.pt", weights_only=True)
+    assert model["study"] == "tiny" and metrics["test_accuracy"] == model["test_accuracy"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pt"]  # no temporary leftovers
+
+
+def test_every_fault_at_once(tmp_path, postgres, pg_url, real_data_dir):
+    """4 workers; one is SIGKILLed, PostgreSQL restarts, one trial's loss goes NaN; then final-train."""
+    n_trials = 10
+    w = Workers(tmp_path, pg_url, study_file(tmp_path, n_trials=n_trials, epochs=3, subset=2000), real_data_dir)
+    create = hpo("create", "--study", str(w.study), "--storage", pg_url, cwd=tmp_path)
+    assert create.wait(timeout=60) == 0, create.stdout.read()
+    # A real divergence: SGD at lr 1e6 turns the loss into NaN within the first epoch.
+    load(pg_url).enqueue_trial({"n_conv": 1, "filters_0": 8, "fc_size": 16, "optimizer": "sgd", "lr": 1e6})
+    try:
+        w.start(4)
+        victim = wait_for(lambda: running_trial_in_epoch(pg_url), 120, "a trial in its second epoch")
+        os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+        wait_for(lambda: count(pg_url)["COMPLETE"] + count(pg_url)["PRUNED"] >= 3, 180,
+                 "three finished trials")
+        postgres.restart(down_s=2)
+        codes = w.wait(timeout=400)
+    finally:
+        w.kill()
+    assert sorted(codes) == [-signal.SIGKILL, 0, 0, 0], w.output()
+    assert_exact_budget(pg_url, n_trials)
+    trials = load(pg_url).trials
+    reasons = [t.user_attrs.get("fail_reason", "") for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert any("training loss became nan" in r for r in reasons), reasons
+    killed = trials[victim.number]
+    assert killed.state == optuna.trial.TrialState.FAIL
+    assert [t.state.is_finished() for t in trials if t.system_attrs.get("failed_trial") == victim.number] == [True]
+    assert PASSWORD not in w.output()
+
+    final = hpo("final-train", "--study", "pg", "--storage", pg_url, "--data-dir", str(real_data_dir), "--out",
+                str(tmp_path / "final"), cwd=tmp_path)
+    out, _ = final.communicate(timeout=300)
+    assert final.returncode == 0, out
+    assert PASSWORD not in out
+    metrics = json.loads((tmp_path / "final" / "metrics.json").read_text())
+    assert metrics["best_trial"] == load(pg_url).best_trial.number and metrics["test_accuracy"] > 0.5
