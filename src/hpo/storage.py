@@ -235,8 +235,8 @@ def heartbeat_ages(storage: optuna.storages.RDBStorage, trial_ids: list[int]) ->
 
 
 class SlotLock:
-    """A lock shared by every worker of one study, held from asking for a trial until it has been
-    checked against the budget, so that the check and the creation are one step.
+    """A lock shared by every worker of one study, held while a worker counts the free slots of the
+    budget and creates its trial, so that the check and the creation are one step.
 
     PostgreSQL: a session advisory lock on a pooled connection (the server drops it if the worker
     dies). SQLite: an flock on a file beside the database (the kernel drops it likewise).

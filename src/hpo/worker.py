@@ -4,9 +4,9 @@ The budget is exact however many workers share the study. Holding a study-wide l
 worker counts the trials that are finished, running or waiting, asks for a trial only if one of
 the `n_trials` slots is free, and lets go once the trial exists; so two workers can never both
 take the last slot. As a second line of defence, a trial numbered beyond the budget is failed at
-once (reason in its `fail_reason` attribute) and does not count. While the
-remaining slots are held by other workers' running trials, a worker waits and reaps trials whose
-worker died (their retries then come back as WAITING trials that anyone may pick up).
+once (reason in its `fail_reason` attribute) and does not count. While the remaining slots are
+held by other workers' running trials, a worker waits and reaps trials whose worker died (their
+retries come back as WAITING trials that any worker may pick up).
 """
 
 from __future__ import annotations
