@@ -285,5 +285,87 @@ def dashboard(study_arg: str | None, storage: str | None, host: str, port: int) 
     run_server(store, host=host, port=port)
 
 
+@cli.command()
+@click.option("--study", "study_arg", metavar="NAME|PATH", help="Benchmark this study's best trial [default: the "
+              "notebook CNN, 32/64 filters, 512-unit head].")
+@storage_option
+@click.option("--params", "params_json", metavar="JSON", help='Parameter overrides, e.g. \'{"fc_size": 256}\'.')
+@click.option("--images", type=click.IntRange(min=256), default=20000, show_default=True,
+              help="Training images timed per pipeline.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--crop-padding", type=click.IntRange(0, 8), default=4, show_default=True,
+              help="Pixels of padding for the random crop (plus a random flip), in both pipelines.")
+@data_option
+@device_option
+@click.option("--threads", type=int, envvar="HPO_THREADS", help="CPU threads [default: all cores].")
+@click.option("--epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also train this many epochs both ways on the trial split and compare validation accuracy.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Seeds for the --epochs accuracy check; the mean is compared.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DataLoader workers of the seed pipeline.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also run this many engine processes at once (cores/N threads each, then all cores each).")
+@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the engine's model (the warm-up "
+              "pass absorbs the compile time, which is reported separately).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def bench(study_arg: str | None, storage: str | None, params_json: str | None, images: int, batch_size: int,
+          crop_padding: int, data_dir: str | None, device: str | None, threads: int | None, epochs: int,
+          repeats: int, num_workers: int, workers: int, use_compile: bool, as_json: bool) -> None:
+    """Images/s of our training engine against the seed-style notebook pipeline, same model and batch."""
+    import datetime
+    import platform
+
+    import torch
+
+    from hpo import bench as bench_mod, data
+    from hpo.devices import cpu_count
+    from hpo.model import build, count_parameters
+
+    params = dict(bench_mod.DEFAULT_PARAMS)
+    if study_arg:
+        params.update(_load_existing(study_arg, storage)[2].best_trial.params)
+    if params_json:
+        try:
+            params.update(json.loads(params_json))
+        except json.JSONDecodeError as e:
+            raise HpoError(f"--params is not valid JSON ({e}). Example: --params '{{\"fc_size\": 256}}'") from e
+    wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spec = bench_mod.BenchSpec(params=params, data_dir=str(data.find_data_dir(data_dir)), images=images,
+                               batch_size=batch_size, crop_padding=crop_padding, device=wanted,
+                               threads=threads or cpu_count(), epochs=epochs, repeats=repeats, num_workers=num_workers,
+                               compile=use_compile)
+    result = bench_mod.run(spec, workers)
+    result["model_parameters"] = count_parameters(build(params))
+    result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": cpu_count(),
+                         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+                         "gpu": torch.cuda.get_device_name(0) if wanted.startswith("cuda") else None}
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"hpo bench: DynamicCNN with {result['model_parameters']:,} parameters, batch {batch_size}, "
+               f"crop (padding {crop_padding}) + flip, {images:,} images, {wanted} ({spec.threads} threads), "
+               f"torch {torch.__version__}")
+    for kind in ("engine", "seed"):
+        r = result[kind]
+        accs = r["val_accuracies"]
+        acc = (f"   val acc after {epochs} epochs: mean {sum(accs) / len(accs):.4f} over seeds "
+               f"{', '.join(f'{a:.4f}' for a in accs)}") if accs else ""
+        warm = f"   warm-up {r['warmup_s']:.1f}s" if kind == "engine" and use_compile else ""
+        click.echo(f"  {kind:<7}{r['images_per_s']:>9,.0f} img/s  ({r['seconds']:.1f}s)   peak RSS "
+                   f"{r['peak_rss_mib']:,.0f} MiB{acc}{warm}")
+    click.echo(f"  speedup {result['speedup']:.2f}x")
+    if epochs:
+        gap = (sum(result["engine"]["val_accuracies"]) / repeats - sum(result["seed"]["val_accuracies"]) / repeats)
+        click.echo(f"  validation accuracy, engine minus seed: {gap * 100:+.2f} points (mean of {repeats} seeds)")
+    if workers:
+        p = result["parallel"]
+        click.echo(f"  {workers} engine workers at once, {p['split_threads']} thread(s) each: "
+                   f"{p['split_images_per_s']:,.0f} img/s in total "
+                   f"({p['split_images_per_s'] / p['single_worker_images_per_s']:.2f}x one worker on "
+                   f"{spec.threads} threads); each on all {spec.threads} threads (oversubscribed): "
+                   f"{p['oversubscribed_images_per_s']:,.0f} img/s")
+
+
 def main() -> None:
     cli(prog_name="hpo")

@@ -89,6 +89,7 @@ class Recipe:
     warmup_epochs: float = 0.0     # linear ramp from 0 to the peak lr, in epochs
     label_smoothing: float = 0.0
     eval_batch_size: int = 2048    # images per evaluation step (no gradients, so large)
+    compile: bool = False          # torch.compile the training step; off: it did not pay for itself (README)
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,7 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
         warmup_epochs=t.get("warmup_epochs", float, 0.0),
         label_smoothing=t.get("label_smoothing", float, 0.0),
         eval_batch_size=t.get("eval_batch_size", int, 2048),
+        compile=t.get("compile", bool, False),
     )
     t.done()
     if recipe.schedule not in SCHEDULES:

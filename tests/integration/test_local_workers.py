@@ -187,3 +187,13 @@ def test_dashboard_serves_the_study_from_the_embedded_storage(tiny_study):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_bench_reports_both_pipelines(tmp_path, real_data_dir):
+    """`hpo bench` runs: figures are checked by reading them, never by timing assertions here."""
+    result = hpo("bench", "--images", "512", "--json", "--data-dir", str(real_data_dir), "--threads", "1", cwd=tmp_path)
+    report = json.loads(result.stdout)
+    for kind in ("engine", "seed"):
+        assert report[kind]["images"] > 0 and report[kind]["images_per_s"] > 0 and report[kind]["peak_rss_mib"] > 0
+    assert report["speedup"] == pytest.approx(report["engine"]["images_per_s"] / report["seed"]["images_per_s"])
+    assert report["model_parameters"] == 1630186  # the notebook CNN: 3136 -> 512 -> 10 head

@@ -1,0 +1,242 @@
+"""`hpo bench`: our training engine against the pipeline a typical Fashion-MNIST notebook uses.
+
+Both pipelines train the same DynamicCNN configuration at the same batch size with the same kind
+of augmentation (random crop with padding + horizontal flip), each in a fresh process so that its
+peak memory is its own:
+
+- engine: `train.fit` on the device-resident uint8 tensors, batched augmentation, bf16 autocast
+  where the hardware has it, channels_last (exactly what a trial runs);
+- seed: `torchvision.datasets.FashionMNIST` with per-sample PIL transforms
+  (RandomHorizontalFlip, RandomCrop(28, padding), ToTensor, Normalize), a `DataLoader`, fp32.
+"""
+
+from __future__ import annotations
+
+import gzip
+import multiprocessing
+import resource
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# The notebook CNN the issue measured: two conv blocks of 32 and 64 filters, a 3136 -> 512 -> 10 head.
+DEFAULT_PARAMS: dict[str, Any] = {
+    "n_conv": 2, "filters_0": 32, "filters_1": 64, "kernel_size": 3, "n_fc": 1, "fc_size": 512, "dropout": 0.25,
+    "optimizer": "adam", "lr": 1e-3, "batch_size": 64, "weight_decay": 0.0,
+}
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    params: dict[str, Any]
+    data_dir: str
+    images: int          # training images timed per pipeline
+    batch_size: int
+    crop_padding: int    # pixels
+    device: str
+    threads: int
+    epochs: int = 0      # > 0: also train this many epochs on the trial split and report val accuracy
+    repeats: int = 1     # seeds for the accuracy check (one run's seed noise is about a point)
+    seed: int = 0
+    num_workers: int = 0  # DataLoader workers of the seed pipeline
+    compile: bool = False  # torch.compile the engine's model
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    pipeline: str
+    images: int
+    seconds: float
+    images_per_s: float
+    peak_rss_mib: float
+    val_accuracies: tuple[float, ...] = ()  # one per seed of the accuracy check
+    warmup_s: float = 0.0   # the 1,024-image warm-up pass, torch.compile's compilation included
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _torchvision_root(data_dir: Path) -> Path:
+    """torchvision's FashionMNIST wants uncompressed files under ROOT/FashionMNIST/raw."""
+    from hpo.data import FILES, _file
+
+    root = Path(tempfile.mkdtemp(prefix="hpo-bench-"))
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for stems in FILES.values():
+        for stem in stems:
+            source = _file(data_dir, stem)
+            payload = source.read_bytes()
+            (raw / stem).write_bytes(gzip.decompress(payload) if payload[:2] == b"\x1f\x8b" else payload)
+    return root
+
+
+def _run_engine(spec: BenchSpec) -> PipelineResult:
+    import torch
+
+    from hpo import data
+    from hpo.config import Augment, Recipe
+    from hpo.devices import place
+    from hpo.train import Hyper, evaluate, fit, seeded_model
+
+    placement = place(spec.device, spec.threads)
+    params = {**spec.params, "batch_size": spec.batch_size}
+    images, labels = data.load_split(Path(spec.data_dir), "train")
+    trial = data.trial_data(images, labels, 0.1, spec.seed, placement.device)
+    augment = Augment(crop_padding=spec.crop_padding, hflip=True)
+    hyper, recipe = Hyper.from_params(params), Recipe(schedule="constant", compile=spec.compile)
+    timed = data.DeviceData(trial.train.x[: spec.images], trial.train.y[: spec.images], placement.device)
+    warm = data.DeviceData(trial.train.x[:1024], trial.train.y[:1024], placement.device)
+    warm_started = time.perf_counter()
+    fit(seeded_model(params, spec.seed, placement.device), warm, None, hyper, recipe, augment, 1, spec.seed)
+    warmup_s = time.perf_counter() - warm_started
+    model = seeded_model(params, spec.seed, placement.device)
+    if placement.device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    fit(model, timed, None, hyper, recipe, augment, 1, spec.seed)  # reads the loss once: a sync point
+    seconds = time.perf_counter() - started
+    trained = (len(timed) // spec.batch_size) * spec.batch_size
+    accuracies = []
+    for seed in range(spec.seed, spec.seed + spec.repeats if spec.epochs else spec.seed):
+        model = seeded_model(params, seed, placement.device)
+        fit(model, trial.train, None, hyper, recipe, augment, spec.epochs, seed)
+        accuracies.append(evaluate(model, trial.val).accuracy)
+    return PipelineResult("engine", trained, seconds, trained / seconds, _peak_rss_mib(), tuple(accuracies), warmup_s)
+
+
+def _run_seed(spec: BenchSpec) -> PipelineResult:
+    import numpy as np
+    import torch
+    from torch import nn
+    from torchvision import datasets, transforms
+
+    from hpo import data
+    from hpo.devices import place
+    from hpo.model import build
+
+    placement = place(spec.device, spec.threads)
+    device = placement.device
+    root = _torchvision_root(Path(spec.data_dir))
+    transform = transforms.Compose([
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomCrop(28, padding=spec.crop_padding),
+        transforms.ToTensor(),
+        transforms.Normalize((data.MEAN,), (data.STD,)),
+    ])
+    full = datasets.FashionMNIST(str(root), train=True, download=False, transform=transform)
+    # The same trial split as the engine, so the accuracy check compares like with like.
+    train_idx, val_idx = data.stratified_split(full.targets.numpy(), 0.1, spec.seed)
+    params = {**spec.params, "batch_size": spec.batch_size}
+
+    def loader(indices: np.ndarray, shuffle: bool, seed: int = spec.seed) -> torch.utils.data.DataLoader:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.utils.data.DataLoader(torch.utils.data.Subset(full, indices.tolist()), batch_size=spec.batch_size,
+                                           shuffle=shuffle, num_workers=spec.num_workers, generator=generator,
+                                           drop_last=True)
+
+    def train(model: nn.Module, batches: torch.utils.data.DataLoader, limit: int | None) -> int:
+        optimizer = torch.optim.Adam(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
+        model.train()
+        seen = 0
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+            if limit is not None and seen >= limit:
+                break
+        return seen
+
+    torch.manual_seed(spec.seed)
+    train(build(params).to(device), loader(train_idx[:1024], True), None)  # warm-up, as for the engine
+    torch.manual_seed(spec.seed)
+    model = build(params).to(device)
+    started = time.perf_counter()
+    trained = train(model, loader(train_idx[: spec.images], True), spec.images)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    accuracies = []
+    for seed in range(spec.seed, spec.seed + spec.repeats if spec.epochs else spec.seed):
+        torch.manual_seed(seed)
+        model = build(params).to(device)
+        batches = loader(train_idx, True, seed)
+        for _ in range(spec.epochs):
+            train(model, batches, None)
+        accuracies.append(_evaluate_fp32(model, full, val_idx, device))
+    return PipelineResult("seed", trained, seconds, trained / seconds, _peak_rss_mib(), tuple(accuracies))
+
+
+def _evaluate_fp32(model, dataset, indices, device) -> float:
+    """The notebook's own evaluation: no augmentation, fp32, plain loop."""
+    import torch
+    from torchvision import transforms
+
+    from hpo import data
+
+    plain = transforms.Compose([transforms.ToTensor(), transforms.Normalize((data.MEAN,), (data.STD,))])
+    x = torch.stack([plain(transforms.functional.to_pil_image(dataset.data[i].numpy())) for i in indices])
+    y = dataset.targets[indices]
+    model.eval()
+    with torch.inference_mode():
+        preds = torch.cat([model(x[i:i + 1000].to(device)).argmax(1).cpu() for i in range(0, len(x), 1000)])
+    return float((preds == y).float().mean())
+
+
+def _child(kind: str, spec: BenchSpec, queue: multiprocessing.Queue) -> None:
+    try:
+        result = _run_engine(spec) if kind == "engine" else _run_seed(spec)
+        queue.put(("ok", asdict(result)))
+    except BaseException as e:  # report, do not hang the parent
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def _in_processes(kind: str, specs: list[BenchSpec]) -> list[dict[str, Any]]:
+    """Run one pipeline per spec, all at the same time, each in a fresh process."""
+    from hpo.errors import HpoError
+
+    ctx = multiprocessing.get_context("spawn")
+    queues = [ctx.Queue() for _ in specs]
+    procs = [ctx.Process(target=_child, args=(kind, spec, q)) for spec, q in zip(specs, queues)]
+    for proc in procs:
+        proc.start()
+    outcomes = [q.get() for q in queues]
+    for proc in procs:
+        proc.join()
+    for status, payload in outcomes:
+        if status != "ok":
+            raise HpoError(f"the {kind} pipeline failed: {payload}")
+    return [payload for _, payload in outcomes]
+
+
+def run(spec: BenchSpec, workers: int = 0) -> dict[str, Any]:
+    """Both pipelines, one after the other, each in a fresh process; with `workers`, also that many
+    engine processes at once, first with cores/workers threads each, then each with all cores."""
+    from dataclasses import replace
+
+    engine, = _in_processes("engine", [spec])
+    seed, = _in_processes("seed", [spec])
+    result: dict[str, Any] = {
+        "spec": {k: v for k, v in asdict(spec).items() if k != "data_dir"},
+        "engine": engine,
+        "seed": seed,
+        "speedup": engine["images_per_s"] / seed["images_per_s"],
+    }
+    if workers:
+        quiet = replace(spec, epochs=0)
+        split = _in_processes("engine", [replace(quiet, threads=max(1, spec.threads // workers))] * workers)
+        over = _in_processes("engine", [quiet] * workers)
+        result["parallel"] = {
+            "workers": workers,
+            "split_threads": max(1, spec.threads // workers),
+            "split_images_per_s": sum(r["images_per_s"] for r in split),
+            "oversubscribed_images_per_s": sum(r["images_per_s"] for r in over),
+            "single_worker_images_per_s": engine["images_per_s"],
+        }
+    return result
