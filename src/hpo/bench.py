@@ -61,14 +61,14 @@ def _peak_rss_mib() -> float:
 
 def _torchvision_root(data_dir: Path) -> Path:
     """torchvision's FashionMNIST wants uncompressed files under ROOT/FashionMNIST/raw."""
-    from hpo.data import FILES, _file
+    from hpo.data import FILES, find_file
 
     root = Path(tempfile.mkdtemp(prefix="hpo-bench-"))
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     for stems in FILES.values():
         for stem in stems:
-            source = _file(data_dir, stem)
+            source = find_file(data_dir, stem)
             payload = source.read_bytes()
             (raw / stem).write_bytes(gzip.decompress(payload) if payload[:2] == b"\x1f\x8b" else payload)
     return root

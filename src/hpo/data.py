@@ -38,7 +38,8 @@ def _torchvision_dir() -> Path:
     return cache_dir() / "FashionMNIST" / "raw"
 
 
-def _file(directory: Path, stem: str) -> Path | None:
+def find_file(directory: Path, stem: str) -> Path | None:
+    """`stem` or `stem.gz` in `directory`, whichever exists."""
     for name in (stem, stem + ".gz"):
         if (directory / name).is_file():
             return directory / name
@@ -46,7 +47,7 @@ def _file(directory: Path, stem: str) -> Path | None:
 
 
 def _complete(directory: Path) -> bool:
-    return all(_file(directory, stem) for pair in FILES.values() for stem in pair)
+    return all(find_file(directory, stem) for pair in FILES.values() for stem in pair)
 
 
 HOW_TO_PROVIDE = (
@@ -108,7 +109,7 @@ def read_idx(path: Path) -> np.ndarray:
 def load_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 28, 28) uint8 and labels (N,) int64 of the official 'train' or 'test' split."""
     image_stem, label_stem = FILES[split]
-    image_path, label_path = _file(directory, image_stem), _file(directory, label_stem)
+    image_path, label_path = find_file(directory, image_stem), find_file(directory, label_stem)
     if image_path is None or label_path is None:
         raise DataError(f"{directory} lacks the {split} files. {HOW_TO_PROVIDE}")
     images, labels = read_idx(image_path), read_idx(label_path)
