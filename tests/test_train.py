@@ -102,3 +102,31 @@ def test_evaluate_counts_correct_predictions():
     ev = evaluate(model, data, batch_size=7)
     assert ev.predictions.shape == (40,)
     assert ev.accuracy == pytest.approx(float((ev.predictions == data.y).float().mean()))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "rmsprop"])
+def test_resuming_from_a_snapshot_repeats_the_uninterrupted_run(optimizer, tmp_path):
+    """A trial retried after a crash resumes from its last checkpoint; the rest of the run must be
+    the one it would have had: same batches, augmentation, dropout and learning rates."""
+    params = {**PARAMS, "optimizer": optimizer, "dropout": 0.3, "lr": 3e-3 if optimizer != "sgd" else 3e-2}
+    data, val = synthetic(), synthetic(64, seed=1)
+    hyper, recipe, augment = Hyper.from_params(params), Recipe(schedule="cosine", warmup_epochs=0.5), Augment(2, True)
+
+    straight = fit(seeded_model(params, 5, CPU), data, val, hyper, recipe, augment, 4, seed=5)
+
+    snapshots = []
+
+    def save(state):  # through torch.save, as the checkpoint artifact is
+        path = tmp_path / f"epoch{state['epoch']}.pt"
+        torch.save(state, path)
+        snapshots.append(path)
+
+    fit(seeded_model(params, 5, CPU), data, val, hyper, recipe, augment, 4, seed=5, on_snapshot=save)
+    assert [p.name for p in snapshots] == ["epoch1.pt", "epoch2.pt", "epoch3.pt", "epoch4.pt"]
+    torch.manual_seed(12345)  # whatever the new process's global RNG holds, the snapshot restores it
+    state = torch.load(snapshots[1], weights_only=True)
+    resumed = fit(seeded_model(params, 99, CPU), data, val, hyper, recipe, augment, 4, seed=5, resume=state)
+    assert [s.epoch for s in resumed] == [1, 2, 3, 4]
+    assert [s.train_loss for s in resumed[:2]] == [s.train_loss for s in straight[:2]]  # restored history
+    for a, b in zip(resumed[2:], straight[2:]):
+        assert (a.train_loss, a.val_loss, a.val_accuracy, a.lr) == (b.train_loss, b.val_loss, b.val_accuracy, b.lr)

@@ -63,6 +63,9 @@ storage_option = click.option("--storage", envvar="HPO_STORAGE", metavar="URL",
                               help=f"Storage URL [env HPO_STORAGE; default {storage_mod.default_url()}].")
 data_option = click.option("--data-dir", envvar="HPO_DATA_DIR", type=click.Path(file_okay=False),
                            help="Directory with the Fashion-MNIST IDX files [env HPO_DATA_DIR].")
+artifacts_option = click.option("--artifacts", envvar="HPO_ARTIFACTS", metavar="DIR|s3://BUCKET",
+                                help="Artifact store shared by workers, finalizer and dashboard [env HPO_ARTIFACTS; "
+                                     "default: artifacts/ beside the SQLite file, else runs/artifacts].")
 device_option = click.option("--device", envvar="HPO_DEVICE", help="cpu, cuda or cuda:N [default: cuda if present].")
 
 
@@ -123,16 +126,18 @@ def create(study_arg: str, storage: str | None) -> None:
 @storage_option
 @data_option
 @device_option
+@artifacts_option
 @click.option("--threads", type=int, envvar="HPO_THREADS", help="CPU threads for this worker [default: all cores].")
 @click.option("--sampler-seed", type=int, envvar="HPO_SAMPLER_SEED",
               help="Seed this worker's sampler (distinct per worker) [default: random].")
-def worker(study_arg: str, storage: str | None, data_dir: str | None, device: str | None, threads: int | None,
-           sampler_seed: int | None) -> None:
+def worker(study_arg: str, storage: str | None, data_dir: str | None, device: str | None, artifacts: str | None,
+           threads: int | None, sampler_seed: int | None) -> None:
     """Run trials of a shared study until its budget is met."""
-    from hpo import data, study as study_mod, worker as worker_mod
+    from hpo import artifacts as artifacts_mod, data, study as study_mod, worker as worker_mod
     from hpo.devices import place
 
     cfg, url, store = _config_for_worker(study_arg, storage)
+    _, artifact_store = artifacts_mod.open_for(artifacts, url)
     worker_mod.install_signal_handlers()
     try:
         placement = place(device, threads)
@@ -144,7 +149,7 @@ def worker(study_arg: str, storage: str | None, data_dir: str | None, device: st
                                      cfg.budget.train_subset)
         log.info("worker on %s joins study %r at %s (data %s)", placement.name, cfg.name, storage_mod.mask(url),
                  directory)
-        result = worker_mod.run(study, cfg, trial_data, placement, store)
+        result = worker_mod.run(study, cfg, trial_data, placement, store, artifact_store=artifact_store)
     except worker_mod.Shutdown as e:
         log.warning("stopping: %s; a running trial was failed and re-queued", e)
         sys.exit(128 + (signal.SIGINT if "SIGINT" in str(e) else signal.SIGTERM))
@@ -157,26 +162,46 @@ def worker(study_arg: str, storage: str | None, data_dir: str | None, device: st
 @storage_option
 @data_option
 @device_option
-def optimize(study_arg: str, workers: int, storage: str | None, data_dir: str | None, device: str | None) -> None:
-    """Start N local workers on one study (embedded storage by default) and wait for them."""
-    from hpo import data, study as study_mod
+@artifacts_option
+def optimize(study_arg: str, workers: int, storage: str | None, data_dir: str | None, device: str | None,
+             artifacts: str | None) -> None:
+    """Start N local workers on one study (embedded storage by default) and wait for them.
+
+    On a terminal it shows a progress bar and sends the workers' logs to runs/STUDY/logs/; in a
+    pipe or a CI log the workers' log lines come through as they are.
+    """
+    from hpo import artifacts as artifacts_mod, data, progress, study as study_mod
     from hpo.devices import threads_per_worker
     from hpo.objective import derive_seed
 
     cfg = config.load(study_arg)
     directory = data.find_data_dir(data_dir)
     url, store = _open(storage)
+    location, _ = artifacts_mod.open_for(artifacts, url)  # fail here, not in every worker
     # Create the study once here, so the workers only ever load it.
     study, cfg = study_mod.create_or_load(store, cfg)
     threads = threads_per_worker(workers)
-    log.info("study %r: %d workers x %d thread(s), storage %s", cfg.name, workers, threads, storage_mod.mask(url))
+    log.info("study %r: %d workers x %d thread(s), storage %s, artifacts %s", cfg.name, workers, threads,
+             storage_mod.mask(url), location)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HPO_THREADS": str(threads)}
     args = [sys.executable, "-m", "hpo", "worker", "--study", study_arg, "--storage", url,
-            "--data-dir", str(directory)] + (["--device", device] if device else [])
+            "--data-dir", str(directory), "--artifacts", location] + (["--device", device] if device else [])
+    bar_mode = progress.interactive()
+    logs: list[Path] = []
+    if bar_mode:
+        log_dir = storage_mod.RUNS_DIR / cfg.name / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        logs = [log_dir / f"worker-{i}.log" for i in range(workers)]
+        click.echo(f"worker logs: {log_dir}/worker-N.log", err=True)
     started = time.monotonic()
-    # Distinct sampler seeds: identical ones would make every worker propose the same first trials.
-    children = [subprocess.Popen(args + ["--sampler-seed", str(derive_seed(cfg.seed, i))], env=env)
-                for i in range(workers)]
+    children = []
+    for i in range(workers):
+        # Distinct sampler seeds: identical ones would make every worker propose the same first trials.
+        out = open(logs[i], "ab") if bar_mode else None
+        children.append(subprocess.Popen(args + ["--sampler-seed", str(derive_seed(cfg.seed, i))], env=env,
+                                         stdout=out, stderr=subprocess.STDOUT if out else None))
+        if out:
+            out.close()  # the child holds its own descriptor
 
     stopped_by: list[str] = []
 
@@ -189,13 +214,22 @@ def optimize(study_arg: str, workers: int, storage: str | None, data_dir: str | 
     # Ctrl-C and SIGTERM both stop every worker the same way: fail, re-queue, exit.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for child in children:
-        while True:
-            try:
-                child.wait(timeout=30 if stopped_by else None)
-                break
-            except subprocess.TimeoutExpired:
-                child.kill()  # a worker that ignores SIGTERM for 30 s
+    deadline = None
+    # Trials finished before this run are counted, not announced again.
+    reported = {t.number for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")}
+    with progress.Progress(cfg.budget.n_trials, f"study {cfg.name}", "trials", initial=len(reported)) as bar:
+        while any(child.poll() is None for child in children):
+            if stopped_by and deadline is None:
+                deadline = time.monotonic() + 30
+            if deadline is not None and time.monotonic() > deadline:
+                for child in children:
+                    if child.poll() is None:
+                        child.kill()  # a worker that ignores SIGTERM for 30 s
+            if bar_mode:
+                _update_bar(bar, study, reported)
+            time.sleep(1.0)
+        if bar_mode:
+            _update_bar(bar, study, reported)
     codes = [child.returncode for child in children]
     summary = study_mod.summary(study, cfg, store)
     click.echo(_format_status(summary))
@@ -204,8 +238,33 @@ def optimize(study_arg: str, workers: int, storage: str | None, data_dir: str | 
         raise HpoError(f"stopped by {stopped_by[0]}: all {workers} workers exited and their running trials were "
                        f"re-queued. Run the same command to carry on.")
     if any(codes):
+        where = (" Their logs: " + ", ".join(str(logs[i]) for i, c in enumerate(codes) if c) + ".") if logs else (
+            " See their log lines above.")
         raise HpoError(f"{sum(1 for c in codes if c)} of {workers} workers exited with an error "
-                       f"(exit codes {codes}); see their log lines above.")
+                       f"(exit codes {codes}).{where}")
+
+
+def _update_bar(bar, study, reported: set[int]) -> None:
+    """Move the study's bar to the finished count and announce each newly finished trial."""
+    from optuna.trial import TrialState
+
+    try:
+        trials = study.get_trials(deepcopy=False)
+    except Exception:  # a database blip: the workers ride it out, the bar waits for the next poll
+        return
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    for t in sorted(finished, key=lambda t: t.number):
+        if t.number not in reported:
+            reported.add(t.number)
+            last = max(t.intermediate_values) if t.intermediate_values else 0
+            value = t.value if t.state == TrialState.COMPLETE else t.intermediate_values.get(last)
+            bar.write(f"trial {t.number} {t.state.name.lower()} at epoch {last}: {value:.4f}" if value is not None
+                      else f"trial {t.number} {t.state.name.lower()}")
+    complete = [t for t in finished if t.state == TrialState.COMPLETE]
+    best = (max if study.direction.name == "MAXIMIZE" else min)((t.value for t in complete), default=None)
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    bar.set(len(finished), best="-" if best is None else f"{best:.4f}",
+            pruned=sum(t.state == TrialState.PRUNED for t in finished), running=len(running))
 
 
 @cli.command("final-train")
@@ -213,29 +272,44 @@ def optimize(study_arg: str, workers: int, storage: str | None, data_dir: str | 
 @storage_option
 @data_option
 @device_option
+@artifacts_option
 @click.option("--out", type=click.Path(file_okay=False), help="Output directory [default: runs/STUDY/final].")
 @click.option("--epochs", type=click.IntRange(min=1), help="Override the study file's final epochs.")
 def final_train(study_arg: str, storage: str | None, data_dir: str | None, device: str | None,
-                out: str | None, epochs: int | None) -> None:
+                artifacts: str | None, out: str | None, epochs: int | None) -> None:
     """Retrain the best trial on train + validation and score the test split once."""
-    from hpo import data, final
+    from hpo import artifacts as artifacts_mod, data, final
     from hpo.devices import place
 
-    _, _, study, cfg = _load_existing(study_arg, storage)
+    url, _, study, cfg = _load_existing(study_arg, storage)
+    _, artifact_store = artifacts_mod.open_for(artifacts, url)
     placement = place(device)
     directory = data.find_data_dir(data_dir)
     out_dir = Path(out) if out else storage_mod.RUNS_DIR / cfg.name / "final"
-    metrics = final.final_train(study, cfg, directory, placement, out_dir, epochs)
+    metrics = final.final_train(study, cfg, directory, placement, out_dir, epochs, artifact_store)
     click.echo(f"test accuracy {metrics['test_accuracy']:.4f}  (loss {metrics['test_loss']:.4f}, "
                f"{metrics['test_images']} test images, best trial {metrics['best_trial']} had val "
                f"{metrics['best_trial_value']:.4f}, {metrics['epochs']} epochs, {metrics['wall_time_s']:.0f}s)")
-    click.echo(f"wrote {out_dir / 'model.pt'} and {out_dir / 'metrics.json'}")
+    click.echo(f"wrote model.pt, metrics.json, confusion_matrix.png, learning_curve.png and misclassified.png "
+               f"to {out_dir}, and uploaded them to study {cfg.name!r} in the artifact store")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _format_status(s: dict[str, Any]) -> str:
-    lines = [f"study {s['study']}  ({s['direction']} {s['metric']}, budget {s['n_trials']} finished trials)"]
-    lines += [f"  {state:<9}{n:>5}" for state, n in s["states"].items() if n or state in ("COMPLETE", "PRUNED")]
-    lines.append(f"  finished {s['finished']}/{s['n_trials']}, pruned share {s['pruned_share']:.0%}")
+    lines = [f"study {s['study']}  ({s['direction']} {s['metric']}, budget {s['n_trials']} finished trials of "
+             f"{s['epochs_per_trial']} epochs)", "", "  state       trials"]
+    lines += [f"  {state:<10}{n:>7}" for state, n in s["states"].items() if n or state in ("COMPLETE", "PRUNED")]
+    e = s["epochs"]
+    lines += ["", f"  finished {s['finished']}/{s['n_trials']}, pruned share {s['pruned_share']:.0%}, "
+                  f"{e['saved_by_pruning']} epochs saved by pruning ({e['saved_share']:.0%} of "
+                  f"{e['trained'] + e['saved_by_pruning']})"]
     if s["best"]:
         b = s["best"]
         lines.append(f"  best trial {b['number']}: {s['metric']} {b['value']:.4f}")
@@ -245,6 +319,10 @@ def _format_status(s: dict[str, Any]) -> str:
         age = "no heartbeat yet" if r["heartbeat_age_s"] is None else f"heartbeat {r['heartbeat_age_s']:.0f}s ago"
         lines.append(f"  running trial {r['number']}: epoch {r['epoch']}/{r['epochs']} on {r['host']} "
                      f"pid {r['pid']} {r['device']}, {age}")
+    if s["remaining"]:
+        how = (f"{len(s['running'])} worker(s) at {_duration(s['mean_trial_s'])} per trial" if s["running"]
+               else "no worker is running")
+        lines.append(f"  ETA {_duration(s['eta_s'])} for {s['remaining']} remaining trial(s) ({how})")
     if s["final"]:
         f = s["final"]
         lines.append(f"  final-train: test accuracy {f['test_accuracy']:.4f} (trial {f['best_trial']}, "
@@ -255,25 +333,43 @@ def _format_status(s: dict[str, Any]) -> str:
 @cli.command()
 @study_option
 @storage_option
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def status(study_arg: str, storage: str | None, as_json: bool) -> None:
-    """Trial counts by state, the best trial and the pruned share."""
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (schema hpo-status/1).")
+@click.option("--watch", is_flag=True, help="Refresh until the budget is met and nothing runs (Ctrl-C stops).")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
+def status(study_arg: str, storage: str | None, as_json: bool, watch: bool, interval: float) -> None:
+    """Trials by state, the best trial, pruning savings, running trials and an ETA."""
     from hpo import study as study_mod
 
     _, store, study, cfg = _load_existing(study_arg, storage)
-    study_mod.reap_stale(study)
-    summary = study_mod.summary(study, cfg, store)
-    click.echo(json.dumps(summary, indent=2) if as_json else _format_status(summary))
+    while True:
+        study_mod.reap_stale(study)
+        summary = study_mod.summary(study, cfg, store)
+        text = json.dumps(summary, indent=None if watch else 2) if as_json else _format_status(summary)
+        if watch and not as_json and sys.stdout.isatty():
+            click.clear()
+        click.echo(text)
+        if not watch or (summary["remaining"] == 0 and not summary["running"]):
+            return
+        try:
+            time.sleep(interval)
+        except KeyboardInterrupt:
+            return
+        if not as_json and not sys.stdout.isatty():
+            click.echo("")
 
 
 @cli.command()
 @click.option("--study", "study_arg", metavar="NAME|PATH", help="Open this study's page [default: the study list].")
 @storage_option
+@artifacts_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (no authentication!).")
 @click.option("--port", default=8080, show_default=True, type=int)
-def dashboard(study_arg: str | None, storage: str | None, host: str, port: int) -> None:
-    """Serve optuna-dashboard on the storage the workers use."""
+def dashboard(study_arg: str | None, storage: str | None, artifacts: str | None, host: str, port: int) -> None:
+    """Serve optuna-dashboard on the storage and artifact store the workers use."""
     from optuna_dashboard import run_server
+
+    from hpo import artifacts as artifacts_mod
 
     if study_arg:
         url, store, study, _ = _load_existing(study_arg, storage)
@@ -281,8 +377,10 @@ def dashboard(study_arg: str | None, storage: str | None, host: str, port: int) 
     else:
         url, store = _open(storage)
         page = "dashboard"
-    click.echo(f"optuna-dashboard on {storage_mod.mask(url)}: http://{host}:{port}/{page}  (Ctrl-C to stop)")
-    run_server(store, host=host, port=port)
+    location, artifact_store = artifacts_mod.open_for(artifacts, url)
+    click.echo(f"optuna-dashboard on {storage_mod.mask(url)}, artifacts in {location}: "
+               f"http://{host}:{port}/{page}  (Ctrl-C to stop)")
+    run_server(store, host=host, port=port, artifact_store=artifact_store)
 
 
 @cli.command()

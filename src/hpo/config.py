@@ -97,6 +97,17 @@ class Final:
     epochs: int                    # epochs of the from-scratch retrain on train + validation
 
 
+CHECKPOINT_KEEP = ("none", "complete")
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Trial checkpoints in the artifact store: what a crashed trial resumes from."""
+
+    every_epoch: bool = True       # save the model and optimizer after every epoch but the last
+    keep: str = "none"             # none: delete when the trial ends; complete: keep a COMPLETE trial's last one
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     name: str
@@ -111,6 +122,7 @@ class StudyConfig:
     final: Final
     space: dict[str, ParamSpec]
     description: str = ""
+    checkpoints: Checkpoints = Checkpoints()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form, stored in the study so later commands need no file."""
@@ -283,12 +295,19 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
     if final.epochs < 1:
         f.fail(f"epochs must be at least 1, got {final.epochs}")
 
+    c = top.table("checkpoints")
+    checkpoints = Checkpoints(every_epoch=c.get("every_epoch", bool, True), keep=c.get("keep", str, "none"))
+    c.done()
+    if checkpoints.keep not in CHECKPOINT_KEEP:
+        c.fail(f"keep {checkpoints.keep!r} is not known.{_did_you_mean(checkpoints.keep, CHECKPOINT_KEEP)} "
+               f"Use one of: {', '.join(CHECKPOINT_KEEP)}")
+
     space = _space(top.table("space"))
     top.done(("name", "description", "metric", "direction", "seed", "budget", "sampler", "pruner",
-              "augment", "train", "final", "space"))
+              "augment", "train", "final", "checkpoints", "space"))
     return StudyConfig(name=name, description=description, direction=direction, metric=metric,
                        seed=seed, budget=budget, sampler=sampler, pruner=pruner, augment=augment,
-                       train=recipe, final=final, space=space)
+                       train=recipe, final=final, space=space, checkpoints=checkpoints)
 
 
 def _component(r: _Reader, known: dict[str, str], default: str, module: str) -> Component:
@@ -395,8 +414,9 @@ def _check_domain(space: dict[str, ParamSpec], r: _Reader) -> None:
 def from_dict(stored: dict[str, Any], source: str) -> StudyConfig:
     """Rebuild a config recorded in a study (the inverse of StudyConfig.to_dict)."""
     raw = dict(stored)
-    for key in ("budget", "augment", "train", "final"):
-        raw[key] = dict(stored[key])
+    for key in ("budget", "augment", "train", "final", "checkpoints"):
+        if key in stored:  # studies created before a section existed get its defaults
+            raw[key] = dict(stored[key])
     raw["sampler"] = {"name": stored["sampler"]["name"], **stored["sampler"]["options"]}
     raw["pruner"] = {"name": stored["pruner"]["name"], **stored["pruner"]["options"]}
     return parse(raw, source=source)

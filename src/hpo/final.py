@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -16,8 +15,10 @@ from typing import Any
 
 import optuna
 import torch
+from optuna_dashboard import save_note
 
 import hpo
+from hpo import artifacts, plots
 from hpo import data as data_mod
 from hpo.config import StudyConfig
 from hpo.data import CLASSES, DeviceData
@@ -25,6 +26,7 @@ from hpo.devices import Placement
 from hpo.errors import HpoError
 from hpo.model import ModelSpec, count_parameters
 from hpo.objective import derive_seed
+from hpo.progress import Progress
 from hpo.study import FINAL_ATTR
 from hpo.train import EpochStats, Hyper, evaluate, fit, seeded_model
 
@@ -96,7 +98,9 @@ def _check_writable(out_dir: Path) -> None:
 
 
 def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement: Placement,
-                out_dir: Path, epochs: int | None = None) -> dict[str, Any]:
+                out_dir: Path, epochs: int | None = None, artifact_store=None) -> dict[str, Any]:
+    """Retrain, score the test split once, write model.pt, metrics.json and three PNGs to `out_dir`,
+    upload them all to the study in the artifact store `artifact_store`, and write the study's dashboard note."""
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise HpoError(f"study {cfg.name!r} has no COMPLETE trial yet, so there is nothing to retrain. "
@@ -114,14 +118,16 @@ def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement
     log.info("final-train: trial %d (val %s %.4f) from scratch on %d images for %d epochs on %s",
              best.number, cfg.metric, best.value, len(train_all), epochs, placement.name)
 
-    def on_epoch(stats: EpochStats) -> None:
-        log.info("final epoch %d/%d  loss %.4f  train_acc %.4f  (%.1fs)", stats.epoch, epochs,
-                 stats.train_loss, stats.train_accuracy, stats.seconds)
-
     started = time.perf_counter()
     model = seeded_model(best.params, seed, device)
-    history = fit(model, train_all, None, Hyper.from_params(best.params), cfg.train, cfg.augment, epochs, seed,
-                  on_epoch)
+    with Progress(epochs, "final-train", "epochs") as bar:
+        def on_epoch(stats: EpochStats) -> None:
+            bar.advance(line=f"epoch {stats.epoch}/{epochs}  loss {stats.train_loss:.4f}  train_acc "
+                             f"{stats.train_accuracy:.4f}  ({stats.seconds:.1f}s)",
+                        loss=f"{stats.train_loss:.4f}", acc=f"{stats.train_accuracy:.4f}")
+
+        history = fit(model, train_all, None, Hyper.from_params(best.params), cfg.train, cfg.augment, epochs, seed,
+                      on_epoch)
     train_seconds = time.perf_counter() - started
 
     # The only read of the test split in the whole project.
@@ -163,12 +169,72 @@ def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement
         "hpo_version": hpo.__version__,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    write_atomic(out_dir / "model.pt", buffer.getvalue())
-    write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+    truth_np, pred_np = truth.numpy(), ev.predictions.numpy()
+    counts = plots.confusion_matrix(truth_np, pred_np, CLASSES)
+    metrics["confusion_matrix"] = counts.tolist()
+    files = {
+        "model.pt": artifacts.torch_bytes(checkpoint),
+        "metrics.json": json.dumps(metrics, indent=2).encode(),
+        "confusion_matrix.png": plots.confusion_matrix_png(
+            counts, CLASSES, f"{cfg.name}: final model on the test split, accuracy {ev.accuracy:.4f}"),
+        "learning_curve.png": plots.learning_curve_png(best.user_attrs.get("history", []), metrics["history"],
+                                                       ev.accuracy, best.number),
+        "misclassified.png": plots.misclassified_png(test_images, truth_np, pred_np,
+                                                     ev.confidence.numpy(), CLASSES),
+    }
+    for name, payload in files.items():
+        write_atomic(out_dir / name, payload)
     summary = {k: metrics[k] for k in ("test_accuracy", "test_loss", "best_trial", "best_trial_value", "seed",
                                        "epochs", "wall_time_s")}
     summary["output_dir"] = str(out_dir.resolve())
+    if artifact_store is not None:
+        summary["artifacts"] = publish(study, artifact_store, files)
     study.set_user_attr(FINAL_ATTR, summary)
+    save_note(study, note(cfg, best, metrics))
     return metrics
+
+
+def publish(study: optuna.Study, store, files: dict[str, bytes]) -> dict[str, str]:
+    """Upload the final files to the study, replacing an earlier final-train's."""
+    earlier = (study.user_attrs.get(FINAL_ATTR) or {}).get("artifacts", {})
+    ids = {name: artifacts.upload_bytes(store, study, name, payload) for name, payload in files.items()}
+    for artifact_id in earlier.values():
+        artifacts.remove_study_artifact(store, study, artifact_id)
+    return ids
+
+
+def note(cfg: StudyConfig, best: optuna.trial.FrozenTrial, metrics: dict[str, Any]) -> str:
+    """The study's dashboard note: the final result first, so a final-trained study is obvious."""
+    val, test = metrics["best_trial_value"], metrics["test_accuracy"]
+    params = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                       for k, v in best.params.items())
+    worst = min(metrics["per_class_accuracy"].items(), key=lambda kv: kv[1])
+    rows = [f"| validation {cfg.metric} of trial {best.number} | {val:.4f} |",
+            f"| test accuracy of the final model | {test:.4f} |"]
+    if cfg.metric == "val_accuracy":
+        rows.append(f"| gap, test minus validation | {100 * (test - val):+.2f} points |")
+    rows.append(f"| weakest class | {worst[0]} ({worst[1]:.4f}) |")
+    table = "\n".join(rows)
+    return f"""## Final-trained: test accuracy {100 * test:.2f} %
+
+Trial {best.number}, the best of the search, retrained from scratch by `hpo final-train` for
+{metrics['epochs']} epochs on all {metrics['train_images']:,} training images (seed {metrics['seed']}),
+then scored once on the untouched {metrics['test_images']:,}-image test split.
+
+| | |
+|---|---|
+{table}
+
+Trials train on the study's `train_subset` for {cfg.budget.epochs} epochs; the final run trains longer on
+more images, so its test accuracy can exceed the trial's validation score.
+
+### Best params
+
+| param | value |
+|---|---|
+{params}
+
+Study artifacts: `confusion_matrix.png`, `learning_curve.png`, `misclassified.png`, `model.pt`,
+`metrics.json`. Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, hpo {hpo.__version__},
+code {metrics['git_revision'] or 'unknown'}.
+"""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import logging
 import os
 import time
@@ -12,16 +13,19 @@ import numpy as np
 import optuna
 import torch
 
-from hpo import space
+from hpo import artifacts, space
 from hpo.config import StudyConfig
 from hpo.data import TrialData
 from hpo.devices import Placement
+from hpo.errors import HpoError
 from hpo.model import count_parameters
 from hpo.train import EpochStats, Hyper, TrainingDiverged, fit, seeded_model
 
 log = logging.getLogger(__name__)
 
 REASON_ATTR = "fail_reason"
+CHECKPOINT_ATTR = "checkpoint"  # {"artifact_id", "epoch"}: a retried trial inherits it and resumes there
+TRIAL_CHECKPOINT_FORMAT = "hpo-trial-checkpoint/1"
 
 
 class OverBudget(Exception):
@@ -44,9 +48,39 @@ def trial_seed(study_seed: int, trial: optuna.Trial) -> int:
     return derive_seed(study_seed, trial.number if origin is None else origin)
 
 
+def history_row(stats: EpochStats) -> dict[str, float]:
+    """One epoch as the trial's `history` attribute records it (the dashboard shows it)."""
+    return {"epoch": stats.epoch, "train_loss": round(stats.train_loss, 5), "val_loss": round(stats.val_loss, 5),
+            "val_accuracy": round(stats.val_accuracy, 5), "seconds": round(stats.seconds, 2)}
+
+
+def load_resume_state(artifact_store, trial: optuna.Trial, params: dict, seed: int,
+                      device: torch.device) -> dict | None:
+    """The training state a retried trial inherited from the trial that crashed, if it is usable."""
+    pointer = trial.user_attrs.get(CHECKPOINT_ATTR)
+    if artifact_store is None or not pointer:
+        return None
+    try:
+        raw = artifacts.read_bytes(artifact_store, pointer["artifact_id"])
+        state = torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
+    except Exception as e:  # a missing or truncated file: train from the start rather than fail
+        log.warning("trial %d: cannot read checkpoint %s (%s); starting at epoch 1", trial.number,
+                    pointer.get("artifact_id"), e)
+        return None
+    if state.get("format") != TRIAL_CHECKPOINT_FORMAT or state.get("params") != params or state.get("seed") != seed:
+        log.warning("trial %d: checkpoint %s is for another configuration; starting at epoch 1", trial.number,
+                    pointer["artifact_id"])
+        return None
+    return state
+
+
 def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
-                   claim: Callable[[optuna.Trial], bool]) -> Callable[[optuna.Trial], float]:
-    """`claim(trial)` says whether the trial holds one of the budget's slots; it is asked first."""
+                   claim: Callable[[optuna.Trial], bool], artifact_store=None) -> Callable[[optuna.Trial], float]:
+    """`claim(trial)` says whether the trial holds one of the budget's slots; it is asked first.
+
+    With an artifact artifact_store, each trial keeps a checkpoint of its last epoch there while it runs,
+    and a trial retried after its worker died resumes from its predecessor's checkpoint.
+    """
 
     def objective(trial: optuna.Trial) -> float:
         if not claim(trial):
@@ -58,14 +92,32 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
         for key, value in {**placement.describe(), "pid": os.getpid(), "seed": seed,
                            "n_params": count_parameters(model)}.items():
             trial.set_user_attr(key, value)
+        resume = load_resume_state(artifact_store, trial, params, seed, placement.device)
         history: list[dict[str, float]] = []
+        own_checkpoint: list[str] = []  # this trial's live checkpoint artifact, at most one
         started = time.perf_counter()
+
+        def on_snapshot(state: dict) -> None:
+            if artifact_store is None or not cfg.checkpoints.every_epoch:
+                return
+            payload = artifacts.torch_bytes({**state, "format": TRIAL_CHECKPOINT_FORMAT, "params": params,
+                                             "seed": seed, "study": cfg.name})
+            try:
+                new = artifacts.upload_bytes(artifact_store, trial, f"checkpoint-epoch{state['epoch']}.pt", payload)
+            except HpoError as e:  # no checkpoint costs a resume, not the trial
+                log.warning("trial %d: %s", trial.number, e)
+                return
+            trial.set_user_attr(CHECKPOINT_ATTR, {"artifact_id": new, "epoch": state["epoch"]})
+            drop_checkpoint()
+            own_checkpoint.append(new)
+
+        def drop_checkpoint() -> None:
+            while own_checkpoint:
+                artifacts.remove_trial_artifact(artifact_store, trial, own_checkpoint.pop())
 
         def on_epoch(stats: EpochStats) -> None:
             value = stats.val_accuracy if cfg.metric == "val_accuracy" else stats.val_loss
-            history.append({"epoch": stats.epoch, "train_loss": round(stats.train_loss, 5),
-                            "val_loss": round(stats.val_loss, 5), "val_accuracy": round(stats.val_accuracy, 5),
-                            "seconds": round(stats.seconds, 2)})
+            history.append(history_row(stats))
             trial.set_user_attr("history", history)
             trial.set_user_attr("epoch", stats.epoch)
             log.info("trial %d epoch %d/%d  loss %.4f  val_acc %.4f  (%.1fs)", trial.number, stats.epoch,
@@ -74,13 +126,28 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
             # Pruning after the last epoch saves nothing and hides a full-fidelity value from the sampler.
             if stats.epoch < cfg.budget.epochs and trial.should_prune():
                 trial.set_user_attr("wall_time_s", round(time.perf_counter() - started, 2))
+                drop_checkpoint()
                 raise optuna.TrialPruned(f"val {cfg.metric} {value:.4f} at epoch {stats.epoch}")
+
+        if resume is not None:
+            # The retry copied the crashed trial's reports; add any epoch it checkpointed but had not reported.
+            reported = trial.storage.get_trial(trial._trial_id).intermediate_values
+            for s in resume["history"]:
+                stats = EpochStats(**s)
+                history.append(history_row(stats))
+                if stats.epoch not in reported:
+                    trial.report(stats.val_accuracy if cfg.metric == "val_accuracy" else stats.val_loss, stats.epoch)
+            trial.set_user_attr("resumed_from_epoch", resume["epoch"])
+            log.info("trial %d resumes after epoch %d from checkpoint %s", trial.number, resume["epoch"],
+                     trial.user_attrs[CHECKPOINT_ATTR]["artifact_id"])
 
         try:
             history_stats = fit(model, data.train, data.val, Hyper.from_params(params), cfg.train,
-                                cfg.augment, cfg.budget.epochs, seed, on_epoch)
+                                cfg.augment, cfg.budget.epochs, seed, on_epoch, on_snapshot=on_snapshot,
+                                resume=resume)
         except TrainingDiverged as e:
             trial.set_user_attr(REASON_ATTR, str(e))
+            drop_checkpoint()
             raise
         except torch.cuda.OutOfMemoryError as e:
             del model  # drop the weights and optimizer state before the next trial allocates its own
@@ -90,10 +157,14 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
             reason = (f"out of memory on {placement.name} with batch_size {params['batch_size']} and "
                       f"filters {[params[f'filters_{i}'] for i in range(params['n_conv'])]}")
             trial.set_user_attr(REASON_ATTR, reason)
+            drop_checkpoint()
             raise OutOfMemory(reason) from e
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM from `docker compose stop`
+            # The checkpoint stays: the re-queued copy of this trial resumes from it.
             trial.set_user_attr(REASON_ATTR, f"worker stopped ({e or 'SIGINT'}); re-queued")
             raise
+        if cfg.checkpoints.keep == "none":
+            drop_checkpoint()
         trial.set_user_attr("wall_time_s", round(time.perf_counter() - started, 2))
         last = history_stats[-1]
         return last.val_accuracy if cfg.metric == "val_accuracy" else last.val_loss

@@ -99,23 +99,51 @@ def counts(study: optuna.Study) -> dict[str, int]:
     return by_state
 
 
+STATUS_SCHEMA = "hpo-status/1"
+
+
+def _last_epoch(t: optuna.trial.FrozenTrial) -> int:
+    return max(t.intermediate_values) if t.intermediate_values else 0
+
+
 def summary(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBStorage) -> dict[str, Any]:
-    by_state = counts(study)
-    finished = by_state["COMPLETE"] + by_state["PRUNED"]
+    """Everything `hpo status` shows, as plain JSON-able values (schema STATUS_SCHEMA, see the README)."""
+    trials = study.get_trials(deepcopy=False)
+    by_state = {s.name: 0 for s in TrialState}
+    for t in trials:
+        by_state[t.state.name] += 1
+    finished_trials = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    finished = len(finished_trials)
     best: dict[str, Any] | None = None
     if by_state["COMPLETE"]:
         t = study.best_trial
         best = {"number": t.number, "value": t.value, "params": t.params}
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    running = [t for t in trials if t.state == TrialState.RUNNING]
     ages = heartbeat_ages(storage, [t._trial_id for t in running]) if running else {}
+    # Epochs: what finished trials trained, and what pruning spared them (budget epochs minus the last report).
+    trained = sum(_last_epoch(t) for t in finished_trials)
+    saved = sum(cfg.budget.epochs - _last_epoch(t) for t in finished_trials if t.state == TrialState.PRUNED)
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in finished_trials
+                 if t.datetime_start and t.datetime_complete]
+    mean_s = sum(durations) / len(durations) if durations else None
+    remaining = max(0, cfg.budget.n_trials - finished)
+    # Remaining trials at the mean finished trial's duration, spread over the workers now running.
+    eta = None if mean_s is None or (remaining and not running) else remaining * mean_s / max(1, len(running))
     return {
+        "schema": STATUS_SCHEMA,
         "study": study.study_name,
         "metric": cfg.metric,
         "direction": cfg.direction,
         "n_trials": cfg.budget.n_trials,
+        "epochs_per_trial": cfg.budget.epochs,
         "finished": finished,
+        "remaining": remaining,
         "states": by_state,
         "pruned_share": by_state["PRUNED"] / finished if finished else 0.0,
+        "epochs": {"trained": trained, "saved_by_pruning": saved,
+                   "saved_share": saved / (trained + saved) if trained + saved else 0.0},
+        "mean_trial_s": None if mean_s is None else round(mean_s, 1),
+        "eta_s": None if eta is None else round(eta, 1),
         "best": best,
         "running": [{"number": t.number, "host": t.user_attrs.get("host"), "pid": t.user_attrs.get("pid"),
                      "device": t.user_attrs.get("device_name"), "epoch": t.user_attrs.get("epoch", 0),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class Evaluation:
     loss: float
     accuracy: float
     predictions: torch.Tensor  # (N,) class indices, on the CPU
+    confidence: torch.Tensor   # (N,) softmax probability of the predicted class, on the CPU
 
 
 def get_lr(step: int, total: int, peak: float, schedule: str, warmup: int) -> float:
@@ -86,24 +88,34 @@ def evaluate(model: nn.Module, data: DeviceData, batch_size: int = 2048) -> Eval
     model.eval()
     amp = autocast_dtype(data.device)
     loss_sum = torch.zeros((), device=data.device)
-    preds = []
+    preds, confs = [], []
     for x, y in data.batches(batch_size):
         with torch.autocast(data.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(x)
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-        preds.append(logits.argmax(1))
+        conf, pred = logits.float().softmax(1).max(1)
+        preds.append(pred)
+        confs.append(conf)
     predictions = torch.cat(preds)
     correct = (predictions == data.y).sum()
     n = max(1, len(data))
-    return Evaluation(loss=float(loss_sum) / n, accuracy=float(correct) / n, predictions=predictions.cpu())
+    return Evaluation(loss=float(loss_sum) / n, accuracy=float(correct) / n, predictions=predictions.cpu(),
+                      confidence=torch.cat(confs).cpu())
 
 
 OnEpoch = Callable[[EpochStats], None]
+OnSnapshot = Callable[[dict[str, Any]], None]
 
 
 def fit(model: DynamicCNN, train: DeviceData, val: DeviceData | None, hyper: Hyper, recipe: Recipe,
-        augment: Augment, epochs: int, seed: int, on_epoch: OnEpoch | None = None) -> list[EpochStats]:
-    """Train `model` in place for `epochs`; `on_epoch` may raise to stop early (pruning)."""
+        augment: Augment, epochs: int, seed: int, on_epoch: OnEpoch | None = None, *,
+        on_snapshot: OnSnapshot | None = None, resume: dict[str, Any] | None = None) -> list[EpochStats]:
+    """Train `model` in place for `epochs`; `on_epoch` may raise to stop early (pruning).
+
+    `on_snapshot` gets the whole training state after every epoch, before `on_epoch`;
+    passing that state back as `resume` carries on from the next epoch exactly as if never stopped
+    (same batches, augmentations, dropout masks and learning rates).
+    """
     device = train.device
     amp = autocast_dtype(device)
     generator = torch.Generator(device=device)
@@ -114,8 +126,15 @@ def fit(model: DynamicCNN, train: DeviceData, val: DeviceData | None, hyper: Hyp
     total, warmup = steps_per_epoch * epochs, int(recipe.warmup_epochs * steps_per_epoch)
     history: list[EpochStats] = []
     step = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"])
+        _set_rng_state(resume["rng"], device)
+        step = resume["step"]
+        history = [EpochStats(**s) for s in resume["history"]]
     forward = torch.compile(model) if recipe.compile else model
-    for epoch in range(1, epochs + 1):
+    for epoch in range(len(history) + 1, epochs + 1):
         started = time.perf_counter()
         model.train()
         # Accumulate on the device and read once per epoch: no host sync inside the step loop.
@@ -144,9 +163,25 @@ def fit(model: DynamicCNN, train: DeviceData, val: DeviceData | None, hyper: Hyp
         stats = EpochStats(epoch, train_loss, float(correct) / max(1, seen), ev.loss if ev else None,
                            ev.accuracy if ev else None, lr, time.perf_counter() - started)
         history.append(stats)
+        if on_snapshot is not None:
+            on_snapshot({"epoch": epoch, "step": step, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                         "rng": _rng_state(device), "history": [dataclasses.asdict(s) for s in history]})
         if on_epoch is not None:
             on_epoch(stats)
     return history
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The global generator dropout draws from on `device`."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def seeded_model(params: dict[str, Any], seed: int, device: torch.device) -> DynamicCNN:

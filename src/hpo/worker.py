@@ -93,14 +93,15 @@ def storage_cause(e: BaseException) -> BaseException | None:
 
 
 def run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Placement,
-        storage: optuna.storages.RDBStorage, poll_s: float = 2.0, outage_s: float = 120.0) -> WorkerResult:
+        storage: optuna.storages.RDBStorage, poll_s: float = 2.0, outage_s: float = 120.0,
+        artifact_store=None) -> WorkerResult:
     """Run trials until the budget is met, riding out database outages of up to `outage_s`."""
     outage_started = last_error = -1e9
     delay = 1.0
     result = WorkerResult()  # survives the restarts of _run after an outage
     while True:
         try:
-            _run(study, cfg, data, placement, poll_s, storage, result)
+            _run(study, cfg, data, placement, poll_s, storage, result, artifact_store)
             return result
         except Shutdown:
             requeue_interrupted(study, placement)
@@ -125,7 +126,7 @@ def run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Place
 
 
 def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Placement,
-         poll_s: float, storage: optuna.storages.RDBStorage, result: WorkerResult) -> None:
+         poll_s: float, storage: optuna.storages.RDBStorage, result: WorkerResult, artifact_store=None) -> None:
     n_trials = cfg.budget.n_trials
     lock = SlotLock(storage, cfg.name)
 
@@ -136,7 +137,7 @@ def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Plac
         finally:
             lock.release()
 
-    objective = make_objective(cfg, data, placement, claim)
+    objective = make_objective(cfg, data, placement, claim, artifact_store)
     waiting_logged = False
     while True:
         reap_stale(study)

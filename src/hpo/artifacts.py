@@ -1,0 +1,122 @@
+"""The artifact store: checkpoints and plots, shared by workers, the finalizer and the dashboard.
+
+Optuna keeps an artifact's bytes in the store and its metadata in the study or trial's system
+attributes (`artifacts:<id>`), which is where optuna-dashboard looks. A location is a directory
+(FileSystemArtifactStore) or `s3://BUCKET` (Boto3ArtifactStore; the endpoint and credentials come
+from boto3's usual environment, e.g. AWS_ENDPOINT_URL for MinIO).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore, upload_artifact
+from optuna.artifacts._protocol import ArtifactStore
+from optuna.artifacts.exceptions import ArtifactNotFound
+from sqlalchemy.engine import make_url
+
+from hpo.errors import HpoError, StorageError
+from hpo.storage import RUNS_DIR
+
+ATTR_PREFIX = "artifacts:"  # where optuna.artifacts.upload_artifact records an artifact's metadata
+
+
+def default_location(storage_url: str) -> str:
+    """Beside the embedded SQLite file; runs/artifacts for a server database."""
+    url = make_url(storage_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        return str(Path(url.database).parent / "artifacts")
+    return str(RUNS_DIR / "artifacts")
+
+
+def resolve_location(explicit: str | None, storage_url: str) -> str:
+    """--artifacts, then HPO_ARTIFACTS, then the default beside the storage."""
+    return explicit or os.environ.get("HPO_ARTIFACTS") or default_location(storage_url)
+
+
+def open_store(location: str) -> ArtifactStore:
+    if location.startswith("s3://"):
+        bucket, _, prefix = location[len("s3://"):].partition("/")
+        if not bucket or prefix.strip("/"):
+            raise HpoError(f"artifact location {location!r}: give a bucket only, like s3://hpo-artifacts "
+                           "(Optuna's Boto3ArtifactStore keys objects by artifact id, without a prefix).")
+        try:
+            return Boto3ArtifactStore(bucket)
+        except ImportError as e:
+            raise HpoError(f"artifact location {location!r} needs boto3. Install it with "
+                           "`pip install 'hpo[s3]'`, or use a directory.") from e
+    if "://" in location:
+        scheme = location.split("://", 1)[0]
+        raise HpoError(f"artifact location {location!r}: scheme {scheme}:// is not supported. Use a directory "
+                       "path or s3://BUCKET.")
+    path = Path(location)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HpoError(f"cannot create the artifact directory {path} ({e.strerror}). Pass a writable "
+                       "--artifacts directory (or set HPO_ARTIFACTS).") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise HpoError(f"artifact directory {path} is not writable. Pass a writable --artifacts directory "
+                       "(or set HPO_ARTIFACTS).")
+    return FileSystemArtifactStore(path)
+
+
+def open_for(explicit: str | None, storage_url: str) -> tuple[str, ArtifactStore]:
+    location = resolve_location(explicit, storage_url)
+    return location, open_store(location)
+
+
+def upload_bytes(store: ArtifactStore, target: optuna.Study | optuna.Trial, filename: str, payload: bytes,
+                 storage: optuna.storages.BaseStorage | None = None) -> str:
+    """Upload `payload` as `filename` (its name on the dashboard) to a study or a running trial."""
+    with tempfile.TemporaryDirectory(prefix="hpo-artifact-") as tmp:
+        path = Path(tmp) / filename
+        path.write_bytes(payload)
+        try:
+            return upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=target,
+                                   storage=storage)
+        except OSError as e:
+            raise StorageError(f"cannot write artifact {filename} to the artifact store ({e}). Check that "
+                               "--artifacts (HPO_ARTIFACTS) points to a writable, shared location.") from e
+
+
+def read_bytes(store: ArtifactStore, artifact_id: str) -> bytes:
+    with store.open_reader(artifact_id) as f:
+        return f.read()
+
+
+def remove_trial_artifact(store: ArtifactStore, trial: optuna.Trial, artifact_id: str) -> None:
+    """Delete the bytes and blank the metadata, as optuna-dashboard's delete button does."""
+    try:
+        store.remove(artifact_id)
+    except ArtifactNotFound:
+        pass
+    trial.storage.set_trial_system_attr(trial._trial_id, ATTR_PREFIX + artifact_id, json.dumps(None))
+
+
+def remove_study_artifact(store: ArtifactStore, study: optuna.Study, artifact_id: str) -> None:
+    try:
+        store.remove(artifact_id)
+    except ArtifactNotFound:
+        pass
+    study._storage.set_study_system_attr(study._study_id, ATTR_PREFIX + artifact_id, json.dumps(None))
+
+
+def listed(system_attrs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The live artifacts recorded in a study's or trial's system attributes."""
+    metas = [json.loads(v) for k, v in system_attrs.items() if k.startswith(ATTR_PREFIX)]
+    return [m for m in metas if m is not None]
+
+
+def torch_bytes(obj: Any) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()

@@ -1,0 +1,61 @@
+"""Progress for people: a bar with an ETA on a terminal, plain log lines in a pipe or a CI log."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+log = logging.getLogger("hpo")
+
+
+def interactive(stream: TextIO | None = None) -> bool:
+    """A terminal a person watches; HPO_PROGRESS=bar|log overrides the guess."""
+    forced = os.environ.get("HPO_PROGRESS", "").lower()
+    if forced in ("bar", "log"):
+        return forced == "bar"
+    stream = stream or sys.stderr
+    return stream.isatty() and os.environ.get("TERM") != "dumb" and not os.environ.get("CI")
+
+
+class Progress:
+    """Counts `total` units (epochs or trials). `advance` moves it on and shows the figures given."""
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int = 0):
+        self.total, self.desc, self.unit = total, desc, unit
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} {unit} |{bar}| {elapsed}<{remaining}{postfix}",
+                        ) if interactive() else None
+
+    def advance(self, n: int = 1, line: str = "", **figures: Any) -> None:
+        """`figures` go beside the bar; in log mode, `line` (or the figures) becomes one log line."""
+        if self.bar is not None:
+            self.bar.set_postfix(figures, refresh=False)
+            self.bar.update(n)
+        elif n or line:
+            log.info("%s %s", self.desc, line or "  ".join(f"{k} {v}" for k, v in figures.items()))
+
+    def set(self, done: int, **figures: Any) -> None:
+        """Jump to `done` units (for counts read from the database)."""
+        if self.bar is not None:
+            self.bar.set_postfix(figures, refresh=False)
+            self.bar.update(done - self.bar.n)
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            log.info("%s", message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.close()
