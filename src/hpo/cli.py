@@ -465,5 +465,86 @@ def bench(study_arg: str | None, storage: str | None, params_json: str | None, i
                    f"{p['oversubscribed_images_per_s']:,.0f} img/s")
 
 
+def _final_model_path(study_arg: str, model_path: str | None) -> tuple[str, Path]:
+    name = _study_name(study_arg)
+    path = Path(model_path) if model_path else storage_mod.RUNS_DIR / name / "final" / "model.pt"
+    if not path.is_file():
+        raise HpoError(f"no final model at {path}. Run `hpo final-train --study {name}` first, or pass --model "
+                       "with the path of its model.pt.")
+    return name, path
+
+
+model_option = click.option("--model", "model_path", type=click.Path(dir_okay=False), metavar="PATH",
+                            help="The final checkpoint [default: runs/STUDY/final/model.pt].")
+
+
+@cli.command()
+@study_option
+@model_option
+@click.option("--top", type=click.IntRange(1, 10), default=1, show_default=True, help="Classes shown per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
+@device_option
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+def predict(study_arg: str, model_path: str | None, top: int, as_json: bool, device: str | None,
+            images: tuple[str, ...]) -> None:
+    """Class and probability of each IMAGE (PNG or JPEG, any size, grey or colour) under the final model."""
+    from hpo import inference
+    from hpo.devices import place
+
+    name, path = _final_model_path(study_arg, model_path)
+    model, _ = inference.load_model(path, name, place(device).device)
+    results = inference.predict_files(model, [Path(p) for p in images], top)
+    for r in results:
+        if r.error:
+            click.echo(f"{r.path}: cannot predict: {r.error}", err=True)
+            if not as_json:
+                continue
+        if as_json:
+            click.echo(json.dumps({"path": r.path, "label": r.label, "probability": r.probability,
+                                   "top": [{"label": c, "probability": p} for c, p in r.top], "error": r.error}))
+        else:
+            others = "  ".join(f"{c} {p:.4f}" for c, p in r.top[1:])
+            click.echo(f"{r.path}\t{r.label}\t{r.probability:.4f}" + (f"\t{others}" if others else ""))
+    failed = sum(1 for r in results if r.error)
+    if failed:
+        raise HpoError(f"{failed} of {len(results)} files could not be predicted (reasons above); the others were.")
+
+
+@cli.command()
+@study_option
+@model_option
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), required=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Output file [default: beside the checkpoint, "
+              "model.ts or model.onnx].")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Compare the exported model's outputs with the PyTorch model's on the test split.")
+@data_option
+def export(study_arg: str, model_path: str | None, fmt: str, out: str | None, check: bool,
+           data_dir: str | None) -> None:
+    """Write the final model as a self-contained TorchScript or ONNX file (normalisation and class names inside)."""
+    import numpy as np
+
+    from hpo import data, inference
+
+    name, path = _final_model_path(study_arg, model_path)
+    model, meta = inference.load_model(path, name)
+    target = Path(out) if out else path.with_suffix(inference.EXPORT_FORMATS[fmt])
+    inference.export(model, meta, fmt, target)
+    click.echo(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, {fmt}): input float32 (N, 1, 28, 28) in "
+               f"[0, 1], output logits (N, 10); class names in its metadata")
+    if not check:
+        return
+    images, _ = data.load_split(data.find_data_dir(data_dir), "test")
+    exported = inference.run_exported(target, fmt, images)
+    reference = inference.reference_logits(model, images)
+    diff = float(np.abs(exported - reference).max())
+    agree = float((exported.argmax(1) == reference.argmax(1)).mean())
+    click.echo(f"check on the {len(images):,} test images: max |logit difference| {diff:.2e}, "
+               f"same class for {agree:.2%}")
+    if not np.allclose(exported, reference, rtol=1e-4, atol=1e-4) or agree < 1.0:
+        raise HpoError(f"the exported {fmt} model does not match the PyTorch model (max difference {diff:.2e}, "
+                       f"{agree:.2%} same class). Report this with the versions of torch and the runtime.")
+
+
 def main() -> None:
     cli(prog_name="hpo")

@@ -61,6 +61,7 @@ def write_atomic(path: Path, payload: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from the dashboard's and other users' processes
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()

@@ -83,15 +83,21 @@ def make_optimizer(model: nn.Module, hyper: Hyper) -> torch.optim.Optimizer:
 
 
 @torch.inference_mode()
+def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward pass evaluation and prediction share: eval mode, bf16 autocast where it is fast."""
+    model.eval()
+    amp = autocast_dtype(x.device)
+    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        return model(x)
+
+
+@torch.inference_mode()
 def evaluate(model: nn.Module, data: DeviceData, batch_size: int = 2048) -> Evaluation:
     """Mean cross-entropy and accuracy on `data`, with no augmentation and no label smoothing."""
-    model.eval()
-    amp = autocast_dtype(data.device)
     loss_sum = torch.zeros((), device=data.device)
     preds, confs = [], []
     for x, y in data.batches(batch_size):
-        with torch.autocast(data.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(x)
+        logits = logits_of(model, x)
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         conf, pred = logits.float().softmax(1).max(1)
         preds.append(pred)

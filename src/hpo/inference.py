@@ -1,0 +1,196 @@
+"""Using the final model: predict the class of image files, and export a self-contained model file."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hpo.data import CLASSES, MEAN, STD, normalize
+from hpo.errors import HpoError
+from hpo.final import load_checkpoint
+from hpo.model import DynamicCNN, build
+from hpo.train import logits_of
+
+EXPORT_FORMATS = {"torchscript": ".ts", "onnx": ".onnx"}
+
+
+def load_model(path: Path, study: str | None = None, device: torch.device = torch.device("cpu")
+               ) -> tuple[DynamicCNN, dict[str, Any]]:
+    """The final model in eval mode, and its checkpoint's metadata (everything but the weights)."""
+    checkpoint = load_checkpoint(path, study)
+    model = build(checkpoint["params"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.to(device, memory_format=torch.channels_last).eval()
+    return model, {k: v for k, v in checkpoint.items() if k != "state_dict"}
+
+
+# --------------------------------------------------------------------------- predict
+
+
+class ImageError(Exception):
+    """One input file could not be turned into a 28x28 image; the others go on."""
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Any PNG or JPEG (size, grey or colour, with or without alpha) as a 28x28 uint8 Fashion-MNIST-style
+    image: a light object on a dark background, centred and padded to a square before resizing."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory, not an image") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image PIL can read (expected PNG or JPEG)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        raise ImageError(f"corrupt image data ({e})") from None
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels are background: lay the image on white, the usual product-photo backdrop.
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    grey = np.asarray(image.convert("L"), dtype=np.uint8)
+    if grey.size == 0:
+        raise ImageError("the image is empty")
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    if border.mean() > 127:  # a dark object on a light background: Fashion-MNIST is the other way round
+        grey = 255 - grey
+    h, w = grey.shape
+    side = max(h, w)
+    square = np.zeros((side, side), dtype=np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    square[top:top + h, left:left + w] = grey
+    if side != 28:
+        square = np.asarray(Image.fromarray(square).resize((28, 28), Image.Resampling.LANCZOS), dtype=np.uint8)
+    return square
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: str
+    label: str | None = None
+    probability: float | None = None
+    top: tuple[tuple[str, float], ...] = ()
+    error: str | None = None
+
+
+def predict_files(model: DynamicCNN, paths: list[Path], top: int = 1, batch_size: int = 256) -> list[Prediction]:
+    """One Prediction per path, in order; a file that cannot be read gets an error instead of a label."""
+    results: dict[int, Prediction] = {}
+    readable: list[tuple[int, np.ndarray]] = []
+    for i, path in enumerate(paths):
+        try:
+            readable.append((i, read_image(path)))
+        except ImageError as e:
+            results[i] = Prediction(str(path), error=str(e))
+    device = next(model.parameters()).device
+    for start in range(0, len(readable), batch_size):
+        chunk = readable[start:start + batch_size]
+        x = torch.from_numpy(np.stack([img for _, img in chunk]))[:, None].to(device)
+        probs = logits_of(model, normalize(x)).float().softmax(1).cpu()
+        values, indices = probs.topk(min(top, len(CLASSES)), dim=1)
+        for (i, _), v, k in zip(chunk, values.tolist(), indices.tolist()):
+            ranked = tuple((CLASSES[c], p) for c, p in zip(k, v))
+            results[i] = Prediction(str(paths[i]), ranked[0][0], ranked[0][1], ranked)
+    return [results[i] for i in range(len(paths))]
+
+
+# --------------------------------------------------------------------------- export
+
+
+class Exportable(nn.Module):
+    """The model with its input normalisation built in: float32 (N, 1, 28, 28) pixels in [0, 1] -> logits."""
+
+    def __init__(self, model: DynamicCNN):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(MEAN))
+        self.register_buffer("std", torch.tensor(STD))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model((image - self.mean) / self.std)
+
+
+def export_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    return {"classes": json.dumps(list(CLASSES)), "input": "float32 (N, 1, 28, 28), pixels in [0, 1], light on dark",
+            "output": "logits (N, 10)", "study": str(meta["study"]), "trial": str(meta["trial"]),
+            "test_accuracy": str(meta["test_accuracy"]), "hpo_version": str(meta["hpo_version"]),
+            "params": json.dumps(meta["params"])}
+
+
+def export(model: DynamicCNN, meta: dict[str, Any], fmt: str, out: Path) -> None:
+    """Write a self-contained model file: weights, graph, normalisation and class names."""
+    wrapped = Exportable(model.float().to(memory_format=torch.contiguous_format)).cpu().eval()
+    example = torch.rand(2, 1, 28, 28)
+    metadata = export_metadata(meta)
+    buffer = io.BytesIO()
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            # torch.jit is deprecated in favour of torch.export, but TorchScript still loads from C++ and
+            # older runtimes without Python, which is why people ask for it.
+            warnings.simplefilter("ignore", FutureWarning)
+            traced = torch.jit.trace(wrapped, example)
+            torch.jit.save(traced, buffer, _extra_files={"hpo.json": json.dumps(metadata)})
+    elif fmt == "onnx":
+        try:
+            import onnx
+        except ImportError as e:
+            raise HpoError("--format onnx needs the onnx packages: pip install 'hpo[onnx]'") from e
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        for name in ("onnxscript", "onnx_ir"):  # they log every optimisation pass at INFO
+            logging.getLogger(name).setLevel(logging.WARNING)
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every pass
+            program = torch.onnx.export(wrapped, (example,), None, input_names=["image"], output_names=["logits"],
+                                        dynamic_shapes={"image": {0: batch}}, dynamo=True)
+        proto = program.model_proto
+        for key, value in metadata.items():
+            proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+        onnx.checker.check_model(proto)
+        buffer.write(proto.SerializeToString())
+    else:
+        raise HpoError(f"unknown export format {fmt!r}. Use one of: {', '.join(EXPORT_FORMATS)}")
+    from hpo.final import write_atomic
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, buffer.getvalue())
+
+
+def run_exported(path: Path, fmt: str, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Logits of an exported file on uint8 (N, 28, 28) images, through its own runtime."""
+    x = images[:, None].astype(np.float32) / 255.0
+    outputs = []
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation, as in export()
+            loaded = torch.jit.load(str(path), map_location="cpu")
+        with torch.inference_mode():
+            for start in range(0, len(x), batch_size):
+                outputs.append(loaded(torch.from_numpy(x[start:start + batch_size])).numpy())
+    else:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for start in range(0, len(x), batch_size):
+            outputs.append(session.run(["logits"], {"image": x[start:start + batch_size]})[0])
+    return np.concatenate(outputs)
+
+
+def reference_logits(model: DynamicCNN, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """The PyTorch model's fp32 logits on the same inputs, for comparing an export against."""
+    wrapped = Exportable(model).cpu().eval()
+    x = torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
+    with torch.inference_mode():
+        return np.concatenate([wrapped(x[s:s + batch_size]).numpy() for s in range(0, len(x), batch_size)])
