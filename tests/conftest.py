@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +49,47 @@ def make_dataset(directory: Path, n_train: int = 200, n_test: int = 50, seed: in
         write_idx(directory / images_stem, rng.integers(0, 256, (n, 28, 28)), gz)
         write_idx(directory / labels_stem, np.arange(n) % 10, gz)
     return directory
+
+
+def run_hpo(*args: str, cwd: Path, timeout: float = 600, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m hpo ARGS` as a user runs it, in `cwd`, with HPO_STORAGE unset unless `env` sets it."""
+    full = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full.pop("HPO_STORAGE", None)
+    full.update(env or {})
+    result = subprocess.run([sys.executable, "-m", "hpo", *args], cwd=cwd, env=full, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"hpo {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not found:
+        if IN_CI:
+            pytest.fail("CI needs Chromium (apt-get install chromium)")
+        pytest.skip("Chromium is not installed")
+    return found
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--virtual-time-budget=15000"]
+
+
+def page_text(browser: str, url: str, profile: Path, until: str, tries: int = 30) -> tuple[str, str]:
+    """The DOM headless Chromium renders at `url` (after the page's JavaScript ran) and its visible text,
+    retried until the text contains `until` or `tries` runs out."""
+    dom = text = ""
+    for _ in range(tries):
+        dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=90).stdout
+        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(style|script).*?</\1>", " ", dom, flags=re.S)))
+        if until in text:
+            break
+        time.sleep(1)
+    return dom, text
 
 
 @pytest.fixture

@@ -85,3 +85,25 @@ def test_debug_shows_the_traceback(run):
     result = run("--debug", "worker", "--study", "cnn-quik")
     assert result.exit_code == 1
     assert type(result.exception).__name__ == "StudyFileNotFound"
+
+
+def test_predict_and_export_without_a_final_model(run):
+    assert_user_error(run("predict", "--study", "tiny", "a.png"),
+                      "no final model at runs/tiny/final/model.pt. Run `hpo final-train --study tiny` first")
+    assert_user_error(run("export", "--study", "tiny", "--format", "onnx"), "no final model at runs/tiny/final/model.pt")
+
+
+@pytest.mark.parametrize("location, text", [
+    ("s3://bucket/prefix", "give a bucket only, like s3://hpo-artifacts"),
+    ("gs://bucket", "scheme gs:// is not supported. Use a directory path or s3://BUCKET"),
+])
+def test_bad_artifact_locations(run, tmp_path, location, text):
+    result = run("worker", "--study", "tiny", "--artifacts", location)
+    assert_user_error(result, text)
+
+
+def test_unwritable_artifact_directory(run, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_user_error(run("optimize", "--study", "tiny", "--artifacts", str(blocker / "artifacts")),
+                      f"cannot create the artifact directory {blocker / 'artifacts'}")

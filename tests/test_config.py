@@ -150,3 +150,15 @@ def test_space_outside_what_the_model_can_build():
 def test_fixed_values_are_allowed():
     cfg = config.parse(raw_tiny())
     assert cfg.space["n_fc"].low == cfg.space["n_fc"].high == 1
+
+
+def test_checkpoints_section_defaults_and_errors():
+    assert config.parse(raw_tiny()).checkpoints == config.Checkpoints(every_epoch=True, keep="none")
+    raw = {**raw_tiny(), "checkpoints": {"keep": "complete", "every_epoch": False}}
+    assert config.parse(raw).checkpoints == config.Checkpoints(every_epoch=False, keep="complete")
+    with pytest.raises(ConfigError, match=r"\[checkpoints\] keep 'completed' is not known. Did you mean 'complete'"):
+        config.parse({**raw_tiny(), "checkpoints": {"keep": "completed"}})
+    # A study stored before the section existed still loads, with the defaults.
+    stored = config.parse(raw_tiny()).to_dict()
+    del stored["checkpoints"]
+    assert config.from_dict(stored, source="old study").checkpoints == config.Checkpoints()

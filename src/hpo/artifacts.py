@@ -25,6 +25,8 @@ from hpo.errors import HpoError, StorageError
 from hpo.storage import RUNS_DIR
 
 ATTR_PREFIX = "artifacts:"  # where optuna.artifacts.upload_artifact records an artifact's metadata
+# Python's guess for .pt is a Super Nintendo format; the dashboard shows images inline by their type.
+MIMETYPES = {".png": "image/png", ".json": "application/json", ".md": "text/markdown"}
 
 
 def default_location(storage_url: str) -> str:
@@ -80,7 +82,7 @@ def upload_bytes(store: ArtifactStore, target: optuna.Study | optuna.Trial, file
         path.write_bytes(payload)
         try:
             return upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=target,
-                                   storage=storage)
+                                   storage=storage, mimetype=MIMETYPES.get(path.suffix, "application/octet-stream"))
         except OSError as e:
             raise StorageError(f"cannot write artifact {filename} to the artifact store ({e}). Check that "
                                "--artifacts (HPO_ARTIFACTS) points to a writable, shared location.") from e
@@ -98,6 +100,14 @@ def remove_trial_artifact(store: ArtifactStore, trial: optuna.Trial, artifact_id
     except ArtifactNotFound:
         pass
     trial.storage.set_trial_system_attr(trial._trial_id, ATTR_PREFIX + artifact_id, json.dumps(None))
+
+
+def disown_inherited(trial: optuna.Trial) -> None:
+    """A retried trial starts with a copy of its predecessor's system attributes, artifact entries
+    included; the files stay the predecessor's, so the retry drops the entries, not the files."""
+    attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+    for meta in listed(attrs):
+        trial.storage.set_trial_system_attr(trial._trial_id, ATTR_PREFIX + meta["artifact_id"], json.dumps(None))
 
 
 def remove_study_artifact(store: ArtifactStore, study: optuna.Study, artifact_id: str) -> None:

@@ -136,8 +136,8 @@ def worker(study_arg: str, storage: str | None, data_dir: str | None, device: st
     from hpo import artifacts as artifacts_mod, data, study as study_mod, worker as worker_mod
     from hpo.devices import place
 
+    _, artifact_store = artifacts_mod.open_for(artifacts, storage_mod.resolve_url(storage))
     cfg, url, store = _config_for_worker(study_arg, storage)
-    _, artifact_store = artifacts_mod.open_for(artifacts, url)
     worker_mod.install_signal_handlers()
     try:
         placement = place(device, threads)

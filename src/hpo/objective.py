@@ -92,6 +92,8 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
         for key, value in {**placement.describe(), "pid": os.getpid(), "seed": seed,
                            "n_params": count_parameters(model)}.items():
             trial.set_user_attr(key, value)
+        if trial.user_attrs.get(CHECKPOINT_ATTR):
+            artifacts.disown_inherited(trial)
         resume = load_resume_state(artifact_store, trial, params, seed, placement.device)
         history: list[dict[str, float]] = []
         own_checkpoint: list[str] = []  # this trial's live checkpoint artifact, at most one

@@ -6,25 +6,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import optuna
 import pytest
 import torch
 
-from conftest import free_port, write_idx
+from conftest import free_port, run_hpo as hpo, write_idx
 
 pytestmark = pytest.mark.integration
-
-
-def hpo(*args: str, cwd: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("HPO_STORAGE", None)
-    result = subprocess.run([sys.executable, "-m", "hpo", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"hpo {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def states(url: str, name: str) -> dict[str, int]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import IN_CI, free_port
+from conftest import chromium, free_port, page_text
 
 pytestmark = pytest.mark.integration
 
@@ -252,15 +250,6 @@ def test_unreachable_database_waits_then_fails(monkeypatch):
     assert 2 < time.monotonic() - started < 15
 
 
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if not found:
-        if IN_CI:
-            pytest.fail("CI needs Chromium (apt-get install chromium)")
-        pytest.skip("Chromium is not installed")
-    return found
-
-
 def test_dashboard_in_headless_chromium_shows_the_study_and_its_trials(workers, pg_url, tmp_path):
     browser = chromium()
     workers.start(1)
@@ -270,17 +259,7 @@ def test_dashboard_in_headless_chromium_shows_the_study_and_its_trials(workers, 
                              str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}/dashboard/studies/1/trials"
-        text = ""
-        for _ in range(30):
-            dom = subprocess.run(
-                [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=15000", "--dump-dom", url],
-                capture_output=True, text=True, timeout=90).stdout
-            text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(style|script).*?</\1>", " ", dom, flags=re.S)))
-            if "Trial 0" in text:
-                break
-            time.sleep(1)
+        text = page_text(browser, url, tmp_path / "chromium", until="Trial 0")[1]
         assert "pg (id=1)" in text, text[:2000]
         assert "8 Trials" in text or f"{len(load(pg_url).trials)} Trials" in text, text[:2000]
         best = load(pg_url).best_trial

@@ -1,0 +1,56 @@
+"""The figures `hpo status` derives from a study: states, pruning savings and the ETA."""
+
+from __future__ import annotations
+
+import datetime
+
+from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo import config
+from hpo.storage import open_storage
+from hpo.study import STATUS_SCHEMA, create_or_load, summary
+
+
+def test_summary_counts_epochs_saved_and_estimates_the_time_left(tmp_path):
+    cfg = config.load("tiny")  # 8 trials of 3 epochs
+    store = open_storage(f"sqlite:///{tmp_path / 'hpo.db'}")
+    study, cfg = create_or_load(store, cfg)
+    start = datetime.datetime(2026, 1, 1, 12, 0, 0)
+    dist = {"x": FloatDistribution(0, 1)}
+
+    def add(state, values: dict[int, float], seconds: float, value=None):
+        study.add_trial(FrozenTrial(number=0, trial_id=0, state=state, value=value, values=None,
+                                    datetime_start=start, datetime_complete=start + datetime.timedelta(seconds=seconds),
+                                    params={"x": 0.5}, distributions=dist, user_attrs={}, system_attrs={},
+                                    intermediate_values=values))
+
+    add(TrialState.COMPLETE, {1: 0.5, 2: 0.6, 3: 0.7}, 30, value=0.7)
+    add(TrialState.COMPLETE, {1: 0.6, 2: 0.7, 3: 0.8}, 30, value=0.8)
+    add(TrialState.PRUNED, {1: 0.1}, 10)              # saved 2 epochs
+    add(TrialState.PRUNED, {1: 0.2, 2: 0.3}, 20)      # saved 1 epoch
+    running = study.ask()                              # a worker is on the fifth trial
+    study.ask()                                        # and another on the sixth
+
+    s = summary(study, cfg, store)
+    assert s["schema"] == STATUS_SCHEMA
+    assert s["states"]["COMPLETE"] == 2 and s["states"]["PRUNED"] == 2 and s["states"]["RUNNING"] == 2
+    assert s["finished"] == 4 and s["remaining"] == 4 and s["pruned_share"] == 0.5
+    assert s["epochs"] == {"trained": 3 + 3 + 1 + 2, "saved_by_pruning": 3, "saved_share": 3 / 12}
+    assert s["best"]["value"] == 0.8 and s["best"]["number"] == 1
+    assert s["mean_trial_s"] == 22.5
+    assert s["eta_s"] == 4 * 22.5 / 2  # 4 trials left at 22.5 s each, 2 workers
+    assert [r["number"] for r in s["running"]] == [running.number, running.number + 1]
+
+    for t in study.get_trials(states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
+    s = summary(study, cfg, store)
+    assert s["eta_s"] is None and s["remaining"] == 4  # nobody is working on it: no estimate
+
+
+def test_summary_of_an_empty_study(tmp_path):
+    store = open_storage(f"sqlite:///{tmp_path / 'hpo.db'}")
+    study, cfg = create_or_load(store, config.load("tiny"))
+    s = summary(study, cfg, store)
+    assert s["finished"] == 0 and s["best"] is None and s["eta_s"] is None and s["mean_trial_s"] is None
+    assert s["epochs"] == {"trained": 0, "saved_by_pruning": 0, "saved_share": 0.0}
