@@ -61,6 +61,21 @@ for _ in $(seq 30); do curl -fsS http://127.0.0.1:8080/api/studies >/tmp/hpo-smo
 python3 -c "import json; s=json.load(open('/tmp/hpo-smoke-studies.json'))['study_summaries']; print('studies served:', [x['study_name'] for x in s])"
 grep -q "\"$HPO_STUDY\"" /tmp/hpo-smoke-studies.json || fail "dashboard does not list $HPO_STUDY"
 docker ps --filter "name=${COMPOSE_PROJECT_NAME}-dashboard" --format '{{.Ports}}'
+# The finalizer's plots, written by a `run --rm worker` container, served by the dashboard container.
+python3 - "$HPO_STUDY" <<'PY' || fail "the dashboard does not serve the finalizer's artifacts"
+import json, sys, urllib.request
+base = "http://127.0.0.1:8080"
+studies = json.load(urllib.request.urlopen(f"{base}/api/studies"))["study_summaries"]
+study_id = next(s["study_id"] for s in studies if s["study_name"] == sys.argv[1])
+detail = json.load(urllib.request.urlopen(f"{base}/api/studies/{study_id}?after=0"))
+names = {a["filename"]: a["artifact_id"] for a in detail["artifacts"]}
+print("study artifacts:", sorted(names))
+for png in ("confusion_matrix.png", "learning_curve.png", "misclassified.png"):
+    body = urllib.request.urlopen(f"{base}/artifacts/{study_id}/{names[png]}").read()
+    assert body[:8] == b"\x89PNG\r\n\x1a\n", png
+print("note:", detail["note"]["body"].splitlines()[0])
+assert detail["note"]["body"].startswith("## Final-trained: test accuracy")
+PY
 pg_ports=$(docker ps --filter "name=${COMPOSE_PROJECT_NAME}-postgres" --format '{{.Ports}}')
 case "$pg_ports" in *"->"*) fail "postgres is published to the host: $pg_ports" ;; esac
 echo "postgres ports: ${pg_ports:-none} (not published to the host)"

@@ -281,12 +281,12 @@ def final_train(study_arg: str, storage: str | None, data_dir: str | None, devic
     from hpo import artifacts as artifacts_mod, data, final
     from hpo.devices import place
 
-    url, _, study, cfg = _load_existing(study_arg, storage)
+    url, store, study, cfg = _load_existing(study_arg, storage)
     _, artifact_store = artifacts_mod.open_for(artifacts, url)
     placement = place(device)
     directory = data.find_data_dir(data_dir)
     out_dir = Path(out) if out else storage_mod.RUNS_DIR / cfg.name / "final"
-    metrics = final.final_train(study, cfg, directory, placement, out_dir, epochs, artifact_store)
+    metrics = final.final_train(study, cfg, directory, placement, out_dir, epochs, artifact_store, store)
     click.echo(f"test accuracy {metrics['test_accuracy']:.4f}  (loss {metrics['test_loss']:.4f}, "
                f"{metrics['test_images']} test images, best trial {metrics['best_trial']} had val "
                f"{metrics['best_trial_value']:.4f}, {metrics['epochs']} epochs, {metrics['wall_time_s']:.0f}s)")

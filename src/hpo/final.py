@@ -27,6 +27,7 @@ from hpo.errors import HpoError
 from hpo.model import ModelSpec, count_parameters
 from hpo.objective import derive_seed
 from hpo.progress import Progress
+from hpo.storage import SlotLock
 from hpo.study import FINAL_ATTR
 from hpo.train import EpochStats, Hyper, evaluate, fit, seeded_model
 
@@ -99,7 +100,8 @@ def _check_writable(out_dir: Path) -> None:
 
 
 def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement: Placement,
-                out_dir: Path, epochs: int | None = None, artifact_store=None) -> dict[str, Any]:
+                out_dir: Path, epochs: int | None = None, artifact_store=None,
+                storage: optuna.storages.RDBStorage | None = None) -> dict[str, Any]:
     """Retrain, score the test split once, write model.pt, metrics.json and three PNGs to `out_dir`,
     upload them all to the study in the artifact store `artifact_store`, and write the study's dashboard note."""
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -188,10 +190,18 @@ def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement
     summary = {k: metrics[k] for k in ("test_accuracy", "test_loss", "best_trial", "best_trial_value", "seed",
                                        "epochs", "wall_time_s")}
     summary["output_dir"] = str(out_dir.resolve())
-    if artifact_store is not None:
-        summary["artifacts"] = publish(study, artifact_store, files)
-    study.set_user_attr(FINAL_ATTR, summary)
-    save_note(study, note(cfg, best, metrics))
+    # Two final-trains at once each replace the other's artifacts in turn, never both at the same time.
+    lock = SlotLock(storage, f"{cfg.name}.final") if storage is not None else None
+    if lock:
+        lock.acquire()
+    try:
+        if artifact_store is not None:
+            summary["artifacts"] = publish(study, artifact_store, files)
+        study.set_user_attr(FINAL_ATTR, summary)
+        save_note(study, note(cfg, best, metrics))
+    finally:
+        if lock:
+            lock.release()
     return metrics
 
 

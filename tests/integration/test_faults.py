@@ -14,8 +14,10 @@ import optuna
 import pytest
 import torch
 
+from hpo.artifacts import listed
 from integration.test_postgres import Workers, assert_exact_budget, count, load, running_trial_in_epoch, \
     study_file, wait_for
+from integration.test_results import FINAL_FILES
 from pg import PASSWORD
 
 pytestmark = pytest.mark.integration
@@ -78,7 +80,13 @@ def test_two_final_trains_at_once_leave_whole_files(tmp_path, real_data_dir):
     metrics = json.loads((out / "metrics.json").read_text())
     model = torch.load(out / "model.pt", weights_only=True)
     assert model["study"] == "tiny" and metrics["test_accuracy"] == model["test_accuracy"]
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pt"]  # no temporary leftovers
+    assert sorted(p.name for p in out.iterdir()) == sorted(FINAL_FILES)  # no temporary leftovers
+    # The study holds one set of final artifacts, the last writer's, and the store nothing else.
+    study = optuna.load_study(study_name="tiny", storage=url)
+    live = listed(study._storage.get_study_system_attrs(study._study_id))
+    assert sorted(m["filename"] for m in live) == sorted(FINAL_FILES)
+    assert {m["artifact_id"] for m in live} == set(study.user_attrs["hpo:final"]["artifacts"].values())
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == sorted(m["artifact_id"] for m in live)
 
 
 def test_every_fault_at_once(tmp_path, postgres, pg_url, real_data_dir):
