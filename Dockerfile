@@ -31,7 +31,8 @@ WORKDIR /opt/hpo
 COPY pyproject.toml README.md ./
 COPY studies ./studies
 COPY src ./src
-RUN python3 -m pip install . && python3 -c "import hpo.cli"
+# [onnx]: `hpo export --format onnx` and its check work inside the container too.
+RUN python3 -m pip install ".[onnx]" && python3 -c "import hpo.cli, onnxruntime"
 
 # A non-root user; /work holds runs/ (final-train outputs) and the GPU claim locks, both volumes.
 RUN useradd --create-home --uid 10001 hpo \

@@ -21,14 +21,25 @@ def interactive(stream: TextIO | None = None) -> bool:
     return stream.isatty() and os.environ.get("TERM") != "dumb" and not os.environ.get("CI")
 
 
+def _columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return 0
+
+
 class Progress:
     """Counts `total` units (epochs or trials). `advance` moves it on and shows the figures given."""
 
     def __init__(self, total: int, desc: str, unit: str, initial: int = 0):
         self.total, self.desc, self.unit = total, desc, unit
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
-                        bar_format="{desc}: {n_fmt}/{total_fmt} {unit} |{bar}| {elapsed}<{remaining}{postfix}",
-                        ) if interactive() else None
+        self.bar = None
+        if interactive():
+            # A terminal that reports no size (a bare pty, `script`) would get a zero-width bar: draw 100 columns.
+            sized = _columns() > 0
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
+                            dynamic_ncols=sized, ncols=None if sized else 100,
+                            bar_format="{desc}: {n_fmt}/{total_fmt} {unit} |{bar}| {elapsed}<{remaining}{postfix}")
 
     def advance(self, n: int = 1, line: str = "", **figures: Any) -> None:
         """`figures` go beside the bar; in log mode, `line` (or the figures) becomes one log line."""

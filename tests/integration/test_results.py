@@ -298,8 +298,9 @@ def test_trial_killed_in_epoch_3_resumes_at_epoch_3_from_its_checkpoint(tmp_path
     assert uninterrupted.intermediate_values == retried.intermediate_values
 
 
-def run_in_terminal(args: list[str], cwd: Path, timeout: float = 300) -> tuple[int, str]:
-    """Run `python -m hpo ARGS` with stdin, stdout and stderr on a pseudo-terminal, as a person would."""
+def run_in_terminal(args: list[str], cwd: Path, timeout: float = 300, sized: bool = True) -> tuple[int, str]:
+    """Run `python -m hpo ARGS` with stdin, stdout and stderr on a pseudo-terminal, as a person would
+    (`sized=False`: a terminal that reports 0x0, like one made by `script` without a parent terminal)."""
     import fcntl
     import pty
     import struct
@@ -309,7 +310,8 @@ def run_in_terminal(args: list[str], cwd: Path, timeout: float = 300) -> tuple[i
     for name in ("CI", "HPO_PROGRESS", "HPO_STORAGE"):
         env.pop(name, None)
     main, child = pty.openpty()
-    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows, 120 columns
+    if sized:
+        fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows, 120 columns
     proc = subprocess.Popen([sys.executable, "-m", "hpo", *args], cwd=cwd, env=env, stdin=child, stdout=child,
                             stderr=child, close_fds=True)
     os.close(child)
@@ -336,7 +338,8 @@ def test_progress_bars_on_a_terminal_and_log_lines_in_a_pipe(tmp_path, real_data
     assert "trial 0 epoch 1/3" in (tmp_path / "runs/tiny/logs/worker-0.log").read_text() + (
         tmp_path / "runs/tiny/logs/worker-1.log").read_text()
 
-    code, screen = run_in_terminal(["final-train", "--study", "tiny", "--data-dir", str(real_data_dir)], tmp_path)
+    code, screen = run_in_terminal(["final-train", "--study", "tiny", "--data-dir", str(real_data_dir)], tmp_path,
+                                   sized=False)
     assert code == 0, screen
     assert re.search(r"final-train: +1/1 epochs \|.*loss=[\d.]+, acc=[\d.]+", screen), screen[-2000:]
 
