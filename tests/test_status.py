@@ -41,6 +41,8 @@ def test_summary_counts_epochs_saved_and_estimates_the_time_left(tmp_path):
     assert s["mean_trial_s"] == 22.5
     assert s["eta_s"] == 4 * 22.5 / 2  # 4 trials left at 22.5 s each, 2 workers
     assert [r["number"] for r in s["running"]] == [running.number, running.number + 1]
+    running.set_user_attr("epoch", 2)  # two of its three epochs done: a third of a trial left
+    assert summary(study, cfg, store)["eta_s"] == round((2 + 1 / 3 + 1) * 22.5 / 2, 1)
 
     for t in study.get_trials(states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)

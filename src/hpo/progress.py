@@ -38,7 +38,7 @@ class Progress:
             # A terminal that reports no size (a bare pty, `script`) would get a zero-width bar: draw 100 columns.
             sized = _columns() > 0
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
-                            dynamic_ncols=sized, ncols=None if sized else 100,
+                            dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24,
                             bar_format="{desc}: {n_fmt}/{total_fmt} {unit} |{bar}| {elapsed}<{remaining}{postfix}")
 
     def advance(self, n: int = 1, line: str = "", **figures: Any) -> None:

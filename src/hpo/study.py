@@ -127,8 +127,11 @@ def summary(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBS
                  if t.datetime_start and t.datetime_complete]
     mean_s = sum(durations) / len(durations) if durations else None
     remaining = max(0, cfg.budget.n_trials - finished)
-    # Remaining trials at the mean finished trial's duration, spread over the workers now running.
-    eta = None if mean_s is None or (remaining and not running) else remaining * mean_s / max(1, len(running))
+    # Work left, in mean finished-trial durations (running trials count by their epochs still to go),
+    # spread over the workers now running. Pruned trials are in the mean, as they will be in what is left.
+    left = max(0, remaining - len(running)) + sum(
+        max(0.0, 1 - t.user_attrs.get("epoch", 0) / cfg.budget.epochs) for t in running)
+    eta = None if mean_s is None or (remaining and not running) else left * mean_s / max(1, len(running))
     return {
         "schema": STATUS_SCHEMA,
         "study": study.study_name,
