@@ -93,13 +93,16 @@ def read_bytes(store: ArtifactStore, artifact_id: str) -> bytes:
         return f.read()
 
 
-def remove_trial_artifact(store: ArtifactStore, trial: optuna.Trial, artifact_id: str) -> None:
+def remove(store: ArtifactStore, target: optuna.Study | optuna.Trial, artifact_id: str) -> None:
     """Delete the bytes and blank the metadata, as optuna-dashboard's delete button does."""
     try:
         store.remove(artifact_id)
     except ArtifactNotFound:
         pass
-    trial.storage.set_trial_system_attr(trial._trial_id, ATTR_PREFIX + artifact_id, json.dumps(None))
+    if isinstance(target, optuna.Study):
+        target._storage.set_study_system_attr(target._study_id, ATTR_PREFIX + artifact_id, json.dumps(None))
+    else:
+        target.storage.set_trial_system_attr(target._trial_id, ATTR_PREFIX + artifact_id, json.dumps(None))
 
 
 def disown_inherited(trial: optuna.Trial) -> None:
@@ -108,14 +111,6 @@ def disown_inherited(trial: optuna.Trial) -> None:
     attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
     for meta in listed(attrs):
         trial.storage.set_trial_system_attr(trial._trial_id, ATTR_PREFIX + meta["artifact_id"], json.dumps(None))
-
-
-def remove_study_artifact(store: ArtifactStore, study: optuna.Study, artifact_id: str) -> None:
-    try:
-        store.remove(artifact_id)
-    except ArtifactNotFound:
-        pass
-    study._storage.set_study_system_attr(study._study_id, ATTR_PREFIX + artifact_id, json.dumps(None))
 
 
 def listed(system_attrs: dict[str, Any]) -> list[dict[str, Any]]:

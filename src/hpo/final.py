@@ -212,7 +212,7 @@ def publish(study: optuna.Study, store, files: dict[str, bytes]) -> dict[str, st
     earlier = (study.user_attrs.get(FINAL_ATTR) or {}).get("artifacts", {})
     ids = {name: artifacts.upload_bytes(store, study, name, payload) for name, payload in files.items()}
     for artifact_id in earlier.values():
-        artifacts.remove_study_artifact(store, study, artifact_id)
+        artifacts.remove(store, study, artifact_id)
     return ids
 
 

@@ -115,7 +115,7 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
 
         def drop_checkpoint() -> None:
             while own_checkpoint:
-                artifacts.remove_trial_artifact(artifact_store, trial, own_checkpoint.pop())
+                artifacts.remove(artifact_store, trial, own_checkpoint.pop())
 
         def on_epoch(stats: EpochStats) -> None:
             value = stats.val_accuracy if cfg.metric == "val_accuracy" else stats.val_loss
