@@ -215,18 +215,33 @@ def _in_processes(kind: str, specs: list[BenchSpec]) -> list[dict[str, Any]]:
     return [payload for _, payload in outcomes]
 
 
-def run(spec: BenchSpec, workers: int = 0) -> dict[str, Any]:
-    """Both pipelines, one after the other, each in a fresh process; with `workers`, also that many
-    engine processes at once, first with cores/workers threads each, then each with all cores."""
+def run(spec: BenchSpec, workers: int = 0, rounds: int = 3) -> dict[str, Any]:
+    """Both pipelines, each in a fresh process, in `rounds` interleaved rounds (engine then seed,
+    then seed then engine, ...): a shared machine's slow spells hit both, and the medians are
+    compared. The accuracy check (`epochs`) runs in the first round only. With `workers`, also that
+    many engine processes at once, first with cores/workers threads each, then each with all cores."""
+    import statistics
     from dataclasses import replace
 
-    engine, = _in_processes("engine", [spec])
-    seed, = _in_processes("seed", [spec])
+    per_round: list[dict[str, dict[str, Any]]] = []
+    for r in range(rounds):
+        this = spec if r == 0 else replace(spec, epochs=0)
+        order = ("engine", "seed") if r % 2 == 0 else ("seed", "engine")
+        per_round.append({kind: _in_processes(kind, [this])[0] for kind in order})
+
+    def combined(kind: str) -> dict[str, Any]:
+        rates = [r[kind]["images_per_s"] for r in per_round]
+        return {**per_round[0][kind], "images_per_s": statistics.median(rates), "rounds_images_per_s": rates,
+                "peak_rss_mib": max(r[kind]["peak_rss_mib"] for r in per_round)}
+
+    engine, seed = combined("engine"), combined("seed")
     result: dict[str, Any] = {
         "spec": {k: v for k, v in asdict(spec).items() if k != "data_dir"},
+        "rounds": rounds,
         "engine": engine,
         "seed": seed,
         "speedup": engine["images_per_s"] / seed["images_per_s"],
+        "round_speedups": [r["engine"]["images_per_s"] / r["seed"]["images_per_s"] for r in per_round],
     }
     if workers:
         quiet = replace(spec, epochs=0)

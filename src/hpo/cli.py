@@ -404,12 +404,15 @@ def dashboard(study_arg: str | None, storage: str | None, artifacts: str | None,
               help="DataLoader workers of the seed pipeline.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also run this many engine processes at once (cores/N threads each, then all cores each).")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Interleaved rounds of both pipelines; the medians are compared (a noisy machine's slow "
+                   "spells hit both).")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the engine's model (the warm-up "
               "pass absorbs the compile time, which is reported separately).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench(study_arg: str | None, storage: str | None, params_json: str | None, images: int, batch_size: int,
           crop_padding: int, data_dir: str | None, device: str | None, threads: int | None, epochs: int,
-          repeats: int, num_workers: int, workers: int, use_compile: bool, as_json: bool) -> None:
+          repeats: int, num_workers: int, workers: int, rounds: int, use_compile: bool, as_json: bool) -> None:
     """Images/s of our training engine against the seed-style notebook pipeline, same model and batch."""
     import datetime
     import platform
@@ -433,7 +436,7 @@ def bench(study_arg: str | None, storage: str | None, params_json: str | None, i
                                batch_size=batch_size, crop_padding=crop_padding, device=wanted,
                                threads=threads or cpu_count(), epochs=epochs, repeats=repeats, num_workers=num_workers,
                                compile=use_compile)
-    result = bench_mod.run(spec, workers)
+    result = bench_mod.run(spec, workers, rounds)
     result["model_parameters"] = count_parameters(build(params))
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": cpu_count(),
                          "torch": torch.__version__, "date": datetime.date.today().isoformat(),
@@ -450,9 +453,11 @@ def bench(study_arg: str | None, storage: str | None, params_json: str | None, i
         acc = (f"   val acc after {epochs} epochs: mean {sum(accs) / len(accs):.4f} over seeds "
                f"{', '.join(f'{a:.4f}' for a in accs)}") if accs else ""
         warm = f"   warm-up {r['warmup_s']:.1f}s" if kind == "engine" and use_compile else ""
-        click.echo(f"  {kind:<7}{r['images_per_s']:>9,.0f} img/s  ({r['seconds']:.1f}s)   peak RSS "
+        each = ", ".join(f"{x:,.0f}" for x in r["rounds_images_per_s"])
+        click.echo(f"  {kind:<7}{r['images_per_s']:>9,.0f} img/s  (median of {rounds} rounds: {each})   peak RSS "
                    f"{r['peak_rss_mib']:,.0f} MiB{acc}{warm}")
-    click.echo(f"  speedup {result['speedup']:.2f}x")
+    click.echo(f"  speedup {result['speedup']:.2f}x  (median engine / median seed; per round: "
+               f"{', '.join(f'{x:.2f}x' for x in result['round_speedups'])})")
     if epochs:
         gap = (sum(result["engine"]["val_accuracies"]) / repeats - sum(result["seed"]["val_accuracies"]) / repeats)
         click.echo(f"  validation accuracy, engine minus seed: {gap * 100:+.2f} points (mean of {repeats} seeds)")

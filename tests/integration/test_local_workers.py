@@ -180,9 +180,13 @@ def test_dashboard_serves_the_study_from_the_embedded_storage(tiny_study):
 
 def test_bench_reports_both_pipelines(tmp_path, real_data_dir):
     """`hpo bench` runs: figures are checked by reading them, never by timing assertions here."""
-    result = hpo("bench", "--images", "512", "--json", "--data-dir", str(real_data_dir), "--threads", "1", cwd=tmp_path)
+    result = hpo("bench", "--images", "512", "--rounds", "2", "--json", "--data-dir", str(real_data_dir), "--threads",
+                 "1", cwd=tmp_path)
     report = json.loads(result.stdout)
     for kind in ("engine", "seed"):
         assert report[kind]["images"] > 0 and report[kind]["images_per_s"] > 0 and report[kind]["peak_rss_mib"] > 0
+        rates = report[kind]["rounds_images_per_s"]
+        assert len(rates) == 2 and report[kind]["images_per_s"] == pytest.approx(sum(rates) / 2)  # median of two
     assert report["speedup"] == pytest.approx(report["engine"]["images_per_s"] / report["seed"]["images_per_s"])
+    assert len(report["round_speedups"]) == 2
     assert report["model_parameters"] == 1630186  # the notebook CNN: 3136 -> 512 -> 10 head
