@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -191,19 +192,13 @@ def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement
                                        "epochs", "wall_time_s")}
     summary["output_dir"] = str(out_dir.resolve())
     # Two final-trains at once each replace the other's artifacts in turn, never both at the same time.
-    lock = SlotLock(storage, f"{cfg.name}.final") if storage is not None else None
-    if lock:
-        lock.acquire()
-    try:
+    with SlotLock(storage, f"{cfg.name}.final") if storage is not None else contextlib.nullcontext():
         if artifact_store is not None:
             summary["artifacts"] = publish(study, artifact_store, files)
         study.set_user_attr(FINAL_ATTR, summary)
         # Sorts first in the dashboard's user-attribute table, so a final-trained study shows it at a glance.
         study.set_user_attr("final_test_accuracy", ev.accuracy)
         save_note(study, note(cfg, best, metrics))
-    finally:
-        if lock:
-            lock.release()
     return metrics
 
 

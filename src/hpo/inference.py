@@ -17,7 +17,7 @@ from torch import nn
 
 from hpo.data import CLASSES, MEAN, STD, normalize
 from hpo.errors import HpoError
-from hpo.final import load_checkpoint
+from hpo.final import load_checkpoint, write_atomic
 from hpo.model import DynamicCNN, build
 from hpo.train import logits_of
 
@@ -162,8 +162,6 @@ def export(model: DynamicCNN, meta: dict[str, Any], fmt: str, out: Path) -> None
         buffer.write(proto.SerializeToString())
     else:
         raise HpoError(f"unknown export format {fmt!r}. Use one of: {', '.join(EXPORT_FORMATS)}")
-    from hpo.final import write_atomic
-
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, buffer.getvalue())
 

@@ -78,7 +78,7 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
                    claim: Callable[[optuna.Trial], bool], artifact_store=None) -> Callable[[optuna.Trial], float]:
     """`claim(trial)` says whether the trial holds one of the budget's slots; it is asked first.
 
-    With an artifact artifact_store, each trial keeps a checkpoint of its last epoch there while it runs,
+    With an artifact store, each trial keeps a checkpoint of its last epoch there while it runs,
     and a trial retried after its worker died resumes from its predecessor's checkpoint.
     """
 
@@ -99,9 +99,10 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
         own_checkpoint: list[str] = []  # this trial's live checkpoint artifact, at most one
         started = time.perf_counter()
 
+        def value_of(stats: EpochStats) -> float:
+            return stats.val_accuracy if cfg.metric == "val_accuracy" else stats.val_loss
+
         def on_snapshot(state: dict) -> None:
-            if artifact_store is None or not cfg.checkpoints.every_epoch:
-                return
             payload = artifacts.torch_bytes({**state, "format": TRIAL_CHECKPOINT_FORMAT, "params": params,
                                              "seed": seed, "study": cfg.name})
             try:
@@ -118,7 +119,7 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
                 artifacts.remove(artifact_store, trial, own_checkpoint.pop())
 
         def on_epoch(stats: EpochStats) -> None:
-            value = stats.val_accuracy if cfg.metric == "val_accuracy" else stats.val_loss
+            value = value_of(stats)
             history.append(history_row(stats))
             trial.set_user_attr("history", history)
             trial.set_user_attr("epoch", stats.epoch)
@@ -138,15 +139,16 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
                 stats = EpochStats(**s)
                 history.append(history_row(stats))
                 if stats.epoch not in reported:
-                    trial.report(stats.val_accuracy if cfg.metric == "val_accuracy" else stats.val_loss, stats.epoch)
+                    trial.report(value_of(stats), stats.epoch)
             trial.set_user_attr("resumed_from_epoch", resume["epoch"])
             log.info("trial %d resumes after epoch %d from checkpoint %s", trial.number, resume["epoch"],
                      trial.user_attrs[CHECKPOINT_ATTR]["artifact_id"])
 
+        checkpointing = artifact_store is not None and cfg.checkpoints.every_epoch
         try:
             history_stats = fit(model, data.train, data.val, Hyper.from_params(params), cfg.train,
-                                cfg.augment, cfg.budget.epochs, seed, on_epoch, on_snapshot=on_snapshot,
-                                resume=resume)
+                                cfg.augment, cfg.budget.epochs, seed, on_epoch,
+                                on_snapshot=on_snapshot if checkpointing else None, resume=resume)
         except TrainingDiverged as e:
             trial.set_user_attr(REASON_ATTR, str(e))
             drop_checkpoint()
@@ -168,7 +170,6 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
         if cfg.checkpoints.keep == "none":
             drop_checkpoint()
         trial.set_user_attr("wall_time_s", round(time.perf_counter() - started, 2))
-        last = history_stats[-1]
-        return last.val_accuracy if cfg.metric == "val_accuracy" else last.val_loss
+        return value_of(history_stats[-1])
 
     return objective

@@ -259,6 +259,13 @@ class SlotLock:
         self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
         self._conn.commit()
 
+    def __enter__(self) -> "SlotLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
     def release(self) -> None:
         if self._file is not None:
             self._file.close()  # closing drops the flock

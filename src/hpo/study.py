@@ -92,11 +92,15 @@ def reap_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def counts(study: optuna.Study) -> dict[str, int]:
+def _by_state(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
     by_state = {s.name: 0 for s in TrialState}
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         by_state[t.state.name] += 1
     return by_state
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    return _by_state(study.get_trials(deepcopy=False))
 
 
 STATUS_SCHEMA = "hpo-status/1"
@@ -109,9 +113,7 @@ def _last_epoch(t: optuna.trial.FrozenTrial) -> int:
 def summary(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBStorage) -> dict[str, Any]:
     """Everything `hpo status` shows, as plain JSON-able values (schema STATUS_SCHEMA, see the README)."""
     trials = study.get_trials(deepcopy=False)
-    by_state = {s.name: 0 for s in TrialState}
-    for t in trials:
-        by_state[t.state.name] += 1
+    by_state = _by_state(trials)
     finished_trials = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     finished = len(finished_trials)
     best: dict[str, Any] | None = None
