@@ -107,3 +107,52 @@ def test_unwritable_artifact_directory(run, tmp_path):
     blocker.write_text("x")
     assert_user_error(run("optimize", "--study", "tiny", "--artifacts", str(blocker / "artifacts")),
                       f"cannot create the artifact directory {blocker / 'artifacts'}")
+
+
+@pytest.mark.parametrize("value, text", [("ten", "--time: 'ten' is not a duration such as 90s, 10m, 1h or 1h30m."),
+                                         ("0m", "--time: '0m' is not a positive duration"),
+                                         ("-1h", "--time: '-1h' is not a duration")])
+def test_a_time_that_does_not_parse_writes_nothing(run, tmp_path, value, text):
+    assert_user_error(run("optimize", "--study", "tiny", "--time", value), text)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_time_budget_too_short_for_one_trial_and_the_finalizer_creates_no_study(run, tmp_path, fake_data_dir):
+    import optuna
+
+    result = run("optimize", "--study", "tiny", "--time", "2s", "--data-dir", str(fake_data_dir))
+    assert_user_error(result, "--time 2s is shorter than one trial plus the finalizer, about ")
+    assert "per trial epoch, measured). Give at least --time " in result.output
+    assert optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'runs' / 'hpo.db'}") == []
+
+
+@pytest.mark.parametrize("section, line, text", [
+    ("[budget]", 'time = "soon"', "[budget] time: 'soon' is not a duration"),
+    ("[budget]", "time = 0", "[budget] time: '0.0' is not a positive duration"),
+    ("[final]", "ensemble = 0", "[final] ensemble must be at least 1 (one model), got 0"),
+    ("[final]", 'tta = "flop"', "[final] tta 'flop' is not known. Did you mean 'flip'? Use one of: none, flip"),
+    ("[augment]", "erase = 1.5", "[augment] erase must be a probability in [0, 1], got 1.5"),
+])
+def test_bad_budget_and_final_settings_name_the_key(run, tmp_path, section, line, text):
+    from pathlib import Path
+
+    key = line.split("=")[0].strip()
+    source = "\n".join(row for row in (Path(__file__).resolve().parents[1] / "studies" / "tiny.toml").read_text()
+                       .splitlines() if not row.startswith(f"{key} ")) + "\n"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(source.replace(f"{section}\n", f"{section}\n{line}\n", 1))
+    assert_user_error(run("optimize", "--study", str(bad)), text)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_final_after_a_search_without_complete_trials_says_what_to_do(tmp_path):
+    import optuna
+
+    from hpo import config
+    from hpo.cli import _final_after_search
+    from hpo.errors import HpoError
+
+    study = optuna.create_study(direction="maximize")
+    with pytest.raises(HpoError, match=r"--final: study 'tiny' has no COMPLETE trial after the search, so there is "
+                                       r"nothing to retrain. Give a longer --time"):
+        _final_after_search(study, config.load("tiny"), None, tmp_path, "cpu", None)

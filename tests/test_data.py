@@ -104,3 +104,16 @@ def test_real_files_have_the_official_sizes(real_data_dir):
     test_images, _ = data.load_split(real_data_dir, "test")
     assert train_images.shape == (60000, 28, 28) and test_images.shape == (10000, 28, 28)
     assert np.bincount(train_labels).tolist() == [6000] * 10
+
+
+def test_random_erasing_fills_one_rectangle_in_the_chosen_share_of_images():
+    x = torch.zeros(2000, 1, 28, 28, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    out = data.random_erase(x, 0.5, g)
+    touched = (out != 0).flatten(1).any(1)
+    assert 0.45 < touched.float().mean() < 0.55  # about p of the images
+    areas = (out != 0).flatten(1).sum(1)[touched].float() / 784
+    assert areas.max() <= 0.45 and areas.mean() > 0.1  # rectangles of 2-40 % (random fill is 0 now and then)
+    assert torch.equal(data.random_erase(x, 0.0, g), x)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(data.random_erase(x, 1.0, g1), data.random_erase(x, 1.0, g2))  # seeded, so resumable

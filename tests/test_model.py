@@ -5,6 +5,8 @@ import torch
 
 from hpo.model import DynamicCNN, ModelSpec, build, count_parameters
 
+PARAMS = {"n_conv": 2, "filters_0": 8, "filters_1": 16, "kernel_size": 3, "n_fc": 1, "fc_size": 16, "dropout": 0.0}
+
 
 @pytest.mark.parametrize("spec", [
     ModelSpec(filters=(16,), kernel_size=3, n_fc=1, fc_size=64),                  # smallest corner
@@ -37,3 +39,19 @@ def test_build_from_flat_trial_params_ignores_training_keys():
 def test_too_many_blocks_is_refused():
     with pytest.raises(ValueError, match="below 1px"):
         DynamicCNN(ModelSpec(filters=(8,) * 5))
+
+
+def test_ensemble_averages_softmax_over_members_and_mirror_images():
+    from hpo.model import Ensemble
+
+    torch.manual_seed(0)
+    a, b = build(PARAMS).eval(), build({**PARAMS, "fc_size": 32}).eval()
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        one = Ensemble([a])(x)
+        assert torch.allclose(one, a(x).log_softmax(1), atol=1e-6)  # one member: its own log-probabilities
+        both = Ensemble([a, b], tta="flip")(x).exp()
+        expected = torch.stack([m(v).softmax(1) for m in (a, b) for v in (x, x.flip(-1))]).mean(0)
+    assert torch.allclose(both, expected, atol=1e-6)
+    assert torch.allclose(both.sum(1), torch.ones(5), atol=1e-5)
+

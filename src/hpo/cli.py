@@ -5,8 +5,10 @@ Errors a user can cause are `HpoError`s; they print as one line and exit 1 (`--d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -159,33 +161,105 @@ def worker(study_arg: str, storage: str | None, data_dir: str | None, device: st
 @cli.command()
 @study_option
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Local worker processes.")
+@click.option("--time", "time_budget", metavar="DURATION",
+              help="Wall-clock budget of search plus finalizer, e.g. 10m or 1h30m; starts now and overrides the "
+                   "file's [budget] time. No trial starts that its estimate says cannot end in time.")
+@click.option("--final", "run_final", is_flag=True,
+              help="Run the finalizer (final-train) when the search ends, inside the same time budget.")
 @storage_option
 @data_option
 @device_option
 @artifacts_option
-def optimize(study_arg: str, workers: int, storage: str | None, data_dir: str | None, device: str | None,
-             artifacts: str | None) -> None:
+def optimize(study_arg: str, workers: int, time_budget: str | None, run_final: bool, storage: str | None,
+             data_dir: str | None, device: str | None, artifacts: str | None) -> None:
     """Start N local workers on one study (embedded storage by default) and wait for them.
 
     On a terminal it shows a progress bar and sends the workers' logs to runs/STUDY/logs/; in a
     pipe or a CI log the workers' log lines come through as they are.
     """
-    from hpo import artifacts as artifacts_mod, data, progress, study as study_mod
+    from hpo import artifacts as artifacts_mod, budget, data, study as study_mod
     from hpo.devices import threads_per_worker
-    from hpo.objective import derive_seed
 
+    started_at = time.time()
     cfg = config.load(study_arg)
+    time_s = _parse_time(time_budget) if time_budget else cfg.budget.time_s
     directory = data.find_data_dir(data_dir)
     url, store = _open(storage)
-    location, _ = artifacts_mod.open_for(artifacts, url)  # fail here, not in every worker
+    location, artifact_store = artifacts_mod.open_for(artifacts, url)  # fail here, not in every worker
+    threads = threads_per_worker(workers)
+    # --time restarts the clock; a file's time starts it when the study is created.
+    starts_clock = time_s is not None and (time_budget is not None or not study_mod.exists(store, cfg.name))
+    calibrated = None
+    if starts_clock:  # checked before the study is touched, so a budget that cannot work changes nothing
+        calibrated = _check_time_budget(cfg, time_s, store, directory, device, threads)
     # Create the study once here, so the workers only ever load it.
     study, cfg = study_mod.create_or_load(store, cfg)
-    threads = threads_per_worker(workers)
-    log.info("study %r: %d workers x %d thread(s), storage %s, artifacts %s", cfg.name, workers, threads,
-             storage_mod.mask(url), location)
+    if starts_clock:
+        budget.set_deadline(study, time_s, now=started_at)
+        if calibrated is not None and budget.calibration(study) is None:
+            study.set_user_attr(budget.CALIBRATION_ATTR, dataclasses.asdict(calibrated))
+    deadline = budget.get_deadline(study)
+    log.info("study %r: %d workers x %d thread(s), storage %s, artifacts %s%s", cfg.name, workers, threads,
+             storage_mod.mask(url), location,
+             f", time budget {_duration(deadline.time_s)} ({_duration(deadline.left())} left)" if deadline else "")
+    args = ["--study", study_arg, "--storage", url, "--data-dir", str(directory), "--artifacts", location]
+    args += ["--device", device] if device else []
+    _supervise(study, cfg, store, workers, threads, args)
+    if run_final:
+        _final_after_search(study, cfg, store, directory, device, artifact_store)
+    click.echo(f"wall time {time.time() - started_at:.0f}s")
+
+
+def _parse_time(text: str) -> float:
+    try:
+        return config.parse_duration(text)
+    except ValueError as e:
+        raise HpoError(f"--time: {e}.") from e
+
+
+def _check_time_budget(cfg: config.StudyConfig, time_s: float, store: Any, directory: Path, device: str | None,
+                       threads: int) -> Any:
+    """Refuse a budget that cannot hold one trial plus the finalizer, measured on this machine.
+
+    Returns the calibration it measured (None when the study had measured epochs to go by)."""
+    import torch
+
+    from hpo import budget, data, study as study_mod
+    from hpo.devices import cpu_count, place
+    from hpo.objective import calibrate
+
+    costs: list[Any] = []
+    try:
+        costs = budget.measured(study_mod.load(store, cfg.name)[0])
+    except HpoError:
+        pass  # a new study: calibrate below
+    calibrated = None
+    if costs:
+        cost = max(costs, key=lambda c: c.epoch_s)
+    else:
+        # An explicit device, so that calibrating does not claim a GPU a worker is about to want.
+        placement = place(device or ("cuda:0" if torch.cuda.is_available() else "cpu"), threads)
+        images, labels = data.load_split(directory, "train")
+        trial_data = data.trial_data(images, labels, cfg.budget.val_fraction, cfg.seed, placement.device,
+                                     cfg.budget.train_subset)
+        cost = calibrated = calibrate(cfg, trial_data, placement)
+    final_threads = threads if (device or "").startswith("cuda") else cpu_count()
+    needed = budget.minimum_budget(cfg, cost, final_threads)
+    if time_s < needed:
+        raise HpoError(f"--time {_duration(time_s)} is shorter than one trial plus the finalizer, about "
+                       f"{_duration(needed)} on this machine ({cost.epoch_s:.1f}s per trial epoch, measured). "
+                       f"Give at least --time {_duration(math.ceil(needed / 60) * 60)}, or lower [budget] epochs "
+                       "or [final] epochs in the study file.")
+    return calibrated
+
+
+def _supervise(study: Any, cfg: config.StudyConfig, store: Any, workers: int, threads: int, args: list[str]) -> None:
+    """Run the local workers to the end, with a progress bar on a terminal; print the status after."""
+    from hpo import progress, study as study_mod
+    from hpo.objective import derive_seed
+
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HPO_THREADS": str(threads)}
-    args = [sys.executable, "-m", "hpo", "worker", "--study", study_arg, "--storage", url,
-            "--data-dir", str(directory), "--artifacts", location] + (["--device", device] if device else [])
+    base = [sys.executable, "-m", "hpo", "worker", *args]
     bar_mode = progress.interactive()
     logs: list[Path] = []
     if bar_mode:
@@ -193,12 +267,11 @@ def optimize(study_arg: str, workers: int, storage: str | None, data_dir: str | 
         log_dir.mkdir(parents=True, exist_ok=True)
         logs = [log_dir / f"worker-{i}.log" for i in range(workers)]
         click.echo(f"worker logs: {log_dir}/worker-N.log", err=True)
-    started = time.monotonic()
     children = []
     for i in range(workers):
         # Distinct sampler seeds: identical ones would make every worker propose the same first trials.
         out = open(logs[i], "ab") if bar_mode else None
-        children.append(subprocess.Popen(args + ["--sampler-seed", str(derive_seed(cfg.seed, i))], env=env,
+        children.append(subprocess.Popen(base + ["--sampler-seed", str(derive_seed(cfg.seed, i))], env=env,
                                          stdout=out, stderr=subprocess.STDOUT if out else None))
         if out:
             out.close()  # the child holds its own descriptor
@@ -230,10 +303,10 @@ def optimize(study_arg: str, workers: int, storage: str | None, data_dir: str | 
             time.sleep(1.0)
         if bar_mode:
             _update_bar(bar, study, reported)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     codes = [child.returncode for child in children]
-    summary = study_mod.summary(study, cfg, store)
-    click.echo(_format_status(summary))
-    click.echo(f"wall time {time.monotonic() - started:.0f}s")
+    click.echo(_format_status(study_mod.summary(study, cfg, store)))
     if stopped_by:
         raise HpoError(f"stopped by {stopped_by[0]}: all {workers} workers exited and their running trials were "
                        f"re-queued. Run the same command to carry on.")
@@ -242,6 +315,51 @@ def optimize(study_arg: str, workers: int, storage: str | None, data_dir: str | 
             " See their log lines above.")
         raise HpoError(f"{sum(1 for c in codes if c)} of {workers} workers exited with an error "
                        f"(exit codes {codes}).{where}")
+
+
+def _final_after_search(study: Any, cfg: config.StudyConfig, store: Any, directory: Path, device: str | None,
+                        artifact_store: Any) -> None:
+    """`optimize --final`: the finalizer in this process, within what is left of the time budget."""
+    from optuna.trial import TrialState
+
+    from hpo import budget, final
+    from hpo.devices import place
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise HpoError(f"--final: study {cfg.name!r} has no COMPLETE trial after the search, so there is nothing "
+                       "to retrain. Give a longer --time (or more [budget] n_trials) and run again.")
+    deadline = budget.get_deadline(study)
+    out_dir = storage_mod.RUNS_DIR / cfg.name / "final"
+    metrics = final.final_train(study, cfg, directory, place(device or _final_device()), out_dir, None,
+                                artifact_store, store, deadline=deadline)
+    _echo_final(metrics, out_dir, cfg.name)
+
+
+def _final_device() -> str:
+    """A GPU for the finalizer without taking a worker's claim on it (the workers have exited)."""
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _echo_final(metrics: dict[str, Any], out_dir: Path, name: str) -> None:
+    from hpo.final import describe_accuracy
+
+    ens = metrics["ensemble"]
+    what = "one model" if ens["trained"] == 1 else f"ensemble of {ens['trained']}"
+    tta = ", flip TTA" if ens["tta"] == "flip" else ""
+    click.echo(f"test accuracy {describe_accuracy(metrics['test_accuracy'], metrics['test_ci95'])}, {what}{tta}  "
+               f"(loss {metrics['test_loss']:.4f}, {metrics['test_images']} test images, {metrics['epochs']} epochs, "
+               f"{metrics['wall_time_s']:.0f}s)")
+    for r in metrics["members"]:
+        click.echo(f"  member trial {r['trial']} (val {r['value']:.4f}, seed {r['seed']}): "
+                   f"{describe_accuracy(r['test_accuracy'], r['ci95'])}, trained in {r['train_time_s']:.0f}s")
+    if ens["trained"] > 1:
+        click.echo(f"  gain of the ensemble over its best member: {100 * ens['gain_over_best_member']:+.2f} points")
+    if ens["shrunk"]:
+        click.echo(f"  {ens['shrunk']}")
+    click.echo(f"wrote model.pt, metrics.json, confusion_matrix.png, learning_curve.png and misclassified.png "
+               f"to {out_dir}, and uploaded them to study {name!r} in the artifact store")
 
 
 def _update_bar(bar, study, reported: set[int]) -> None:
@@ -277,8 +395,8 @@ def _update_bar(bar, study, reported: set[int]) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), help="Override the study file's final epochs.")
 def final_train(study_arg: str, storage: str | None, data_dir: str | None, device: str | None,
                 artifacts: str | None, out: str | None, epochs: int | None) -> None:
-    """Retrain the best trial on train + validation and score the test split once."""
-    from hpo import artifacts as artifacts_mod, data, final
+    """Retrain the best trial(s) on train + validation and score the test split once."""
+    from hpo import artifacts as artifacts_mod, budget, data, final
     from hpo.devices import place
 
     url, store, study, cfg = _load_existing(study_arg, storage)
@@ -286,12 +404,12 @@ def final_train(study_arg: str, storage: str | None, data_dir: str | None, devic
     placement = place(device)
     directory = data.find_data_dir(data_dir)
     out_dir = Path(out) if out else storage_mod.RUNS_DIR / cfg.name / "final"
-    metrics = final.final_train(study, cfg, directory, placement, out_dir, epochs, artifact_store, store)
-    click.echo(f"test accuracy {metrics['test_accuracy']:.4f}  (loss {metrics['test_loss']:.4f}, "
-               f"{metrics['test_images']} test images, best trial {metrics['best_trial']} had val "
-               f"{metrics['best_trial_value']:.4f}, {metrics['epochs']} epochs, {metrics['wall_time_s']:.0f}s)")
-    click.echo(f"wrote model.pt, metrics.json, confusion_matrix.png, learning_curve.png and misclassified.png "
-               f"to {out_dir}, and uploaded them to study {cfg.name!r} in the artifact store")
+    deadline = budget.get_deadline(study)
+    # Inside a running job's budget the ensemble shrinks to fit; once the job's time is over, a
+    # final-train asked for by hand trains the whole ensemble.
+    live = deadline if deadline is not None and deadline.left() > 0 else None
+    metrics = final.final_train(study, cfg, directory, placement, out_dir, epochs, artifact_store, store, live)
+    _echo_final(metrics, out_dir, cfg.name)
 
 
 def _duration(seconds: float | None) -> str:
@@ -323,10 +441,16 @@ def _format_status(s: dict[str, Any]) -> str:
         how = (f"{len(s['running'])} worker(s) at {_duration(s['mean_trial_s'])} per trial" if s["running"]
                else "no worker is running")
         lines.append(f"  ETA {_duration(s['eta_s'])} for {s['remaining']} remaining trial(s) ({how})")
+    if s.get("time_budget"):
+        t = s["time_budget"]
+        lines.append(f"  time budget {_duration(t['time_s'])}: deadline {t['deadline']}, {_duration(t['left_s'])} left")
     if s["final"]:
         f = s["final"]
-        lines.append(f"  final-train: test accuracy {f['test_accuracy']:.4f} (trial {f['best_trial']}, "
-                     f"{f['epochs']} epochs) in {f['output_dir']}")
+        members = f.get("members", [f["best_trial"]])
+        what = f"trial {members[0]}" if len(members) == 1 else f"ensemble of trials {', '.join(map(str, members))}"
+        ci = f" (95% CI {f['test_ci95'][0]:.4f}-{f['test_ci95'][1]:.4f})" if f.get("test_ci95") else ""
+        lines.append(f"  final-train: test accuracy {f['test_accuracy']:.4f}{ci}, {what}, "
+                     f"{f['epochs']} epochs, in {f['output_dir']}")
     return "\n".join(lines)
 
 
@@ -536,7 +660,7 @@ def export(study_arg: str, model_path: str | None, fmt: str, out: str | None, ch
     target = Path(out) if out else path.with_suffix(inference.EXPORT_FORMATS[fmt])
     inference.export(model, meta, fmt, target)
     click.echo(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, {fmt}): input float32 (N, 1, 28, 28) in "
-               f"[0, 1], output logits (N, 10); class names in its metadata")
+               f"[0, 1], output log-probabilities (N, 10); class names in its metadata")
     if not check:
         return
     images, _ = data.load_split(data.find_data_dir(data_dir), "test")

@@ -10,6 +10,7 @@ import difflib
 import inspect
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,24 @@ PRUNERS = {
     "none": "NopPruner",
 }
 SEARCH_PATHS_HELP = "studies/NAME.toml in the current directory, then the studies shipped with hpo"
+TTA_MODES = ("none", "flip")
+_DURATION = re.compile(r"(\d+(?:\.\d*)?)\s*(h|m|s)")
+DURATION_HELP = "a duration such as 90s, 10m, 1h or 1h30m"
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "10m", "1h30m", "90s" or "45" (seconds); raises ValueError naming the problem."""
+    cleaned = text.strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d*)?", cleaned):
+        seconds = float(cleaned)
+    else:
+        parts = _DURATION.findall(cleaned)
+        if not parts or _DURATION.sub("", cleaned).strip():
+            raise ValueError(f"{text!r} is not {DURATION_HELP}")
+        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in parts)
+    if not seconds > 0:
+        raise ValueError(f"{text!r} is not a positive duration; give {DURATION_HELP}")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,7 @@ class Budget:
     epochs: int              # epochs per trial; the pruner sees one report per epoch
     train_subset: int = 0    # images of the training part each trial trains on; 0 = all of it
     val_fraction: float = 0.1  # share of the official training set held out for validation
+    time_s: float | None = None  # wall-clock budget of search plus finalizer, seconds; None = no limit
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,7 @@ class Component:
 class Augment:
     crop_padding: int = 0    # pixels of zero padding before a random 28x28 crop; 0 = off
     hflip: bool = False      # random horizontal flip with probability 1/2
+    erase: float = 0.0       # probability of random erasing (Zhong et al. 2017) per image; 0 = off
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,8 @@ class Recipe:
 @dataclass(frozen=True)
 class Final:
     epochs: int                    # epochs of the from-scratch retrain on train + validation
+    ensemble: int = 1              # retrain the K best distinct trials and average their softmax outputs
+    tta: str = "none"              # "flip": also average each test image with its mirror image
 
 
 CHECKPOINT_KEEP = ("none", "complete")
@@ -251,6 +274,7 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
         epochs=b.get("epochs", int),
         train_subset=b.get("train_subset", int, 0),
         val_fraction=b.get("val_fraction", float, 0.1),
+        time_s=_duration(b, "time"),
     )
     b.done()
     if budget.n_trials < 1:
@@ -266,10 +290,13 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
     pruner = _component(top.table("pruner"), PRUNERS, "median", "optuna.pruners")
 
     a = top.table("augment")
-    augment = Augment(crop_padding=a.get("crop_padding", int, 0), hflip=a.get("hflip", bool, False))
+    augment = Augment(crop_padding=a.get("crop_padding", int, 0), hflip=a.get("hflip", bool, False),
+                      erase=a.get("erase", float, 0.0))
     a.done()
     if not 0 <= augment.crop_padding <= 8:
         a.fail(f"crop_padding must be between 0 and 8 pixels, got {augment.crop_padding}")
+    if not 0.0 <= augment.erase <= 1.0:
+        a.fail(f"erase must be a probability in [0, 1], got {augment.erase}")
 
     t = top.table("train")
     recipe = Recipe(
@@ -290,10 +317,15 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
         t.fail(f"eval_batch_size must be positive, got {recipe.eval_batch_size}")
 
     f = top.table("final")
-    final = Final(epochs=f.get("epochs", int, budget.epochs))
+    final = Final(epochs=f.get("epochs", int, budget.epochs), ensemble=f.get("ensemble", int, 1),
+                  tta=f.get("tta", str, "none"))
     f.done()
     if final.epochs < 1:
         f.fail(f"epochs must be at least 1, got {final.epochs}")
+    if final.ensemble < 1:
+        f.fail(f"ensemble must be at least 1 (one model), got {final.ensemble}")
+    if final.tta not in TTA_MODES:
+        f.fail(f"tta {final.tta!r} is not known.{_did_you_mean(final.tta, TTA_MODES)} Use one of: {', '.join(TTA_MODES)}")
 
     c = top.table("checkpoints")
     checkpoints = Checkpoints(every_epoch=c.get("every_epoch", bool, True), keep=c.get("keep", str, "none"))
@@ -308,6 +340,18 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
     return StudyConfig(name=name, description=description, direction=direction, metric=metric,
                        seed=seed, budget=budget, sampler=sampler, pruner=pruner, augment=augment,
                        train=recipe, final=final, space=space, checkpoints=checkpoints)
+
+
+def _duration(r: _Reader, key: str) -> float | None:
+    """A duration key: "10m" in a file, seconds (a number) once stored in a study."""
+    value = r.get(key, (str, float), None)
+    if value is None:
+        return None
+    try:
+        return parse_duration(str(value))
+    except ValueError as e:
+        r.fail(f"{key}: {e}")
+    raise AssertionError("unreachable")
 
 
 def _component(r: _Reader, known: dict[str, str], default: str, module: str) -> Component:
@@ -416,7 +460,9 @@ def from_dict(stored: dict[str, Any], source: str) -> StudyConfig:
     raw = dict(stored)
     for key in ("budget", "augment", "train", "final", "checkpoints"):
         if key in stored:  # studies created before a section existed get its defaults
-            raw[key] = dict(stored[key])
+            raw[key] = {k: v for k, v in stored[key].items() if v is not None}
+    if "budget" in raw and "time_s" in raw["budget"]:
+        raw["budget"]["time"] = raw["budget"].pop("time_s")
     raw["sampler"] = {"name": stored["sampler"]["name"], **stored["sampler"]["options"]}
     raw["pruner"] = {"name": stored["pruner"]["name"], **stored["pruner"]["options"]}
     return parse(raw, source=source)

@@ -7,6 +7,7 @@ part. `load_split(..., "test")` is called by the finalizer alone.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,7 +172,8 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def augment_batch(x: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
-    """Random crop after zero padding and random horizontal flip, for a whole uint8 batch at once."""
+    """Random crop after zero padding, random horizontal flip and random erasing, for a whole uint8
+    batch at once."""
     b, _, h, w = x.shape
     if augment.crop_padding:
         p = augment.crop_padding
@@ -185,7 +187,36 @@ def augment_batch(x: torch.Tensor, augment: Augment, generator: torch.Generator)
     if augment.hflip:
         flip = torch.rand(b, device=x.device, generator=generator) < 0.5
         x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
+    if augment.erase:
+        x = random_erase(x, augment.erase, generator)
     return x
+
+
+def random_erase(x: torch.Tensor, p: float, generator: torch.Generator,
+                 area: tuple[float, float] = (0.02, 0.4), aspect: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
+    """Zhong et al. 2017: with probability `p`, fill one rectangle of each image with random pixels.
+
+    `area` is the rectangle's share of the image and `aspect` its height/width, the paper's ranges.
+    """
+    b, _, h, w = x.shape
+    dev = x.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(b, device=dev, generator=generator)
+
+    share, log_ratio = uniform(*area), uniform(math.log(aspect[0]), math.log(aspect[1]))
+    eh = (share * h * w * log_ratio.exp()).sqrt().round().clamp(1, h)
+    ew = (share * h * w / log_ratio.exp()).sqrt().round().clamp(1, w)
+    top = (uniform(0.0, 1.0) * (h - eh + 1)).floor()
+    left = (uniform(0.0, 1.0) * (w - ew + 1)).floor()
+    rows = torch.arange(h, device=dev).view(1, h, 1)
+    cols = torch.arange(w, device=dev).view(1, 1, w)
+    inside = ((rows >= top.view(b, 1, 1)) & (rows < (top + eh).view(b, 1, 1))
+              & (cols >= left.view(b, 1, 1)) & (cols < (left + ew).view(b, 1, 1)))
+    chosen = torch.rand(b, device=dev, generator=generator) < p
+    mask = (inside & chosen.view(b, 1, 1)).unsqueeze(1)
+    noise = torch.randint(0, 256, x.shape, device=dev, generator=generator, dtype=torch.uint8)
+    return torch.where(mask, noise, x)
 
 
 @dataclass

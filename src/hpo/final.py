@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
 import tempfile
 import time
 from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +21,13 @@ import torch
 from optuna_dashboard import save_note
 
 import hpo
-from hpo import artifacts, plots
+from hpo import artifacts, budget, plots
 from hpo import data as data_mod
 from hpo.config import StudyConfig
 from hpo.data import CLASSES, DeviceData
 from hpo.devices import Placement
 from hpo.errors import HpoError
-from hpo.model import ModelSpec, count_parameters
+from hpo.model import Ensemble, ModelSpec, count_parameters
 from hpo.objective import derive_seed
 from hpo.progress import Progress
 from hpo.storage import SlotLock
@@ -34,7 +36,8 @@ from hpo.train import EpochStats, Hyper, evaluate, fit, seeded_model
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "hpo-checkpoint/1"
+CHECKPOINT_FORMAT = "hpo-checkpoint/2"  # /2: an ensemble of members; /1 (one model) still loads
+LEGACY_CHECKPOINT_FORMAT = "hpo-checkpoint/1"
 FINAL_SEED_TAG = 0x46494E41  # "FINA": keeps the final run's seed apart from every trial's
 
 
@@ -82,7 +85,11 @@ def load_checkpoint(path: Path, study: str | None = None) -> dict[str, Any]:
     except Exception as e:  # unpickling errors come in many types; none of them is usable
         raise HpoError(f"{path} is not a readable hpo checkpoint ({type(e).__name__}). Re-run final-train.") from e
     found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
-    if found != CHECKPOINT_FORMAT:
+    if found == LEGACY_CHECKPOINT_FORMAT:  # one model: the same as an ensemble of one without TTA
+        checkpoint = {**checkpoint, "format": CHECKPOINT_FORMAT, "tta": "none",
+                      "members": [{"trial": checkpoint["trial"], "params": checkpoint["params"],
+                                   "state_dict": checkpoint["state_dict"]}]}
+    elif found != CHECKPOINT_FORMAT:
         raise HpoError(f"{path} has checkpoint format {found!r}, but this hpo {hpo.__version__} reads "
                        f"{CHECKPOINT_FORMAT!r}. Re-run final-train with this version.")
     if study is not None and checkpoint["study"] != study:
@@ -100,63 +107,146 @@ def _check_writable(out_dir: Path) -> None:
         raise HpoError(f"output directory {out_dir} is not writable. Pass a writable --out.")
 
 
-def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement: Placement,
-                out_dir: Path, epochs: int | None = None, artifact_store=None,
-                storage: optuna.storages.RDBStorage | None = None) -> dict[str, Any]:
-    """Retrain, score the test split once, write model.pt, metrics.json and three PNGs to `out_dir`,
-    upload them all to the study in the artifact store `artifact_store`, and write the study's dashboard note."""
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95 % for the default z): honest near 0 and 1,
+    unlike the normal approximation, and what a 10,000-image test accuracy should be quoted with."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_figures(predictions: torch.Tensor, truth: torch.Tensor) -> dict[str, Any]:
+    correct = int((predictions == truth).sum())
+    low, high = wilson_interval(correct, len(truth))
+    return {"accuracy": correct / max(1, len(truth)), "correct": correct, "images": len(truth),
+            "ci95": [round(low, 5), round(high, 5)]}
+
+
+def choose_members(study: optuna.Study, cfg: StudyConfig, k: int) -> list[optuna.trial.FrozenTrial]:
+    """The `k` best COMPLETE trials with distinct params, best first, by validation value alone."""
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise HpoError(f"study {cfg.name!r} has no COMPLETE trial yet, so there is nothing to retrain. "
                        f"Run `hpo optimize --study {cfg.name}` (or workers) until one completes.")
+    ranked = sorted(complete, key=lambda t: t.value, reverse=cfg.direction == "maximize")
+    distinct: dict[str, optuna.trial.FrozenTrial] = {}
+    for t in ranked:
+        distinct.setdefault(json.dumps(t.params, sort_keys=True), t)
+    if k > len(distinct):
+        raise HpoError(f"[final] ensemble = {k}, but study {cfg.name!r} has only {len(distinct)} distinct "
+                       f"COMPLETE trial(s). Lower ensemble to at most {len(distinct)}, or run more trials.")
+    return list(distinct.values())[:k]
+
+
+@dataclass
+class Member:
+    trial: optuna.trial.FrozenTrial
+    seed: int
+    model: torch.nn.Module
+    history: list[EpochStats]
+    train_s: float
+
+
+def member_seed(cfg: StudyConfig, index: int) -> int:
+    # Member 0 keeps the seed a single-model final run always had, so its results reproduce.
+    return derive_seed(cfg.seed, FINAL_SEED_TAG) if index == 0 else derive_seed(cfg.seed, FINAL_SEED_TAG, index)
+
+
+def train_members(chosen: list[optuna.trial.FrozenTrial], cfg: StudyConfig, train_all: DeviceData, epochs: int,
+                  deadline: budget.Deadline | None) -> tuple[list[Member], str | None]:
+    """Retrain each chosen trial from scratch, one after another; with a deadline, stop before a
+    member that would end past it (the first always trains). Returns the members and why it shrank."""
+    members: list[Member] = []
+    for index, trial in enumerate(chosen):
+        if members and deadline is not None:
+            first = budget.trial_cost(members[0].trial)
+            this = budget.trial_cost(trial)
+            ratio = this.per_image_s() / first.per_image_s() if first and this else 1.0
+            needed = members[0].train_s * ratio + budget.slack_s(deadline.time_s)
+            if deadline.left() < needed:
+                shrunk = (f"ensemble shrank from {len(chosen)} to {len(members)} member(s) to end within the time "
+                          f"budget: member {index + 1} (trial {trial.number}) needs about {needed:.0f}s, "
+                          f"{max(0.0, deadline.left()):.0f}s are left")
+                log.warning("final-train: %s", shrunk)
+                return members, shrunk
+        seed = member_seed(cfg, index)
+        log.info("final-train: member %d/%d is trial %d (val %s %.4f), %d images, %d epochs, seed %d",
+                 index + 1, len(chosen), trial.number, cfg.metric, trial.value, len(train_all), epochs, seed)
+        started = time.perf_counter()
+        model = seeded_model(trial.params, seed, train_all.device)
+        desc = "final-train" if len(chosen) == 1 else f"final-train member {index + 1}/{len(chosen)}"
+        with Progress(epochs, desc, "epochs") as bar:
+            def on_epoch(stats: EpochStats) -> None:
+                bar.advance(line=f"epoch {stats.epoch}/{epochs}  loss {stats.train_loss:.4f}  "
+                                 f"train_acc {stats.train_accuracy:.4f}  ({stats.seconds:.1f}s)",
+                            loss=f"{stats.train_loss:.4f}", acc=f"{stats.train_accuracy:.4f}")
+
+            history = fit(model, train_all, None, Hyper.from_params(trial.params), cfg.train, cfg.augment, epochs,
+                          seed, on_epoch)
+        members.append(Member(trial, seed, model, history, time.perf_counter() - started))
+    return members, None
+
+
+def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement: Placement,
+                out_dir: Path, epochs: int | None = None, artifact_store=None,
+                storage: optuna.storages.RDBStorage | None = None,
+                deadline: budget.Deadline | None = None) -> dict[str, Any]:
+    """Retrain the [final] ensemble, score the test split once, write model.pt, metrics.json and three
+    PNGs to `out_dir`, upload them to the study in `artifact_store`, and write the dashboard note.
+
+    With `deadline`, members train while they fit before it and the ensemble shrinks to what did."""
     _check_writable(out_dir)
     if (out_dir / "model.pt").exists():
         load_checkpoint(out_dir / "model.pt", cfg.name)  # never overwrite another study's model
-    best = study.best_trial
+    chosen = choose_members(study, cfg, cfg.final.ensemble)
     epochs = epochs or cfg.final.epochs
-    seed = derive_seed(cfg.seed, FINAL_SEED_TAG)
-    device = placement.device
-
-    images, labels = data_mod.load_split(data_dir, "train")
-    train_all = DeviceData(images, labels, device)
-    log.info("final-train: trial %d (val %s %.4f) from scratch on %d images for %d epochs on %s",
-             best.number, cfg.metric, best.value, len(train_all), epochs, placement.name)
-
     started = time.perf_counter()
-    model = seeded_model(best.params, seed, device)
-    with Progress(epochs, "final-train", "epochs") as bar:
-        def on_epoch(stats: EpochStats) -> None:
-            bar.advance(line=f"epoch {stats.epoch}/{epochs}  loss {stats.train_loss:.4f}  train_acc "
-                             f"{stats.train_accuracy:.4f}  ({stats.seconds:.1f}s)",
-                        loss=f"{stats.train_loss:.4f}", acc=f"{stats.train_accuracy:.4f}")
-
-        history = fit(model, train_all, None, Hyper.from_params(best.params), cfg.train, cfg.augment, epochs, seed,
-                      on_epoch)
+    images, labels = data_mod.load_split(data_dir, "train")
+    train_all = DeviceData(images, labels, placement.device)
+    members, shrunk = train_members(chosen, cfg, train_all, epochs, deadline)
     train_seconds = time.perf_counter() - started
 
     # The only read of the test split in the whole project.
     test_images, test_labels = data_mod.load_split(data_dir, "test")
-    test = DeviceData(test_images, test_labels, device)
-    ev = evaluate(model, test, cfg.train.eval_batch_size)
+    test = DeviceData(test_images, test_labels, placement.device)
+    ensemble = Ensemble([m.model for m in members], cfg.final.tta)
+    # fp32, the precision of `hpo export`'s files: the figure reported is the figure an export gets.
+    ev = evaluate(ensemble, test, cfg.train.eval_batch_size, fast=False)
     truth = test.y.cpu()
-    per_class = {name: float((ev.predictions[truth == i] == i).float().mean()) for i, name in enumerate(CLASSES)}
-
+    member_rows = []
+    for m in members:
+        alone = accuracy_figures(evaluate(Ensemble([m.model], cfg.final.tta), test,
+                                          cfg.train.eval_batch_size, fast=False).predictions, truth)
+        member_rows.append({"trial": m.trial.number, "value": m.trial.value, "seed": m.seed, "params": m.trial.params,
+                            "test_accuracy": alone["accuracy"], "ci95": alone["ci95"],
+                            "train_time_s": round(m.train_s, 2), "n_params": count_parameters(m.model)})
+    headline = accuracy_figures(ev.predictions, truth)
+    best = members[0]
     metrics: dict[str, Any] = {
         "study": cfg.name,
         "test_accuracy": ev.accuracy,
+        "test_ci95": headline["ci95"],
         "test_loss": ev.loss,
         "test_images": len(test),
-        "per_class_accuracy": per_class,
-        "best_trial": best.number,
-        "best_trial_value": best.value,
+        "per_class_accuracy": {name: float((ev.predictions[truth == i] == i).float().mean())
+                               for i, name in enumerate(CLASSES)},
+        "ensemble": {"requested": cfg.final.ensemble, "trained": len(members), "tta": cfg.final.tta,
+                     "shrunk": shrunk,
+                     "gain_over_best_member": ev.accuracy - max(r["test_accuracy"] for r in member_rows)},
+        "members": member_rows,
+        "best_trial": best.trial.number,
+        "best_trial_value": best.trial.value,
         "metric": cfg.metric,
-        "params": best.params,
-        "seed": seed,
+        "params": best.trial.params,
+        "seed": best.seed,
         "epochs": epochs,
         "train_images": len(train_all),
-        "n_params": count_parameters(model),
+        "n_params": sum(r["n_params"] for r in member_rows),
         "history": [{"epoch": s.epoch, "train_loss": s.train_loss, "train_accuracy": s.train_accuracy}
-                    for s in history],
+                    for s in best.history],
         "wall_time_s": round(time.perf_counter() - started, 2),
         "train_time_s": round(train_seconds, 2),
         "device": placement.describe(),
@@ -166,30 +256,22 @@ def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "study": cfg.name,
-        "trial": best.number,
-        "params": best.params,
-        "model_spec": ModelSpec.from_params(best.params).to_dict(),
+        "trial": best.trial.number,
+        "params": best.trial.params,
+        "tta": cfg.final.tta,
+        "members": [{"trial": m.trial.number, "params": m.trial.params, "seed": m.seed,
+                     "model_spec": ModelSpec.from_params(m.trial.params).to_dict(),
+                     "state_dict": {k: v.detach().cpu() for k, v in m.model.state_dict().items()}}
+                    for m in members],
         "test_accuracy": ev.accuracy,
         "hpo_version": hpo.__version__,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    truth_np, pred_np = truth.numpy(), ev.predictions.numpy()
-    counts = plots.confusion_matrix(truth_np, pred_np, CLASSES)
-    metrics["confusion_matrix"] = counts.tolist()
-    files = {
-        "model.pt": artifacts.torch_bytes(checkpoint),
-        "metrics.json": json.dumps(metrics, indent=2).encode(),
-        "confusion_matrix.png": plots.confusion_matrix_png(
-            counts, CLASSES, f"{cfg.name}: final model on the test split, accuracy {ev.accuracy:.4f}"),
-        "learning_curve.png": plots.learning_curve_png(best.user_attrs.get("history", []), metrics["history"],
-                                                       ev.accuracy, best.number),
-        "misclassified.png": plots.misclassified_png(test_images, truth_np, pred_np,
-                                                     ev.confidence.numpy(), CLASSES),
-    }
+    files = _result_files(cfg, metrics, checkpoint, ev, truth, test_images, best)
     for name, payload in files.items():
         write_atomic(out_dir / name, payload)
-    summary = {k: metrics[k] for k in ("test_accuracy", "test_loss", "best_trial", "best_trial_value", "seed",
-                                       "epochs", "wall_time_s")}
+    summary = {k: metrics[k] for k in ("test_accuracy", "test_ci95", "test_loss", "best_trial", "best_trial_value",
+                                       "seed", "epochs", "wall_time_s")}
+    summary["members"] = [r["trial"] for r in member_rows]
     summary["output_dir"] = str(out_dir.resolve())
     # Two final-trains at once each replace the other's artifacts in turn, never both at the same time.
     with SlotLock(storage, f"{cfg.name}.final") if storage is not None else contextlib.nullcontext():
@@ -198,8 +280,26 @@ def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement
         study.set_user_attr(FINAL_ATTR, summary)
         # Sorts first in the dashboard's user-attribute table, so a final-trained study shows it at a glance.
         study.set_user_attr("final_test_accuracy", ev.accuracy)
-        save_note(study, note(cfg, best, metrics))
+        save_note(study, note(cfg, best.trial, metrics))
     return metrics
+
+
+def _result_files(cfg: StudyConfig, metrics: dict[str, Any], checkpoint: dict[str, Any], ev: Any,
+                  truth: torch.Tensor, test_images: Any, best: Member) -> dict[str, bytes]:
+    truth_np, pred_np = truth.numpy(), ev.predictions.numpy()
+    counts = plots.confusion_matrix(truth_np, pred_np, CLASSES)
+    metrics["confusion_matrix"] = counts.tolist()
+    what = "final model" if len(metrics["members"]) == 1 else f"ensemble of {len(metrics['members'])}"
+    return {
+        "model.pt": artifacts.torch_bytes(checkpoint),
+        "metrics.json": json.dumps(metrics, indent=2).encode(),
+        "confusion_matrix.png": plots.confusion_matrix_png(
+            counts, CLASSES, f"{cfg.name}: {what} on the test split, accuracy {ev.accuracy:.4f}"),
+        "learning_curve.png": plots.learning_curve_png(best.trial.user_attrs.get("history", []),
+                                                       metrics["history"], ev.accuracy, best.trial.number),
+        "misclassified.png": plots.misclassified_png(test_images, truth_np, pred_np,
+                                                     ev.confidence.numpy(), CLASSES),
+    }
 
 
 def publish(study: optuna.Study, store, files: dict[str, bytes]) -> dict[str, str]:
@@ -211,23 +311,40 @@ def publish(study: optuna.Study, store, files: dict[str, bytes]) -> dict[str, st
     return ids
 
 
+def describe_accuracy(accuracy: float, ci95: list[float]) -> str:
+    """"93.61 % (95 % CI 93.12-94.07)": the headline figure with its Wilson interval, in percent."""
+    return f"{100 * accuracy:.2f} % (95 % CI {100 * ci95[0]:.2f}-{100 * ci95[1]:.2f})"
+
+
 def note(cfg: StudyConfig, best: optuna.trial.FrozenTrial, metrics: dict[str, Any]) -> str:
     """The study's dashboard note: the final result first, so a final-trained study is obvious."""
     val, test = metrics["best_trial_value"], metrics["test_accuracy"]
+    ens = metrics["ensemble"]
     params = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                        for k, v in best.params.items())
     worst = min(metrics["per_class_accuracy"].items(), key=lambda kv: kv[1])
+    what = "the final model" if ens["trained"] == 1 else f"the ensemble of {ens['trained']}"
     rows = [f"| validation {cfg.metric} of trial {best.number} | {val:.4f} |",
-            f"| test accuracy of the final model | {test:.4f} |"]
+            f"| test accuracy of {what} | {describe_accuracy(test, metrics['test_ci95'])} |"]
+    rows += [f"| member: trial {r['trial']} (val {r['value']:.4f}, seed {r['seed']}) | "
+             f"{describe_accuracy(r['test_accuracy'], r['ci95'])} |" for r in metrics["members"]]
+    if ens["trained"] > 1:
+        rows.append(f"| gain of the ensemble over its best member | {100 * ens['gain_over_best_member']:+.2f} points |")
     if cfg.metric == "val_accuracy":
         rows.append(f"| gap, test minus validation | {100 * (test - val):+.2f} points |")
     rows.append(f"| weakest class | {worst[0]} ({worst[1]:.4f}) |")
     table = "\n".join(rows)
-    return f"""## Final-trained: test accuracy {100 * test:.2f} %
+    policy = (f"The {ens['requested']} best distinct trial(s) by validation score, each retrained with its own seed; "
+              f"softmax outputs averaged{', each image also with its mirror image' if ens['tta'] == 'flip' else ''}. "
+              "The policy comes from the study file; nothing was chosen by test accuracy.")
+    if ens["shrunk"]:
+        policy += f" The {ens['shrunk']}."
+    others = "" if ens["trained"] == 1 else f", and {ens['trained'] - 1} more"
+    return f"""## Final-trained: test accuracy {describe_accuracy(test, metrics['test_ci95'])}
 
-Trial {best.number}, the best of the search, retrained from scratch by `hpo final-train` for
-{metrics['epochs']} epochs on all {metrics['train_images']:,} training images (seed {metrics['seed']}),
-then scored once on the untouched {metrics['test_images']:,}-image test split.
+Trial {best.number}, the best of the search{others}, retrained from scratch by `hpo final-train` for {metrics['epochs']} epochs on all
+{metrics['train_images']:,} training images, then scored once on the untouched
+{metrics['test_images']:,}-image test split. {policy}
 
 | | |
 |---|---|
@@ -236,7 +353,7 @@ then scored once on the untouched {metrics['test_images']:,}-image test split.
 Trials train on the study's `train_subset` for {cfg.budget.epochs} epochs; the final run trains longer on
 more images, so its test accuracy can exceed the trial's validation score.
 
-### Best params
+### Best params (trial {best.number})
 
 | param | value |
 |---|---|

@@ -18,20 +18,26 @@ from torch import nn
 from hpo.data import CLASSES, MEAN, STD, normalize
 from hpo.errors import HpoError
 from hpo.final import load_checkpoint, write_atomic
-from hpo.model import DynamicCNN, build
+from hpo.model import Ensemble, build
 from hpo.train import logits_of
 
 EXPORT_FORMATS = {"torchscript": ".ts", "onnx": ".onnx"}
 
 
 def load_model(path: Path, study: str | None = None, device: torch.device = torch.device("cpu")
-               ) -> tuple[DynamicCNN, dict[str, Any]]:
-    """The final model in eval mode, and its checkpoint's metadata (everything but the weights)."""
+               ) -> tuple[Ensemble, dict[str, Any]]:
+    """The final model (an ensemble of one or more members) in eval mode, and its checkpoint's
+    metadata (everything but the weights)."""
     checkpoint = load_checkpoint(path, study)
-    model = build(checkpoint["params"])
-    model.load_state_dict(checkpoint["state_dict"])
-    model.to(device, memory_format=torch.channels_last).eval()
-    return model, {k: v for k, v in checkpoint.items() if k != "state_dict"}
+    members = []
+    for member in checkpoint["members"]:
+        model = build(member["params"])
+        model.load_state_dict(member["state_dict"])
+        members.append(model)
+    ensemble = Ensemble(members, checkpoint["tta"]).to(device, memory_format=torch.channels_last).eval()
+    meta = {k: v for k, v in checkpoint.items() if k != "members"}
+    meta["members"] = [{k: v for k, v in m.items() if k != "state_dict"} for m in checkpoint["members"]]
+    return ensemble, meta
 
 
 # --------------------------------------------------------------------------- predict
@@ -87,7 +93,7 @@ class Prediction:
     error: str | None = None
 
 
-def predict_files(model: DynamicCNN, paths: list[Path], top: int = 1, batch_size: int = 256) -> list[Prediction]:
+def predict_files(model: nn.Module, paths: list[Path], top: int = 1, batch_size: int = 256) -> list[Prediction]:
     """One Prediction per path, in order; a file that cannot be read gets an error instead of a label."""
     results: dict[int, Prediction] = {}
     readable: list[tuple[int, np.ndarray]] = []
@@ -112,9 +118,10 @@ def predict_files(model: DynamicCNN, paths: list[Path], top: int = 1, batch_size
 
 
 class Exportable(nn.Module):
-    """The model with its input normalisation built in: float32 (N, 1, 28, 28) pixels in [0, 1] -> logits."""
+    """The model with its input normalisation built in: float32 (N, 1, 28, 28) pixels in [0, 1] ->
+    log-probabilities (the ensemble's averaged softmax, in logs)."""
 
-    def __init__(self, model: DynamicCNN):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.tensor(MEAN))
@@ -126,12 +133,13 @@ class Exportable(nn.Module):
 
 def export_metadata(meta: dict[str, Any]) -> dict[str, str]:
     return {"classes": json.dumps(list(CLASSES)), "input": "float32 (N, 1, 28, 28), pixels in [0, 1], light on dark",
-            "output": "logits (N, 10)", "study": str(meta["study"]), "trial": str(meta["trial"]),
-            "test_accuracy": str(meta["test_accuracy"]), "hpo_version": str(meta["hpo_version"]),
-            "params": json.dumps(meta["params"])}
+            "output": "log-probabilities (N, 10): softmax or argmax them", "study": str(meta["study"]),
+            "trial": str(meta["trial"]), "members": json.dumps([m["trial"] for m in meta["members"]]),
+            "tta": str(meta["tta"]), "test_accuracy": str(meta["test_accuracy"]),
+            "hpo_version": str(meta["hpo_version"]), "params": json.dumps([m["params"] for m in meta["members"]])}
 
 
-def export(model: DynamicCNN, meta: dict[str, Any], fmt: str, out: Path) -> None:
+def export(model: nn.Module, meta: dict[str, Any], fmt: str, out: Path) -> None:
     """Write a self-contained model file: weights, graph, normalisation and class names."""
     wrapped = Exportable(model.float().to(memory_format=torch.contiguous_format)).cpu().eval()
     example = torch.rand(2, 1, 28, 28)
@@ -153,7 +161,7 @@ def export(model: DynamicCNN, meta: dict[str, Any], fmt: str, out: Path) -> None
         for name in ("onnxscript", "onnx_ir"):  # they log every optimisation pass at INFO
             logging.getLogger(name).setLevel(logging.WARNING)
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every pass
-            program = torch.onnx.export(wrapped, (example,), None, input_names=["image"], output_names=["logits"],
+            program = torch.onnx.export(wrapped, (example,), None, input_names=["image"], output_names=["log_probs"],
                                         dynamic_shapes={"image": {0: batch}}, dynamo=True)
         proto = program.model_proto
         for key, value in metadata.items():
@@ -167,7 +175,7 @@ def export(model: DynamicCNN, meta: dict[str, Any], fmt: str, out: Path) -> None
 
 
 def run_exported(path: Path, fmt: str, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Logits of an exported file on uint8 (N, 28, 28) images, through its own runtime."""
+    """Outputs of an exported file on uint8 (N, 28, 28) images, through its own runtime."""
     x = images[:, None].astype(np.float32) / 255.0
     outputs = []
     if fmt == "torchscript":
@@ -182,12 +190,12 @@ def run_exported(path: Path, fmt: str, images: np.ndarray, batch_size: int = 100
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         for start in range(0, len(x), batch_size):
-            outputs.append(session.run(["logits"], {"image": x[start:start + batch_size]})[0])
+            outputs.append(session.run(["log_probs"], {"image": x[start:start + batch_size]})[0])
     return np.concatenate(outputs)
 
 
-def reference_logits(model: DynamicCNN, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """The PyTorch model's fp32 logits on the same inputs, for comparing an export against."""
+def reference_logits(model: nn.Module, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """The PyTorch model's fp32 outputs on the same inputs, for comparing an export against."""
     wrapped = Exportable(model).cpu().eval()
     x = torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
     with torch.inference_mode():

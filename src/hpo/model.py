@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -67,6 +68,27 @@ class DynamicCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class Ensemble(nn.Module):
+    """Members whose softmax outputs are averaged; with tta="flip", over each image and its mirror too.
+
+    The output is the log of the averaged probabilities, so softmax, argmax and cross-entropy treat
+    it as they treat one model's logits.
+    """
+
+    def __init__(self, members: list[nn.Module], tta: str = "none"):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.tta = tta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = [x, x.flip(-1)] if self.tta == "flip" else [x]
+        # log(mean(softmax)) as a logsumexp of log-softmaxes: no log(0) for a confident member.
+        log_probs = torch.stack([m(v).float().log_softmax(1) for m in self.members for v in views])
+        return torch.logsumexp(log_probs, 0) - math.log(len(log_probs))
 
 
 def build(params: dict[str, Any]) -> DynamicCNN:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import io
 import logging
@@ -13,13 +14,13 @@ import numpy as np
 import optuna
 import torch
 
-from hpo import artifacts, space
+from hpo import artifacts, budget, space
 from hpo.config import StudyConfig
-from hpo.data import TrialData
+from hpo.data import DeviceData, TrialData
 from hpo.devices import Placement
 from hpo.errors import HpoError
 from hpo.model import count_parameters
-from hpo.train import EpochStats, Hyper, TrainingDiverged, fit, seeded_model
+from hpo.train import EpochStats, Hyper, TrainingDiverged, evaluate, fit, seeded_model
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,33 @@ def load_resume_state(artifact_store, trial: optuna.Trial, params: dict, seed: i
     return state
 
 
+def calibrate(cfg: StudyConfig, data: TrialData, placement: Placement, steps: int = 12) -> budget.EpochCost:
+    """Time `steps` training steps of the space's middle configuration (after two untimed ones) and
+    one validation pass on up to 2,048 images, scaled to one trial epoch: what a trial costs before
+    any has run."""
+    params = space.middle(cfg.space)
+    hyper = Hyper.from_params(params)
+    images = hyper.batch_size * (steps + 2)
+    sample = DeviceData(data.train.x[:images], data.train.y[:images], placement.device)
+    model = seeded_model(params, 0, placement.device)
+    fit(model, DeviceData(sample.x[:2 * hyper.batch_size], sample.y[:2 * hyper.batch_size], placement.device),
+        None, hyper, cfg.train, cfg.augment, 1, 0)  # warm-up: first-call allocations and kernel selection
+    started = time.perf_counter()
+    fit(model, sample, None, hyper, cfg.train, cfg.augment, 1, 0)
+    train_s = (time.perf_counter() - started) / len(sample)
+    held = DeviceData(data.val.x[:2048], data.val.y[:2048], placement.device)
+    started = time.perf_counter()
+    evaluate(model, held, cfg.train.eval_batch_size)
+    eval_s = (time.perf_counter() - started) / max(1, len(held))
+    epoch_s = train_s * len(data.train) + eval_s * len(data.val)
+    return budget.EpochCost(epoch_s, len(data.train), len(data.val), placement.threads)
+
+
 def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
-                   claim: Callable[[optuna.Trial], bool], artifact_store=None) -> Callable[[optuna.Trial], float]:
+                   claim: Callable[[optuna.Trial], bool], artifact_store=None,
+                   plan: Callable[[], budget.Plan | None] = lambda: None) -> Callable[[optuna.Trial], float]:
     """`claim(trial)` says whether the trial holds one of the budget's slots; it is asked first.
+    `plan()` is the time-budget decision that let this trial start, recorded on it (None: no time budget).
 
     With an artifact store, each trial keeps a checkpoint of its last epoch there while it runs,
     and a trial retried after its worker died resumes from its predecessor's checkpoint.
@@ -89,8 +114,11 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
         params = space.suggest(trial, cfg.space)
         seed = trial_seed(cfg.seed, trial)
         model = seeded_model(params, seed, placement.device)
+        decision = plan()
         for key, value in {**placement.describe(), "pid": os.getpid(), "seed": seed,
-                           "n_params": count_parameters(model)}.items():
+                           "n_params": count_parameters(model), budget.TRAIN_IMAGES_ATTR: len(data.train),
+                           budget.VAL_IMAGES_ATTR: len(data.val),
+                           budget.PLAN_ATTR: None if decision is None else dataclasses.asdict(decision)}.items():
             trial.set_user_attr(key, value)
         if trial.user_attrs.get(CHECKPOINT_ATTR):
             artifacts.disown_inherited(trial)

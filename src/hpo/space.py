@@ -6,6 +6,7 @@ them (`filters_0`, `filters_1`, ...), so a best trial's `params` rebuild the sam
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import optuna
@@ -29,4 +30,24 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
     for name in ("kernel_size", "n_fc", "fc_size", "dropout", "optimizer", "lr", "batch_size",
                  "weight_decay"):
         params[name] = _suggest(trial, name, space[name])
+    return params
+
+
+def _middle(spec: ParamSpec) -> Any:
+    if spec.choices is not None:
+        return spec.choices[len(spec.choices) // 2]
+    if spec.log:
+        value = math.sqrt(spec.low * spec.high)
+    else:
+        value = (spec.low + spec.high) / 2
+    return round(value) if spec.is_int else value
+
+
+def middle(space: dict[str, ParamSpec]) -> dict[str, Any]:
+    """The configuration in the middle of every range (geometric for log ranges): a typical trial,
+    timed to estimate what trials cost before any has run."""
+    params: dict[str, Any] = {"n_conv": _middle(space["n_conv"])}
+    for i in range(params["n_conv"]):
+        params[f"filters_{i}"] = _middle(space["filters"])
+    params.update({name: _middle(space[name]) for name in space if name not in ("n_conv", "filters")})
     return params

@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hpo import config
+from hpo import budget, config
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError, StorageError
 from hpo.storage import creation_lock, heartbeat_ages
@@ -53,6 +53,8 @@ def create_or_load(storage: optuna.storages.RDBStorage, cfg: StudyConfig,
         if stored is None:
             study.set_user_attr(CONFIG_ATTR, cfg.to_dict())
             stored = cfg
+            if cfg.budget.time_s is not None:  # the clock of a file's time budget starts with the study
+                budget.set_deadline(study, cfg.budget.time_s)
     if stored is not cfg and stored.space_dict() != cfg.space_dict():
         diff = sorted(k for k in cfg.space if stored.space_dict().get(k) != cfg.space_dict().get(k))
         raise ConfigError(
@@ -65,6 +67,10 @@ def create_or_load(storage: optuna.storages.RDBStorage, cfg: StudyConfig,
     study.sampler = make_sampler(stored, sampler_seed)
     study.pruner = make_pruner(stored)
     return study, stored
+
+
+def exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
+    return name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
 
 
 def load(storage: optuna.storages.BaseStorage, name: str,
@@ -154,4 +160,5 @@ def summary(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBS
                      "device": t.user_attrs.get("device_name"), "epoch": t.user_attrs.get("epoch", 0),
                      "epochs": cfg.budget.epochs, "heartbeat_age_s": ages.get(t._trial_id)} for t in running],
         "final": study.user_attrs.get(FINAL_ATTR),
+        "time_budget": budget.describe_deadline(budget.get_deadline(study)),
     }

@@ -83,21 +83,22 @@ def make_optimizer(model: nn.Module, hyper: Hyper) -> torch.optim.Optimizer:
 
 
 @torch.inference_mode()
-def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The forward pass evaluation and prediction share: eval mode, bf16 autocast where it is fast."""
+def logits_of(model: nn.Module, x: torch.Tensor, fast: bool = True) -> torch.Tensor:
+    """The forward pass evaluation and prediction share: eval mode, bf16 autocast where it is fast
+    (`fast=False`: fp32, the precision of an exported model)."""
     model.eval()
-    amp = autocast_dtype(x.device)
+    amp = autocast_dtype(x.device) if fast else None
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         return model(x)
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: DeviceData, batch_size: int = 2048) -> Evaluation:
+def evaluate(model: nn.Module, data: DeviceData, batch_size: int = 2048, fast: bool = True) -> Evaluation:
     """Mean cross-entropy and accuracy on `data`, with no augmentation and no label smoothing."""
     loss_sum = torch.zeros((), device=data.device)
     preds, confs = [], []
     for x, y in data.batches(batch_size):
-        logits = logits_of(model, x)
+        logits = logits_of(model, x, fast)
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         conf, pred = logits.float().softmax(1).max(1)
         preds.append(pred)

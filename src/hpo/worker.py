@@ -11,6 +11,7 @@ retries come back as WAITING trials that any worker may pick up).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -23,12 +24,13 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
+from hpo import budget
 from hpo.config import StudyConfig
 from hpo.data import TrialData
-from hpo.devices import Placement
+from hpo.devices import Placement, cpu_count
 from hpo.errors import StorageError
 from hpo.storage import SlotLock, StorageSettings
-from hpo.objective import OutOfMemory, OverBudget, make_objective
+from hpo.objective import REASON_ATTR, OutOfMemory, OverBudget, calibrate, make_objective
 from hpo.study import counts, reap_stale
 from hpo.train import TrainingDiverged
 
@@ -137,7 +139,11 @@ def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Plac
         finally:
             lock.release()
 
-    objective = make_objective(cfg, data, placement, claim, artifact_store)
+    plans: list[budget.Plan | None] = [None]
+    objective = make_objective(cfg, data, placement, claim, artifact_store, plan=lambda: plans[-1])
+    ensure_calibrated(study, cfg, data, placement)
+    # The finalizer has the whole machine: all its cores, or this worker's GPU.
+    final_threads = placement.threads if placement.device.type == "cuda" else cpu_count()
     waiting_logged = False
     while True:
         reap_stale(study)
@@ -149,6 +155,14 @@ def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Plac
             if finished >= n_trials:
                 result.reason = f"budget met: {finished}/{n_trials} trials finished"
                 return
+            deadline = budget.get_deadline(study)
+            if deadline is not None:
+                plans.append(budget.plan_trial(study, cfg, deadline, final_threads))
+                if not plans[-1].fits:
+                    result.reason = f"time budget: {plans[-1].describe()}, so no trial starts"
+                    fail_waiting(study, f"over budget: the time ran out before this retry could start "
+                                        f"({plans[-1].describe()})")
+                    return
             full = c["WAITING"] == 0 and finished + c["RUNNING"] >= n_trials
             if not full:
                 waiting_logged = False
@@ -164,3 +178,22 @@ def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Plac
                 log.info("all %d slots are taken (%d running); waiting for them to finish", n_trials, c["RUNNING"])
                 waiting_logged = True
             time.sleep(poll_s)
+
+
+def ensure_calibrated(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Placement) -> None:
+    """A study with a deadline and no measured epoch yet needs a calibration to plan its first trials."""
+    if budget.get_deadline(study) is None or budget.measured(study) or budget.calibration(study) is not None:
+        return
+    cost = calibrate(cfg, data, placement)
+    log.info("calibrated: a typical trial epoch takes about %.1fs here", cost.epoch_s)
+    if budget.calibration(study) is None:  # another worker may have stored its own meanwhile; either will do
+        study.set_user_attr(budget.CALIBRATION_ATTR, dataclasses.asdict(cost))
+
+
+def fail_waiting(study: optuna.Study, reason: str) -> None:
+    """Fail queued retries that the time budget leaves no room for, with the reason on each."""
+    storage = study._storage
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        storage.set_trial_user_attr(t._trial_id, REASON_ATTR, reason)
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        log.warning("trial %d failed: %s", t.number, reason)

@@ -107,7 +107,7 @@ STATUS_SCHEMA = {
     "schema": str, "study": str, "metric": str, "direction": str, "n_trials": int, "epochs_per_trial": int,
     "finished": int, "remaining": int, "states": dict, "pruned_share": float, "epochs": dict,
     "mean_trial_s": (float, type(None)), "eta_s": (float, type(None)), "best": (dict, type(None)), "running": list,
-    "final": (dict, type(None)),
+    "final": (dict, type(None)), "time_budget": (dict, type(None)),
 }
 
 
@@ -186,7 +186,7 @@ def test_export_matches_the_pytorch_model_on_the_test_split(final_trained, real_
     target = work / "runs/tiny/final" / ("model.ts" if fmt == "torchscript" else "model.onnx")
 
     # Checked again here through each runtime's own loader, against the checkpoint run in plain PyTorch fp32.
-    images, _ = data.load_split(real_data_dir, "test")
+    images, labels = data.load_split(real_data_dir, "test")
     model, _ = load_model(work / "runs/tiny/final/model.pt", "tiny")
     with torch.no_grad():
         expected = model.float()(normalize(torch.from_numpy(images)[:, None])).numpy()
@@ -208,6 +208,12 @@ def test_export_matches_the_pytorch_model_on_the_test_split(final_trained, real_
     assert got.shape == (10000, 10)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     assert (got.argmax(1) == expected.argmax(1)).all()
+    # The figure final-train reported for the ensemble (2 members, flip TTA) is the exported file's own.
+    metrics = json.loads((work / "runs/tiny/final/metrics.json").read_text())
+    assert metrics["ensemble"] == {"requested": 2, "trained": 2, "tta": "flip", "shrunk": None,
+                                   "gain_over_best_member": metrics["ensemble"]["gain_over_best_member"]}
+    assert float((got.argmax(1) == labels).mean()) == metrics["test_accuracy"]
+    assert len(json.loads(props["members"] if fmt == "onnx" else json.loads(extra["hpo.json"])["members"])) == 2
 
 
 RESUME_STUDY = """
@@ -341,8 +347,9 @@ def test_progress_bars_on_a_terminal_and_log_lines_in_a_pipe(tmp_path, real_data
     code, screen = run_in_terminal(["final-train", "--study", "tiny", "--data-dir", str(real_data_dir)], tmp_path,
                                    sized=False)
     assert code == 0, screen
-    assert re.search(r"final-train: +1/1 epochs \|.*loss=[\d.]+, acc=[\d.]+", screen), screen[-2000:]
+    assert re.search(r"final-train member 2/2: +1/1 epochs \|.*loss=[\d.]+, acc=[\d.]+", screen), screen[-2000:]
 
     piped = hpo("final-train", "--study", "tiny", "--data-dir", str(real_data_dir), cwd=tmp_path)
-    assert re.search(r"INFO +hpo\[\d+\] final-train epoch 1/1  loss [\d.]+  train_acc [\d.]+", piped.stderr)
+    assert re.search(r"INFO +hpo\[\d+\] final-train member 1/2 epoch 1/1  loss [\d.]+  train_acc [\d.]+",
+                     piped.stderr)
     assert "|" not in piped.stderr.replace("||", "")

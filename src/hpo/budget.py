@@ -1,0 +1,194 @@
+"""The study's time budget: its deadline, what a trial and the finalizer will cost, and whether a
+trial may start.
+
+The deadline is a study attribute, so every worker on every host sees the same one. Costs come
+from the epoch times the study has measured (each trial's `history`); before any epoch is
+measured, from a calibration: a few timed training steps of the space's middle configuration.
+Nothing is ever killed at the deadline. The budget only decides what starts: a trial starts when
+its estimate, plus the finalizer's reserve, ends before the deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo.config import StudyConfig
+
+log = logging.getLogger(__name__)
+
+DEADLINE_ATTR = "hpo:deadline"        # study: {"at": unix s, "time_s": budget, "set_at": unix s}
+CALIBRATION_ATTR = "hpo:calibration"  # study: {"epoch_s": ..., "train_images": ..., ...} of one EpochCost
+PLAN_ATTR = "budget"                  # trial: the estimate that let it start (see Plan)
+TRAIN_IMAGES_ATTR = "train_images"    # trial: images per training epoch
+VAL_IMAGES_ATTR = "val_images"        # trial: images per validation pass
+
+EVAL_SHARE = 1 / 3           # an evaluated image costs about a third of a trained one (no backward pass)
+TRIAL_QUANTILE = 0.9         # a new trial is assumed as slow per epoch as the 90th percentile so far
+CALIBRATION_MARGIN = 2.0     # before any real epoch: configurations vary, so double the middle one's time
+TRIAL_OVERHEAD_S = 3.0       # model build, attributes and the last report of one trial
+# Trials share the cores between workers; the finalizer has them all. Threads do not scale
+# perfectly, so the finalizer is assumed this efficient per thread added.
+THREAD_EFFICIENCY = 0.7
+DATASET_IMAGES = 60_000      # the official training set the finalizer trains on
+TEST_IMAGES = 10_000
+
+
+def slack_s(time_s: float) -> float:
+    """Kept free at the end for process start-up, plots, uploads and exit: 2 % of the budget, at least 10 s."""
+    return max(10.0, 0.02 * time_s)
+
+
+# --------------------------------------------------------------------------- the deadline
+
+
+@dataclass(frozen=True)
+class Deadline:
+    at: float       # unix seconds
+    time_s: float   # the budget it was set from
+    set_at: float   # unix seconds
+
+    def left(self, now: float | None = None) -> float:
+        return self.at - (time.time() if now is None else now)
+
+
+def set_deadline(study: optuna.Study, time_s: float, now: float | None = None) -> Deadline:
+    now = time.time() if now is None else now
+    deadline = Deadline(at=now + time_s, time_s=time_s, set_at=now)
+    study.set_user_attr(DEADLINE_ATTR, asdict(deadline))
+    return deadline
+
+
+def get_deadline(study: optuna.Study) -> Deadline | None:
+    raw = study.user_attrs.get(DEADLINE_ATTR)
+    return Deadline(**raw) if raw else None
+
+
+# --------------------------------------------------------------------------- costs
+
+
+@dataclass(frozen=True)
+class EpochCost:
+    """One measured (or calibrated) epoch: its seconds and the work it held."""
+
+    epoch_s: float       # train + validation, wall clock
+    train_images: int
+    val_images: int
+    threads: int         # CPU threads the process had (1 on a GPU is fine: the ratio is what counts)
+
+    def per_image_s(self) -> float:
+        """Seconds per trained image, validation counted at EVAL_SHARE of a trained one."""
+        return self.epoch_s / max(1.0, self.train_images + EVAL_SHARE * self.val_images)
+
+
+def trial_cost(trial: FrozenTrial) -> EpochCost | None:
+    """The mean epoch of a trial that has trained at least one, from its `history` attribute."""
+    seconds = [row["seconds"] for row in trial.user_attrs.get("history", []) if "seconds" in row]
+    if not seconds or TRAIN_IMAGES_ATTR not in trial.user_attrs:
+        return None
+    return EpochCost(sum(seconds) / len(seconds), int(trial.user_attrs[TRAIN_IMAGES_ATTR]),
+                     int(trial.user_attrs.get(VAL_IMAGES_ATTR, 0)), int(trial.user_attrs.get("threads", 1)))
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def measured(study: optuna.Study) -> list[EpochCost]:
+    costs = (trial_cost(t) for t in study.get_trials(deepcopy=False)
+             if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+    return [c for c in costs if c is not None]
+
+
+def calibration(study: optuna.Study) -> EpochCost | None:
+    raw = study.user_attrs.get(CALIBRATION_ATTR)
+    return EpochCost(**raw) if raw else None
+
+
+def trial_estimate(cfg: StudyConfig, costs: list[EpochCost], calibrated: EpochCost | None) -> float:
+    """Seconds a new trial of the study takes, pruning not counted."""
+    if costs:
+        epoch_s = quantile([c.epoch_s for c in costs], TRIAL_QUANTILE)
+    elif calibrated is not None:
+        epoch_s = calibrated.epoch_s * CALIBRATION_MARGIN
+    else:
+        raise ValueError("no measured epoch and no calibration")
+    return epoch_s * cfg.budget.epochs + TRIAL_OVERHEAD_S
+
+
+def thread_factor(trial_threads: int, final_threads: int) -> float:
+    """How much faster per image the finalizer, alone on `final_threads`, runs than a trial did."""
+    if final_threads <= trial_threads:
+        return 1.0
+    return trial_threads / final_threads / THREAD_EFFICIENCY
+
+
+def member_estimate(cost: EpochCost, epochs: int, final_threads: int, train_images: int = DATASET_IMAGES) -> float:
+    """Seconds one finalizer member takes: `epochs` on `train_images`, then the test split, with TTA."""
+    per_image = cost.per_image_s() * min(1.0, thread_factor(cost.threads, final_threads))
+    return per_image * (epochs * train_images + 2 * EVAL_SHARE * TEST_IMAGES)
+
+
+def final_reserve(study: optuna.Study, cfg: StudyConfig, final_threads: int, costs: list[EpochCost],
+                  calibrated: EpochCost | None) -> float:
+    """Seconds the finalizer's whole ensemble will take, from the trials most likely to be its members."""
+    complete = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                       if trial_cost(t) is not None),
+                      key=lambda t: t.value, reverse=cfg.direction == "maximize")
+    members = [trial_cost(t) for t in complete[:cfg.final.ensemble]]
+    typical = (EpochCost(quantile([c.epoch_s for c in costs], TRIAL_QUANTILE), costs[0].train_images,
+                         costs[0].val_images, costs[0].threads) if costs else calibrated)
+    if typical is None:
+        raise ValueError("no measured epoch and no calibration")
+    members += [typical] * (cfg.final.ensemble - len(members))
+    return sum(member_estimate(c, cfg.final.epochs, final_threads) for c in members if c is not None)
+
+
+# --------------------------------------------------------------------------- the decision
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Why a trial was allowed to start: its estimated end and the reserve still left after it."""
+
+    decided_at: float    # unix seconds
+    estimate_s: float    # the trial's estimated duration
+    reserve_s: float     # the finalizer's reserve plus the slack
+    deadline: float      # unix seconds
+
+    @property
+    def fits(self) -> bool:
+        return self.decided_at + self.estimate_s + self.reserve_s <= self.deadline
+
+    def describe(self) -> str:
+        return (f"a trial needs about {self.estimate_s:.0f}s and the finalizer {self.reserve_s:.0f}s, "
+                f"{max(0.0, self.deadline - self.decided_at):.0f}s are left")
+
+
+def plan_trial(study: optuna.Study, cfg: StudyConfig, deadline: Deadline, final_threads: int,
+               now: float | None = None) -> Plan:
+    costs, calibrated = measured(study), calibration(study)
+    estimate = trial_estimate(cfg, costs, calibrated)
+    reserve = final_reserve(study, cfg, final_threads, costs, calibrated) + slack_s(deadline.time_s)
+    return Plan(time.time() if now is None else now, estimate, reserve, deadline.at)
+
+
+def minimum_budget(cfg: StudyConfig, cost: EpochCost, final_threads: int) -> float:
+    """The shortest budget that holds one trial and a one-member finalizer, at `cost` per epoch."""
+    one_trial = cost.epoch_s * cfg.budget.epochs + TRIAL_OVERHEAD_S
+    return one_trial + member_estimate(cost, cfg.final.epochs, final_threads) + slack_s(0)
+
+
+def describe_deadline(deadline: Deadline | None, now: float | None = None) -> dict[str, Any] | None:
+    if deadline is None:
+        return None
+    now = time.time() if now is None else now
+    return {"time_s": deadline.time_s, "deadline": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(deadline.at)),
+            "left_s": round(max(0.0, deadline.left(now)), 1)}

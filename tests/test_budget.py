@@ -1,0 +1,95 @@
+"""The time budget: durations, cost estimates from measured epochs, and the start decision."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState, create_trial
+
+from hpo import budget, config
+from hpo.budget import EpochCost, Plan
+
+
+@pytest.mark.parametrize("text, seconds", [("10m", 600), ("1h30m", 5400), ("90s", 90), ("45", 45),
+                                           ("1.5h", 5400), (" 2m 30s ", 150)])
+def test_durations_people_write(text, seconds):
+    assert config.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text, problem", [("ten minutes", "is not a duration"), ("10x", "is not a duration"),
+                                           ("0m", "not a positive duration"), ("-5m", "is not a duration"),
+                                           ("", "is not a duration")])
+def test_durations_that_do_not_parse_say_why(text, problem):
+    with pytest.raises(ValueError, match=problem):
+        config.parse_duration(text)
+
+
+def test_study_file_time_is_parsed_and_round_trips():
+    cfg = config.load("cnn-quick")
+    assert cfg.budget.time_s == 600
+    assert config.from_dict(cfg.to_dict(), source="stored").budget.time_s == 600
+
+
+def test_quantile_is_an_upper_order_statistic():
+    values = [float(v) for v in range(1, 11)]
+    assert budget.quantile(values, 0.9) == 9.0
+    assert budget.quantile(values, 1.0) == 10.0
+    assert budget.quantile([3.0], 0.9) == 3.0
+
+
+def study_with(epoch_seconds: list[float], epochs: int = 3) -> optuna.Study:
+    study = optuna.create_study(direction="maximize")
+    for i, seconds in enumerate(epoch_seconds):
+        study.add_trial(create_trial(
+            state=TrialState.COMPLETE, value=0.5 + i / 100, params={},
+            user_attrs={"history": [{"epoch": e + 1, "seconds": seconds} for e in range(epochs)],
+                        budget.TRAIN_IMAGES_ATTR: 1000, budget.VAL_IMAGES_ATTR: 300, "threads": 1}))
+    return study
+
+
+def test_trial_estimate_uses_the_90th_percentile_of_measured_epochs():
+    cfg = config.load("tiny")  # 3 epochs per trial
+    costs = budget.measured(study_with([1.0] * 9 + [10.0]))
+    assert budget.trial_estimate(cfg, costs, None) == pytest.approx(1.0 * 3 + budget.TRIAL_OVERHEAD_S)
+    costs = budget.measured(study_with([1.0] * 8 + [10.0, 10.0]))
+    assert budget.trial_estimate(cfg, costs, None) == pytest.approx(10.0 * 3 + budget.TRIAL_OVERHEAD_S)
+
+
+def test_before_any_epoch_the_calibration_counts_double():
+    cfg = config.load("tiny")
+    calibrated = EpochCost(epoch_s=2.0, train_images=1000, val_images=300, threads=1)
+    assert budget.trial_estimate(cfg, [], calibrated) == pytest.approx(2.0 * 2 * 3 + budget.TRIAL_OVERHEAD_S)
+    with pytest.raises(ValueError):
+        budget.trial_estimate(cfg, [], None)
+
+
+def test_final_reserve_counts_every_member_on_the_whole_training_set():
+    cfg = config.load("tiny")  # ensemble 2, 1 final epoch
+    study = study_with([1.0, 2.0])
+    costs = budget.measured(study)
+    reserve = budget.final_reserve(study, cfg, 1, costs, None)
+    per_image = [c.per_image_s() for c in costs]  # the two best trials are the members
+    expected = sum(p * (budget.DATASET_IMAGES + 2 * budget.EVAL_SHARE * budget.TEST_IMAGES) for p in per_image)
+    assert reserve == pytest.approx(expected)
+    # With more cores than the trials had, the finalizer is expected faster, never slower.
+    assert budget.final_reserve(study, cfg, 4, costs, None) < reserve
+
+
+def test_plan_fits_only_when_trial_and_reserve_end_before_the_deadline():
+    assert Plan(decided_at=0, estimate_s=10, reserve_s=20, deadline=30).fits
+    assert not Plan(decided_at=0.5, estimate_s=10, reserve_s=20, deadline=30).fits
+
+
+def test_deadline_is_a_study_attribute_every_process_reads():
+    study = optuna.create_study()
+    set_at = budget.set_deadline(study, 600, now=1000.0)
+    assert budget.get_deadline(study) == set_at == budget.Deadline(at=1600.0, time_s=600, set_at=1000.0)
+    assert set_at.left(now=1500.0) == 100.0
+    assert budget.describe_deadline(set_at, now=1500.0)["left_s"] == 100.0
+
+
+def test_minimum_budget_holds_one_trial_and_one_member():
+    cfg = config.load("tiny")
+    cost = EpochCost(epoch_s=1.0, train_images=1000, val_images=300, threads=1)
+    needed = budget.minimum_budget(cfg, cost, 1)
+    assert needed == pytest.approx(3 * 1.0 + budget.TRIAL_OVERHEAD_S + budget.member_estimate(cost, 1, 1) + 10)

@@ -1,0 +1,52 @@
+"""The finalizer's choices and figures: members, the interval, and refusals before any training."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState, create_trial
+
+from hpo import config
+from hpo.errors import HpoError
+from hpo.final import choose_members, wilson_interval
+
+
+def test_wilson_interval_known_values():
+    # Textbook values: 50 of 100 gives 40.38-59.62 %; 0 of 10 gives 0-27.75 %.
+    low, high = wilson_interval(50, 100)
+    assert (round(low, 4), round(high, 4)) == (0.4038, 0.5962)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and round(high, 4) == 0.2775
+    # On the 10,000 test images, 93.5 % is known to within about half a point either way.
+    low, high = wilson_interval(9350, 10000)
+    assert (round(low, 4), round(high, 4)) == (0.9300, 0.9397)
+
+
+def study_of(values_and_params: list[tuple[float, dict]]) -> optuna.Study:
+    study = optuna.create_study(direction="maximize")
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)}
+    for value, params in values_and_params:
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=value, params=params, distributions=dist))
+    study.add_trial(create_trial(state=TrialState.PRUNED, params={"lr": 0.5}, distributions=dist,
+                                 intermediate_values={1: 0.99}))
+    return study
+
+
+def test_members_are_the_best_distinct_complete_trials_by_validation_value():
+    cfg = config.load("tiny")
+    study = study_of([(0.80, {"lr": 0.1}), (0.90, {"lr": 0.01}), (0.85, {"lr": 0.01}), (0.70, {"lr": 0.2})])
+    chosen = choose_members(study, cfg, 3)
+    assert [t.value for t in chosen] == [0.90, 0.80, 0.70]  # 0.85 repeats 0.90's params; pruned never counts
+
+
+def test_an_ensemble_larger_than_the_distinct_trials_is_refused_with_the_count():
+    cfg = config.load("tiny")
+    study = study_of([(0.80, {"lr": 0.1}), (0.90, {"lr": 0.1})])
+    with pytest.raises(HpoError, match=r"ensemble = 2, but study 'tiny' has only 1 distinct COMPLETE trial\(s\). "
+                                       r"Lower ensemble to at most 1"):
+        choose_members(study, cfg, 2)
+
+
+def test_a_study_without_complete_trials_has_nothing_to_retrain():
+    with pytest.raises(HpoError, match="has no COMPLETE trial yet"):
+        choose_members(optuna.create_study(direction="maximize"), config.load("tiny"), 1)
