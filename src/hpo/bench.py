@@ -13,6 +13,7 @@ peak memory is its own:
 from __future__ import annotations
 
 import gzip
+import json
 import multiprocessing
 import resource
 import tempfile
@@ -255,3 +256,73 @@ def run(spec: BenchSpec, workers: int = 0, rounds: int = 3) -> dict[str, Any]:
             "single_worker_images_per_s": engine["images_per_s"],
         }
     return result
+
+
+# --------------------------------------------------------------------------- search against a fixed guess
+
+
+def fixed_baseline(time_s: float, data_dir: Path, device: str, threads: int, recipe: Any, augment: Any,
+                   seed: int = 0) -> dict[str, Any]:
+    """The notebook's fixed CNN (DEFAULT_PARAMS) trained from scratch on all 60,000 training images
+    for as many epochs as fit in `time_s`, with the study's recipe, then scored once on the test split.
+
+    The epoch count comes from timing one epoch on 5,000 images first (that time counts too), so the
+    whole baseline, test pass included, ends within the budget it is compared at.
+    """
+    import torch
+
+    from hpo import data
+    from hpo.devices import place
+    from hpo.final import accuracy_figures
+    from hpo.train import Hyper, evaluate, fit, seeded_model
+
+    started = time.perf_counter()
+    placement = place(device, threads)
+    images, labels = data.load_split(data_dir, "train")
+    train = data.DeviceData(images, labels, placement.device)
+    hyper = Hyper.from_params(DEFAULT_PARAMS)
+    probe = data.DeviceData(images[:5000], labels[:5000], placement.device)
+    timed = time.perf_counter()
+    fit(seeded_model(DEFAULT_PARAMS, seed, placement.device), probe, None, hyper, recipe, augment, 1, seed)
+    epoch_s = (time.perf_counter() - timed) * len(train) / len(probe)
+    left = time_s - (time.perf_counter() - started) - 0.02 * time_s  # 2 % for the test pass and exit
+    epochs = max(1, int(left // epoch_s))
+    model = seeded_model(DEFAULT_PARAMS, seed, placement.device)
+    fit(model, train, None, hyper, recipe, augment, epochs, seed)
+    test_images, test_labels = data.load_split(data_dir, "test")
+    test = data.DeviceData(test_images, test_labels, placement.device)
+    ev = evaluate(model, test, fast=False)
+    figures = accuracy_figures(ev.predictions, torch.as_tensor(test_labels))
+    return {"params": DEFAULT_PARAMS, "epochs": epochs, "epoch_s": round(epoch_s, 2),
+            "test_accuracy": figures["accuracy"], "test_ci95": figures["ci95"],
+            "wall_time_s": round(time.perf_counter() - started, 1), "device": placement.name}
+
+
+def search_against_fixed(study_file: Path, time_s: float, workers: int, data_dir: Path, device: str | None,
+                         threads: int, work_dir: Path) -> dict[str, Any]:
+    """`hpo optimize --time T --final` on `study_file` in `work_dir` (its own storage and outputs),
+    then the fixed notebook CNN for the same T: both scored on the same test split."""
+    import subprocess
+    import sys
+
+    from hpo import config
+
+    cfg = config.load(study_file)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "hpo", "optimize", "--study", str(study_file.resolve()), "--workers", str(workers),
+            "--time", f"{time_s:g}s", "--final", "--data-dir", str(data_dir)] + (["--device", device] if device else [])
+    started = time.perf_counter()
+    done = subprocess.run(args, cwd=work_dir, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"hpo optimize exited {done.returncode}:\n{done.stderr[-3000:]}")
+    searched = json.loads((work_dir / "runs" / cfg.name / "final" / "metrics.json").read_text())
+    search_wall = time.perf_counter() - started
+    fixed = fixed_baseline(time_s, data_dir, device or "cpu", threads, cfg.train, cfg.augment)
+    return {
+        "time_s": time_s,
+        "search": {"study": cfg.name, "test_accuracy": searched["test_accuracy"], "test_ci95": searched["test_ci95"],
+                   "members": [m["trial"] for m in searched["members"]], "ensemble": searched["ensemble"],
+                   "wall_time_s": round(search_wall, 1)},
+        "fixed": fixed,
+        "difference": searched["test_accuracy"] - fixed["test_accuracy"],
+    }

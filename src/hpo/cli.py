@@ -533,11 +533,16 @@ def dashboard(study_arg: str | None, storage: str | None, artifacts: str | None,
                    "spells hit both).")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the engine's model (the warm-up "
               "pass absorbs the compile time, which is reported separately).")
+@click.option("--search", "search_time", metavar="DURATION",
+              help="Instead: run `hpo optimize --time DURATION --final` on --study (default cnn-quick, with --workers "
+                   "or 2) and train the notebook CNN for the same DURATION; score both on the test split.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench(study_arg: str | None, storage: str | None, params_json: str | None, images: int, batch_size: int,
           crop_padding: int, data_dir: str | None, device: str | None, threads: int | None, epochs: int,
-          repeats: int, num_workers: int, workers: int, rounds: int, use_compile: bool, as_json: bool) -> None:
-    """Images/s of our training engine against the seed-style notebook pipeline, same model and batch."""
+          repeats: int, num_workers: int, workers: int, rounds: int, use_compile: bool, search_time: str | None,
+          as_json: bool) -> None:
+    """Images/s of our training engine against the seed-style notebook pipeline, same model and batch
+    (or, with --search, the searched ensemble against the fixed notebook CNN at the same time budget)."""
     import datetime
     import platform
 
@@ -546,6 +551,11 @@ def bench(study_arg: str | None, storage: str | None, params_json: str | None, i
     from hpo import bench as bench_mod, data
     from hpo.devices import cpu_count
     from hpo.model import build, count_parameters
+
+    if search_time:
+        _bench_search(study_arg or "cnn-quick", _parse_time(search_time), workers or 2, data_dir, device,
+                      threads or cpu_count(), as_json)
+        return
 
     params = dict(bench_mod.DEFAULT_PARAMS)
     if study_arg:
@@ -592,6 +602,28 @@ def bench(study_arg: str | None, storage: str | None, params_json: str | None, i
                    f"({p['split_images_per_s'] / p['single_worker_images_per_s']:.2f}x one worker on "
                    f"{spec.threads} threads); each on all {spec.threads} threads (oversubscribed): "
                    f"{p['oversubscribed_images_per_s']:,.0f} img/s")
+
+
+def _bench_search(study_arg: str, time_s: float, workers: int, data_dir: str | None, device: str | None,
+                  threads: int, as_json: bool) -> None:
+    from hpo import bench as bench_mod, data
+    from hpo.final import describe_accuracy
+
+    work_dir = storage_mod.RUNS_DIR / "bench-search"
+    click.echo(f"hpo bench --search: {_duration(time_s)} of search + ensemble, then {_duration(time_s)} of the fixed "
+               f"notebook CNN; the search's storage and outputs go to {work_dir}/", err=True)
+    result = bench_mod.search_against_fixed(config.resolve_path(study_arg), time_s, workers,
+                                            data.find_data_dir(data_dir), device, threads, work_dir)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    s, f = result["search"], result["fixed"]
+    click.echo(f"at {_duration(time_s)} each, scored once on the 10,000 test images:")
+    click.echo(f"  {s['study']} search + ensemble of {len(s['members'])} (trials {', '.join(map(str, s['members']))}): "
+               f"{describe_accuracy(s['test_accuracy'], s['test_ci95'])} in {s['wall_time_s']:.0f}s")
+    click.echo(f"  fixed notebook CNN (32/64 filters, FC 512, Adam 1e-3), {f['epochs']} epochs: "
+               f"{describe_accuracy(f['test_accuracy'], f['test_ci95'])} in {f['wall_time_s']:.0f}s")
+    click.echo(f"  difference: {100 * result['difference']:+.2f} points")
 
 
 def _final_model_path(study_arg: str, model_path: str | None) -> tuple[str, Path]:

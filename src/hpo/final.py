@@ -155,11 +155,29 @@ def member_seed(cfg: StudyConfig, index: int) -> int:
     return derive_seed(cfg.seed, FINAL_SEED_TAG) if index == 0 else derive_seed(cfg.seed, FINAL_SEED_TAG, index)
 
 
+def fitted_epochs(trial: optuna.trial.FrozenTrial, epochs: int, images: int, threads: int,
+                  deadline: budget.Deadline) -> int:
+    """The epochs of the first member that end before `deadline`: all of them, or as many as fit (at least one)."""
+    cost = budget.trial_cost(trial)
+    if cost is None:
+        return epochs
+    per_epoch = budget.member_estimate(cost, 1, threads, images) - budget.member_estimate(cost, 0, threads, images)
+    left = deadline.left() - budget.member_estimate(cost, 0, threads, images) - budget.slack_s(deadline.time_s)
+    return max(1, min(epochs, int(left // per_epoch)))
+
+
 def train_members(chosen: list[optuna.trial.FrozenTrial], cfg: StudyConfig, train_all: DeviceData, epochs: int,
-                  deadline: budget.Deadline | None) -> tuple[list[Member], str | None]:
-    """Retrain each chosen trial from scratch, one after another; with a deadline, stop before a
-    member that would end past it (the first always trains). Returns the members and why it shrank."""
+                  threads: int, deadline: budget.Deadline | None) -> tuple[list[Member], int, str | None]:
+    """Retrain each chosen trial from scratch, one after another. With a deadline, the first member
+    trains the epochs that fit (all of them unless time is short) and the ensemble stops before a
+    member that would end past it. Returns the members, their epochs and what shrank, if anything."""
     members: list[Member] = []
+    shrunk: list[str] = []
+    if deadline is not None:
+        fitted = fitted_epochs(chosen[0], epochs, len(train_all), threads, deadline)
+        if fitted < epochs:
+            shrunk.append(f"epochs shrank from {epochs} to {fitted} to end within the time budget")
+            epochs = fitted
     for index, trial in enumerate(chosen):
         if members and deadline is not None:
             first = budget.trial_cost(members[0].trial)
@@ -167,11 +185,10 @@ def train_members(chosen: list[optuna.trial.FrozenTrial], cfg: StudyConfig, trai
             ratio = this.per_image_s() / first.per_image_s() if first and this else 1.0
             needed = members[0].train_s * ratio + budget.slack_s(deadline.time_s)
             if deadline.left() < needed:
-                shrunk = (f"ensemble shrank from {len(chosen)} to {len(members)} member(s) to end within the time "
-                          f"budget: member {index + 1} (trial {trial.number}) needs about {needed:.0f}s, "
-                          f"{max(0.0, deadline.left()):.0f}s are left")
-                log.warning("final-train: %s", shrunk)
-                return members, shrunk
+                shrunk.append(f"ensemble shrank from {len(chosen)} to {len(members)} member(s) to end within the "
+                              f"time budget: member {index + 1} (trial {trial.number}) needs about {needed:.0f}s, "
+                              f"{max(0.0, deadline.left()):.0f}s are left")
+                break
         seed = member_seed(cfg, index)
         log.info("final-train: member %d/%d is trial %d (val %s %.4f), %d images, %d epochs, seed %d",
                  index + 1, len(chosen), trial.number, cfg.metric, trial.value, len(train_all), epochs, seed)
@@ -187,7 +204,9 @@ def train_members(chosen: list[optuna.trial.FrozenTrial], cfg: StudyConfig, trai
             history = fit(model, train_all, None, Hyper.from_params(trial.params), cfg.train, cfg.augment, epochs,
                           seed, on_epoch)
         members.append(Member(trial, seed, model, history, time.perf_counter() - started))
-    return members, None
+    for line in shrunk:
+        log.warning("final-train: %s", line)
+    return members, epochs, "; ".join(shrunk) or None
 
 
 def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement: Placement,
@@ -206,7 +225,7 @@ def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement
     started = time.perf_counter()
     images, labels = data_mod.load_split(data_dir, "train")
     train_all = DeviceData(images, labels, placement.device)
-    members, shrunk = train_members(chosen, cfg, train_all, epochs, deadline)
+    members, epochs, shrunk = train_members(chosen, cfg, train_all, epochs, placement.threads, deadline)
     train_seconds = time.perf_counter() - started
 
     # The only read of the test split in the whole project.

@@ -1,0 +1,50 @@
+"""A time-budgeted study with real workers on the real data: the budget decides what starts, so the
+study ends with every trial it started finished, and the finalizer runs inside the same budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+
+from conftest import run_hpo as hpo
+
+pytestmark = pytest.mark.integration
+
+STUDIES = Path(__file__).resolve().parents[2] / "studies"
+
+
+def test_time_budget_ends_the_search_cleanly_and_keeps_the_finalizer_inside_it(tmp_path, real_data_dir):
+    # n_trials far beyond what fits, so the clock is what ends the search.
+    source = (STUDIES / "tiny.toml").read_text().replace('name = "tiny"', 'name = "timed"')
+    study_file = tmp_path / "timed.toml"
+    study_file.write_text(source.replace("n_trials = 8", "n_trials = 10000"))
+    result = hpo("optimize", "--study", str(study_file), "--workers", "2", "--time", "2m", "--final",
+                 "--data-dir", str(real_data_dir), cwd=tmp_path, timeout=900)
+
+    study = optuna.load_study(study_name="timed", storage=f"sqlite:///{tmp_path / 'runs' / 'hpo.db'}")
+    by_state = {s: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
+    finished = by_state[optuna.trial.TrialState.COMPLETE] + by_state[optuna.trial.TrialState.PRUNED]
+    assert finished == len(study.trials) >= 2, by_state  # nothing RUNNING, WAITING or FAILED is left
+    assert finished < 10000
+    deadline = study.user_attrs["hpo:deadline"]
+    assert deadline["time_s"] == 120
+    for t in study.trials:
+        plan = t.user_attrs["budget"]  # the estimate that let the trial start, recorded on it
+        assert plan["deadline"] == deadline["at"]
+        assert plan["decided_at"] + plan["estimate_s"] + plan["reserve_s"] <= plan["deadline"], (t.number, plan)
+        assert t.datetime_start.timestamp() >= plan["decided_at"] - 1.0
+    # Each worker stopped because the next trial would not have fit, and said so.
+    assert result.stderr.count("time budget: a trial needs about") == 2, result.stderr[-3000:]
+
+    metrics = json.loads((tmp_path / "runs/timed/final/metrics.json").read_text())
+    ensemble = metrics["ensemble"]
+    assert 1 <= ensemble["trained"] <= 2 and ensemble["tta"] == "flip"
+    if ensemble["trained"] < 2:  # a slow machine: the finalizer shrank the ensemble to what fitted, and said so
+        assert "ensemble shrank from 2 to 1 member(s) to end within the time budget" in result.stdout
+    assert f"test accuracy {100 * metrics['test_accuracy']:.2f} % (95 % CI " in result.stdout
+    status = json.loads(hpo("status", "--study", "timed", "--json", cwd=tmp_path).stdout)
+    assert status["time_budget"]["time_s"] == 120 and status["final"]["test_ci95"] == metrics["test_ci95"]
+    print(f"time budget 120s: {finished} trials, ensemble of {ensemble['trained']}, {result.stdout.splitlines()[-1]}")
