@@ -139,8 +139,8 @@ def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Plac
         finally:
             lock.release()
 
-    plans: list[budget.Plan | None] = [None]
-    objective = make_objective(cfg, data, placement, claim, artifact_store, plan=lambda: plans[-1])
+    plans: list[budget.Plan | None] = [None]  # the latest decision, read by the objective it let start
+    objective = make_objective(cfg, data, placement, claim, artifact_store, plan=lambda: plans[0])
     ensure_calibrated(study, cfg, data, placement)
     # The finalizer has the whole machine: all its cores, or this worker's GPU.
     final_threads = placement.threads if placement.device.type == "cuda" else cpu_count()
@@ -157,11 +157,11 @@ def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Plac
                 return
             deadline = budget.get_deadline(study)
             if deadline is not None:
-                plans.append(budget.plan_trial(study, cfg, deadline, final_threads))
-                if not plans[-1].fits:
-                    result.reason = f"time budget: {plans[-1].describe()}, so no trial starts"
+                plan = plans[0] = budget.plan_trial(study, cfg, deadline, final_threads)
+                if not plan.fits:
+                    result.reason = f"time budget: {plan.describe()}, so no trial starts"
                     fail_waiting(study, f"over budget: the time ran out before this retry could start "
-                                        f"({plans[-1].describe()})")
+                                        f"({plan.describe()})")
                     return
             full = c["WAITING"] == 0 and finished + c["RUNNING"] >= n_trials
             if not full:
