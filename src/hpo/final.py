@@ -32,7 +32,7 @@ from hpo.objective import derive_seed
 from hpo.progress import Progress
 from hpo.storage import SlotLock
 from hpo.study import FINAL_ATTR
-from hpo.train import EpochStats, Hyper, evaluate, fit, seeded_model
+from hpo.train import EpochStats, Hyper, evaluate, fit, seconds_per_image, seeded_model
 
 log = logging.getLogger(__name__)
 
@@ -155,26 +155,25 @@ def member_seed(cfg: StudyConfig, index: int) -> int:
     return derive_seed(cfg.seed, FINAL_SEED_TAG) if index == 0 else derive_seed(cfg.seed, FINAL_SEED_TAG, index)
 
 
-def fitted_epochs(trial: optuna.trial.FrozenTrial, epochs: int, images: int, threads: int,
+def fitted_epochs(trial: optuna.trial.FrozenTrial, cfg: StudyConfig, train_all: DeviceData, epochs: int,
                   deadline: budget.Deadline) -> int:
-    """The epochs of the first member that end before `deadline`: all of them, or as many as fit (at least one)."""
-    cost = budget.trial_cost(trial)
-    if cost is None:
-        return epochs
-    per_epoch = budget.member_estimate(cost, 1, threads, images) - budget.member_estimate(cost, 0, threads, images)
-    left = deadline.left() - budget.member_estimate(cost, 0, threads, images) - budget.slack_s(deadline.time_s)
-    return max(1, min(epochs, int(left // per_epoch)))
+    """The epochs of the first member that end before `deadline`: all of them unless time is short,
+    else as many as fit (at least one), from this machine's measured speed for that configuration."""
+    per_epoch = seconds_per_image(trial.params, train_all, cfg.train, cfg.augment) * len(train_all)
+    # 5 % for epoch-to-epoch noise, and the test passes (members x views) at a third of a trained image.
+    left = deadline.left() - budget.slack_s(deadline.time_s) - per_epoch * budget.TEST_IMAGES / len(train_all)
+    return max(1, min(epochs, int(left // (1.05 * per_epoch))))
 
 
 def train_members(chosen: list[optuna.trial.FrozenTrial], cfg: StudyConfig, train_all: DeviceData, epochs: int,
-                  threads: int, deadline: budget.Deadline | None) -> tuple[list[Member], int, str | None]:
+                  deadline: budget.Deadline | None) -> tuple[list[Member], int, str | None]:
     """Retrain each chosen trial from scratch, one after another. With a deadline, the first member
     trains the epochs that fit (all of them unless time is short) and the ensemble stops before a
     member that would end past it. Returns the members, their epochs and what shrank, if anything."""
     members: list[Member] = []
     shrunk: list[str] = []
     if deadline is not None:
-        fitted = fitted_epochs(chosen[0], epochs, len(train_all), threads, deadline)
+        fitted = fitted_epochs(chosen[0], cfg, train_all, epochs, deadline)
         if fitted < epochs:
             shrunk.append(f"epochs shrank from {epochs} to {fitted} to end within the time budget")
             epochs = fitted
@@ -225,7 +224,7 @@ def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement
     started = time.perf_counter()
     images, labels = data_mod.load_split(data_dir, "train")
     train_all = DeviceData(images, labels, placement.device)
-    members, epochs, shrunk = train_members(chosen, cfg, train_all, epochs, placement.threads, deadline)
+    members, epochs, shrunk = train_members(chosen, cfg, train_all, epochs, deadline)
     train_seconds = time.perf_counter() - started
 
     # The only read of the test split in the whole project.

@@ -20,7 +20,7 @@ from hpo.data import DeviceData, TrialData
 from hpo.devices import Placement
 from hpo.errors import HpoError
 from hpo.model import count_parameters
-from hpo.train import EpochStats, Hyper, TrainingDiverged, evaluate, fit, seeded_model
+from hpo.train import EpochStats, Hyper, TrainingDiverged, evaluate, fit, seconds_per_image, seeded_model
 
 log = logging.getLogger(__name__)
 
@@ -75,23 +75,14 @@ def load_resume_state(artifact_store, trial: optuna.Trial, params: dict, seed: i
     return state
 
 
-def calibrate(cfg: StudyConfig, data: TrialData, placement: Placement, steps: int = 12) -> budget.EpochCost:
-    """Time `steps` training steps of the space's middle configuration (after two untimed ones) and
-    one validation pass on up to 2,048 images, scaled to one trial epoch: what a trial costs before
-    any has run."""
+def calibrate(cfg: StudyConfig, data: TrialData, placement: Placement) -> budget.EpochCost:
+    """What a trial epoch costs before any has run: the space's middle configuration, timed for a
+    few training steps and one validation pass on up to 2,048 images, scaled to the trial's data."""
     params = space.middle(cfg.space)
-    hyper = Hyper.from_params(params)
-    images = hyper.batch_size * (steps + 2)
-    sample = DeviceData(data.train.x[:images], data.train.y[:images], placement.device)
-    model = seeded_model(params, 0, placement.device)
-    fit(model, DeviceData(sample.x[:2 * hyper.batch_size], sample.y[:2 * hyper.batch_size], placement.device),
-        None, hyper, cfg.train, cfg.augment, 1, 0)  # warm-up: first-call allocations and kernel selection
-    started = time.perf_counter()
-    fit(model, sample, None, hyper, cfg.train, cfg.augment, 1, 0)
-    train_s = (time.perf_counter() - started) / len(sample)
+    train_s = seconds_per_image(params, data.train, cfg.train, cfg.augment)
     held = DeviceData(data.val.x[:2048], data.val.y[:2048], placement.device)
     started = time.perf_counter()
-    evaluate(model, held, cfg.train.eval_batch_size)
+    evaluate(seeded_model(params, 0, placement.device), held, cfg.train.eval_batch_size)
     eval_s = (time.perf_counter() - started) / max(1, len(held))
     epoch_s = train_s * len(data.train) + eval_s * len(data.val)
     return budget.EpochCost(epoch_s, len(data.train), len(data.val), placement.threads)

@@ -179,6 +179,21 @@ def fit(model: DynamicCNN, train: DeviceData, val: DeviceData | None, hyper: Hyp
     return history
 
 
+def seconds_per_image(params: dict[str, Any], data: DeviceData, recipe: Recipe, augment: Augment,
+                      steps: int = 12) -> float:
+    """Training seconds per image of `params` on this device and thread count, timed over `steps`
+    steps after two untimed ones (first-call allocations and kernel selection)."""
+    hyper = Hyper.from_params(params)
+    images = min(len(data), hyper.batch_size * (steps + 2))
+    model = seeded_model(params, 0, data.device)
+    warm = DeviceData(data.x[:2 * hyper.batch_size], data.y[:2 * hyper.batch_size], data.device)
+    fit(model, warm, None, hyper, recipe, augment, 1, 0)
+    sample = DeviceData(data.x[:images], data.y[:images], data.device)
+    started = time.perf_counter()
+    fit(model, sample, None, hyper, recipe, augment, 1, 0)
+    return (time.perf_counter() - started) / max(1, len(sample))
+
+
 def _rng_state(device: torch.device) -> torch.Tensor:
     """The global generator dropout draws from on `device`."""
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
