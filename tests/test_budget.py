@@ -88,8 +88,20 @@ def test_deadline_is_a_study_attribute_every_process_reads():
     assert budget.describe_deadline(set_at, now=1500.0)["left_s"] == 100.0
 
 
-def test_minimum_budget_holds_one_trial_and_one_member():
-    cfg = config.load("tiny")
+def test_minimum_budget_holds_one_trial_and_the_smallest_finalizer_in_their_shares():
+    cfg = config.load("tiny")  # 3 trial epochs
     cost = EpochCost(epoch_s=1.0, train_images=1000, val_images=300, threads=1)
+    share = budget.FINAL_SHARE_MAX
     needed = budget.minimum_budget(cfg, cost, 1)
-    assert needed == pytest.approx(3 * 1.0 + budget.TRIAL_OVERHEAD_S + budget.member_estimate(cost, 1, 1) + 10)
+    one_trial, one_epoch = 3 * 1.0 + budget.TRIAL_OVERHEAD_S, budget.member_estimate(cost, 1, 1)
+    assert needed == pytest.approx(max(one_trial / (1 - share), one_epoch / share) + 10)
+
+
+def test_final_reserve_leaves_the_search_its_share():
+    cfg = config.load("tiny")  # ensemble 2
+    study = study_with([1.0, 2.0])
+    costs = budget.measured(study)
+    whole = budget.final_reserve(study, cfg, 1, costs, None)
+    assert budget.final_reserve(study, cfg, 1, costs, None, time_s=10 * whole) == pytest.approx(whole)
+    assert budget.final_reserve(study, cfg, 1, costs, None, time_s=whole) == pytest.approx(
+        budget.FINAL_SHARE_MAX * whole)

@@ -37,6 +37,9 @@ TRIAL_OVERHEAD_S = 3.0       # model build, attributes and the last report of on
 # 0.00047 s per image where the 2-thread finalizer then took 0.00024 (0.51x): the machine's total
 # throughput barely changed. 0.9 keeps the reserve about 10 % on the safe side.
 THREAD_EFFICIENCY = 0.9
+# The finalizer's reserve never takes more than this share of the budget: the search keeps the rest,
+# and the finalizer shrinks its ensemble, then its first member's epochs, to what is left.
+FINAL_SHARE_MAX = 0.65
 DATASET_IMAGES = 60_000      # the official training set the finalizer trains on
 TEST_IMAGES = 10_000
 
@@ -138,8 +141,9 @@ def member_estimate(cost: EpochCost, epochs: int, final_threads: int, train_imag
 
 
 def final_reserve(study: optuna.Study, cfg: StudyConfig, final_threads: int, costs: list[EpochCost],
-                  calibrated: EpochCost | None) -> float:
-    """Seconds the finalizer's whole ensemble will take, from the trials most likely to be its members."""
+                  calibrated: EpochCost | None, time_s: float | None = None) -> float:
+    """Seconds kept for the finalizer: its whole ensemble, estimated from the trials most likely to be
+    its members, but at most FINAL_SHARE_MAX of `time_s`."""
     complete = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                        if trial_cost(t) is not None),
                       key=lambda t: t.value, reverse=cfg.direction == "maximize")
@@ -149,7 +153,8 @@ def final_reserve(study: optuna.Study, cfg: StudyConfig, final_threads: int, cos
     if typical is None:
         raise ValueError("no measured epoch and no calibration")
     members += [typical] * (cfg.final.ensemble - len(members))
-    return sum(member_estimate(c, cfg.final.epochs, final_threads) for c in members if c is not None)
+    each = [member_estimate(c, cfg.final.epochs, final_threads) for c in members if c is not None]
+    return sum(each) if time_s is None else min(sum(each), FINAL_SHARE_MAX * time_s)
 
 
 # --------------------------------------------------------------------------- the decision
@@ -177,14 +182,16 @@ def plan_trial(study: optuna.Study, cfg: StudyConfig, deadline: Deadline, final_
                now: float | None = None) -> Plan:
     costs, calibrated = measured(study), calibration(study)
     estimate = trial_estimate(cfg, costs, calibrated)
-    reserve = final_reserve(study, cfg, final_threads, costs, calibrated) + slack_s(deadline.time_s)
+    reserve = final_reserve(study, cfg, final_threads, costs, calibrated, deadline.time_s) + slack_s(deadline.time_s)
     return Plan(time.time() if now is None else now, estimate, reserve, deadline.at)
 
 
 def minimum_budget(cfg: StudyConfig, cost: EpochCost, final_threads: int) -> float:
-    """The shortest budget that holds one trial and a one-member finalizer, at `cost` per epoch."""
+    """The shortest budget that holds one trial and the smallest finalizer (one member, one epoch),
+    at `cost` per epoch; the finalizer's share can be at most FINAL_SHARE_MAX of it."""
     one_trial = cost.epoch_s * cfg.budget.epochs + TRIAL_OVERHEAD_S
-    return one_trial + member_estimate(cost, cfg.final.epochs, final_threads) + slack_s(0)
+    smallest_final = member_estimate(cost, 1, final_threads)
+    return max(one_trial / (1 - FINAL_SHARE_MAX), smallest_final / FINAL_SHARE_MAX) + slack_s(0)
 
 
 def describe_deadline(deadline: Deadline | None, now: float | None = None) -> dict[str, Any] | None:
