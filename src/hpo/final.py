@@ -159,11 +159,15 @@ def fitted_epochs(trial: optuna.trial.FrozenTrial, cfg: StudyConfig, train_all: 
                   deadline: budget.Deadline) -> int:
     """The epochs of the first member that end before `deadline`: all of them unless time is short,
     else as many as fit (at least one), from this machine's measured speed for that configuration."""
-    # 50 steps: 12 read 17 s per epoch for a model that then trained at 14.5 s.
-    per_epoch = seconds_per_image(trial.params, train_all, cfg.train, cfg.augment, steps=50) * len(train_all)
-    # 5 % for epoch-to-epoch noise, and the test passes (members x views) at a third of a trained image.
+    # 60 steps after 10: 12 after 2 read 17.8 s per epoch for a model that then trained at 14.6 s.
+    per_epoch = seconds_per_image(trial.params, train_all, cfg.train, cfg.augment, steps=60,
+                                  warmup=10) * len(train_all)
+    # The test passes (members x views) at a third of a trained image, 5 % for epoch-to-epoch noise.
     left = deadline.left() - budget.slack_s(deadline.time_s) - per_epoch * budget.TEST_IMAGES / len(train_all)
-    return max(1, min(epochs, int(left // (1.05 * per_epoch))))
+    fitted = max(1, min(epochs, int(left // (1.05 * per_epoch))))
+    log.info("final-train: %.1fs per epoch measured, %.0fs left: %d of %d epochs fit", per_epoch,
+             deadline.left(), fitted, epochs)
+    return fitted
 
 
 def train_members(chosen: list[optuna.trial.FrozenTrial], cfg: StudyConfig, train_all: DeviceData, epochs: int,

@@ -180,13 +180,13 @@ def fit(model: DynamicCNN, train: DeviceData, val: DeviceData | None, hyper: Hyp
 
 
 def seconds_per_image(params: dict[str, Any], data: DeviceData, recipe: Recipe, augment: Augment,
-                      steps: int = 12) -> float:
+                      steps: int = 12, warmup: int = 2) -> float:
     """Training seconds per image of `params` on this device and thread count, timed over `steps`
-    steps after two untimed ones (first-call allocations and kernel selection)."""
+    steps after `warmup` untimed ones (first-call allocations, kernel selection, the thread pool)."""
     hyper = Hyper.from_params(params)
-    images = min(len(data), hyper.batch_size * (steps + 2))
+    images = min(len(data), hyper.batch_size * steps)
     model = seeded_model(params, 0, data.device)
-    warm = DeviceData(data.x[:2 * hyper.batch_size], data.y[:2 * hyper.batch_size], data.device)
+    warm = DeviceData(data.x[:warmup * hyper.batch_size], data.y[:warmup * hyper.batch_size], data.device)
     fit(model, warm, None, hyper, recipe, augment, 1, 0)
     sample = DeviceData(data.x[:images], data.y[:images], data.device)
     started = time.perf_counter()
