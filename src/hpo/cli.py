@@ -437,13 +437,15 @@ def _format_status(s: dict[str, Any]) -> str:
         age = "no heartbeat yet" if r["heartbeat_age_s"] is None else f"heartbeat {r['heartbeat_age_s']:.0f}s ago"
         lines.append(f"  running trial {r['number']}: epoch {r['epoch']}/{r['epochs']} on {r['host']} "
                      f"pid {r['pid']} {r['device']}, {age}")
-    if s["remaining"]:
+    timed_out = bool(s.get("time_budget")) and s["time_budget"]["left_s"] == 0
+    if s["remaining"] and not timed_out:
         how = (f"{len(s['running'])} worker(s) at {_duration(s['mean_trial_s'])} per trial" if s["running"]
                else "no worker is running")
         lines.append(f"  ETA {_duration(s['eta_s'])} for {s['remaining']} remaining trial(s) ({how})")
     if s.get("time_budget"):
         t = s["time_budget"]
-        lines.append(f"  time budget {_duration(t['time_s'])}: deadline {t['deadline']}, {_duration(t['left_s'])} left")
+        lines.append(f"  time budget {_duration(t['time_s'])}: deadline {t['deadline']}, " +
+                     (f"{_duration(t['left_s'])} left" if t["left_s"] else "over: no new trial starts"))
     if s["final"]:
         f = s["final"]
         members = f.get("members", [f["best_trial"]])
@@ -473,7 +475,8 @@ def status(study_arg: str, storage: str | None, as_json: bool, watch: bool, inte
         if watch and not as_json and sys.stdout.isatty():
             click.clear()
         click.echo(text)
-        if not watch or (summary["remaining"] == 0 and not summary["running"]):
+        over = summary["remaining"] == 0 or (summary["time_budget"] or {}).get("left_s") == 0
+        if not watch or (over and not summary["running"]):
             return
         try:
             time.sleep(interval)
