@@ -703,7 +703,7 @@ def export(study_arg: str, model_path: str | None, fmt: str, out: str | None, ch
     reference = inference.reference_logits(model, images)
     diff = float(np.abs(exported - reference).max())
     agree = float((exported.argmax(1) == reference.argmax(1)).mean())
-    click.echo(f"check on the {len(images):,} test images: max |logit difference| {diff:.2e}, "
+    click.echo(f"check on the {len(images):,} test images: max |output difference| {diff:.2e}, "
                f"same class for {agree:.2%}")
     if not np.allclose(exported, reference, rtol=1e-4, atol=1e-4) or agree < 1.0:
         raise HpoError(f"the exported {fmt} model does not match the PyTorch model (max difference {diff:.2e}, "
