@@ -16,6 +16,7 @@ import gzip
 import json
 import multiprocessing
 import resource
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -308,6 +309,7 @@ def search_against_fixed(study_file: Path, time_s: float, workers: int, data_dir
     from hpo import config
 
     cfg = config.load(study_file)
+    shutil.rmtree(work_dir / "runs", ignore_errors=True)  # a fresh study each time: its own scratch storage
     work_dir.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, "-m", "hpo", "optimize", "--study", str(study_file.resolve()), "--workers", str(workers),
             "--time", f"{time_s:g}s", "--final", "--data-dir", str(data_dir)] + (["--device", device] if device else [])
