@@ -88,20 +88,20 @@ def test_deadline_is_a_study_attribute_every_process_reads():
     assert budget.describe_deadline(set_at, now=1500.0)["left_s"] == 100.0
 
 
-def test_minimum_budget_holds_one_trial_and_the_smallest_finalizer_in_their_shares():
-    cfg = config.load("tiny")  # 3 trial epochs
+def test_minimum_budget_is_the_shortest_in_which_the_planner_starts_a_trial():
+    cfg = config.load("tiny")  # 3 trial epochs, ensemble of 2 members of 1 epoch
     cost = EpochCost(epoch_s=1.0, train_images=1000, val_images=300, threads=1)
-    share = budget.FINAL_SHARE_MAX
-    needed = budget.minimum_budget(cfg, cost, 1)
-    one_trial, one_epoch = 3 * 1.0 + budget.TRIAL_OVERHEAD_S, budget.member_estimate(cost, 1, 1)
-    assert needed == pytest.approx(max(one_trial / (1 - share), one_epoch / share) + 10)
-
-
-def test_final_reserve_leaves_the_search_its_share():
-    cfg = config.load("tiny")  # ensemble 2
-    study = study_with([1.0, 2.0])
-    costs = budget.measured(study)
-    whole = budget.final_reserve(study, cfg, 1, costs, None)
-    assert budget.final_reserve(study, cfg, 1, costs, None, time_s=10 * whole) == pytest.approx(whole)
-    assert budget.final_reserve(study, cfg, 1, costs, None, time_s=whole) == pytest.approx(
-        budget.FINAL_SHARE_MAX * whole)
+    study = optuna.create_study()
+    study.set_user_attr(budget.CALIBRATION_ATTR, {"epoch_s": 1.0, "train_images": 1000, "val_images": 300,
+                                                   "threads": 1})
+    for calibrated in (True, False):
+        needed = budget.minimum_budget(cfg, cost, 1, calibrated=calibrated, start_s=10.0)
+        costs = [] if calibrated else [cost]
+        for time_s, fits in ((needed, True), (needed - 2.0, False)):
+            deadline = budget.Deadline(at=1000.0 + time_s, time_s=time_s, set_at=1000.0)
+            estimate = budget.trial_estimate(cfg, costs, cost)
+            reserve = budget.final_reserve(study, cfg, 1, costs, cost, time_s) + budget.slack_s(time_s)
+            plan = Plan(decided_at=1010.0, estimate_s=estimate, reserve_s=reserve, deadline=deadline.at)
+            # The finalizer's share must also hold one epoch of one member.
+            holds_an_epoch = budget.FINAL_SHARE_MAX * time_s >= budget.member_estimate(cost, 1, 1)
+            assert (plan.fits and holds_an_epoch) is fits, (calibrated, time_s, plan)

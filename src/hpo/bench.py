@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hpo.errors import HpoError
+
 # The notebook CNN the issue measured: two conv blocks of 32 and 64 filters, a 3136 -> 512 -> 10 head.
 DEFAULT_PARAMS: dict[str, Any] = {
     "n_conv": 2, "filters_0": 32, "filters_1": 64, "kernel_size": 3, "n_fc": 1, "fc_size": 512, "dropout": 0.25,
@@ -316,7 +318,8 @@ def search_against_fixed(study_file: Path, time_s: float, workers: int, data_dir
     started = time.perf_counter()
     done = subprocess.run(args, cwd=work_dir, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"hpo optimize exited {done.returncode}:\n{done.stderr[-3000:]}")
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise HpoError(f"the search (hpo optimize in {work_dir}) exited {done.returncode}: {last}")
     searched = json.loads((work_dir / "runs" / cfg.name / "final" / "metrics.json").read_text())
     search_wall = time.perf_counter() - started
     fixed = fixed_baseline(time_s, data_dir, device or "cpu", threads, cfg.train, cfg.augment)

@@ -186,12 +186,27 @@ def plan_trial(study: optuna.Study, cfg: StudyConfig, deadline: Deadline, final_
     return Plan(time.time() if now is None else now, estimate, reserve, deadline.at)
 
 
-def minimum_budget(cfg: StudyConfig, cost: EpochCost, final_threads: int) -> float:
-    """The shortest budget that holds one trial and the smallest finalizer (one member, one epoch),
-    at `cost` per epoch; the finalizer's share can be at most FINAL_SHARE_MAX of it."""
-    one_trial = cost.epoch_s * cfg.budget.epochs + TRIAL_OVERHEAD_S
-    smallest_final = member_estimate(cost, 1, final_threads)
-    return max(one_trial / (1 - FINAL_SHARE_MAX), smallest_final / FINAL_SHARE_MAX) + slack_s(0)
+def minimum_budget(cfg: StudyConfig, cost: EpochCost, final_threads: int, calibrated: bool = False,
+                   start_s: float = 10.0) -> float:
+    """The shortest budget in which `plan_trial` lets the first trial start `start_s` after the clock
+    does (process start-up, data, calibration) and the finalizer's reserve holds one member's epoch.
+
+    `cost` is one trial epoch: measured, or (`calibrated`) the calibration, which the planner doubles.
+    """
+    trial = trial_estimate(cfg, [] if calibrated else [cost], cost if calibrated else None)
+    full = member_estimate(cost, cfg.final.epochs, final_threads) * cfg.final.ensemble
+    one_epoch = member_estimate(cost, 1, final_threads)
+
+    def enough(time_s: float) -> bool:
+        reserve = min(full, FINAL_SHARE_MAX * time_s)
+        return (start_s + trial + reserve + slack_s(time_s) <= time_s
+                and FINAL_SHARE_MAX * time_s >= min(full, one_epoch))
+
+    low, high = 1.0, 1e7  # enough() holds from some point on: both sides grow, its left side slower
+    while high - low > 1.0:
+        middle = (low + high) / 2
+        low, high = (low, middle) if enough(middle) else (middle, high)
+    return high
 
 
 def describe_deadline(deadline: Deadline | None, now: float | None = None) -> dict[str, Any] | None:

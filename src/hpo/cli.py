@@ -244,7 +244,7 @@ def _check_time_budget(cfg: config.StudyConfig, time_s: float, store: Any, direc
                                      cfg.budget.train_subset)
         cost = calibrated = calibrate(cfg, trial_data, placement)
     final_threads = threads if (device or "").startswith("cuda") else cpu_count()
-    needed = budget.minimum_budget(cfg, cost, final_threads)
+    needed = budget.minimum_budget(cfg, cost, final_threads, calibrated=calibrated is not None)
     if time_s < needed:
         raise HpoError(f"--time {_duration(time_s)} is shorter than one trial plus the finalizer, about "
                        f"{_duration(needed)} on this machine ({cost.epoch_s:.1f}s per trial epoch, measured). "
