@@ -3,7 +3,8 @@
 Usage: .venv/bin/python scripts/recipe-probes/throughput.py THREADS N_CONV,FILTERS,KERNEL,N_FC,FC,BATCH ...
 FILTERS is the first block's width; the second block doubles it and later blocks stay at twice it.
 """
-import time, sys, torch
+import sys
+import time
 from hpo import data
 from hpo.config import Augment, Recipe
 from hpo.train import Hyper, fit, seeded_model
