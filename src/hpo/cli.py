@@ -154,7 +154,7 @@ def worker(study_arg: str, storage: str | None, data_dir: str | None, device: st
         result = worker_mod.run(study, cfg, trial_data, placement, store, artifact_store=artifact_store)
     except worker_mod.Shutdown as e:
         log.warning("stopping: %s; a running trial was failed and re-queued", e)
-        sys.exit(128 + (signal.SIGINT if "SIGINT" in str(e) else signal.SIGTERM))
+        sys.exit(128 + e.signal)
     log.info("worker done after %d trials: %s", result.trials_run, result.reason)
 
 
@@ -469,7 +469,6 @@ def status(study_arg: str, storage: str | None, as_json: bool, watch: bool, inte
 
     _, store, study, cfg = _load_existing(study_arg, storage)
     while True:
-        study_mod.reap_stale(study)
         summary = study_mod.summary(study, cfg, store)
         text = json.dumps(summary, indent=None if watch else 2) if as_json else _format_status(summary)
         if watch and not as_json and sys.stdout.isatty():

@@ -14,6 +14,7 @@ from typing import IO
 
 import torch
 
+from hpo import attrs
 from hpo.errors import HpoError
 
 
@@ -55,7 +56,7 @@ class Placement:
     host: str
 
     def describe(self) -> dict[str, object]:
-        return {"device": str(self.device), "device_name": self.name, "threads": self.threads, "host": self.host,
+        return {"device": str(self.device), "device_name": self.name, "threads": self.threads, attrs.HOST: self.host,
                 "gpu_index": self.device.index if self.device.type == "cuda" else None}
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import optuna
 import torch
 
-from hpo import artifacts, budget, space
+from hpo import artifacts, attrs, budget, space
 from hpo.config import StudyConfig
 from hpo.data import DeviceData, TrialData
 from hpo.devices import Placement
@@ -24,8 +24,8 @@ from hpo.train import EpochStats, Hyper, TrainingDiverged, evaluate, fit, second
 
 log = logging.getLogger(__name__)
 
-REASON_ATTR = "fail_reason"
-CHECKPOINT_ATTR = "checkpoint"  # {"artifact_id", "epoch"}: a retried trial inherits it and resumes there
+REASON_ATTR = attrs.REASON
+CHECKPOINT_ATTR = attrs.CHECKPOINT
 TRIAL_CHECKPOINT_FORMAT = "hpo-trial-checkpoint/1"
 
 
@@ -106,7 +106,7 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
         seed = trial_seed(cfg.seed, trial)
         model = seeded_model(params, seed, placement.device)
         decision = plan()
-        for key, value in {**placement.describe(), "pid": os.getpid(), "seed": seed,
+        for key, value in {**placement.describe(), attrs.PID: os.getpid(), "seed": seed,
                            "n_params": count_parameters(model), budget.TRAIN_IMAGES_ATTR: len(data.train),
                            budget.VAL_IMAGES_ATTR: len(data.val),
                            budget.PLAN_ATTR: None if decision is None else dataclasses.asdict(decision)}.items():
@@ -122,6 +122,9 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
             return stats.val_accuracy if cfg.metric == "val_accuracy" else stats.val_loss
 
         def on_snapshot(state: dict) -> None:
+            # A worker that was paused past the grace period must not upload into a trial reaped meanwhile.
+            if trial.storage.get_trial(trial._trial_id).state.is_finished():
+                raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was finished elsewhere")
             payload = artifacts.torch_bytes({**state, "format": TRIAL_CHECKPOINT_FORMAT, "params": params,
                                              "seed": seed, "study": cfg.name})
             try:
@@ -140,8 +143,8 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
         def on_epoch(stats: EpochStats) -> None:
             value = value_of(stats)
             history.append(history_row(stats))
-            trial.set_user_attr("history", history)
-            trial.set_user_attr("epoch", stats.epoch)
+            trial.set_user_attr(attrs.HISTORY, history)
+            trial.set_user_attr(attrs.EPOCH, stats.epoch)
             log.info("trial %d epoch %d/%d  loss %.4f  val_acc %.4f  (%.1fs)", trial.number, stats.epoch,
                      cfg.budget.epochs, stats.train_loss, stats.val_accuracy, stats.seconds)
             trial.report(value, stats.epoch)
@@ -182,10 +185,6 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
             trial.set_user_attr(REASON_ATTR, reason)
             drop_checkpoint()
             raise OutOfMemory(reason) from e
-        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM from `docker compose stop`
-            # The checkpoint stays: the re-queued copy of this trial resumes from it.
-            trial.set_user_attr(REASON_ATTR, f"worker stopped ({e or 'SIGINT'}); re-queued")
-            raise
         if cfg.checkpoints.keep == "none":
             drop_checkpoint()
         trial.set_user_attr("wall_time_s", round(time.perf_counter() - started, 2))

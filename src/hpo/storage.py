@@ -15,11 +15,12 @@ import os
 import random
 import socket
 import sqlite3
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import optuna
 import sqlalchemy
@@ -94,20 +95,138 @@ def _make_sqlite_concurrent(engine: Engine) -> None:
     engine.dispose()  # pooled connections from the set-up predate the hooks
 
 
-class Storage(optuna.storages.RDBStorage):
-    """RDBStorage whose heartbeat survives a database blip.
+def connection_error(e: BaseException) -> BaseException | None:
+    """The lost-connection error behind `e`, if that is what `e` is: the server is down, restarting
+    or unreachable. Integrity errors and bugs are not; retrying them would only repeat them.
 
-    Optuna's heartbeat thread ends at the first failed write, after which a healthy, running trial
-    would be reaped as dead once the grace period passes. A database restart must not do that, so
-    a failed heartbeat is logged and the next one tries again.
+    When the database drops while a trial is being told, Optuna's `_run_trial` fails again while
+    recovering, with the storage error as the context; so the whole chain is searched.
     """
+    seen = 0
+    current: BaseException | None = e
+    while current is not None and seen < 8:
+        if isinstance(current, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                                sqlalchemy.exc.PendingRollbackError)) or (
+                isinstance(current, sqlalchemy.exc.DBAPIError) and current.connection_invalidated):
+            return current
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return None
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+# Storage calls that read, or write a value that a repeat writes again unchanged: a worker may repeat
+# them after a lost connection. Creating a trial or finishing one is not among them.
+REPEATABLE = ("get_study_user_attrs", "get_study_system_attrs", "get_study_directions", "get_study_id_from_name",
+              "get_trial", "get_all_trials", "get_n_trials", "get_best_trial", "get_trial_id_from_study_id_trial_number",
+              "get_trial_number_from_id", "get_trial_param", "get_trial_params", "get_trial_user_attrs",
+              "get_trial_system_attrs", "set_trial_user_attr", "set_trial_system_attr", "set_trial_param",
+              "set_trial_intermediate_value", "set_study_user_attr")
+
+
+class Storage(optuna.storages.RDBStorage):
+    """RDBStorage that rides out a database outage instead of failing the trial in progress.
+
+    - A failed heartbeat is logged and the next one tries again. (Optuna's heartbeat thread ends at
+      the first failed write, after which a healthy trial would be reaped once the grace period passed.)
+    - With `ride_out_s` set (workers set it), a REPEATABLE call that loses its connection waits for
+      the database and tries again, for up to `ride_out_s` seconds in all; training goes on meanwhile,
+      and the trial carries on where it was once the database is back.
+    - `last_error_at` is when this process last saw the database fail (time.monotonic()), so that
+      a reaper does not take the silence that an outage imposed on everyone for a dead worker.
+    """
+
+    ride_out_s: float = 0.0
+    last_error_at: float = -1e9
+
+    _beats_failing_since: float | None = None
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
             super().record_heartbeat(trial_id)
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
-            log.warning("heartbeat for trial id %d failed (%s); retrying at the next interval",
-                        trial_id, str(e).splitlines()[0])
+            self.last_error_at = time.monotonic()
+            if self._beats_failing_since is None:  # one line per outage, not one per beat
+                self._beats_failing_since = self.last_error_at
+                log.warning("heartbeat for trial id %d failed (%s); retrying every interval", trial_id,
+                            first_line(connection_error(e) or e))
+            return
+        if self._beats_failing_since is not None:
+            log.warning("heartbeat for trial id %d sent again after %.0fs", trial_id,
+                        time.monotonic() - self._beats_failing_since)
+            self._beats_failing_since = None
+
+    @property
+    def beating(self) -> bool:
+        """False while heartbeats fail."""
+        return self._beats_failing_since is None
+
+    def _ride_out(self, name: str, *args, **kwargs):
+        call = getattr(super(), name)
+        started = time.monotonic()
+        delay = 0.5
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except Exception as e:
+                cause = connection_error(e)
+                if cause is None or self.ride_out_s <= 0:
+                    raise
+                self.last_error_at = now = time.monotonic()
+                if now - started > self.ride_out_s:
+                    raise StorageError(f"lost the database for more than {self.ride_out_s:.0f}s ({first_line(cause)}). "
+                                       "Check that it is up; the study's trials are safe in it.") from e
+                log.warning("database unreachable during %s (%s); trying again in %.0fs", name, first_line(cause),
+                            delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+
+
+def _repeatable(name: str):
+    def method(self: Storage, *args, **kwargs):
+        return self._ride_out(name, *args, **kwargs)
+    method.__name__ = name
+    method.__doc__ = f"{name}, repeated across a lost connection (see Storage)."
+    return method
+
+
+for _name in REPEATABLE:
+    setattr(Storage, _name, _repeatable(_name))
+
+
+class Heartbeat:
+    """A running trial's heartbeat, sent from a thread every `interval` seconds until the block ends.
+
+    `also` runs after each beat in the same thread (a worker reaps dead trials there, so that a
+    dead worker's trial is found while every live worker is busy training).
+    """
+
+    def __init__(self, storage: Storage, trial_id: int, interval: float, also=None):
+        self.storage, self.trial_id, self.interval, self.also = storage, trial_id, interval, also
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial_id}", daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            self.storage.record_heartbeat(self.trial_id)
+            if self.also is not None and self.storage.beating:
+                try:
+                    self.also()
+                except Exception as e:  # the next beat tries again; the trial must not die of it
+                    log.warning("reaping dead trials failed (%s)", first_line(connection_error(e) or e))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _new_rdb_storage(url: str, **kwargs) -> Storage:
@@ -219,8 +338,9 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> Storage:
             delay = min(delay * 2, 8.0) * (0.75 + random.random() / 2)  # jitter so workers don't stampede
 
 
-def heartbeat_ages(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> dict[int, float]:
-    """Seconds since each trial's last heartbeat, by the database's clock (Optuna keeps no API for it)."""
+def last_heartbeats(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> dict[int, tuple[Any, float]]:
+    """Each trial's last heartbeat and its age in seconds by the database's clock (Optuna keeps no API
+    for it). A trial with no heartbeat yet is absent."""
     if not trial_ids:
         return {}
     beats = sqlalchemy.table("trial_heartbeats", sqlalchemy.column("trial_id", sqlalchemy.Integer),
@@ -231,7 +351,12 @@ def heartbeat_ages(storage: optuna.storages.RDBStorage, trial_ids: list[int]) ->
                             .where(beats.c.trial_id.in_(trial_ids))).all()
     # PostgreSQL's now() is zone-aware; the column holds the same wall-clock time without the zone.
     now = now.replace(tzinfo=None)
-    return {trial_id: max(0.0, (now - beat).total_seconds()) for trial_id, beat in rows}
+    return {trial_id: (beat, max(0.0, (now - beat).total_seconds())) for trial_id, beat in rows}
+
+
+def heartbeat_ages(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> dict[int, float]:
+    """Seconds since each trial's last heartbeat, by the database's clock."""
+    return {trial_id: age for trial_id, (_, age) in last_heartbeats(storage, trial_ids).items()}
 
 
 class SlotLock:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-import warnings
+import threading
+import time
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from hpo import budget, config
+from hpo import attrs, budget, config
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError, StorageError
-from hpo.storage import creation_lock, heartbeat_ages
+from hpo.storage import Storage, StorageSettings, creation_lock, heartbeat_ages, last_heartbeats
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +93,91 @@ def load(storage: optuna.storages.BaseStorage, name: str,
     return study, stored
 
 
-def reap_stale(study: optuna.Study) -> None:
-    """Fail trials whose worker stopped sending heartbeats; the retry callback re-queues them."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+def requeue(study: optuna.Study, failed: optuna.trial.FrozenTrial) -> bool:
+    """Queue a WAITING copy of a failed trial through the storage's RetryHeartbeatStaleTrialCallback
+    (it keeps the retry count, so no configuration runs more than `max_retry` extra times). The copy
+    leaves the failure's reason behind. False: the retries are used up, or the storage keeps none."""
+    callback = study._storage.get_heartbeat_stale_trial_callback()
+    if callback is None:
+        return False
+    before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    clean = copy.deepcopy(failed)
+    clean.user_attrs = {k: v for k, v in failed.user_attrs.items() if k != attrs.REASON}
+    callback(study, clean)
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) > before
+
+
+def retry_note(trial: optuna.trial.FrozenTrial, max_retry: int) -> str:
+    """How the reason of a failure that is retried ends: whether a copy is queued."""
+    runs = len(trial.system_attrs.get("retry_history", [])) + 1
+    return "re-queued" if runs <= max_retry else f"not re-queued: this configuration has run {runs} times"
+
+
+def fail(study: optuna.Study, trial_id: int, reason: str, retry: bool) -> bool:
+    """Fail a RUNNING trial with `reason` and, if `retry`, queue its copy. Whoever fails it first does
+    both; False: it was finished already (by its worker, or by another reaper)."""
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(trial_id, attrs.REASON, reason)
+        if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    frozen = storage.get_trial(trial_id)
+    if retry and not requeue(study, frozen):
+        log.warning("trial %d is not retried: its configuration has used up its retries", frozen.number)
+    return True
+
+
+class Reaper:
+    """Fails the trials whose worker is gone and re-queues them, without ever taking a live one.
+
+    By the database's clock alone, every running trial looks dead after an outage that was longer
+    than the grace period: no worker could write a heartbeat while the database was down. So a
+    trial counts as dead only when it is stale by the database's clock and its last heartbeat
+    stays unchanged while this process watches for `confirm_s` (two heartbeat intervals and a
+    second), with the database reachable all along. A live worker writes a heartbeat in that time.
+    """
+
+    def __init__(self, study: optuna.Study, storage: Storage, settings: StorageSettings):
+        self.study, self.storage = study, storage  # the RDBStorage itself: study._storage is Optuna's cache over it
+        self.confirm_s = 2 * settings.heartbeat_interval + 1
+        self.grace_s = settings.grace_period
+        self.max_retry = settings.max_retry
+        self._suspects: dict[int, tuple[Any, float]] = {}  # trial id -> (last heartbeat, first seen stale)
+        self._lock = threading.Lock()
+
+    def __call__(self) -> list[int]:
+        """Reap what has been confirmed dead; returns the ids of the trials this call failed."""
+        storage = self.storage
+        if storage.get_heartbeat_interval() is None:
+            return []
+        with self._lock:
+            try:
+                stale = storage._get_stale_trial_ids(self.study._study_id)
+                beats = last_heartbeats(storage, stale)
+            except Exception:
+                self._suspects.clear()  # what was watched across an outage proves nothing
+                raise
+            now = time.monotonic()
+            outage = storage.last_error_at
+            self._suspects = {tid: (beat, seen) for tid, (beat, seen) in self._suspects.items()
+                              if tid in beats and beats[tid][0] == beat and seen > outage}
+            for tid, (beat, _) in beats.items():
+                self._suspects.setdefault(tid, (beat, now))
+            dead = [tid for tid, (_, seen) in self._suspects.items() if now - seen >= self.confirm_s]
+            failed = []
+            for tid in dead:
+                del self._suspects[tid]
+                trial = storage.get_trial(tid)
+                age = beats[tid][1]
+                reason = (f"stale heartbeat: its worker (host {trial.user_attrs.get(attrs.HOST, '?')}, pid "
+                          f"{trial.user_attrs.get(attrs.PID, '?')}) sent none for {age:.0f}s, over the "
+                          f"{self.grace_s}s grace period; {retry_note(trial, self.max_retry)}")
+                if fail(self.study, tid, reason, retry=True):
+                    log.warning("trial %d failed: %s", trial.number, reason)
+                    failed.append(tid)
+            return failed
 
 
 def _by_state(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:

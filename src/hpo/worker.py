@@ -13,25 +13,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 import time
 import warnings
 from dataclasses import dataclass
 from types import FrameType
+from typing import Callable
 
 import optuna
-import sqlalchemy
 from optuna.trial import TrialState
 
-from hpo import budget
+from hpo import attrs, budget
 from hpo.config import StudyConfig
 from hpo.data import TrialData
 from hpo.devices import Placement, cpu_count
 from hpo.errors import StorageError
-from hpo.storage import SlotLock, StorageSettings
-from hpo.objective import REASON_ATTR, OutOfMemory, OverBudget, calibrate, make_objective
-from hpo.study import counts, reap_stale
+from hpo.objective import OutOfMemory, OverBudget, calibrate, make_objective
+from hpo.storage import Heartbeat, SlotLock, Storage, StorageSettings, connection_error, first_line
+from hpo.study import Reaper, counts, fail, retry_note
 from hpo.train import TrainingDiverged
 
 log = logging.getLogger(__name__)
@@ -40,11 +39,15 @@ HOLDS_A_SLOT = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, Tria
 
 
 class Shutdown(KeyboardInterrupt):
-    """SIGTERM or SIGINT: Optuna fails the running trial, the worker re-queues it and exits."""
+    """SIGTERM or SIGINT: the worker fails its running trial, re-queues it and exits."""
+
+    def __init__(self, signum: int):
+        self.signal = signal.Signals(signum)
+        super().__init__(f"received {self.signal.name}")
 
 
 def _raise_shutdown(signum: int, _frame: FrameType | None) -> None:
-    raise Shutdown(f"received {signal.Signals(signum).name}")
+    raise Shutdown(signum)
 
 
 def install_signal_handlers() -> None:
@@ -63,41 +66,68 @@ class WorkerResult:
     reason: str = ""
 
 
-def requeue_interrupted(study: optuna.Study, placement: Placement) -> None:
-    """Queue a WAITING copy of the trial this process was running when it was told to stop."""
-    mine = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-            if t.user_attrs.get("pid") == os.getpid() and t.user_attrs.get("host") == placement.host
-            and "worker stopped" in t.user_attrs.get("fail_reason", "")]
-    if mine:
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=StorageSettings.from_env().max_retry)
-        retry(study, max(mine, key=lambda t: t.number))
+# Failures that end the trial, not the worker: each sets the trial's reason before it is raised.
+TRIAL_FAILURES = (OverBudget, TrainingDiverged, OutOfMemory)
 
 
-STORAGE_ERRORS = (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.PendingRollbackError,
-                  optuna.exceptions.StorageInternalError)
+def run_trial(study: optuna.Study, storage: Storage, objective: Callable[[optuna.Trial], float],
+              settings: StorageSettings, reaper: Reaper) -> None:
+    """Ask for a trial, run it with a heartbeat, and tell its outcome: Optuna's ask-and-tell, with
+    the failure handling a shared study needs.
 
-
-def storage_cause(e: BaseException) -> BaseException | None:
-    """The database error behind `e`, if any.
-
-    When the database drops while a trial is being told, Optuna 5.0's `_run_trial` fails again
-    while recovering and raises an UnboundLocalError whose context is the storage error; that
-    counts as a storage error too.
+    - A database outage while the trial trains does not fail it: its storage calls wait for the
+      database (Storage.ride_out_s) and the trial goes on.
+    - If the trial was finished elsewhere meanwhile (reaped while this worker was paused or cut
+      off), its result is dropped with one log line; its retry is already queued.
+    - Any other failure leaves a reason on the trial. A signal re-queues it before the worker exits.
     """
-    seen = 0
-    current: BaseException | None = e
-    while current is not None and seen < 8:
-        if isinstance(current, STORAGE_ERRORS):
-            return current
-        current = current.__cause__ or current.__context__
-        seen += 1
-    return None
+    with warnings.catch_warnings():  # Optuna warns that heartbeats belong to study.optimize; ours are sent below
+        warnings.simplefilter("ignore", UserWarning)
+        trial = study.ask()
+    try:
+        with Heartbeat(storage, trial._trial_id, settings.heartbeat_interval, also=reaper):
+            try:
+                value = objective(trial)
+            except optuna.TrialPruned:
+                tell(study, trial, state=TrialState.PRUNED)
+            except TRIAL_FAILURES as e:
+                log.warning("trial %d failed: %s", trial.number, e)
+                tell(study, trial, state=TrialState.FAIL)
+            else:
+                tell(study, trial, values=value)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        log.warning("trial %d was finished elsewhere while this worker was out of touch (its retry is "
+                    "queued); dropping its result", trial.number)
+    except Shutdown as e:
+        if fail(study, trial._trial_id, f"worker stopped by {e.signal.name}; "
+                                        f"{retry_note(storage.get_trial(trial._trial_id), settings.max_retry)}",
+                retry=True):
+            log.warning("trial %d failed and re-queued: worker stopped by %s", trial.number, e.signal.name)
+        raise
+    except Exception as e:
+        if connection_error(e) is not None or isinstance(e, StorageError):
+            raise  # the trial stays RUNNING without heartbeats; a reaper fails it and queues its retry
+        fail(study, trial._trial_id, f"error in the worker: {type(e).__name__}: {first_line(e)}", retry=False)
+        raise
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, **outcome) -> None:
+    """study.tell, repeated across a lost connection (a repeat finds the trial finished by the first try)."""
+    try:
+        study.tell(trial, **outcome)
+    except Exception as e:
+        if connection_error(e) is None:
+            raise
+        log.warning("database unreachable while finishing trial %d (%s); trying again", trial.number, first_line(e))
+        study._storage.get_trial(trial._trial_id)  # rides out the outage
+        study.tell(trial, skip_if_finished=True, **outcome)
 
 
 def run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Placement,
-        storage: optuna.storages.RDBStorage, poll_s: float = 2.0, outage_s: float = 120.0,
+        storage: Storage, poll_s: float = 2.0, outage_s: float = 120.0,
         artifact_store=None) -> WorkerResult:
     """Run trials until the budget is met, riding out database outages of up to `outage_s`."""
+    storage.ride_out_s = outage_s
     outage_started = last_error = -1e9
     delay = 1.0
     result = WorkerResult()  # survives the restarts of _run after an outage
@@ -105,13 +135,8 @@ def run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Place
         try:
             _run(study, cfg, data, placement, poll_s, storage, result, artifact_store)
             return result
-        except Shutdown:
-            requeue_interrupted(study, placement)
-            raise
-        except optuna.exceptions.UpdateFinishedTrialError as e:
-            log.warning("a trial this worker ran was finished elsewhere (%s); carrying on", e)
         except Exception as e:
-            cause = storage_cause(e)
+            cause = connection_error(e)
             if cause is None:
                 raise
             now = time.monotonic()
@@ -119,18 +144,19 @@ def run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Place
                 outage_started, delay = now, 1.0
             last_error = now
             if now - outage_started > outage_s:
-                raise StorageError(f"lost the database for more than {outage_s:.0f}s ({str(cause).splitlines()[0]}). "
+                raise StorageError(f"lost the database for more than {outage_s:.0f}s ({first_line(cause)}). "
                                    "Check that it is up; the study's trials are safe in it.") from e
-            # The interrupted trial stays RUNNING without heartbeats; a worker reaps and retries it.
-            log.warning("storage error (%s); retrying in %.0fs", str(cause).splitlines()[0], delay)
+            log.warning("storage error (%s); retrying in %.0fs", first_line(cause), delay)
             time.sleep(delay)
             delay = min(delay * 2, 15.0)
 
 
 def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Placement,
-         poll_s: float, storage: optuna.storages.RDBStorage, result: WorkerResult, artifact_store=None) -> None:
+         poll_s: float, storage: Storage, result: WorkerResult, artifact_store=None) -> None:
     n_trials = cfg.budget.n_trials
     lock = SlotLock(storage, cfg.name)
+    settings = StorageSettings.from_env()
+    reaper = Reaper(study, storage, settings)
 
     def claim(trial: optuna.Trial) -> bool:
         """Called by the objective first: is this trial within the budget? Then let others ask."""
@@ -146,7 +172,7 @@ def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Plac
     final_threads = placement.threads if placement.device.type == "cuda" else cpu_count()
     waiting_logged = False
     while True:
-        reap_stale(study)
+        reaper()
         # Count and ask under the lock: a slot seen free here is still free when the trial is created.
         lock.acquire()
         try:
@@ -166,10 +192,7 @@ def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Plac
             full = c["WAITING"] == 0 and finished + c["RUNNING"] >= n_trials
             if not full:
                 waiting_logged = False
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    study.optimize(objective, n_trials=1, catch=(OverBudget, TrainingDiverged, OutOfMemory),
-                                   gc_after_trial=False)
+                run_trial(study, storage, objective, settings, reaper)
                 result.trials_run += 1
         finally:
             lock.release()
@@ -194,6 +217,6 @@ def fail_waiting(study: optuna.Study, reason: str) -> None:
     """Fail queued retries that the time budget leaves no room for, with the reason on each."""
     storage = study._storage
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        storage.set_trial_user_attr(t._trial_id, REASON_ATTR, reason)
+        storage.set_trial_user_attr(t._trial_id, attrs.REASON, reason)
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         log.warning("trial %d failed: %s", t.number, reason)
