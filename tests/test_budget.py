@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
@@ -73,6 +75,20 @@ def test_final_reserve_counts_every_member_on_the_whole_training_set():
     assert reserve == pytest.approx(expected)
     # With more cores than the trials had, the finalizer is expected faster, never slower.
     assert budget.final_reserve(study, cfg, 4, costs, None) < reserve
+
+
+def test_final_reserve_leaves_out_members_the_gap_would_leave_out():
+    cfg = config.load("tiny")
+    cfg = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, member_gap=0.005))
+    study = study_with([1.0, 2.0])  # values 0.50 and 0.51: 0.01 apart, beyond the gap
+    costs = budget.measured(study)
+    best = max(costs, key=lambda c: c.epoch_s)  # the second trial is the better one
+    expected = best.per_image_s() * (budget.DATASET_IMAGES + 2 * budget.EVAL_SHARE * budget.TEST_IMAGES)
+    assert budget.final_reserve(study, cfg, 1, costs, None) == pytest.approx(expected)
+    # With one trial complete, the second member's place is still open: a typical trial fills it.
+    one = study_with([1.0])
+    alone = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, ensemble=1))
+    assert budget.final_reserve(one, cfg, 1, costs, None) > 1.5 * budget.final_reserve(one, alone, 1, costs, None)
 
 
 def test_plan_fits_only_when_trial_and_reserve_end_before_the_deadline():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
@@ -32,11 +34,25 @@ def study_of(values_and_params: list[tuple[float, dict]]) -> optuna.Study:
     return study
 
 
-def test_members_are_the_best_distinct_complete_trials_by_validation_value():
+def with_gap(gap: float) -> config.StudyConfig:
     cfg = config.load("tiny")
+    return dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, member_gap=gap))
+
+
+def test_members_are_the_best_distinct_complete_trials_by_validation_value():
     study = study_of([(0.80, {"lr": 0.1}), (0.90, {"lr": 0.01}), (0.85, {"lr": 0.01}), (0.70, {"lr": 0.2})])
-    chosen = choose_members(study, cfg, 3)
-    assert [t.value for t in chosen] == [0.90, 0.80, 0.70]  # 0.85 repeats 0.90's params; pruned never counts
+    chosen, gated = choose_members(study, with_gap(1.0), 3)
+    assert [t.value for t in chosen] == [0.90, 0.80, 0.70] and gated is None  # 0.85 repeats 0.90's params
+
+
+def test_members_far_below_the_best_are_left_out_and_the_reason_given():
+    study = study_of([(0.930, {"lr": 0.1}), (0.925, {"lr": 0.01}), (0.905, {"lr": 0.2}), (0.90, {"lr": 0.3})])
+    chosen, gated = choose_members(study, with_gap(0.01), 3)
+    assert [t.value for t in chosen] == [0.930, 0.925]
+    assert gated == ("ensemble shrank from 3 to 2 member(s): only 2 of the 3 best distinct trials score within "
+                     "member_gap 0.01 of the best val_accuracy 0.9300")
+    chosen, gated = choose_members(study, with_gap(0.0), 2)
+    assert [t.value for t in chosen] == [0.930] and "from 2 to 1" in gated
 
 
 def test_an_ensemble_larger_than_the_distinct_trials_is_refused_with_the_count():

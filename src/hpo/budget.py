@@ -147,12 +147,16 @@ def final_reserve(study: optuna.Study, cfg: StudyConfig, final_threads: int, cos
     complete = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                        if trial_cost(t) is not None),
                       key=lambda t: t.value, reverse=cfg.direction == "maximize")
-    members = [trial_cost(t) for t in complete[:cfg.final.ensemble]]
+    # The finalizer takes a member beyond the best only within member_gap of it; trials still to
+    # come may be such members, so the places complete trials do not fill yet count as typical ones.
+    close = [t for t in complete[:cfg.final.ensemble] if abs(t.value - complete[0].value) <= cfg.final.member_gap]
+    members = [trial_cost(t) for t in close]
+    padding = max(0, cfg.final.ensemble - len(complete))
     typical = (EpochCost(quantile([c.epoch_s for c in costs], TRIAL_QUANTILE), costs[0].train_images,
                          costs[0].val_images, costs[0].threads) if costs else calibrated)
     if typical is None:
         raise ValueError("no measured epoch and no calibration")
-    members += [typical] * (cfg.final.ensemble - len(members))
+    members += [typical] * padding
     each = [member_estimate(c, cfg.final.epochs, final_threads) for c in members if c is not None]
     return sum(each) if time_s is None else min(sum(each), FINAL_SHARE_MAX * time_s)
 

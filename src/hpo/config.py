@@ -118,6 +118,7 @@ class Final:
     epochs: int                    # epochs of the from-scratch retrain on train + validation
     ensemble: int = 1              # retrain the K best distinct trials and average their softmax outputs
     tta: str = "none"              # "flip": also average each test image with its mirror image
+    member_gap: float = 0.01       # a member beyond the best trial must score within this of it (validation metric)
 
 
 CHECKPOINT_KEEP = ("none", "complete")
@@ -318,12 +319,14 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
 
     f = top.table("final")
     final = Final(epochs=f.get("epochs", int, budget.epochs), ensemble=f.get("ensemble", int, 1),
-                  tta=f.get("tta", str, "none"))
+                  tta=f.get("tta", str, "none"), member_gap=f.get("member_gap", float, 0.01))
     f.done()
     if final.epochs < 1:
         f.fail(f"epochs must be at least 1, got {final.epochs}")
     if final.ensemble < 1:
         f.fail(f"ensemble must be at least 1 (one model), got {final.ensemble}")
+    if final.member_gap < 0:
+        f.fail(f"member_gap must not be negative (0 keeps only trials that tie the best), got {final.member_gap}")
     if final.tta not in TTA_MODES:
         f.fail(f"tta {final.tta!r} is not known.{_did_you_mean(final.tta, TTA_MODES)} Use one of: {', '.join(TTA_MODES)}")
 

@@ -125,20 +125,33 @@ def accuracy_figures(predictions: torch.Tensor, truth: torch.Tensor) -> dict[str
             "ci95": [round(low, 5), round(high, 5)]}
 
 
-def choose_members(study: optuna.Study, cfg: StudyConfig, k: int) -> list[optuna.trial.FrozenTrial]:
-    """The `k` best COMPLETE trials with distinct params, best first, by validation value alone."""
+def choose_members(study: optuna.Study, cfg: StudyConfig, k: int) -> tuple[list[optuna.trial.FrozenTrial], str | None]:
+    """The `k` best COMPLETE trials with distinct params, best first, by validation value alone, and
+    why fewer were taken, if they were.
+
+    A member beyond the best must score within `[final] member_gap` of it: a clearly weaker model
+    pulls the averaged softmax down (a 60-minute cnn run averaged members at 93.8, 92.1 and 90.1 %
+    into 93.1 %, below its best member), so the ensemble shrinks rather than take one.
+    """
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise HpoError(f"study {cfg.name!r} has no COMPLETE trial yet, so there is nothing to retrain. "
                        f"Run `hpo optimize --study {cfg.name}` (or workers) until one completes.")
-    ranked = sorted(complete, key=lambda t: t.value, reverse=cfg.direction == "maximize")
+    maximize = cfg.direction == "maximize"
+    ranked = sorted(complete, key=lambda t: t.value, reverse=maximize)
     distinct: dict[str, optuna.trial.FrozenTrial] = {}
     for t in ranked:
         distinct.setdefault(json.dumps(t.params, sort_keys=True), t)
     if k > len(distinct):
         raise HpoError(f"[final] ensemble = {k}, but study {cfg.name!r} has only {len(distinct)} distinct "
                        f"COMPLETE trial(s). Lower ensemble to at most {len(distinct)}, or run more trials.")
-    return list(distinct.values())[:k]
+    best = ranked[0].value
+    close = [t for t in list(distinct.values())[:k] if abs(t.value - best) <= cfg.final.member_gap + 1e-12]
+    if len(close) == k:
+        return close, None
+    return close, (f"ensemble shrank from {k} to {len(close)} member(s): only {len(close)} of the {k} best "
+                   f"distinct trials score within member_gap {cfg.final.member_gap:g} of the best "
+                   f"{cfg.metric} {best:.4f}")
 
 
 @dataclass
@@ -224,12 +237,15 @@ def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement
     _check_writable(out_dir)
     if (out_dir / "model.pt").exists():
         load_checkpoint(out_dir / "model.pt", cfg.name)  # never overwrite another study's model
-    chosen = choose_members(study, cfg, cfg.final.ensemble)
+    chosen, gated = choose_members(study, cfg, cfg.final.ensemble)
+    if gated:
+        log.info("final-train: %s", gated)
     epochs = epochs or cfg.final.epochs
     started = time.perf_counter()
     images, labels = data_mod.load_split(data_dir, "train")
     train_all = DeviceData(images, labels, placement.device)
     members, epochs, shrunk = train_members(chosen, cfg, train_all, epochs, deadline)
+    shrunk = "; ".join(s for s in (gated, shrunk) if s) or None
     train_seconds = time.perf_counter() - started
 
     # The only read of the test split in the whole project.
