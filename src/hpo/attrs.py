@@ -6,3 +6,4 @@ HOST = "host"               # the host it runs on (with PID: who owns the trial)
 EPOCH = "epoch"             # epochs finished so far
 HISTORY = "history"         # one row per epoch: losses, accuracy, seconds
 CHECKPOINT = "checkpoint"   # {"artifact_id", "epoch"}: a retried trial inherits it and resumes there
+WARM_START = "warm_start"   # on a queued first trial: where its configuration came from

@@ -133,6 +133,15 @@ class Checkpoints:
 
 
 @dataclass(frozen=True)
+class WarmStart:
+    """Configurations the study tries first (Optuna's enqueue_trial), queued when the study is created."""
+
+    from_study: str | None = None            # `from`: a study in the same storage, with the same metric
+    top: int = 5                             # how many of its best distinct COMPLETE trials
+    params: tuple[dict[str, Any], ...] = ()  # configurations known to be good, tried first, in order
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     name: str
     direction: str
@@ -147,11 +156,13 @@ class StudyConfig:
     space: dict[str, ParamSpec]
     description: str = ""
     checkpoints: Checkpoints = Checkpoints()
+    warm_start: WarmStart = WarmStart()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form, stored in the study so later commands need no file."""
         d = dataclasses.asdict(self)
         d["space"] = {k: _spec_to_raw(v) for k, v in self.space.items()}
+        d["warm_start"]["params"] = [dict(p) for p in self.warm_start.params]
         return d
 
     def space_dict(self) -> dict[str, Any]:
@@ -330,6 +341,13 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
     if final.tta not in TTA_MODES:
         f.fail(f"tta {final.tta!r} is not known.{_did_you_mean(final.tta, TTA_MODES)} Use one of: {', '.join(TTA_MODES)}")
 
+    w = top.table("warm_start")
+    warm = WarmStart(from_study=w.get("from", str, None), top=w.get("top", int, 5),
+                     params=tuple(w.get("params", list, [])))
+    w.done()
+    if warm.top < 1:
+        w.fail(f"top must be at least 1, got {warm.top}")
+
     c = top.table("checkpoints")
     checkpoints = Checkpoints(every_epoch=c.get("every_epoch", bool, True), keep=c.get("keep", str, "none"))
     c.done()
@@ -338,11 +356,43 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
                f"Use one of: {', '.join(CHECKPOINT_KEEP)}")
 
     space = _space(top.table("space"))
+    for i, params in enumerate(warm.params):
+        problems = space_problems(space, params) if isinstance(params, dict) else ["not a table"]
+        if problems:
+            w.fail(f"params[{i}] is not a point of [space]: {'; '.join(problems)}. Fix the value, or widen [space].")
     top.done(("name", "description", "metric", "direction", "seed", "budget", "sampler", "pruner",
-              "augment", "train", "final", "checkpoints", "space"))
+              "augment", "train", "final", "checkpoints", "space", "warm_start"))
     return StudyConfig(name=name, description=description, direction=direction, metric=metric,
                        seed=seed, budget=budget, sampler=sampler, pruner=pruner, augment=augment,
-                       train=recipe, final=final, space=space, checkpoints=checkpoints)
+                       train=recipe, final=final, space=space, checkpoints=checkpoints, warm_start=warm)
+
+
+def _holds(spec: ParamSpec, value: Any) -> bool:
+    if spec.choices is not None:
+        return value in spec.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if spec.is_int and not float(value).is_integer():
+        return False
+    return spec.low <= value <= spec.high
+
+
+def space_problems(space: dict[str, ParamSpec], params: dict[str, Any]) -> list[str]:
+    """Why `params` is not a configuration of `space`, one phrase per parameter (empty: it is).
+    Parameters left out are sampled as usual; `filters_i` follow `filters` up to n_conv."""
+    problems = []
+    n_conv = params.get("n_conv", space["n_conv"].high if space["n_conv"].choices is None
+                        else max(space["n_conv"].choices))
+    for key, value in params.items():
+        name = "filters" if key.startswith("filters_") and key[8:].isdigit() else key
+        if name not in space or name == "filters" and int(key[8:]) >= n_conv:
+            problems.append(f"{key} is not a parameter of this space")
+        elif not _holds(space[name], value):
+            spec = space[name]
+            allowed = (f"one of {list(spec.choices)}" if spec.choices is not None
+                       else f"{spec.low}" if spec.low == spec.high else f"from {spec.low} to {spec.high}")
+            problems.append(f"{key} = {value!r}, but the space allows {allowed}")
+    return problems
 
 
 def _duration(r: _Reader, key: str) -> float | None:
@@ -461,9 +511,11 @@ def _check_domain(space: dict[str, ParamSpec], r: _Reader) -> None:
 def from_dict(stored: dict[str, Any], source: str) -> StudyConfig:
     """Rebuild a config recorded in a study (the inverse of StudyConfig.to_dict)."""
     raw = dict(stored)
-    for key in ("budget", "augment", "train", "final", "checkpoints"):
+    for key in ("budget", "augment", "train", "final", "checkpoints", "warm_start"):
         if key in stored:  # studies created before a section existed get its defaults
             raw[key] = {k: v for k, v in stored[key].items() if v is not None}
+    if "from_study" in raw.get("warm_start", {}):
+        raw["warm_start"]["from"] = raw["warm_start"].pop("from_study")
     if "budget" in raw and "time_s" in raw["budget"]:
         raw["budget"]["time"] = raw["budget"].pop("time_s")
     raw["sampler"] = {"name": stored["sampler"]["name"], **stored["sampler"]["options"]}

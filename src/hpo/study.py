@@ -20,6 +20,7 @@ from hpo.storage import Storage, StorageSettings, creation_lock, heartbeat_ages,
 log = logging.getLogger(__name__)
 
 CONFIG_ATTR = "hpo:config"
+WARM_START_ATTR = attrs.WARM_START
 FINAL_ATTR = "hpo:final"
 
 
@@ -49,8 +50,13 @@ def create_or_load(storage: optuna.storages.RDBStorage, cfg: StudyConfig,
         try:
             study = optuna.load_study(study_name=cfg.name, storage=storage)
         except KeyError:
+            first = warm_start_trials(storage, cfg)  # a bad warm start stops here, before anything is written
             study = optuna.create_study(storage=storage, study_name=cfg.name, direction=cfg.direction,
                                         load_if_exists=True)
+            for params, origin in first:
+                study.enqueue_trial(params, user_attrs={WARM_START_ATTR: origin}, skip_if_exists=True)
+            if first:
+                log.info("study %r: %d warm-start configuration(s) queued as its first trials", cfg.name, len(first))
         stored = _stored_config(study)
         if stored is None:
             study.set_user_attr(CONFIG_ATTR, cfg.to_dict())
@@ -69,6 +75,45 @@ def create_or_load(storage: optuna.storages.RDBStorage, cfg: StudyConfig,
     study.sampler = make_sampler(stored, sampler_seed)
     study.pruner = make_pruner(stored)
     return study, stored
+
+
+def warm_start_trials(storage: optuna.storages.BaseStorage, cfg: StudyConfig) -> list[tuple[dict[str, Any], str]]:
+    """The configurations a new study tries first, each with where it came from: `[warm_start]
+    params` as given, then the best distinct COMPLETE trials of the study named by `from` that are
+    points of this space (the others are logged and skipped)."""
+    first = [(dict(p), f"[warm_start] params[{i}]") for i, p in enumerate(cfg.warm_start.params)]
+    source = cfg.warm_start.from_study
+    if source is None:
+        return first
+    try:
+        other = optuna.load_study(study_name=source, storage=storage)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+        raise ConfigError(f"[warm_start] from = {source!r}: no such study in this storage (it holds: "
+                          f"{', '.join(names) or 'none'}). Name one of them, or remove [warm_start] from.") from None
+    theirs = _stored_config(other)
+    metric = theirs.metric if theirs is not None else None
+    if (metric, other.direction.name.lower()) != (cfg.metric, cfg.direction):
+        raise ConfigError(f"[warm_start] from = {source!r}: that study {other.direction.name.lower()}s "
+                          f"{metric or 'an unknown metric'}, this one {cfg.direction}s {cfg.metric}; its best "
+                          "trials say nothing about this metric. Warm-start from a study with the same metric.")
+    ranked = sorted(other.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value,
+                    reverse=cfg.direction == "maximize")
+    seen: set[str] = {json.dumps(p, sort_keys=True) for p, _ in first}
+    taken = 0
+    for t in ranked:
+        key = json.dumps(t.params, sort_keys=True)
+        if taken == cfg.warm_start.top or key in seen:
+            continue
+        seen.add(key)
+        problems = config.space_problems(cfg.space, t.params)
+        if problems:
+            log.warning("warm start: trial %d of study %r is not a point of this space (%s); skipped", t.number,
+                        source, "; ".join(problems))
+            continue
+        first.append((dict(t.params), f"study {source} trial {t.number} ({cfg.metric} {t.value:.4f})"))
+        taken += 1
+    return first
 
 
 def exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
