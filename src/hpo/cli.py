@@ -6,6 +6,7 @@ Errors a user can cause are `HpoError`s; they print as one line and exit 1 (`--d
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import math
@@ -424,6 +425,11 @@ def _format_status(s: dict[str, Any]) -> str:
     lines = [f"study {s['study']}  ({s['direction']} {s['metric']}, budget {s['n_trials']} finished trials of "
              f"{s['epochs_per_trial']} epochs)", "", "  state       trials"]
     lines += [f"  {state:<10}{n:>7}" for state, n in s["states"].items() if n or state in ("COMPLETE", "PRUNED")]
+    for x in s["extended"]:
+        when = datetime.datetime.fromtimestamp(x["at"]).strftime("%Y-%m-%d %H:%M")
+        what = [f"trials {x['n_trials'][0]} -> {x['n_trials'][1]}"] if x["n_trials"][0] != x["n_trials"][1] else []
+        what += [f"time {_duration(x['time_s'])} from then"] if x["time_s"] else []
+        lines.append(f"  extended {when}: {', '.join(what)}")
     e = s["epochs"]
     lines += ["", f"  finished {s['finished']}/{s['n_trials']}, pruned share {s['pruned_share']:.0%}, "
                   f"{e['saved_by_pruning']} epochs saved by pruning ({e['saved_share']:.0%} of "
@@ -454,6 +460,96 @@ def _format_status(s: dict[str, Any]) -> str:
         lines.append(f"  final-train: test accuracy {f['test_accuracy']:.4f}{ci}, {what}, "
                      f"{f['epochs']} epochs, in {f['output_dir']}")
     return "\n".join(lines)
+
+
+@cli.command()
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (schema hpo-studies/1).")
+def studies(storage: str | None, as_json: bool) -> None:
+    """Every study in the storage: direction, finished/budget, best value, final test accuracy, running."""
+    from hpo import study as study_mod
+
+    _, store = _open(storage)
+    found = study_mod.listing(store)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found["studies"]:
+        click.echo("no studies in this storage yet; `hpo optimize --study NAME` creates one")
+        return
+    rows = [("study", "metric", "finished", "best", "test acc", "running")]
+    for s in found["studies"]:
+        best = "-" if s["best_value"] is None else f"{s['best_value']:.4f} (trial {s['best_trial']})"
+        test = "-" if s["test_accuracy"] is None else f"{100 * s['test_accuracy']:.2f} %"
+        rows.append((s["study"], f"{s['direction'][:3]} {s['metric'] or '?'}", f"{s['finished']}/{s['n_trials'] or '?'}",
+                     best, test, str(s["running"]) if s["running"] else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+@cli.command()
+@study_option
+@storage_option
+@click.option("--trials", "n_trials", type=int, help="The new trial budget (more than the trials finished so far).")
+@click.option("--time", "time_budget", metavar="DURATION", help="A new time budget from now, e.g. 30m.")
+def extend(study_arg: str, storage: str | None, n_trials: int | None, time_budget: str | None) -> None:
+    """Raise a study's budget; running and restarted workers go on to it."""
+    from hpo import study as study_mod
+
+    if n_trials is None and time_budget is None:
+        raise click.UsageError("give --trials N, --time DURATION or both")
+    time_s = None if time_budget is None else _parse_time(time_budget)
+    _, _, study, cfg = _load_existing(study_arg, storage)
+    new = study_mod.extend(study, cfg, n_trials, time_s)
+    click.echo(f"study {cfg.name!r}: budget {new.budget.n_trials} trials (was {cfg.budget.n_trials})"
+               + (f", time budget {time_budget} from now" if time_s else "")
+               + "; start workers (`hpo optimize` or `hpo worker`) if none is running")
+
+
+@cli.command()
+@study_option
+@storage_option
+@artifacts_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--force", is_flag=True, help="Delete even while workers are running trials.")
+def delete(study_arg: str, storage: str | None, artifacts: str | None, yes: bool, force: bool) -> None:
+    """Delete a study, its trials and its artifacts (files in runs/ stay)."""
+    from hpo import artifacts as artifacts_mod, study as study_mod
+
+    url, store, study, cfg = _load_existing(study_arg, storage)
+    live = study_mod.live_trials(study, store)
+    if live and not force:
+        raise HpoError(f"study {cfg.name!r} has workers running trials {live} now. Stop them first, or pass --force.")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise HpoError(f"deleting study {cfg.name!r} needs a confirmation and there is no terminal to ask on. "
+                           "Pass --yes.")
+        click.confirm(f"Delete study {cfg.name!r} with its {len(study.trials)} trials and their artifacts?",
+                      abort=True)
+    _, artifact_store = artifacts_mod.open_for(artifacts, url)
+    n = len(study.get_trials(deepcopy=False))
+    removed = study_mod.delete(study, store, artifact_store)
+    click.echo(f"deleted study {cfg.name!r}: {n} trials and {removed} artifact file(s)")
+
+
+@cli.command()
+@study_option
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (schema hpo-best/1).")
+def best(study_arg: str, storage: str | None, as_json: bool) -> None:
+    """The best trial: its number, validation value and parameters."""
+    from hpo import study as study_mod
+
+    _, _, study, cfg = _load_existing(study_arg, storage)
+    b = study_mod.best_of(study, cfg)
+    if as_json:
+        click.echo(json.dumps(b, indent=2))
+        return
+    click.echo(f"best trial {b['number']} of study {b['study']}: {b['metric']} {b['value']:.4f} "
+               f"({b['epochs']} epochs, {b['duration_s']}s)")
+    for k, v in b["params"].items():
+        click.echo(f"  {k:<13} {v:.4g}" if isinstance(v, float) else f"  {k:<13} {v}")
 
 
 @cli.command()

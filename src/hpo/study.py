@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import threading
@@ -10,9 +11,10 @@ import time
 from typing import Any
 
 import optuna
+from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
-from hpo import attrs, budget, config
+from hpo import artifacts as artifacts_mod, attrs, budget, config
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError, StorageError
 from hpo.storage import Storage, StorageSettings, creation_lock, heartbeat_ages, last_heartbeats
@@ -288,4 +290,101 @@ def summary(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBS
                      "epochs": cfg.budget.epochs, "heartbeat_age_s": ages.get(t._trial_id)} for t in running],
         "final": study.user_attrs.get(FINAL_ATTR),
         "time_budget": budget.describe_deadline(budget.get_deadline(study)),
+        "extended": study.user_attrs.get(EXTENDED_ATTR, []),
     }
+
+
+STUDIES_SCHEMA = "hpo-studies/1"
+BEST_SCHEMA = "hpo-best/1"
+
+
+def listing(storage: Storage) -> dict[str, Any]:
+    """Every study in the storage, as `hpo studies` shows it (schema STUDIES_SCHEMA)."""
+    rows = []
+    for s in sorted(optuna.get_all_study_summaries(storage, include_best_trial=False), key=lambda s: s.study_name):
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        stored = _stored_config(study)
+        trials = study.get_trials(deepcopy=False)
+        by_state = _by_state(trials)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        best = study.best_trial if complete else None
+        final = study.user_attrs.get(FINAL_ATTR) or {}
+        running = [t._trial_id for t in trials if t.state == TrialState.RUNNING]
+        fresh = [age for age in heartbeat_ages(storage, running).values()
+                 if age <= storage.grace_period] if running and storage.grace_period else []
+        rows.append({
+            "study": s.study_name,
+            "metric": stored.metric if stored else None,
+            "direction": study.direction.name.lower(),
+            "finished": by_state["COMPLETE"] + by_state["PRUNED"],
+            "n_trials": stored.budget.n_trials if stored else None,
+            "best_value": None if best is None else best.value,
+            "best_trial": None if best is None else best.number,
+            "test_accuracy": final.get("test_accuracy"),
+            "running": len(fresh),  # trials with a live heartbeat: workers at work now
+        })
+    return {"schema": STUDIES_SCHEMA, "studies": rows}
+
+
+def best_of(study: optuna.Study, cfg: StudyConfig) -> dict[str, Any]:
+    """The best trial, as `hpo best` shows it (schema BEST_SCHEMA)."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise StorageError(f"study {study.study_name!r} has no COMPLETE trial yet. Run `hpo optimize --study "
+                           f"{study.study_name}` (or workers) until one completes.")
+    t = study.best_trial
+    return {"schema": BEST_SCHEMA, "study": study.study_name, "metric": cfg.metric, "direction": cfg.direction,
+            "number": t.number, "value": t.value, "params": t.params,
+            "epochs": len(t.intermediate_values), "seed": t.user_attrs.get("seed"),
+            "duration_s": None if t.duration is None else round(t.duration.total_seconds(), 1)}
+
+
+EXTENDED_ATTR = "hpo:extended"  # each `hpo extend`: when, and the budget before and after
+
+
+def extend(study: optuna.Study, cfg: StudyConfig, n_trials: int | None, time_s: float | None) -> StudyConfig:
+    """Raise the stored trial budget and/or give the study a new time budget from now. Workers read the
+    budget before every trial, so running ones go on to it, and restarted ones start with it."""
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
+    if n_trials is not None and n_trials <= finished:
+        raise ConfigError(f"study {study.study_name!r} has {finished} finished trials already; extend it to more "
+                          f"than that (--trials {finished + 10}, say), or leave --trials out.")
+    new = cfg
+    if n_trials is not None:
+        new = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, n_trials=n_trials))
+    if time_s is not None:
+        new = dataclasses.replace(new, budget=dataclasses.replace(new.budget, time_s=time_s))
+    study.set_user_attr(CONFIG_ATTR, new.to_dict())
+    if time_s is not None:
+        budget.set_deadline(study, time_s)
+    record = {"at": round(time.time(), 1), "n_trials": [cfg.budget.n_trials, new.budget.n_trials], "time_s": time_s}
+    study.set_user_attr(EXTENDED_ATTR, [*study.user_attrs.get(EXTENDED_ATTR, []), record])
+    return new
+
+
+def current_budget(study: optuna.Study) -> int:
+    """The stored trial budget now (`hpo extend` may have raised it since the worker started)."""
+    return int(study._storage.get_study_user_attrs(study._study_id)[CONFIG_ATTR]["budget"]["n_trials"])
+
+
+def live_trials(study: optuna.Study, storage: Storage) -> list[int]:
+    """Numbers of RUNNING trials whose worker sent a heartbeat within the grace period."""
+    running = {t._trial_id: t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    ages = heartbeat_ages(storage, list(running)) if running else {}
+    grace = storage.grace_period or 60
+    return sorted(running[tid] for tid, age in ages.items() if age <= grace)
+
+
+def delete(study: optuna.Study, storage: Storage, artifact_store) -> int:
+    """Delete the study's artifacts (its own and every trial's), then the study; returns how many files."""
+    removed = 0
+    holders = [storage.get_study_system_attrs(study._study_id)]
+    holders += [t.system_attrs for t in study.get_trials(deepcopy=False)]
+    for attrs_of in holders:
+        for meta in artifacts_mod.listed(attrs_of):
+            try:
+                artifact_store.remove(meta["artifact_id"])
+                removed += 1
+            except ArtifactNotFound:
+                pass
+    optuna.delete_study(study_name=study.study_name, storage=storage)
+    return removed

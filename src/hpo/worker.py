@@ -30,7 +30,7 @@ from hpo.devices import Placement, cpu_count
 from hpo.errors import StorageError
 from hpo.objective import OutOfMemory, OverBudget, calibrate, make_objective
 from hpo.storage import Heartbeat, SlotLock, Storage, StorageSettings, connection_error, first_line
-from hpo.study import Reaper, counts, fail, retry_note
+from hpo.study import Reaper, counts, current_budget, fail, retry_note
 from hpo.train import TrainingDiverged
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Place
 
 def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Placement,
          poll_s: float, storage: Storage, result: WorkerResult, artifact_store=None) -> None:
-    n_trials = cfg.budget.n_trials
+    n_trials = cfg.budget.n_trials  # re-read before every trial: `hpo extend` may raise it
     lock = SlotLock(storage, cfg.name)
     settings = StorageSettings.from_env()
     reaper = Reaper(study, storage, settings)
@@ -176,6 +176,7 @@ def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Plac
         # Count and ask under the lock: a slot seen free here is still free when the trial is created.
         lock.acquire()
         try:
+            n_trials = current_budget(study)
             c = counts(study)
             finished = c["COMPLETE"] + c["PRUNED"]
             if finished >= n_trials:

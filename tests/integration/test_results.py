@@ -107,7 +107,7 @@ STATUS_SCHEMA = {
     "schema": str, "study": str, "metric": str, "direction": str, "n_trials": int, "epochs_per_trial": int,
     "finished": int, "remaining": int, "states": dict, "pruned_share": float, "epochs": dict,
     "mean_trial_s": (float, type(None)), "eta_s": (float, type(None)), "best": (dict, type(None)), "running": list,
-    "final": (dict, type(None)), "time_budget": (dict, type(None)),
+    "final": (dict, type(None)), "time_budget": (dict, type(None)), "extended": list,
 }
 
 

@@ -1,0 +1,130 @@
+"""Managing studies as Optuna users expect: studies, best, extend and delete, with their refusals."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from optuna.trial import TrialState, create_trial
+
+from hpo import artifacts, config, storage as storage_mod, study as study_mod
+from hpo.cli import cli
+
+DIST = {"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)}
+
+
+@pytest.fixture
+def url(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HPO_STORAGE", raising=False)
+    return f"sqlite:///{tmp_path / 'runs' / 'hpo.db'}"
+
+
+def hpo(*args: str, stdin: str | None = None):
+    result = CliRunner().invoke(cli, list(args), input=stdin)
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    line = result.output.strip()
+    assert line.startswith("Error: ") and "\n" not in line, result.output
+    return line
+
+
+def a_study(url: str, name: str = "tiny", values: tuple[float, ...] = (0.7, 0.8)) -> optuna.Study:
+    import dataclasses
+
+    store = storage_mod.open_storage(url)
+    study, _ = study_mod.create_or_load(store, dataclasses.replace(config.load("tiny"), name=name))
+    for i, v in enumerate(values):
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=v, params={"lr": 0.01 * (i + 1)},
+                                     distributions=DIST))
+    study.add_trial(create_trial(state=TrialState.PRUNED, params={"lr": 0.05}, distributions=DIST,
+                                 intermediate_values={1: 0.5}))
+    return study
+
+
+def test_studies_lists_every_study_with_its_counts_and_best(url):
+    a_study(url, "tiny")
+    a_study(url, "other", values=(0.6,))
+    out = hpo("studies", "--storage", url, "--json")
+    assert out.exit_code == 0, out.output
+    rows = {r["study"]: r for r in json.loads(out.output)["studies"]}
+    assert rows["tiny"] == {"study": "tiny", "metric": "val_accuracy", "direction": "maximize", "finished": 3,
+                            "n_trials": 8, "best_value": 0.8, "best_trial": 1, "test_accuracy": None, "running": 0}
+    assert rows["other"]["finished"] == 2 and rows["other"]["best_value"] == 0.6
+    text = hpo("studies", "--storage", url).output.splitlines()
+    assert text[0].split() == ["study", "metric", "finished", "best", "test", "acc", "running"]
+    assert text[1].split()[:4] == ["other", "max", "val_accuracy", "2/8"]
+
+
+def test_studies_on_an_empty_storage_says_so(url):
+    out = hpo("studies", "--storage", url)
+    assert out.exit_code == 0 and "no studies in this storage yet" in out.output
+    assert json.loads(hpo("studies", "--storage", url, "--json").output)["studies"] == []
+
+
+def test_best_gives_the_best_trial_for_scripts(url):
+    a_study(url)
+    b = json.loads(hpo("best", "--study", "tiny", "--storage", url, "--json").output)
+    assert (b["number"], b["value"], b["params"]) == (1, 0.8, {"lr": 0.02})
+    assert "best trial 1 of study tiny: val_accuracy 0.8000" in hpo("best", "--study", "tiny", "--storage", url).output
+
+
+@pytest.mark.parametrize("command", [["best"], ["extend", "--trials", "20"], ["delete", "--yes"]])
+def test_commands_on_a_missing_study_name_the_ones_there(url, command):
+    a_study(url)
+    line = one_line_error(hpo(command[0], "--study", "nope", "--storage", url, *command[1:]))
+    assert "no study named 'nope'" in line and "Studies in this storage: tiny" in line
+
+
+def test_extend_raises_the_stored_budget_and_status_shows_it(url):
+    study = a_study(url)
+    out = hpo("extend", "--study", "tiny", "--storage", url, "--trials", "20", "--time", "30m")
+    assert out.exit_code == 0, out.output
+    assert study_mod.current_budget(study) == 20  # what a running worker reads before its next trial
+    _, cfg = study_mod.load(storage_mod.open_storage(url), "tiny")
+    assert cfg.budget.n_trials == 20 and cfg.budget.time_s == 1800
+    status = json.loads(hpo("status", "--study", "tiny", "--storage", url, "--json").output)
+    assert status["n_trials"] == 20 and status["extended"][0]["n_trials"] == [8, 20]
+    assert 1790 < status["time_budget"]["left_s"] <= 1800
+    assert "extended " in hpo("status", "--study", "tiny", "--storage", url).output
+
+
+def test_extend_to_fewer_trials_than_finished_is_refused_and_changes_nothing(url):
+    a_study(url)
+    line = one_line_error(hpo("extend", "--study", "tiny", "--storage", url, "--trials", "3"))
+    assert "has 3 finished trials already; extend it to more than that" in line
+    assert study_mod.current_budget(study_mod.load(storage_mod.open_storage(url), "tiny")[0]) == 8
+
+
+def test_delete_removes_the_study_and_its_artifacts(url, tmp_path):
+    study = a_study(url)
+    store = artifacts.open_store(str(tmp_path / "runs" / "artifacts"))
+    artifacts.upload_bytes(store, study, "note.json", b"{}")
+    assert len(list((tmp_path / "runs" / "artifacts").iterdir())) == 1
+    out = hpo("delete", "--study", "tiny", "--storage", url, "--yes")
+    assert out.exit_code == 0 and "deleted study 'tiny': 3 trials and 1 artifact file(s)" in out.output
+    assert list((tmp_path / "runs" / "artifacts").iterdir()) == []
+    assert not study_mod.exists(storage_mod.open_storage(url), "tiny")
+
+
+def test_delete_without_yes_and_without_a_terminal_is_refused(url):
+    a_study(url)
+    line = one_line_error(hpo("delete", "--study", "tiny", "--storage", url))
+    assert "needs a confirmation and there is no terminal to ask on. Pass --yes." in line
+    assert study_mod.exists(storage_mod.open_storage(url), "tiny")
+
+
+def test_delete_refuses_while_a_worker_is_running_a_trial(url):
+    study = a_study(url)
+    store = storage_mod.open_storage(url)
+    trial = study.ask()
+    store.record_heartbeat(trial._trial_id)
+    line = one_line_error(hpo("delete", "--study", "tiny", "--storage", url, "--yes"))
+    assert f"has workers running trials [{trial.number}] now. Stop them first, or pass --force." in line
+    assert hpo("delete", "--study", "tiny", "--storage", url, "--yes", "--force").exit_code == 0
