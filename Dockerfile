@@ -28,8 +28,8 @@ ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 RUN python3 -m pip install "torch>=2.4,<3" "torchvision>=0.19,<1"
 
 WORKDIR /opt/hpo
-COPY pyproject.toml README.md ./
-COPY studies ./studies
+COPY pyproject.toml README.md LICENSE ./
+
 COPY src ./src
 # [onnx]: `hpo export --format onnx` and its check work inside the container too.
 RUN python3 -m pip install ".[onnx]" && python3 -c "import hpo.cli, onnxruntime"

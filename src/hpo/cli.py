@@ -52,7 +52,7 @@ def _setup_logging(verbose: bool) -> None:
 @click.group(cls=HpoGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-@click.version_option(package_name="hpo")
+@click.version_option(package_name="hpo-service")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     """Hyperparameter search for a DynamicCNN on Fashion-MNIST, shared by many workers."""
