@@ -119,7 +119,8 @@ def test_existing_study_with_another_space(run, tmp_path):
     changed.write_text(TINY.replace("n_conv       = { low = 1, high = 2 }", "n_conv       = { low = 1, high = 3 }"))
     user_error(run("create", "--study", str(changed), "--storage", url),
                "already exists with a different search space (n_conv differ")
-    assert optuna.load_study(study_name="tiny", storage=url).user_attrs["hpo:config"]["space"]["n_conv"]["high"] == 2
+    study = optuna.load_study(study_name="tiny", storage=url)
+    assert study._storage.get_study_system_attrs(study._study_id)["hpo:config"]["space"]["n_conv"]["high"] == 2
 
 
 # --------------------------------------------------------------------------- data

@@ -113,7 +113,8 @@ def _config_for_worker(study_arg: str, storage: str | None):
 @cli.command()
 @study_option
 @storage_option
-def create(study_arg: str, storage: str | None) -> None:
+@click.option("--explain", is_flag=True, help="Also print every setting the study runs with, defaults included.")
+def create(study_arg: str, storage: str | None, explain: bool) -> None:
     """Create the tables and the study if missing (safe to repeat), then exit."""
     from hpo import study as study_mod
 
@@ -122,6 +123,8 @@ def create(study_arg: str, storage: str | None) -> None:
     study, cfg = study_mod.create_or_load(store, cfg)
     click.echo(f"study {cfg.name!r} is ready in {storage_mod.mask(url)} with {len(study.trials)} trials so far "
                f"(budget {cfg.budget.n_trials})")
+    if explain:
+        click.echo(f"# the settings stored in study {cfg.name!r}, as a study file\n{config.to_toml(cfg)}", nl=False)
 
 
 @cli.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import json
 import math
 import os
 import re
@@ -45,6 +46,10 @@ SEARCH_PATHS_HELP = "studies/NAME.toml in the current directory, then the studie
 TTA_MODES = ("none", "flip")
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)\s*(h|m|s)")
 DURATION_HELP = "a duration such as 90s, 10m, 1h or 1h30m"
+
+
+DEFAULT_TRIALS = 50   # [budget] n_trials when a study file gives none
+DEFAULT_EPOCHS = 10   # [budget] epochs likewise
 
 
 def parse_duration(text: str) -> float:
@@ -282,8 +287,8 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
 
     b = top.table("budget")
     budget = Budget(
-        n_trials=b.get("n_trials", int),
-        epochs=b.get("epochs", int),
+        n_trials=b.get("n_trials", int, DEFAULT_TRIALS),
+        epochs=b.get("epochs", int, DEFAULT_EPOCHS),
         train_subset=b.get("train_subset", int, 0),
         val_fraction=b.get("val_fraction", float, 0.1),
         time_s=_duration(b, "time"),
@@ -420,10 +425,9 @@ def _component(r: _Reader, known: dict[str, str], default: str, module: str) -> 
         if key not in accepted:
             r.fail(f"{known[name]} has no option {key!r}.{_did_you_mean(key, accepted)} Options: {', '.join(accepted)}")
     if name == "tpe":
-        # Parallel workers need constant_liar or they pile onto the same promising point.
-        for required in ("multivariate", "constant_liar"):
-            if required not in options:
-                r.fail(f"set {required} explicitly for the TPE sampler (true is right for parallel workers)")
+        # Parallel workers need constant_liar or they pile onto the same promising point; multivariate
+        # TPE models the parameters jointly. Both are right for this service's parallel workers.
+        options = {"multivariate": True, "constant_liar": True, **options}
     return Component(name=name, options=options)
 
 
@@ -521,3 +525,50 @@ def from_dict(stored: dict[str, Any], source: str) -> StudyConfig:
     raw["sampler"] = {"name": stored["sampler"]["name"], **stored["sampler"]["options"]}
     raw["pruner"] = {"name": stored["pruner"]["name"], **stored["pruner"]["options"]}
     return parse(raw, source=source)
+
+
+def summary(cfg: StudyConfig) -> str:
+    """The study's settings in one line, as a person would say them."""
+    b, f = cfg.budget, cfg.final
+    images = f"{b.train_subset:,} images" if b.train_subset else "the whole training part"
+    limits = [f"{b.n_trials} finished"] + ([f"{b.time_s / 60:g} min"] if b.time_s else [])
+    final = f"final: {f.epochs} epochs" + (f", ensemble of {f.ensemble}" if f.ensemble > 1 else "") + (
+        f", {f.tta} TTA" if f.tta != "none" else "")
+    return (f"{cfg.direction} {cfg.metric}; trials of {b.epochs} epochs on {images} until {' or '.join(limits)}; "
+            f"{cfg.sampler.name} sampler, {cfg.pruner.name} pruner; {final}")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def to_toml(cfg: StudyConfig) -> str:
+    """Every setting the study runs with, defaults included, as a study file (`hpo create --explain`)."""
+    d = cfg.to_dict()
+    lines = [f"{k} = {_toml_value(d[k])}" for k in ("name", "description", "metric", "direction", "seed")]
+    budget = {k: v for k, v in d["budget"].items() if k != "time_s"}
+    if cfg.budget.time_s is not None:
+        budget["time"] = f"{cfg.budget.time_s:g}s"
+    sections = {"budget": budget, "sampler": {"name": cfg.sampler.name, **cfg.sampler.options},
+                "pruner": {"name": cfg.pruner.name, **cfg.pruner.options}, "augment": d["augment"],
+                "train": d["train"], "final": d["final"], "checkpoints": d["checkpoints"]}
+    for title, table in sections.items():
+        lines += ["", f"[{title}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    w = cfg.warm_start
+    if w.from_study is not None or w.params:
+        lines += ["", "[warm_start]"] + ([f"from = {_toml_value(w.from_study)}", f"top = {w.top}"]
+                                         if w.from_study is not None else [])
+        for params in w.params:
+            lines += ["[[warm_start.params]]"] + [f"{k} = {_toml_value(v)}" for k, v in params.items()]
+    lines += ["", "[space]"] + [f"{k} = {_toml_value(v)}" for k, v in d["space"].items()]
+    return "\n".join(lines) + "\n"

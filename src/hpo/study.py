@@ -22,6 +22,7 @@ from hpo.storage import Storage, StorageSettings, creation_lock, heartbeat_ages,
 log = logging.getLogger(__name__)
 
 CONFIG_ATTR = "hpo:config"
+SETTINGS_ATTR = "settings"  # one line for people (the dashboard's attribute table); CONFIG_ATTR holds them all
 WARM_START_ATTR = attrs.WARM_START
 FINAL_ATTR = "hpo:final"
 
@@ -35,9 +36,23 @@ def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     return getattr(optuna.pruners, config.PRUNERS[cfg.pruner.name])(**cfg.pruner.options)
 
 
+def _stored_raw(study: optuna.Study) -> dict[str, Any] | None:
+    """The settings recorded in the study: a system attribute, which the dashboard does not lead
+    with (studies made before kept them in a user attribute of the same name)."""
+    system = study._storage.get_study_system_attrs(study._study_id)
+    return system.get(CONFIG_ATTR, study._storage.get_study_user_attrs(study._study_id).get(CONFIG_ATTR))
+
+
 def _stored_config(study: optuna.Study) -> StudyConfig | None:
-    stored = study.user_attrs.get(CONFIG_ATTR)
+    stored = _stored_raw(study)
     return None if stored is None else config.from_dict(stored, source=f"study {study.study_name!r}")
+
+
+def _record_config(study: optuna.Study, cfg: StudyConfig) -> None:
+    """Store the settings, and what the dashboard shows of them: the metric's name and one line."""
+    study._storage.set_study_system_attr(study._study_id, CONFIG_ATTR, cfg.to_dict())
+    study.set_metric_names([cfg.metric])
+    study.set_user_attr(SETTINGS_ATTR, config.summary(cfg))
 
 
 def create_or_load(storage: optuna.storages.RDBStorage, cfg: StudyConfig,
@@ -61,7 +76,7 @@ def create_or_load(storage: optuna.storages.RDBStorage, cfg: StudyConfig,
                 log.info("study %r: %d warm-start configuration(s) queued as its first trials", cfg.name, len(first))
         stored = _stored_config(study)
         if stored is None:
-            study.set_user_attr(CONFIG_ATTR, cfg.to_dict())
+            _record_config(study, cfg)
             stored = cfg
             if cfg.budget.time_s is not None:  # the clock of a file's time budget starts with the study
                 budget.set_deadline(study, cfg.budget.time_s)
@@ -353,7 +368,7 @@ def extend(study: optuna.Study, cfg: StudyConfig, n_trials: int | None, time_s: 
         new = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, n_trials=n_trials))
     if time_s is not None:
         new = dataclasses.replace(new, budget=dataclasses.replace(new.budget, time_s=time_s))
-    study.set_user_attr(CONFIG_ATTR, new.to_dict())
+    _record_config(study, new)
     if time_s is not None:
         budget.set_deadline(study, time_s)
     record = {"at": round(time.time(), 1), "n_trials": [cfg.budget.n_trials, new.budget.n_trials], "time_s": time_s}
@@ -363,7 +378,7 @@ def extend(study: optuna.Study, cfg: StudyConfig, n_trials: int | None, time_s: 
 
 def current_budget(study: optuna.Study) -> int:
     """The stored trial budget now (`hpo extend` may have raised it since the worker started)."""
-    return int(study._storage.get_study_user_attrs(study._study_id)[CONFIG_ATTR]["budget"]["n_trials"])
+    return int(_stored_raw(study)["budget"]["n_trials"])
 
 
 def live_trials(study: optuna.Study, storage: Storage) -> list[int]:

@@ -62,8 +62,14 @@ def test_pruned_trials_appear_and_record_their_curve(tiny_study):
 
 def test_settings_are_recorded_in_the_study(tiny_study):
     _, url, _ = tiny_study
-    stored = optuna.load_study(study_name="tiny", storage=url).user_attrs["hpo:config"]
+    study = optuna.load_study(study_name="tiny", storage=url)
+    stored = study._storage.get_study_system_attrs(study._study_id)["hpo:config"]  # where the dashboard does not lead with them
     assert stored["budget"]["n_trials"] == 8 and stored["space"]["n_conv"] == {"low": 1, "high": 2}
+    assert study.metric_names == ["val_accuracy"]
+    assert study.user_attrs["settings"] == ("maximize val_accuracy; trials of 3 epochs on 1,000 images until 8 "
+                                            "finished; tpe sampler, median pruner; final: 1 epochs, ensemble of 2, "
+                                            "flip TTA")
+    assert "hpo:config" not in study.user_attrs
 
 
 def test_status_needs_only_the_storage(tiny_study):
