@@ -72,7 +72,8 @@ KINDS = ("kill", "pause", "db", "nan")
 
 class Chaos:
     def __init__(self, url: str, restart_db, study_file: Path, data_dir: str | None, logs: Path, seed: int):
-        self.url, self.restart_db, self.study_file, self.data_dir, self.logs = url, restart_db, study_file, data_dir, logs
+        self.url, self.restart_db, self.study_file = url, restart_db, study_file
+        self.data_dir, self.logs = data_dir, logs
         self.rng = random.Random(seed)
         self.own_db = False  # True: restart_db(down) keeps the server down for `down` seconds
         self.procs: list[subprocess.Popen] = []
@@ -144,7 +145,8 @@ def check(study: optuna.Study, chaos: Chaos) -> list[tuple[str, str, bool]]:
     # copies (the last entry of retry_history).
     runs = collections.Counter(t.system_attrs.get("failed_trial", t.number) for t in trials)
     too_many = {n: k for n, k in runs.items() if k > 1 + MAX_RETRY}
-    copies = collections.Counter(t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history"))
+    copies = collections.Counter(t.system_attrs["retry_history"][-1] for t in trials
+                                 if t.system_attrs.get("retry_history"))
     twice = {n: k for n, k in copies.items() if k > 1}
     done = collections.Counter(t.system_attrs.get("failed_trial", t.number) for t in trials
                                if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))

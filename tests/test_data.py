@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_dataset, write_idx
 from hpo import data
 from hpo.config import Augment
 from hpo.errors import DataError
-
-from conftest import make_dataset, write_idx
 
 
 def test_reads_gzipped_and_plain_idx(tmp_path):

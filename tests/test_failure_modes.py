@@ -19,7 +19,9 @@ import torch
 from click.testing import CliRunner
 
 from conftest import REPO, make_dataset, write_idx
-from hpo import config, data, final, storage, study as study_mod, worker as worker_mod
+from hpo import config, data, final, storage
+from hpo import study as study_mod
+from hpo import worker as worker_mod
 from hpo.cli import cli
 from hpo.data import DeviceData, TrialData
 from hpo.devices import place

@@ -8,7 +8,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo import config, storage as storage_mod, study as study_mod
+from hpo import config
+from hpo import storage as storage_mod
+from hpo import study as study_mod
 from hpo.storage import StorageSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # ask() outside optimize(), as workers do

@@ -9,7 +9,9 @@ import pytest
 from click.testing import CliRunner
 from optuna.trial import TrialState, create_trial
 
-from hpo import artifacts, config, storage as storage_mod, study as study_mod
+from hpo import artifacts, config
+from hpo import storage as storage_mod
+from hpo import study as study_mod
 from hpo.cli import cli
 
 DIST = {"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)}

@@ -9,7 +9,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from hpo import config, storage as storage_mod, study as study_mod
+from hpo import config
+from hpo import storage as storage_mod
+from hpo import study as study_mod
 from hpo.config import WarmStart
 from hpo.errors import ConfigError
 

@@ -8,6 +8,7 @@ import sys
 import time
 
 from common import PARAMS, PLACEMENT, RECIPE, SPLIT
+
 from hpo.config import Augment
 from hpo.model import Ensemble
 from hpo.train import Hyper, evaluate, fit, seeded_model

@@ -7,6 +7,7 @@ import sys
 import time
 
 from common import PARAMS, PLACEMENT, RECIPE, SPLIT
+
 from hpo.config import Augment
 from hpo.train import Hyper, fit, seeded_model
 

@@ -5,19 +5,23 @@ FILTERS is the first block's width; the second block doubles it and later blocks
 """
 import sys
 import time
+
 from hpo import data
 from hpo.config import Augment, Recipe
-from hpo.train import Hyper, fit, seeded_model
 from hpo.devices import place
+from hpo.train import Hyper, fit, seeded_model
+
 pl = place("cpu", int(sys.argv[1]))
 imgs, labels = data.load_split(data.find_data_dir(), "train")
 d = data.DeviceData(imgs[:8192], labels[:8192], pl.device)
 for desc in sys.argv[2:]:
     nconv, filt, k, nfc, fc, bs = [int(x) for x in desc.split(",")]
-    p = {"n_conv": nconv, **{f"filters_{i}": filt*(2**i if i<2 else 2) for i in range(nconv)}, "kernel_size": k, "n_fc": nfc,
-         "fc_size": fc, "dropout": 0.2, "optimizer": "adam", "lr": 1e-3, "batch_size": bs, "weight_decay": 1e-4}
+    widths = {f"filters_{i}": filt * (2**i if i < 2 else 2) for i in range(nconv)}
+    p = {"n_conv": nconv, **widths, "kernel_size": k, "n_fc": nfc, "fc_size": fc, "dropout": 0.2,
+         "optimizer": "adam", "lr": 1e-3, "batch_size": bs, "weight_decay": 1e-4}
     m = seeded_model(p, 0, pl.device)
-    fit(m, data.DeviceData(imgs[:1024], labels[:1024], pl.device), None, Hyper.from_params(p), Recipe(), Augment(2, True), 1, 0)
+    warm = data.DeviceData(imgs[:1024], labels[:1024], pl.device)
+    fit(m, warm, None, Hyper.from_params(p), Recipe(), Augment(2, True), 1, 0)
     t = time.perf_counter()
     fit(m, d, None, Hyper.from_params(p), Recipe(), Augment(2, True), 1, 0)
     dt = time.perf_counter() - t

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hpo.errors import HpoError
+from hpo.errors import DataError, HpoError
 
 # The notebook CNN the issue measured: two conv blocks of 32 and 64 filters, a 3136 -> 512 -> 10 head.
 DEFAULT_PARAMS: dict[str, Any] = {
@@ -73,6 +73,8 @@ def _torchvision_root(data_dir: Path) -> Path:
     for stems in FILES.values():
         for stem in stems:
             source = find_file(data_dir, stem)
+            if source is None:
+                raise DataError(f"{data_dir} has no {stem}(.gz); bench needs all four Fashion-MNIST files")
             payload = source.read_bytes()
             (raw / stem).write_bytes(gzip.decompress(payload) if payload[:2] == b"\x1f\x8b" else payload)
     return root

@@ -20,6 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.config import StudyConfig
+from hpo.trials import FINISHED, best_first, value
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def quantile(values: list[float], q: float) -> float:
 
 def measured(study: optuna.Study) -> list[EpochCost]:
     costs = (trial_cost(t) for t in study.get_trials(deepcopy=False)
-             if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+             if t.state in (*FINISHED, TrialState.RUNNING))
     return [c for c in costs if c is not None]
 
 
@@ -144,12 +145,10 @@ def final_reserve(study: optuna.Study, cfg: StudyConfig, final_threads: int, cos
                   calibrated: EpochCost | None, time_s: float | None = None) -> float:
     """Seconds kept for the finalizer: its whole ensemble, estimated from the trials most likely to be
     its members, but at most FINAL_SHARE_MAX of `time_s`."""
-    complete = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                       if trial_cost(t) is not None),
-                      key=lambda t: t.value, reverse=cfg.direction == "maximize")
+    complete = [t for t in best_first(study, cfg.direction == "maximize") if trial_cost(t) is not None]
     # The finalizer takes a member beyond the best only within member_gap of it; trials still to
     # come may be such members, so the places complete trials do not fill yet count as typical ones.
-    close = [t for t in complete[:cfg.final.ensemble] if abs(t.value - complete[0].value) <= cfg.final.member_gap]
+    close = [t for t in complete[:cfg.final.ensemble] if abs(value(t) - value(complete[0])) <= cfg.final.member_gap]
     members = [trial_cost(t) for t in close]
     padding = max(0, cfg.final.ensemble - len(complete))
     typical = (EpochCost(quantile([c.epoch_s for c in costs], TRIAL_QUANTILE), costs[0].train_images,

@@ -21,7 +21,9 @@ from typing import Any
 
 import click
 
-from hpo import config, storage as storage_mod
+from hpo import config
+from hpo import storage as storage_mod
+from hpo import trials as trials_mod
 from hpo.errors import HpoError, StudyFileNotFound
 
 log = logging.getLogger("hpo")
@@ -139,7 +141,10 @@ def create(study_arg: str, storage: str | None, explain: bool) -> None:
 def worker(study_arg: str, storage: str | None, data_dir: str | None, device: str | None, artifacts: str | None,
            threads: int | None, sampler_seed: int | None) -> None:
     """Run trials of a shared study until its budget is met."""
-    from hpo import artifacts as artifacts_mod, data, study as study_mod, worker as worker_mod
+    from hpo import artifacts as artifacts_mod
+    from hpo import data
+    from hpo import study as study_mod
+    from hpo import worker as worker_mod
     from hpo.devices import place
 
     _, artifact_store = artifacts_mod.open_for(artifacts, storage_mod.resolve_url(storage))
@@ -181,7 +186,9 @@ def optimize(study_arg: str, workers: int, time_budget: str | None, run_final: b
     On a terminal it shows a progress bar and sends the workers' logs to runs/STUDY/logs/; in a
     pipe or a CI log the workers' log lines come through as they are.
     """
-    from hpo import artifacts as artifacts_mod, budget, data, study as study_mod
+    from hpo import artifacts as artifacts_mod
+    from hpo import budget, data
+    from hpo import study as study_mod
     from hpo.devices import threads_per_worker
 
     started_at = time.time()
@@ -192,14 +199,14 @@ def optimize(study_arg: str, workers: int, time_budget: str | None, run_final: b
     location, artifact_store = artifacts_mod.open_for(artifacts, url)  # fail here, not in every worker
     threads = threads_per_worker(workers)
     # --time restarts the clock; a file's time starts it when the study is created.
-    starts_clock = time_s is not None and (time_budget is not None or not study_mod.exists(store, cfg.name))
+    clock = time_s if time_budget is not None or not study_mod.exists(store, cfg.name) else None
     calibrated = None
-    if starts_clock:  # checked before the study is touched, so a budget that cannot work changes nothing
-        calibrated = _check_time_budget(cfg, time_s, store, directory, device, threads)
+    if clock is not None:  # checked before the study is touched, so a budget that cannot work changes nothing
+        calibrated = _check_time_budget(cfg, clock, store, directory, device, threads)
     # Create the study once here, so the workers only ever load it.
     study, cfg = study_mod.create_or_load(store, cfg)
-    if starts_clock:
-        budget.set_deadline(study, time_s, now=started_at)
+    if clock is not None:
+        budget.set_deadline(study, clock, now=started_at)
         if calibrated is not None and budget.calibration(study) is None:
             study.set_user_attr(budget.CALIBRATION_ATTR, dataclasses.asdict(calibrated))
     deadline = budget.get_deadline(study)
@@ -228,7 +235,8 @@ def _check_time_budget(cfg: config.StudyConfig, time_s: float, store: Any, direc
     Returns the calibration it measured (None when the study had measured epochs to go by)."""
     import torch
 
-    from hpo import budget, data, study as study_mod
+    from hpo import budget, data
+    from hpo import study as study_mod
     from hpo.devices import cpu_count, place
     from hpo.objective import calibrate
 
@@ -259,7 +267,8 @@ def _check_time_budget(cfg: config.StudyConfig, time_s: float, store: Any, direc
 
 def _supervise(study: Any, cfg: config.StudyConfig, store: Any, workers: int, threads: int, args: list[str]) -> None:
     """Run the local workers to the end, with a progress bar on a terminal; print the status after."""
-    from hpo import progress, study as study_mod
+    from hpo import progress
+    from hpo import study as study_mod
     from hpo.objective import derive_seed
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HPO_THREADS": str(threads)}
@@ -293,7 +302,7 @@ def _supervise(study: Any, cfg: config.StudyConfig, store: Any, workers: int, th
     signal.signal(signal.SIGINT, forward)
     deadline = None
     # Trials finished before this run are counted, not announced again.
-    reported = {t.number for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")}
+    reported = {t.number for t in study.get_trials(deepcopy=False) if t.state in trials_mod.FINISHED}
     with progress.Progress(cfg.budget.n_trials, f"study {cfg.name}", "trials", initial=len(reported)) as bar:
         while any(child.poll() is None for child in children):
             if stopped_by and deadline is None:
@@ -374,7 +383,7 @@ def _update_bar(bar, study, reported: set[int]) -> None:
         trials = study.get_trials(deepcopy=False)
     except Exception:  # a database blip: the workers ride it out, the bar waits for the next poll
         return
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    finished = [t for t in trials if t.state in trials_mod.FINISHED]
     for t in sorted(finished, key=lambda t: t.number):
         if t.number not in reported:
             reported.add(t.number)
@@ -400,7 +409,8 @@ def _update_bar(bar, study, reported: set[int]) -> None:
 def final_train(study_arg: str, storage: str | None, data_dir: str | None, device: str | None,
                 artifacts: str | None, out: str | None, epochs: int | None) -> None:
     """Retrain the best trial(s) on train + validation and score the test split once."""
-    from hpo import artifacts as artifacts_mod, budget, data, final
+    from hpo import artifacts as artifacts_mod
+    from hpo import budget, data, final
     from hpo.devices import place
 
     url, store, study, cfg = _load_existing(study_arg, storage)
@@ -430,9 +440,9 @@ def _format_status(s: dict[str, Any]) -> str:
     lines += [f"  {state:<10}{n:>7}" for state, n in s["states"].items() if n or state in ("COMPLETE", "PRUNED")]
     for x in s["extended"]:
         when = datetime.datetime.fromtimestamp(x["at"]).strftime("%Y-%m-%d %H:%M")
-        what = [f"trials {x['n_trials'][0]} -> {x['n_trials'][1]}"] if x["n_trials"][0] != x["n_trials"][1] else []
-        what += [f"time {_duration(x['time_s'])} from then"] if x["time_s"] else []
-        lines.append(f"  extended {when}: {', '.join(what)}")
+        changes = [f"trials {x['n_trials'][0]} -> {x['n_trials'][1]}"] if x["n_trials"][0] != x["n_trials"][1] else []
+        changes += [f"time {_duration(x['time_s'])} from then"] if x["time_s"] else []
+        lines.append(f"  extended {when}: {', '.join(changes)}")
     e = s["epochs"]
     lines += ["", f"  finished {s['finished']}/{s['n_trials']}, pruned share {s['pruned_share']:.0%}, "
                   f"{e['saved_by_pruning']} epochs saved by pruning ({e['saved_share']:.0%} of "
@@ -458,7 +468,8 @@ def _format_status(s: dict[str, Any]) -> str:
     if s["final"]:
         f = s["final"]
         members = f.get("members", [f["best_trial"]])
-        what = f"trial {members[0]}" if len(members) == 1 else f"ensemble of trials {', '.join(map(str, members))}"
+        what = (f"trial {members[0]}" if len(members) == 1
+                else f"ensemble of trials {', '.join(map(str, members))}")
         ci = f" (95% CI {f['test_ci95'][0]:.4f}-{f['test_ci95'][1]:.4f})" if f.get("test_ci95") else ""
         lines.append(f"  final-train: test accuracy {f['test_accuracy']:.4f}{ci}, {what}, "
                      f"{f['epochs']} epochs, in {f['output_dir']}")
@@ -484,7 +495,8 @@ def studies(storage: str | None, as_json: bool) -> None:
     for s in found["studies"]:
         best = "-" if s["best_value"] is None else f"{s['best_value']:.4f} (trial {s['best_trial']})"
         test = "-" if s["test_accuracy"] is None else f"{100 * s['test_accuracy']:.2f} %"
-        rows.append((s["study"], f"{s['direction'][:3]} {s['metric'] or '?'}", f"{s['finished']}/{s['n_trials'] or '?'}",
+        rows.append((s["study"], f"{s['direction'][:3]} {s['metric'] or '?'}",
+                     f"{s['finished']}/{s['n_trials'] or '?'}",
                      best, test, str(s["running"]) if s["running"] else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -518,7 +530,8 @@ def extend(study_arg: str, storage: str | None, n_trials: int | None, time_budge
 @click.option("--force", is_flag=True, help="Delete even while workers are running trials.")
 def delete(study_arg: str, storage: str | None, artifacts: str | None, yes: bool, force: bool) -> None:
     """Delete a study, its trials and its artifacts (files in runs/ stay)."""
-    from hpo import artifacts as artifacts_mod, study as study_mod
+    from hpo import artifacts as artifacts_mod
+    from hpo import study as study_mod
 
     url, store, study, cfg = _load_existing(study_arg, storage)
     live = study_mod.live_trials(study, store)
@@ -649,7 +662,8 @@ def bench(study_arg: str | None, storage: str | None, params_json: str | None, i
 
     import torch
 
-    from hpo import bench as bench_mod, data
+    from hpo import bench as bench_mod
+    from hpo import data
     from hpo.devices import cpu_count
     from hpo.model import build, count_parameters
 
@@ -707,7 +721,8 @@ def bench(study_arg: str | None, storage: str | None, params_json: str | None, i
 
 def _bench_search(study_arg: str, time_s: float, workers: int, data_dir: str | None, device: str | None,
                   threads: int, as_json: bool) -> None:
-    from hpo import bench as bench_mod, data
+    from hpo import bench as bench_mod
+    from hpo import data
     from hpo.final import describe_accuracy
 
     work_dir = storage_mod.RUNS_DIR / "bench-search"

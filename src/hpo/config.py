@@ -79,6 +79,13 @@ class ParamSpec:
     choices: tuple[Any, ...] | None = None
 
     @property
+    def span(self) -> tuple[float, float]:
+        """low and high of a range (not of a choice list)."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.name} is a choice list, not a range")
+        return self.low, self.high
+
+    @property
     def is_int(self) -> bool:
         return isinstance(self.low, int) and isinstance(self.high, int)
 
@@ -224,6 +231,10 @@ def load(study: str | Path) -> StudyConfig:
 # --------------------------------------------------------------------------- validation
 
 
+def _not_known(key: str, value: str, options: list[str] | tuple[str, ...], verb: str = "is not known") -> str:
+    return f"{key} {value!r} {verb}.{_did_you_mean(value, options)} Use one of: {', '.join(options)}"
+
+
 def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" Did you mean {close[0]!r}?" if close else ""
@@ -259,7 +270,7 @@ class _Reader:
             self.fail(f"{key} must be {names}, got {type(value).__name__} {value!r}")
         return value
 
-    def table(self, key: str) -> "_Reader":
+    def table(self, key: str) -> _Reader:
         self.used.add(key)
         where = f"{self.where}.{key}" if self.where else key
         return _Reader(self.raw.get(key, {}), where, self.source)
@@ -279,7 +290,7 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
     description = top.get("description", str, "")
     metric = top.get("metric", str, "val_accuracy")
     if metric not in METRICS:
-        top.fail(f"metric {metric!r} is not supported.{_did_you_mean(metric, list(METRICS))} Use one of: {', '.join(METRICS)}")
+        top.fail(_not_known("metric", metric, list(METRICS), "is not supported"))
     direction = top.get("direction", str, METRICS[metric])
     if direction != METRICS[metric]:
         top.fail(f"direction for {metric} must be {METRICS[metric]!r}, got {direction!r}")
@@ -325,7 +336,7 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
     )
     t.done()
     if recipe.schedule not in SCHEDULES:
-        t.fail(f"schedule {recipe.schedule!r} is not known.{_did_you_mean(recipe.schedule, SCHEDULES)} Use one of: {', '.join(SCHEDULES)}")
+        t.fail(_not_known("schedule", recipe.schedule, SCHEDULES))
     if not 0.0 <= recipe.label_smoothing < 1.0:
         t.fail(f"label_smoothing must be in [0, 1), got {recipe.label_smoothing}")
     if recipe.warmup_epochs < 0:
@@ -344,7 +355,7 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
     if final.member_gap < 0:
         f.fail(f"member_gap must not be negative (0 keeps only trials that tie the best), got {final.member_gap}")
     if final.tta not in TTA_MODES:
-        f.fail(f"tta {final.tta!r} is not known.{_did_you_mean(final.tta, TTA_MODES)} Use one of: {', '.join(TTA_MODES)}")
+        f.fail(_not_known("tta", final.tta, TTA_MODES))
 
     w = top.table("warm_start")
     warm = WarmStart(from_study=w.get("from", str, None), top=w.get("top", int, 5),
@@ -357,8 +368,7 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
     checkpoints = Checkpoints(every_epoch=c.get("every_epoch", bool, True), keep=c.get("keep", str, "none"))
     c.done()
     if checkpoints.keep not in CHECKPOINT_KEEP:
-        c.fail(f"keep {checkpoints.keep!r} is not known.{_did_you_mean(checkpoints.keep, CHECKPOINT_KEEP)} "
-               f"Use one of: {', '.join(CHECKPOINT_KEEP)}")
+        c.fail(_not_known("keep", checkpoints.keep, CHECKPOINT_KEEP))
 
     space = _space(top.table("space"))
     for i, params in enumerate(warm.params):
@@ -379,14 +389,15 @@ def _holds(spec: ParamSpec, value: Any) -> bool:
         return False
     if spec.is_int and not float(value).is_integer():
         return False
-    return spec.low <= value <= spec.high
+    low, high = spec.span
+    return low <= value <= high
 
 
 def space_problems(space: dict[str, ParamSpec], params: dict[str, Any]) -> list[str]:
     """Why `params` is not a configuration of `space`, one phrase per parameter (empty: it is).
     Parameters left out are sampled as usual; `filters_i` follow `filters` up to n_conv."""
     problems = []
-    n_conv = params.get("n_conv", space["n_conv"].high if space["n_conv"].choices is None
+    n_conv = params.get("n_conv", space["n_conv"].span[1] if space["n_conv"].choices is None
                         else max(space["n_conv"].choices))
     for key, value in params.items():
         name = "filters" if key.startswith("filters_") and key[8:].isdigit() else key
@@ -415,7 +426,7 @@ def _duration(r: _Reader, key: str) -> float | None:
 def _component(r: _Reader, known: dict[str, str], default: str, module: str) -> Component:
     name = r.get("name", str, default)
     if name not in known:
-        r.fail(f"name {name!r} is not known.{_did_you_mean(name, list(known))} Use one of: {', '.join(known)}")
+        r.fail(_not_known("name", name, list(known)))
     options = {k: v for k, v in r.raw.items() if k != "name"}
     import importlib
 

@@ -11,8 +11,8 @@ import platform
 import subprocess
 import tempfile
 import time
-from importlib import metadata
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from optuna_dashboard import save_note
 import hpo
 from hpo import artifacts, budget, plots
 from hpo import data as data_mod
+from hpo import trials as trials_mod
 from hpo.config import StudyConfig
 from hpo.data import CLASSES, DeviceData
 from hpo.devices import Placement
@@ -138,15 +139,16 @@ def choose_members(study: optuna.Study, cfg: StudyConfig, k: int) -> tuple[list[
         raise HpoError(f"study {cfg.name!r} has no COMPLETE trial yet, so there is nothing to retrain. "
                        f"Run `hpo optimize --study {cfg.name}` (or workers) until one completes.")
     maximize = cfg.direction == "maximize"
-    ranked = sorted(complete, key=lambda t: t.value, reverse=maximize)
+    ranked = sorted(complete, key=trials_mod.value, reverse=maximize)
     distinct: dict[str, optuna.trial.FrozenTrial] = {}
     for t in ranked:
         distinct.setdefault(json.dumps(t.params, sort_keys=True), t)
     if k > len(distinct):
         raise HpoError(f"[final] ensemble = {k}, but study {cfg.name!r} has only {len(distinct)} distinct "
                        f"COMPLETE trial(s). Lower ensemble to at most {len(distinct)}, or run more trials.")
-    best = ranked[0].value
-    close = [t for t in list(distinct.values())[:k] if abs(t.value - best) <= cfg.final.member_gap + 1e-12]
+    best = trials_mod.value(ranked[0])
+    close = [t for t in list(distinct.values())[:k]
+             if abs(trials_mod.value(t) - best) <= cfg.final.member_gap + 1e-12]
     if len(close) == k:
         return close, None
     return close, (f"ensemble shrank from {k} to {len(close)} member(s): only {len(close)} of the {k} best "
@@ -381,8 +383,8 @@ def note(cfg: StudyConfig, best: optuna.trial.FrozenTrial, metrics: dict[str, An
     others = "" if ens["trained"] == 1 else f", and {ens['trained'] - 1} more"
     return f"""## Final-trained: test accuracy {describe_accuracy(test, metrics['test_ci95'])}
 
-Trial {best.number}, the best of the search{others}, retrained from scratch by `hpo final-train` for {metrics['epochs']} epochs on all
-{metrics['train_images']:,} training images, then scored once on the untouched
+Trial {best.number}, the best of the search{others}, retrained from scratch by `hpo final-train` for
+{metrics['epochs']} epochs on all {metrics['train_images']:,} training images, then scored once on the untouched
 {metrics['test_images']:,}-image test split. {policy}
 
 | | |

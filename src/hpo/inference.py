@@ -24,8 +24,10 @@ from hpo.train import logits_of
 EXPORT_FORMATS = {"torchscript": ".ts", "onnx": ".onnx"}
 
 
-def load_model(path: Path, study: str | None = None, device: torch.device = torch.device("cpu")
-               ) -> tuple[Ensemble, dict[str, Any]]:
+CPU = torch.device("cpu")
+
+
+def load_model(path: Path, study: str | None = None, device: torch.device = CPU) -> tuple[Ensemble, dict[str, Any]]:
     """The final model (an ensemble of one or more members) in eval mode, and its checkpoint's
     metadata (everything but the weights)."""
     checkpoint = load_checkpoint(path, study)
@@ -34,7 +36,7 @@ def load_model(path: Path, study: str | None = None, device: torch.device = torc
         model = build(member["params"])
         model.load_state_dict(member["state_dict"])
         members.append(model)
-    ensemble = Ensemble(members, checkpoint["tta"]).to(device, memory_format=torch.channels_last).eval()
+    ensemble = Ensemble(members, checkpoint["tta"]).to(device).to(memory_format=torch.channels_last).eval()
     meta = {k: v for k, v in checkpoint.items() if k != "members"}
     meta["members"] = [{k: v for k, v in m.items() if k != "state_dict"} for m in checkpoint["members"]]
     return ensemble, meta
@@ -124,6 +126,8 @@ class Exportable(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(MEAN))
         self.register_buffer("std", torch.tensor(STD))
 
@@ -163,6 +167,7 @@ def export(model: nn.Module, meta: dict[str, Any], fmt: str, out: Path) -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every pass
             program = torch.onnx.export(wrapped, (example,), None, input_names=["image"], output_names=["log_probs"],
                                         dynamic_shapes={"image": {0: batch}}, dynamo=True)
+        assert program is not None  # dynamo=True always returns the program
         proto = program.model_proto
         for key, value in metadata.items():
             proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ class ModelSpec:
     num_classes: int = 10
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "ModelSpec":
+    def from_params(cls, params: dict[str, Any]) -> ModelSpec:
         """Read a trial's flat params (`n_conv`, `filters_0`, ...); extra keys are ignored."""
         return cls(
             filters=tuple(int(params[f"filters_{i}"]) for i in range(int(params["n_conv"]))),
@@ -77,7 +78,7 @@ class Ensemble(nn.Module):
     it as they treat one model's logits.
     """
 
-    def __init__(self, members: list[nn.Module], tta: str = "none"):
+    def __init__(self, members: Sequence[nn.Module], tta: str = "none"):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")

@@ -8,7 +8,7 @@ import io
 import logging
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import optuna
@@ -49,10 +49,18 @@ def trial_seed(study_seed: int, trial: optuna.Trial) -> int:
     return derive_seed(study_seed, trial.number if origin is None else origin)
 
 
+def validated(stats: EpochStats) -> tuple[float, float]:
+    """A trial epoch's validation loss and accuracy (only the finalizer's epochs have none)."""
+    if stats.val_loss is None or stats.val_accuracy is None:
+        raise ValueError(f"epoch {stats.epoch} has no validation figures")
+    return stats.val_loss, stats.val_accuracy
+
+
 def history_row(stats: EpochStats) -> dict[str, float]:
     """One epoch as the trial's `history` attribute records it (the dashboard shows it)."""
-    return {"epoch": stats.epoch, "train_loss": round(stats.train_loss, 5), "val_loss": round(stats.val_loss, 5),
-            "val_accuracy": round(stats.val_accuracy, 5), "seconds": round(stats.seconds, 2)}
+    val_loss, val_accuracy = validated(stats)
+    return {"epoch": stats.epoch, "train_loss": round(stats.train_loss, 5), "val_loss": round(val_loss, 5),
+            "val_accuracy": round(val_accuracy, 5), "seconds": round(stats.seconds, 2)}
 
 
 def load_resume_state(artifact_store, trial: optuna.Trial, params: dict, seed: int,
@@ -119,7 +127,8 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
         started = time.perf_counter()
 
         def value_of(stats: EpochStats) -> float:
-            return stats.val_accuracy if cfg.metric == "val_accuracy" else stats.val_loss
+            val_loss, val_accuracy = validated(stats)
+            return val_accuracy if cfg.metric == "val_accuracy" else val_loss
 
         def on_snapshot(state: dict) -> None:
             # A worker that was paused past the grace period must not upload into a trial reaped meanwhile.

@@ -17,9 +17,10 @@ from hpo.config import ParamSpec
 def _suggest(trial: optuna.Trial, name: str, spec: ParamSpec) -> Any:
     if spec.choices is not None:
         return trial.suggest_categorical(name, list(spec.choices))
+    low, high = spec.span
     if spec.is_int:
-        return trial.suggest_int(name, spec.low, spec.high, step=spec.step or 1, log=spec.log)
-    return trial.suggest_float(name, spec.low, spec.high, step=spec.step, log=spec.log)
+        return trial.suggest_int(name, int(low), int(high), step=int(spec.step or 1), log=spec.log)
+    return trial.suggest_float(name, low, high, step=spec.step, log=spec.log)
 
 
 def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
@@ -36,10 +37,8 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
 def _middle(spec: ParamSpec) -> Any:
     if spec.choices is not None:
         return spec.choices[len(spec.choices) // 2]
-    if spec.log:
-        value = math.sqrt(spec.low * spec.high)
-    else:
-        value = (spec.low + spec.high) / 2
+    low, high = spec.span
+    value = math.sqrt(low * high) if spec.log else (low + high) / 2
     return round(value) if spec.is_int else value
 
 

@@ -18,9 +18,10 @@ import sqlite3
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any
 
 import optuna
 import sqlalchemy
@@ -61,7 +62,7 @@ class StorageSettings:
     pool_size: int = 2             # connections per process: the main thread and the heartbeat
 
     @classmethod
-    def from_env(cls) -> "StorageSettings":
+    def from_env(cls) -> StorageSettings:
         def env(name: str, default: float) -> float:
             return float(os.environ.get(name, default))
 
@@ -121,7 +122,8 @@ def first_line(e: BaseException) -> str:
 # Storage calls that read, or write a value that a repeat writes again unchanged: a worker may repeat
 # them after a lost connection. Creating a trial or finishing one is not among them.
 REPEATABLE = ("get_study_user_attrs", "get_study_system_attrs", "get_study_directions", "get_study_id_from_name",
-              "get_trial", "get_all_trials", "get_n_trials", "get_best_trial", "get_trial_id_from_study_id_trial_number",
+              "get_trial", "get_all_trials", "get_n_trials", "get_best_trial",
+              "get_trial_id_from_study_id_trial_number",
               "get_trial_number_from_id", "get_trial_param", "get_trial_params", "get_trial_user_attrs",
               "get_trial_system_attrs", "set_trial_user_attr", "set_trial_system_attr", "set_trial_param",
               "set_trial_intermediate_value", "set_study_user_attr")
@@ -220,7 +222,7 @@ class Heartbeat:
             if self._stop.wait(self.interval):
                 return
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -350,6 +352,7 @@ def last_heartbeats(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -
         rows = conn.execute(sqlalchemy.select(beats.c.trial_id, beats.c.heartbeat)
                             .where(beats.c.trial_id.in_(trial_ids))).all()
     # PostgreSQL's now() is zone-aware; the column holds the same wall-clock time without the zone.
+    assert now is not None
     now = now.replace(tzinfo=None)
     return {trial_id: (beat, max(0.0, (now - beat).total_seconds())) for trial_id, beat in rows}
 
@@ -371,7 +374,7 @@ class SlotLock:
         self.engine = storage.engine
         self.key = int.from_bytes(hashlib.blake2b(study_name.encode(), digest_size=8).digest(), "big", signed=True)
         self._conn: sqlalchemy.Connection | None = None
-        self._file = None
+        self._file: IO[str] | None = None
         database = storage.engine.url.database
         self.path = Path(f"{database}.{study_name}.lock") if storage.engine.dialect.name == "sqlite" else None
 
@@ -384,7 +387,7 @@ class SlotLock:
         self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
         self._conn.commit()
 
-    def __enter__(self) -> "SlotLock":
+    def __enter__(self) -> SlotLock:
         self.acquire()
         return self
 

@@ -14,10 +14,12 @@ import optuna
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
-from hpo import artifacts as artifacts_mod, attrs, budget, config
+from hpo import artifacts as artifacts_mod
+from hpo import attrs, budget, config
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError, StorageError
 from hpo.storage import Storage, StorageSettings, creation_lock, heartbeat_ages, last_heartbeats
+from hpo.trials import FINISHED, best_first, value
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,8 @@ def create_or_load(storage: optuna.storages.RDBStorage, cfg: StudyConfig,
             study = optuna.load_study(study_name=cfg.name, storage=storage)
         except KeyError:
             first = warm_start_trials(storage, cfg)  # a bad warm start stops here, before anything is written
-            study = optuna.create_study(storage=storage, study_name=cfg.name, direction=cfg.direction,
-                                        load_if_exists=True)
+            study = optuna.create_study(storage=storage, study_name=cfg.name, load_if_exists=True,
+                                        direction=optuna.study.StudyDirection[cfg.direction.upper()])
             for params, origin in first:
                 study.enqueue_trial(params, user_attrs={WARM_START_ATTR: origin}, skip_if_exists=True)
             if first:
@@ -114,8 +116,7 @@ def warm_start_trials(storage: optuna.storages.BaseStorage, cfg: StudyConfig) ->
         raise ConfigError(f"[warm_start] from = {source!r}: that study {other.direction.name.lower()}s "
                           f"{metric or 'an unknown metric'}, this one {cfg.direction}s {cfg.metric}; its best "
                           "trials say nothing about this metric. Warm-start from a study with the same metric.")
-    ranked = sorted(other.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value,
-                    reverse=cfg.direction == "maximize")
+    ranked = best_first(other, cfg.direction == "maximize")
     seen: set[str] = {json.dumps(p, sort_keys=True) for p, _ in first}
     taken = 0
     for t in ranked:
@@ -128,7 +129,7 @@ def warm_start_trials(storage: optuna.storages.BaseStorage, cfg: StudyConfig) ->
             log.warning("warm start: trial %d of study %r is not a point of this space (%s); skipped", t.number,
                         source, "; ".join(problems))
             continue
-        first.append((dict(t.params), f"study {source} trial {t.number} ({cfg.metric} {t.value:.4f})"))
+        first.append((dict(t.params), f"study {source} trial {t.number} ({cfg.metric} {value(t):.4f})"))
         taken += 1
     return first
 
@@ -159,7 +160,7 @@ def requeue(study: optuna.Study, failed: optuna.trial.FrozenTrial) -> bool:
     """Queue a WAITING copy of a failed trial through the storage's RetryHeartbeatStaleTrialCallback
     (it keeps the retry count, so no configuration runs more than `max_retry` extra times). The copy
     leaves the failure's reason behind. False: the retries are used up, or the storage keeps none."""
-    callback = study._storage.get_heartbeat_stale_trial_callback()
+    callback = getattr(study._storage, "get_heartbeat_stale_trial_callback", lambda: None)()
     if callback is None:
         return False
     before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
@@ -264,7 +265,7 @@ def summary(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBS
     """Everything `hpo status` shows, as plain JSON-able values (schema STATUS_SCHEMA, see the README)."""
     trials = study.get_trials(deepcopy=False)
     by_state = _by_state(trials)
-    finished_trials = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    finished_trials = [t for t in trials if t.state in FINISHED]
     finished = len(finished_trials)
     best: dict[str, Any] | None = None
     if by_state["COMPLETE"]:
@@ -359,7 +360,7 @@ EXTENDED_ATTR = "hpo:extended"  # each `hpo extend`: when, and the budget before
 def extend(study: optuna.Study, cfg: StudyConfig, n_trials: int | None, time_s: float | None) -> StudyConfig:
     """Raise the stored trial budget and/or give the study a new time budget from now. Workers read the
     budget before every trial, so running ones go on to it, and restarted ones start with it."""
-    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
+    finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
     if n_trials is not None and n_trials <= finished:
         raise ConfigError(f"study {study.study_name!r} has {finished} finished trials already; extend it to more "
                           f"than that (--trials {finished + 10}, say), or leave --trials out.")
@@ -378,7 +379,10 @@ def extend(study: optuna.Study, cfg: StudyConfig, n_trials: int | None, time_s: 
 
 def current_budget(study: optuna.Study) -> int:
     """The stored trial budget now (`hpo extend` may have raised it since the worker started)."""
-    return int(_stored_raw(study)["budget"]["n_trials"])
+    stored = _stored_raw(study)
+    if stored is None:
+        raise StorageError(f"study {study.study_name!r} has no stored settings ({CONFIG_ATTR}).")
+    return int(stored["budget"]["n_trials"])
 
 
 def live_trials(study: optuna.Study, storage: Storage) -> list[int]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ class Hyper:
     weight_decay: float  # decoupled for adam (AdamW), L2 for sgd and rmsprop
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "Hyper":
+    def from_params(cls, params: dict[str, Any]) -> Hyper:
         return cls(str(params["optimizer"]), float(params["lr"]), int(params["batch_size"]),
                    float(params["weight_decay"]))
 
@@ -209,4 +210,4 @@ def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
 def seeded_model(params: dict[str, Any], seed: int, device: torch.device) -> DynamicCNN:
     """Build the model with weights drawn from `seed`, so a (params, seed) pair is reproducible."""
     torch.manual_seed(seed)
-    return build(params).to(device, memory_format=torch.channels_last)
+    return build(params).to(device).to(memory_format=torch.channels_last)

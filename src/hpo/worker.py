@@ -16,9 +16,9 @@ import logging
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -32,10 +32,11 @@ from hpo.objective import OutOfMemory, OverBudget, calibrate, make_objective
 from hpo.storage import Heartbeat, SlotLock, Storage, StorageSettings, connection_error, first_line
 from hpo.study import Reaper, counts, current_budget, fail, retry_note
 from hpo.train import TrainingDiverged
+from hpo.trials import FINISHED
 
 log = logging.getLogger(__name__)
 
-HOLDS_A_SLOT = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+HOLDS_A_SLOT = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
 
 
 class Shutdown(KeyboardInterrupt):

@@ -15,8 +15,15 @@ import pytest
 import torch
 
 from hpo.artifacts import listed
-from integration.test_postgres import Workers, assert_exact_budget, count, load, running_trial_in_epoch, \
-    study_file, wait_for
+from integration.test_postgres import (
+    Workers,
+    assert_exact_budget,
+    count,
+    load,
+    running_trial_in_epoch,
+    study_file,
+    wait_for,
+)
 from integration.test_results import FINAL_FILES
 from pg import PASSWORD
 

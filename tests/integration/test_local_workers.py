@@ -11,7 +11,8 @@ import optuna
 import pytest
 import torch
 
-from conftest import free_port, run_hpo as hpo, write_idx
+from conftest import free_port, write_idx
+from conftest import run_hpo as hpo
 
 pytestmark = pytest.mark.integration
 
@@ -172,7 +173,7 @@ def test_dashboard_serves_the_study_from_the_embedded_storage(tiny_study):
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"dashboard did not answer:\n{proc.stdout.read() if proc.stdout else ''}")
+                    raise AssertionError(f"dashboard did not answer:\n{proc.stdout.read() if proc.stdout else ''}") from None
                 time.sleep(0.5)
         assert [s["study_name"] for s in studies] == ["tiny"]
         study_id = studies[0]["study_id"]

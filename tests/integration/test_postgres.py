@@ -86,7 +86,7 @@ class Workers:
                 codes.append(p.wait(timeout=max(1, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
                 self.kill()
-                raise AssertionError(f"workers did not finish in {timeout}s:\n{self.output()}")
+                raise AssertionError(f"workers did not finish in {timeout}s:\n{self.output()}") from None
         return codes
 
     def kill(self) -> None:

@@ -23,7 +23,8 @@ import pytest
 import torch
 from optuna_dashboard._note import get_note_from_system_attrs
 
-from conftest import CHROMIUM_FLAGS, chromium, free_port, page_text, run_hpo as hpo
+from conftest import CHROMIUM_FLAGS, chromium, free_port, page_text
+from conftest import run_hpo as hpo
 from hpo import data
 from hpo.artifacts import listed
 
