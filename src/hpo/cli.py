@@ -11,8 +11,6 @@ import json
 import logging
 import math
 import os
-import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -23,7 +21,6 @@ import click
 
 from hpo import config
 from hpo import storage as storage_mod
-from hpo import trials as trials_mod
 from hpo.errors import HpoError, StudyFileNotFound
 
 log = logging.getLogger("hpo")
@@ -187,7 +184,7 @@ def optimize(study_arg: str, workers: int, time_budget: str | None, run_final: b
     pipe or a CI log the workers' log lines come through as they are.
     """
     from hpo import artifacts as artifacts_mod
-    from hpo import budget, data
+    from hpo import budget, data, launch
     from hpo import study as study_mod
     from hpo.devices import threads_per_worker
 
@@ -215,7 +212,10 @@ def optimize(study_arg: str, workers: int, time_budget: str | None, run_final: b
              f", time budget {_duration(deadline.time_s)} ({_duration(deadline.left())} left)" if deadline else "")
     args = ["--study", study_arg, "--storage", url, "--data-dir", str(directory), "--artifacts", location]
     args += ["--device", device] if device else []
-    _supervise(study, cfg, store, workers, threads, args)
+    try:
+        launch.run_workers(study, cfg, workers, threads, args)
+    finally:
+        click.echo(_format_status(study_mod.summary(study, cfg, store)))
     if run_final:
         _final_after_search(study, cfg, store, directory, device, artifact_store)
     click.echo(f"wall time {time.time() - started_at:.0f}s")
@@ -265,71 +265,6 @@ def _check_time_budget(cfg: config.StudyConfig, time_s: float, store: Any, direc
     return calibrated
 
 
-def _supervise(study: Any, cfg: config.StudyConfig, store: Any, workers: int, threads: int, args: list[str]) -> None:
-    """Run the local workers to the end, with a progress bar on a terminal; print the status after."""
-    from hpo import progress
-    from hpo import study as study_mod
-    from hpo.objective import derive_seed
-
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HPO_THREADS": str(threads)}
-    base = [sys.executable, "-m", "hpo", "worker", *args]
-    bar_mode = progress.interactive()
-    logs: list[Path] = []
-    if bar_mode:
-        log_dir = storage_mod.RUNS_DIR / cfg.name / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        logs = [log_dir / f"worker-{i}.log" for i in range(workers)]
-        click.echo(f"worker logs: {log_dir}/worker-N.log", err=True)
-    children = []
-    for i in range(workers):
-        # Distinct sampler seeds: identical ones would make every worker propose the same first trials.
-        out = open(logs[i], "ab") if bar_mode else None
-        children.append(subprocess.Popen(base + ["--sampler-seed", str(derive_seed(cfg.seed, i))], env=env,
-                                         stdout=out, stderr=subprocess.STDOUT if out else None))
-        if out:
-            out.close()  # the child holds its own descriptor
-
-    stopped_by: list[str] = []
-
-    def forward(signum: int, _frame: Any) -> None:
-        stopped_by.append(signal.Signals(signum).name)
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-
-    # Ctrl-C and SIGTERM both stop every worker the same way: fail, re-queue, exit.
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    deadline = None
-    # Trials finished before this run are counted, not announced again.
-    reported = {t.number for t in study.get_trials(deepcopy=False) if t.state in trials_mod.FINISHED}
-    with progress.Progress(cfg.budget.n_trials, f"study {cfg.name}", "trials", initial=len(reported)) as bar:
-        while any(child.poll() is None for child in children):
-            if stopped_by and deadline is None:
-                deadline = time.monotonic() + 30
-            if deadline is not None and time.monotonic() > deadline:
-                for child in children:
-                    if child.poll() is None:
-                        child.kill()  # a worker that ignores SIGTERM for 30 s
-            if bar_mode:
-                _update_bar(bar, study, reported)
-            time.sleep(1.0)
-        if bar_mode:
-            _update_bar(bar, study, reported)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    codes = [child.returncode for child in children]
-    click.echo(_format_status(study_mod.summary(study, cfg, store)))
-    if stopped_by:
-        raise HpoError(f"stopped by {stopped_by[0]}: all {workers} workers exited and their running trials were "
-                       f"re-queued. Run the same command to carry on.")
-    if any(codes):
-        where = (" Their logs: " + ", ".join(str(logs[i]) for i, c in enumerate(codes) if c) + ".") if logs else (
-            " See their log lines above.")
-        raise HpoError(f"{sum(1 for c in codes if c)} of {workers} workers exited with an error "
-                       f"(exit codes {codes}).{where}")
-
-
 def _final_after_search(study: Any, cfg: config.StudyConfig, store: Any, directory: Path, device: str | None,
                         artifact_store: Any) -> None:
     """`optimize --final`: the finalizer in this process, within what is left of the time budget."""
@@ -373,29 +308,6 @@ def _echo_final(metrics: dict[str, Any], out_dir: Path, name: str) -> None:
         click.echo(f"  {ens['shrunk']}")
     click.echo(f"wrote model.pt, metrics.json, confusion_matrix.png, learning_curve.png and misclassified.png "
                f"to {out_dir}, and uploaded them to study {name!r} in the artifact store")
-
-
-def _update_bar(bar, study, reported: set[int]) -> None:
-    """Move the study's bar to the finished count and announce each newly finished trial."""
-    from optuna.trial import TrialState
-
-    try:
-        trials = study.get_trials(deepcopy=False)
-    except Exception:  # a database blip: the workers ride it out, the bar waits for the next poll
-        return
-    finished = [t for t in trials if t.state in trials_mod.FINISHED]
-    for t in sorted(finished, key=lambda t: t.number):
-        if t.number not in reported:
-            reported.add(t.number)
-            last = max(t.intermediate_values) if t.intermediate_values else 0
-            value = t.value if t.state == TrialState.COMPLETE else t.intermediate_values.get(last)
-            bar.write(f"trial {t.number} {t.state.name.lower()} at epoch {last}: {value:.4f}" if value is not None
-                      else f"trial {t.number} {t.state.name.lower()}")
-    complete = [t for t in finished if t.state == TrialState.COMPLETE]
-    best = (max if study.direction.name == "MAXIMIZE" else min)((t.value for t in complete), default=None)
-    running = [t for t in trials if t.state == TrialState.RUNNING]
-    bar.set(len(finished), best="-" if best is None else f"{best:.4f}",
-            pruned=sum(t.state == TrialState.PRUNED for t in finished), running=len(running))
 
 
 @cli.command("final-train")
