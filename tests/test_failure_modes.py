@@ -1,4 +1,4 @@
-"""The README's failure-mode table, row by row: one clear message, exit code 1, nothing lost.
+"""The failure-mode table (docs/failure-modes.md), row by row: one clear message, exit code 1, nothing lost.
 
 Each row runs the real `hpo` CLI in-process; rows that need PostgreSQL, real processes or signals
 live in tests/integration/test_faults.py.
