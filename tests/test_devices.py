@@ -16,37 +16,43 @@ def test_threads_are_split_between_local_workers():
     assert devices.threads_per_worker(8, cores=2) == 1  # never zero
 
 
-def test_each_claim_takes_a_different_gpu_until_none_is_left(tmp_path):
+def test_slots_fill_every_gpu_evenly_until_none_is_left(tmp_path):
     held = list(devices._claims)
     try:
-        assert devices.claim_gpu(2, tmp_path) == 0
-        assert devices.claim_gpu(2, tmp_path) == 1
-        with pytest.raises(HpoError, match="all 2 GPUs on this host are claimed"):
-            devices.claim_gpu(2, tmp_path)
+        taken = [devices.claim_gpu(2, slots=2, directory=tmp_path, wait=False) for _ in range(4)]
+        assert taken == [(0, 0), (1, 0), (0, 1), (1, 1)]
+        with pytest.raises(HpoError, match=r"all 2 GPUs x 2 slots on this host are claimed"):
+            devices.claim_gpu(2, slots=2, directory=tmp_path, wait=False)
     finally:
         for f in devices._claims[len(held):]:
             f.close()
         del devices._claims[len(held):]
 
 
-def test_a_killed_workers_gpu_is_reclaimed(tmp_path):
-    """A real process claims GPU 0 and is SIGKILLed; the next claimant gets GPU 0 back."""
+def test_a_killed_workers_slot_is_reclaimed(tmp_path):
+    """A real process claims GPU 0's slot and is SIGKILLed; the next claimant gets that slot back."""
     child = subprocess.Popen([sys.executable, "-c",
                               "import sys, time; from hpo import devices; from pathlib import Path;"
-                              f"print(devices.claim_gpu(2, Path({str(tmp_path)!r})), flush=True); time.sleep(60)"],
+                              f"print(*devices.claim_gpu(2, 1, Path({str(tmp_path)!r})), flush=True); time.sleep(60)"],
                              stdout=subprocess.PIPE, text=True)
     try:
-        assert child.stdout.readline().strip() == "0"
+        assert child.stdout.readline().split() == ["0", "0"]
         held = list(devices._claims)
-        assert devices.claim_gpu(2, tmp_path) == 1  # GPU 0 is taken by the live child
+        assert devices.claim_gpu(2, 1, tmp_path, wait=False) == (1, 0)  # GPU 0 is taken by the live child
         devices._claims.pop().close()
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
-        assert devices.claim_gpu(2, tmp_path) == 0
+        assert devices.claim_gpu(2, 1, tmp_path, wait=False) == (0, 0)
         devices._claims.pop().close()
         assert devices._claims == held
     finally:
         child.kill()
+
+
+@pytest.mark.parametrize("value", [0, -2])
+def test_trials_per_gpu_below_one_is_refused(value):
+    with pytest.raises(HpoError, match=f"trials per GPU must be at least 1, got {value}"):
+        devices.trials_per_gpu(value)
 
 
 def test_cpu_placement_pins_threads():

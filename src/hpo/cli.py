@@ -135,20 +135,24 @@ def create(study_arg: str, storage: str | None, explain: bool) -> None:
 @click.option("--threads", type=int, envvar="HPO_THREADS", help="CPU threads for this worker [default: all cores].")
 @click.option("--sampler-seed", type=int, envvar="HPO_SAMPLER_SEED",
               help="Seed this worker's sampler (distinct per worker) [default: random].")
+@click.option("--trials-per-gpu", type=int, envvar="HPO_TRIALS_PER_GPU",
+              help="Workers (so trials) that may share one GPU; a worker waits for a free slot [default: 1].")
 def worker(study_arg: str, storage: str | None, data_dir: str | None, device: str | None, artifacts: str | None,
-           threads: int | None, sampler_seed: int | None) -> None:
+           threads: int | None, sampler_seed: int | None, trials_per_gpu: int | None) -> None:
     """Run trials of a shared study until its budget is met."""
     from hpo import artifacts as artifacts_mod
     from hpo import data
     from hpo import study as study_mod
     from hpo import worker as worker_mod
     from hpo.devices import place
+    from hpo.devices import trials_per_gpu as slots_per_gpu
 
+    slots = slots_per_gpu(trials_per_gpu)
     _, artifact_store = artifacts_mod.open_for(artifacts, storage_mod.resolve_url(storage))
     cfg, url, store = _config_for_worker(study_arg, storage)
     worker_mod.install_signal_handlers()
     try:
-        placement = place(device, threads)
+        placement = place(device, threads, claim=True, slots=slots)
         # Data problems surface before the study is touched.
         directory = data.find_data_dir(data_dir)
         images, labels = data.load_split(directory, "train")

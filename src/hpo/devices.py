@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import platform
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +18,8 @@ import torch
 
 from hpo import attrs
 from hpo.errors import HpoError
+
+log = logging.getLogger(__name__)
 
 
 def cpu_count() -> int:
@@ -54,10 +58,12 @@ class Placement:
     threads: int
     name: str          # what a person would call it: "cpu (1 thread)", "NVIDIA H100 (cuda:0)"
     host: str
+    slot: tuple[int, int] | None = None  # (GPU, slot) this worker holds, if it claimed one
 
     def describe(self) -> dict[str, object]:
         return {"device": str(self.device), "device_name": self.name, "threads": self.threads, attrs.HOST: self.host,
-                "gpu_index": self.device.index if self.device.type == "cuda" else None}
+                "gpu_index": self.device.index if self.device.type == "cuda" else None,
+                "gpu_slot": None if self.slot is None else list(self.slot)}
 
 
 _claims: list[IO[str]] = []  # open lock files: the claim lasts as long as the process
@@ -68,39 +74,84 @@ def lock_dir() -> Path:
     return Path(os.environ.get("HPO_GPU_LOCK_DIR") or Path(tempfile.gettempdir()) / "hpo-gpu-locks")
 
 
-def claim_gpu(count: int, directory: Path | None = None) -> int:
-    """Take the first GPU no other live worker on this host holds.
+def trials_per_gpu(explicit: int | None = None) -> int:
+    """Slots per GPU: --trials-per-gpu, then HPO_TRIALS_PER_GPU, then 1 (no GPU measurement yet says more)."""
+    value = explicit if explicit is not None else int(os.environ.get("HPO_TRIALS_PER_GPU", 1))
+    if value < 1:
+        raise HpoError(f"trials per GPU must be at least 1, got {value}. Set --trials-per-gpu or "
+                       "HPO_TRIALS_PER_GPU to 1 or more.")
+    return value
 
-    The claim is an flock on gpu-N.lock; the kernel drops it when the process dies, however it
-    dies, so the next worker to start reclaims a crashed worker's GPU.
+
+def gpu_count() -> int:
+    """GPUs to claim slots on: HPO_GPU_COUNT if set (tests and dry runs on machines without one), else CUDA's."""
+    fake = os.environ.get("HPO_GPU_COUNT")
+    return int(fake) if fake else torch.cuda.device_count()
+
+
+def _try_claim(path: Path) -> bool:
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return False
+    f.seek(0)
+    f.truncate()
+    f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    f.flush()
+    _claims.append(f)
+    return True
+
+
+def claim_gpu(count: int, slots: int = 1, directory: Path | None = None, wait: bool = True,
+              poll_s: float = 2.0) -> tuple[int, int]:
+    """Take a free slot of a GPU on this host: (GPU index, slot index). GPUs fill evenly: slot 0 of
+    every GPU first, then slot 1, and so on.
+
+    The claim is an flock on gpu-G-slot-S.lock; the kernel drops it when the process dies, however
+    it dies, so a waiting or newly started worker takes a crashed worker's slot. With every slot
+    taken, the worker waits (and says so once) rather than exit into a restart loop.
     """
     directory = directory or lock_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        f = open(directory / f"gpu-{index}.lock", "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            continue
-        f.seek(0)
-        f.truncate()
-        f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        f.flush()
-        _claims.append(f)
-        return index
-    raise HpoError(f"all {count} GPUs on this host are claimed by other hpo workers (locks in {directory}). "
-                   "Run at most one worker per GPU, or pass --device cuda:N to share one on purpose.")
+    said = False
+    while True:
+        for slot in range(slots):
+            for gpu in range(count):
+                if _try_claim(directory / f"gpu-{gpu}-slot-{slot}.lock"):
+                    if said:
+                        log.info("claimed GPU %d slot %d, freed by another worker", gpu, slot)
+                    return gpu, slot
+        if not wait:
+            raise HpoError(f"all {count} GPUs x {slots} slots on this host are claimed by other hpo workers "
+                           f"(locks in {directory}). Raise --trials-per-gpu, or stop a worker.")
+        if not said:
+            log.warning("all %d GPUs x %d slots on this host are claimed by other workers (locks in %s); waiting "
+                        "for one to free up", count, slots, directory)
+            said = True
+        time.sleep(poll_s)
 
 
-def place(device: str | None = None, threads: int | None = None) -> Placement:
+def place(device: str | None = None, threads: int | None = None, claim: bool = False,
+          slots: int = 1) -> Placement:
     """Choose the device and pin the CPU thread count.
 
-    With no --device/HPO_DEVICE: the first unclaimed GPU on a CUDA host, else the CPU.
+    With no --device/HPO_DEVICE on a CUDA host: a worker (`claim`) takes a free slot of a GPU and
+    waits for one if all are taken; the finalizer, predict and export use cuda:0 and take no slot.
+    Elsewhere, the CPU.
     """
     wanted = device or os.environ.get("HPO_DEVICE")
-    if wanted is None and torch.cuda.is_available():
-        wanted = f"cuda:{claim_gpu(torch.cuda.device_count())}"
+    slot = None
+    if wanted is None and claim and gpu_count() > 0:
+        slot = claim_gpu(gpu_count(), slots)
+        if torch.cuda.is_available():
+            wanted = f"cuda:{slot[0]}"
+        else:  # HPO_GPU_COUNT without CUDA: the slot is held, the training runs on the CPU
+            log.info("holding GPU %d slot %d of HPO_GPU_COUNT=%s; no CUDA here, so training runs on the CPU",
+                     slot[0], slot[1], os.environ.get("HPO_GPU_COUNT"))
+    elif wanted is None and torch.cuda.is_available():
+        wanted = "cuda:0"
     dev = torch.device(wanted or "cpu")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", 0)
@@ -114,4 +165,4 @@ def place(device: str | None = None, threads: int | None = None) -> Placement:
         name = f"{torch.cuda.get_device_name(dev)} ({dev})"
     else:
         name = f"cpu {platform.processor() or platform.machine()} ({n_threads} thread{'s' if n_threads > 1 else ''})"
-    return Placement(dev, n_threads, name, socket.gethostname())
+    return Placement(dev, n_threads, name, socket.gethostname(), slot)

@@ -243,11 +243,17 @@ _CREATE_LOCK_KEY = 0x68706F5F63726561  # "hpo_crea"
 
 @contextlib.contextmanager
 def creation_lock(url: str) -> Iterator[None]:
-    """Hold a PostgreSQL advisory lock, so that N workers starting together create tables and the
-    study exactly once; a no-op for SQLite, whose BEGIN IMMEDIATE already serialises writers."""
+    """Hold a database-wide lock, so that N workers starting together create tables and the study
+    exactly once: a PostgreSQL advisory lock, or an flock beside the SQLite file (Optuna creates the
+    tables before the BEGIN IMMEDIATE hooks are in place, so SQLite alone would race on them)."""
     parsed = make_url(url)
-    if parsed.get_backend_name() != "postgresql":
-        yield
+    if parsed.get_backend_name() == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            yield
+            return
+        with open(f"{parsed.database}.create.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            yield
         return
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
                                       connect_args={"connect_timeout": 5, "application_name": _app_name("create")})
