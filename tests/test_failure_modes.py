@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import REPO, make_dataset, write_idx
-from hpo import config, data, final, storage
+from hpo import checkpoints, config, data, storage
 from hpo import study as study_mod
 from hpo import worker as worker_mod
 from hpo.cli import cli
@@ -261,7 +261,7 @@ def test_output_directory_that_cannot_be_created(run, tmp_path):
 
 
 def checkpoint(path: Path, **overrides) -> Path:
-    payload = {"format": final.CHECKPOINT_FORMAT, "study": "tiny", "trial": 0, "params": {}, "state_dict": {}}
+    payload = {"format": checkpoints.FINAL_FORMAT, "study": "tiny", "trial": 0, "params": {}, "state_dict": {}}
     payload.update(overrides)
     torch.save(payload, path)
     return path
@@ -269,10 +269,10 @@ def checkpoint(path: Path, **overrides) -> Path:
 
 def test_checkpoint_of_another_study_or_version_is_refused(run, tmp_path):
     with pytest.raises(HpoError, match="belongs to study 'other', not 'tiny'"):
-        final.load_checkpoint(checkpoint(tmp_path / "a.pt", study="other"), "tiny")
+        checkpoints.load_final(checkpoint(tmp_path / "a.pt", study="other"), "tiny")
     with pytest.raises(HpoError, match="has checkpoint format 'hpo-checkpoint/0'"):
-        final.load_checkpoint(checkpoint(tmp_path / "b.pt", format="hpo-checkpoint/0"), "tiny")
-    assert final.load_checkpoint(checkpoint(tmp_path / "c.pt"), "tiny")["study"] == "tiny"
+        checkpoints.load_final(checkpoint(tmp_path / "b.pt", format="hpo-checkpoint/0"), "tiny")
+    assert checkpoints.load_final(checkpoint(tmp_path / "c.pt"), "tiny")["study"] == "tiny"
     # final-train will not overwrite another study's model.
     url = f"sqlite:///{tmp_path / 's.db'}"
     study, _ = study_mod.create_or_load(storage.open_storage(url), config.load("tiny"))
@@ -281,7 +281,7 @@ def test_checkpoint_of_another_study_or_version_is_refused(run, tmp_path):
     out.mkdir()
     checkpoint(out / "model.pt", study="other")
     user_error(run("final-train", "--study", "tiny", "--storage", url, "--out", str(out)), "belongs to study 'other'")
-    assert final.load_checkpoint(out / "model.pt")["study"] == "other"
+    assert checkpoints.load_final(out / "model.pt")["study"] == "other"
 
 
 class Evil:
@@ -291,9 +291,9 @@ class Evil:
 
 def test_checkpoints_load_with_weights_only(tmp_path):
     path = tmp_path / "evil.pt"
-    torch.save({"format": final.CHECKPOINT_FORMAT, "study": "tiny", "payload": Evil()}, path)
+    torch.save({"format": checkpoints.FINAL_FORMAT, "study": "tiny", "payload": Evil()}, path)
     with pytest.raises(HpoError, match="not a readable hpo checkpoint"):
-        final.load_checkpoint(path)
+        checkpoints.load_final(path)
 
 
 # --------------------------------------------------------------------------- security, statically

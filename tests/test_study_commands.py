@@ -130,3 +130,13 @@ def test_delete_refuses_while_a_worker_is_running_a_trial(url):
     line = one_line_error(hpo("delete", "--study", "tiny", "--storage", url, "--yes"))
     assert f"has workers running trials [{trial.number}] now. Stop them first, or pass --force." in line
     assert hpo("delete", "--study", "tiny", "--storage", url, "--yes", "--force").exit_code == 0
+
+
+def test_every_study_command_reads_hpo_study(url, monkeypatch):
+    a_study(url)
+    monkeypatch.setenv("HPO_STUDY", "tiny")
+    assert json.loads(hpo("status", "--storage", url, "--json").output)["study"] == "tiny"
+    assert json.loads(hpo("best", "--storage", url, "--json").output)["number"] == 1
+    monkeypatch.setenv("HPO_STUDY", "nope")
+    line = one_line_error(hpo("status", "--storage", url))
+    assert "no study named 'nope'" in line and "Studies in this storage: tiny" in line

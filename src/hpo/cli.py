@@ -59,8 +59,8 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     _setup_logging(verbose)
 
 
-study_option = click.option("--study", "study_arg", required=True, metavar="NAME|PATH",
-                            help="Study name (finds studies/NAME.toml) or a path to a study file.")
+study_option = click.option("--study", "study_arg", required=True, metavar="NAME|PATH", envvar="HPO_STUDY",
+                            help="Study name (finds studies/NAME.toml) or a path to a study file [env HPO_STUDY].")
 storage_option = click.option("--storage", envvar="HPO_STORAGE", metavar="URL",
                               help=f"Storage URL [env HPO_STORAGE; default {storage_mod.default_url()}].")
 data_option = click.option("--data-dir", envvar="HPO_DATA_DIR", type=click.Path(file_okay=False),
@@ -514,7 +514,8 @@ def status(study_arg: str, storage: str | None, as_json: bool, watch: bool, inte
 
 
 @cli.command()
-@click.option("--study", "study_arg", metavar="NAME|PATH", help="Open this study's page [default: the study list].")
+@click.option("--study", "study_arg", metavar="NAME|PATH", envvar="HPO_STUDY",
+              help="Open this study's page [env HPO_STUDY; default: the study list].")
 @storage_option
 @artifacts_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (no authentication!).")

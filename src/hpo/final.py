@@ -9,7 +9,6 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -21,7 +20,7 @@ import torch
 from optuna_dashboard import save_note
 
 import hpo
-from hpo import artifacts, budget, plots
+from hpo import artifacts, budget, checkpoints, plots
 from hpo import data as data_mod
 from hpo import trials as trials_mod
 from hpo.config import StudyConfig
@@ -37,8 +36,6 @@ from hpo.train import EpochStats, Hyper, evaluate, fit, seconds_per_image, seede
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "hpo-checkpoint/2"  # /2: an ensemble of members; /1 (one model) still loads
-LEGACY_CHECKPOINT_FORMAT = "hpo-checkpoint/1"
 FINAL_SEED_TAG = 0x46494E41  # "FINA": keeps the final run's seed apart from every trial's
 
 
@@ -61,42 +58,6 @@ def git_revision() -> str | None:
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("HPO_GIT_REVISION")
-
-
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from the dashboard's and other users' processes
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path: Path, study: str | None = None) -> dict[str, Any]:
-    """Load a final checkpoint (tensors and plain values only: weights_only=True), refusing one
-    written by another study or by an incompatible version of hpo."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types; none of them is usable
-        raise HpoError(f"{path} is not a readable hpo checkpoint ({type(e).__name__}). Re-run final-train.") from e
-    found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
-    if found == LEGACY_CHECKPOINT_FORMAT:  # one model: the same as an ensemble of one without TTA
-        checkpoint = {**checkpoint, "format": CHECKPOINT_FORMAT, "tta": "none",
-                      "members": [{"trial": checkpoint["trial"], "params": checkpoint["params"],
-                                   "state_dict": checkpoint["state_dict"]}]}
-    elif found != CHECKPOINT_FORMAT:
-        raise HpoError(f"{path} has checkpoint format {found!r}, but this hpo {hpo.__version__} reads "
-                       f"{CHECKPOINT_FORMAT!r}. Re-run final-train with this version.")
-    if study is not None and checkpoint["study"] != study:
-        raise HpoError(f"{path} belongs to study {checkpoint['study']!r}, not {study!r}. "
-                       "Pass the matching --study, or another --out.")
-    return checkpoint
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -238,7 +199,7 @@ def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement
     With `deadline`, members train while they fit before it and the ensemble shrinks to what did."""
     _check_writable(out_dir)
     if (out_dir / "model.pt").exists():
-        load_checkpoint(out_dir / "model.pt", cfg.name)  # never overwrite another study's model
+        checkpoints.load_final(out_dir / "model.pt", cfg.name)  # never overwrite another study's model
     chosen, gated = choose_members(study, cfg, cfg.final.ensemble)
     if gated:
         log.info("final-train: %s", gated)
@@ -295,7 +256,7 @@ def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement
         "git_revision": git_revision(),
     }
     checkpoint = {
-        "format": CHECKPOINT_FORMAT,
+        "format": checkpoints.FINAL_FORMAT,
         "study": cfg.name,
         "trial": best.trial.number,
         "params": best.trial.params,
@@ -309,7 +270,7 @@ def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement
     }
     files = _result_files(cfg, metrics, checkpoint, ev, truth, test_images, best)
     for name, payload in files.items():
-        write_atomic(out_dir / name, payload)
+        checkpoints.write_atomic(out_dir / name, payload)
     summary = {k: metrics[k] for k in ("test_accuracy", "test_ci95", "test_loss", "best_trial", "best_trial_value",
                                        "seed", "epochs", "wall_time_s")}
     summary["members"] = [r["trial"] for r in member_rows]

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpo.checkpoints import load_final, write_atomic
 from hpo.data import CLASSES, MEAN, STD, normalize
 from hpo.errors import HpoError
-from hpo.final import load_checkpoint, write_atomic
 from hpo.model import Ensemble, build
 from hpo.train import logits_of
 
@@ -30,7 +30,7 @@ CPU = torch.device("cpu")
 def load_model(path: Path, study: str | None = None, device: torch.device = CPU) -> tuple[Ensemble, dict[str, Any]]:
     """The final model (an ensemble of one or more members) in eval mode, and its checkpoint's
     metadata (everything but the weights)."""
-    checkpoint = load_checkpoint(path, study)
+    checkpoint = load_final(path, study)
     members = []
     for member in checkpoint["members"]:
         model = build(member["params"])

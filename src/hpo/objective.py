@@ -14,7 +14,7 @@ import numpy as np
 import optuna
 import torch
 
-from hpo import artifacts, attrs, budget, space
+from hpo import artifacts, attrs, budget, checkpoints, space
 from hpo.config import StudyConfig
 from hpo.data import DeviceData, TrialData
 from hpo.devices import Placement
@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 REASON_ATTR = attrs.REASON
 CHECKPOINT_ATTR = attrs.CHECKPOINT
-TRIAL_CHECKPOINT_FORMAT = "hpo-trial-checkpoint/1"
 
 
 class OverBudget(Exception):
@@ -76,7 +75,7 @@ def load_resume_state(artifact_store, trial: optuna.Trial, params: dict, seed: i
         log.warning("trial %d: cannot read checkpoint %s (%s); starting at epoch 1", trial.number,
                     pointer.get("artifact_id"), e)
         return None
-    if state.get("format") != TRIAL_CHECKPOINT_FORMAT or state.get("params") != params or state.get("seed") != seed:
+    if state.get("format") != checkpoints.TRIAL_FORMAT or state.get("params") != params or state.get("seed") != seed:
         log.warning("trial %d: checkpoint %s is for another configuration; starting at epoch 1", trial.number,
                     pointer["artifact_id"])
         return None
@@ -134,7 +133,7 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
             # A worker that was paused past the grace period must not upload into a trial reaped meanwhile.
             if trial.storage.get_trial(trial._trial_id).state.is_finished():
                 raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was finished elsewhere")
-            payload = artifacts.torch_bytes({**state, "format": TRIAL_CHECKPOINT_FORMAT, "params": params,
+            payload = artifacts.torch_bytes({**state, "format": checkpoints.TRIAL_FORMAT, "params": params,
                                              "seed": seed, "study": cfg.name})
             try:
                 new = artifacts.upload_bytes(artifact_store, trial, f"checkpoint-epoch{state['epoch']}.pt", payload)
