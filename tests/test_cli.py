@@ -132,6 +132,7 @@ def test_a_time_budget_too_short_for_one_trial_and_the_finalizer_creates_no_stud
     ("[final]", "ensemble = 0", "[final] ensemble must be at least 1 (one model), got 0"),
     ("[final]", 'tta = "flop"', "[final] tta 'flop' is not known. Did you mean 'flip'? Use one of: none, flip"),
     ("[final]", "member_gap = -0.1", "[final] member_gap must not be negative (0 keeps only trials that tie the best), got -0.1"),
+    ("[final]", "max_epochs = 0", "[final] max_epochs (0) must be at least epochs (1); or leave it out"),
     ("[augment]", "erase = 1.5", "[augment] erase must be a probability in [0, 1], got 1.5"),
 ])
 def test_bad_budget_and_final_settings_name_the_key(run, tmp_path, section, line, text):

@@ -131,6 +131,7 @@ class Final:
     ensemble: int = 1              # retrain the K best distinct trials and average their softmax outputs
     tta: str = "none"              # "flip": also average each test image with its mirror image
     member_gap: float = 0.01       # a member beyond the best trial must score within this of it (validation metric)
+    max_epochs: int | None = None  # with a time budget, one final model may train up to this many when time is left
 
 
 CHECKPOINT_KEEP = ("none", "complete")
@@ -346,12 +347,15 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
 
     f = top.table("final")
     final = Final(epochs=f.get("epochs", int, budget.epochs), ensemble=f.get("ensemble", int, 1),
-                  tta=f.get("tta", str, "none"), member_gap=f.get("member_gap", float, 0.01))
+                  tta=f.get("tta", str, "none"), member_gap=f.get("member_gap", float, 0.01),
+                  max_epochs=f.get("max_epochs", int, None))
     f.done()
     if final.epochs < 1:
         f.fail(f"epochs must be at least 1, got {final.epochs}")
     if final.ensemble < 1:
         f.fail(f"ensemble must be at least 1 (one model), got {final.ensemble}")
+    if final.max_epochs is not None and final.max_epochs < final.epochs:
+        f.fail(f"max_epochs ({final.max_epochs}) must be at least epochs ({final.epochs}); or leave it out")
     if final.member_gap < 0:
         f.fail(f"member_gap must not be negative (0 keeps only trials that tie the best), got {final.member_gap}")
     if final.tta not in TTA_MODES:
@@ -574,7 +578,7 @@ def to_toml(cfg: StudyConfig) -> str:
                 "pruner": {"name": cfg.pruner.name, **cfg.pruner.options}, "augment": d["augment"],
                 "train": d["train"], "final": d["final"], "checkpoints": d["checkpoints"]}
     for title, table in sections.items():
-        lines += ["", f"[{title}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines += ["", f"[{title}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
     w = cfg.warm_start
     if w.from_study is not None or w.params:
         lines += ["", "[warm_start]"] + ([f"from = {_toml_value(w.from_study)}", f"top = {w.top}"]

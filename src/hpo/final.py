@@ -154,10 +154,16 @@ def train_members(chosen: list[optuna.trial.FrozenTrial], cfg: StudyConfig, trai
     members: list[Member] = []
     shrunk: list[str] = []
     if deadline is not None:
-        fitted = fitted_epochs(chosen[0], cfg, train_all, epochs, deadline)
+        # Time the search left over goes to a lone model's epochs, up to [final] max_epochs; an
+        # ensemble spends it on its members instead.
+        grow = len(chosen) == 1 and cfg.final.max_epochs is not None and epochs == cfg.final.epochs
+        most = cfg.final.max_epochs if grow and cfg.final.max_epochs else epochs
+        fitted = fitted_epochs(chosen[0], cfg, train_all, most, deadline)
         if fitted < epochs:
             shrunk.append(f"epochs shrank from {epochs} to {fitted} to end within the time budget")
-            epochs = fitted
+        elif fitted > epochs:
+            log.info("final-train: epochs grew from %d to %d to use the time the search left", epochs, fitted)
+        epochs = fitted
     for index, trial in enumerate(chosen):
         if members and deadline is not None:
             first = budget.trial_cost(members[0].trial)
