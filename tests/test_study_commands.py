@@ -17,10 +17,14 @@ from hpo.cli import cli
 DIST = {"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)}
 
 
-@pytest.fixture
-def url(tmp_path, monkeypatch):
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def url(request, tmp_path, monkeypatch):
+    """The same commands on the embedded SQLite file and on a real PostgreSQL server."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HPO_STORAGE", raising=False)
+    monkeypatch.delenv("HPO_STUDY", raising=False)
+    if request.param == "postgresql":
+        return request.getfixturevalue("pg_url")
     return f"sqlite:///{tmp_path / 'runs' / 'hpo.db'}"
 
 
@@ -53,12 +57,14 @@ def a_study(url: str, name: str = "tiny", values: tuple[float, ...] = (0.7, 0.8)
 def test_studies_lists_every_study_with_its_counts_and_best(url):
     a_study(url, "tiny")
     a_study(url, "other", values=(0.6,))
+    a_study(url, "third", values=(0.5, 0.55, 0.65))
     out = hpo("studies", "--storage", url, "--json")
     assert out.exit_code == 0, out.output
     rows = {r["study"]: r for r in json.loads(out.output)["studies"]}
     assert rows["tiny"] == {"study": "tiny", "metric": "val_accuracy", "direction": "maximize", "finished": 3,
                             "n_trials": 8, "best_value": 0.8, "best_trial": 1, "test_accuracy": None, "running": 0}
     assert rows["other"]["finished"] == 2 and rows["other"]["best_value"] == 0.6
+    assert (rows["third"]["finished"], rows["third"]["best_trial"]) == (4, 2) and len(rows) == 3
     text = hpo("studies", "--storage", url).output.splitlines()
     assert text[0].split() == ["study", "metric", "finished", "best", "test", "acc", "running"]
     assert text[1].split()[:4] == ["other", "max", "val_accuracy", "2/8"]
@@ -104,15 +110,20 @@ def test_extend_to_fewer_trials_than_finished_is_refused_and_changes_nothing(url
     assert study_mod.current_budget(study_mod.load(storage_mod.open_storage(url), "tiny")[0]) == 8
 
 
-def test_delete_removes_the_study_and_its_artifacts(url, tmp_path):
+def test_delete_removes_the_study_and_its_artifacts_and_nothing_else(url, tmp_path):
     study = a_study(url)
-    store = artifacts.open_store(str(tmp_path / "runs" / "artifacts"))
+    kept = a_study(url, "kept", values=(0.9,))
+    where = tmp_path / "artifacts"
+    store = artifacts.open_store(str(where))
     artifacts.upload_bytes(store, study, "note.json", b"{}")
-    assert len(list((tmp_path / "runs" / "artifacts").iterdir())) == 1
-    out = hpo("delete", "--study", "tiny", "--storage", url, "--yes")
+    artifacts.upload_bytes(store, kept, "keep.json", b"{}")
+    assert len(list(where.iterdir())) == 2
+    out = hpo("delete", "--study", "tiny", "--storage", url, "--yes", "--artifacts", str(where))
     assert out.exit_code == 0 and "deleted study 'tiny': 3 trials and 1 artifact file(s)" in out.output
-    assert list((tmp_path / "runs" / "artifacts").iterdir()) == []
-    assert not study_mod.exists(storage_mod.open_storage(url), "tiny")
+    assert len(list(where.iterdir())) == 1  # the other study's file
+    store_ = storage_mod.open_storage(url)
+    assert not study_mod.exists(store_, "tiny") and study_mod.exists(store_, "kept")
+    assert len(study_mod.load(store_, "kept")[0].trials) == 2
 
 
 def test_delete_without_yes_and_without_a_terminal_is_refused(url):
@@ -140,3 +151,18 @@ def test_every_study_command_reads_hpo_study(url, monkeypatch):
     monkeypatch.setenv("HPO_STUDY", "nope")
     line = one_line_error(hpo("status", "--storage", url))
     assert "no study named 'nope'" in line and "Studies in this storage: tiny" in line
+
+
+def test_a_study_file_with_only_name_metric_direction_and_space_is_created_and_explained(url, tmp_path):
+    from conftest import REPO
+
+    space = (REPO / "studies" / "tiny.toml").read_text().split("[space]")[1]
+    path = tmp_path / "minimal.toml"
+    path.write_text(f'name = "minimal"\nmetric = "val_accuracy"\ndirection = "maximize"\n[space]{space}')
+    out = hpo("create", "--study", str(path), "--storage", url, "--explain")
+    assert out.exit_code == 0, out.output
+    assert "study 'minimal' is ready" in out.output and "(budget 50)" in out.output
+    for line in ("n_trials = 50", "epochs = 10", "multivariate = true", "constant_liar = true", 'name = "median"'):
+        assert line in out.output, out.output
+    status = json.loads(hpo("status", "--study", "minimal", "--storage", url, "--json").output)
+    assert (status["n_trials"], status["epochs_per_trial"]) == (50, 10)

@@ -85,6 +85,9 @@ def test_dashboard_shows_the_plots_and_the_note_in_chromium(final_trained, tmp_p
         base = f"http://127.0.0.1:{port}/dashboard/studies/1"
         dom, text = page_text(browser, base, tmp_path / "chromium", until="Study Artifacts")
         assert "Study Artifacts" in text, text[:3000]
+        # The metric has its name, and the attribute table leads with a line of settings, not a JSON blob.
+        assert "val_accuracy" in text and "Objective 0" not in text, text[:3000]
+        assert "maximize val_accuracy; trials of 3 epochs" in text and '"space"' not in text, text[:3000]
         images = dict(re.findall(r'<img[^>]*alt="([^"]+)"[^>]*src="([^"]+)"', dom))
         assert {"confusion_matrix.png", "learning_curve.png", "misclassified.png"} <= set(images), images
         for name in ("confusion_matrix.png", "learning_curve.png"):  # the browser's image URLs serve the PNGs
