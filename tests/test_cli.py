@@ -158,3 +158,13 @@ def test_final_after_a_search_without_complete_trials_says_what_to_do(tmp_path):
     with pytest.raises(HpoError, match=r"--final: study 'tiny' has no COMPLETE trial after the search, so there is "
                                        r"nothing to retrain. Give a longer --time"):
         _final_after_search(study, config.load("tiny"), None, tmp_path, "cpu", None)
+
+
+def test_predicting_needs_neither_the_dashboard_nor_matplotlib():
+    import subprocess
+    import sys
+
+    probe = ("import sys, hpo.inference; "
+             "print(sorted(m for m in ('optuna_dashboard', 'matplotlib', 'hpo.final') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

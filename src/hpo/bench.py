@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hpo.errors import DataError, HpoError
+from hpo.storage import final_dir
 
 # The notebook CNN the issue measured: two conv blocks of 32 and 64 filters, a 3136 -> 512 -> 10 head.
 DEFAULT_PARAMS: dict[str, Any] = {
@@ -322,7 +323,7 @@ def search_against_fixed(study_file: Path, time_s: float, workers: int, data_dir
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise HpoError(f"the search (hpo optimize in {work_dir}) exited {done.returncode}: {last}")
-    searched = json.loads((work_dir / "runs" / cfg.name / "final" / "metrics.json").read_text())
+    searched = json.loads((final_dir(cfg.name, work_dir / "runs") / "metrics.json").read_text())
     search_wall = time.perf_counter() - started
     fixed = fixed_baseline(time_s, data_dir, device or "cpu", threads, cfg.train, cfg.augment)
     return {

@@ -281,7 +281,7 @@ def _final_after_search(study: Any, cfg: config.StudyConfig, store: Any, directo
         raise HpoError(f"--final: study {cfg.name!r} has no COMPLETE trial after the search, so there is nothing "
                        "to retrain. Give a longer --time (or more [budget] n_trials) and run again.")
     deadline = budget.get_deadline(study)
-    out_dir = storage_mod.RUNS_DIR / cfg.name / "final"
+    out_dir = storage_mod.final_dir(cfg.name)
     metrics = final.final_train(study, cfg, directory, place(device or _final_device()), out_dir, None,
                                 artifact_store, store, deadline=deadline)
     _echo_final(metrics, out_dir, cfg.name)
@@ -333,7 +333,7 @@ def final_train(study_arg: str, storage: str | None, data_dir: str | None, devic
     _, artifact_store = artifacts_mod.open_for(artifacts, url)
     placement = place(device)
     directory = data.find_data_dir(data_dir)
-    out_dir = Path(out) if out else storage_mod.RUNS_DIR / cfg.name / "final"
+    out_dir = Path(out) if out else storage_mod.final_dir(cfg.name)
     deadline = budget.get_deadline(study)
     # Inside a running job's budget the ensemble shrinks to fit; once the job's time is over, a
     # final-train asked for by hand trains the whole ensemble.
@@ -661,7 +661,7 @@ def _bench_search(study_arg: str, time_s: float, workers: int, data_dir: str | N
 
 def _final_model_path(study_arg: str, model_path: str | None) -> tuple[str, Path]:
     name = _study_name(study_arg)
-    path = Path(model_path) if model_path else storage_mod.RUNS_DIR / name / "final" / "model.pt"
+    path = Path(model_path) if model_path else storage_mod.final_dir(name) / "model.pt"
     if not path.is_file():
         raise HpoError(f"no final model at {path}. Run `hpo final-train --study {name}` first, or pass --model "
                        "with the path of its model.pt.")

@@ -36,6 +36,11 @@ RUNS_DIR = Path("runs")  # relative to the working directory, like studies/
 SQLITE_BUSY_TIMEOUT_S = 120  # a writer waits this long for the lock; local writes take milliseconds
 
 
+def final_dir(study: str, runs: Path = RUNS_DIR) -> Path:
+    """Where the finalizer writes a study's model, metrics and plots unless told otherwise."""
+    return runs / study / "final"
+
+
 def default_url() -> str:
     return f"sqlite:///{RUNS_DIR / 'hpo.db'}"
 
