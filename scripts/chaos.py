@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
 import random
 import shlex
@@ -32,40 +33,21 @@ from pathlib import Path
 
 import optuna
 
+from hpo import config
+
 ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT_S, GRACE_S, MAX_RETRY = 1, 4, 2
-STUDY = """
-name = "chaos"
-seed = {seed}
-[budget]
-time = "{seconds}s"
-n_trials = 10000
-epochs = 3
-train_subset = 2000
-val_fraction = 0.05
-[sampler]
-name = "tpe"
-multivariate = true
-constant_liar = true
-n_startup_trials = 4
-[pruner]
-name = "median"
-n_startup_trials = 2
-n_warmup_steps = 1
-[final]
-epochs = 1
-[space]
-n_conv = {{ low = 1, high = 2 }}
-filters = {{ choices = [8, 16] }}
-kernel_size = 3
-n_fc = 1
-fc_size = {{ low = 16, high = 64, log = true }}
-dropout = 0.1
-optimizer = {{ choices = ["adam", "sgd", "rmsprop"] }}
-lr = {{ low = 1e-3, high = 1e-1, log = true }}
-batch_size = 64
-weight_decay = 1e-5
-"""
+
+
+def chaos_study(seed: int, seconds: float) -> str:
+    """The shipped `tiny` study (small CNNs, seconds per trial), ended by the clock, as a study file."""
+    tiny = config.load("tiny")
+    cfg = dataclasses.replace(
+        tiny, name="chaos", seed=seed, final=dataclasses.replace(tiny.final, ensemble=1, tta="none"),
+        budget=config.Budget(n_trials=10000, epochs=3, train_subset=2000, val_fraction=0.05, time_s=seconds))
+    return config.to_toml(cfg)
+
+
 NAN_TRIAL = {"n_conv": 1, "filters_0": 8, "fc_size": 16, "optimizer": "sgd", "lr": 1e6}
 KINDS = ("kill", "pause", "db", "nan")
 
@@ -198,7 +180,7 @@ def main() -> int:
         url = server.url()
         restart = server.restart
     study_file = out / "chaos.toml"
-    study_file.write_text(STUDY.format(seed=args.seed, seconds=round(args.minutes * 60)))
+    study_file.write_text(chaos_study(args.seed, round(args.minutes * 60)))
     chaos = Chaos(url, restart, study_file, args.data_dir, out, args.seed)
     chaos.own_db = server is not None
     started = time.monotonic()
