@@ -91,6 +91,26 @@ def test_final_reserve_leaves_out_members_the_gap_would_leave_out():
     assert budget.final_reserve(one, cfg, 1, costs, None) > 1.5 * budget.final_reserve(one, alone, 1, costs, None)
 
 
+def test_final_reserve_with_fill_seeds_counts_the_best_trial_for_every_empty_place():
+    cfg = config.load("tiny")
+    cfg = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, member_gap=0.005, fill="seeds", ensemble=3))
+    study = study_with([1.0, 2.0])  # 0.01 apart: the gap keeps the better one alone
+    costs = budget.measured(study)
+    best = max(costs, key=lambda c: c.epoch_s)
+    one = best.per_image_s() * (budget.DATASET_IMAGES + 2 * budget.EVAL_SHARE * budget.TEST_IMAGES)
+    assert budget.final_reserve(study, cfg, 1, costs, None) == pytest.approx(3 * one)
+
+
+def test_on_a_slow_machine_the_reserve_gives_way_to_the_first_trial_only():
+    # 600 s budget, a 150 s trial (a 3x slower machine) beside a 510 s reserve: the reserve yields.
+    reserve = budget.yielded_reserve(510.0, 150.0, 600.0)
+    assert reserve == pytest.approx(600.0 - budget.START_S - 150.0 - budget.slack_s(600.0))
+    first = Plan(decided_at=budget.START_S, estimate_s=150.0, reserve_s=reserve + budget.slack_s(600.0), deadline=600.0)
+    later = Plan(decided_at=budget.START_S + 1, estimate_s=150.0, reserve_s=first.reserve_s, deadline=600.0)
+    assert first.fits and not later.fits
+    assert budget.yielded_reserve(300.0, 40.0, 600.0) == 300.0  # a fast machine keeps the whole reserve
+
+
 def test_plan_fits_only_when_trial_and_reserve_end_before_the_deadline():
     assert Plan(decided_at=0, estimate_s=10, reserve_s=20, deadline=30).fits
     assert not Plan(decided_at=0.5, estimate_s=10, reserve_s=20, deadline=30).fits
@@ -116,8 +136,10 @@ def test_minimum_budget_is_the_shortest_in_which_the_planner_starts_a_trial():
         for time_s, fits in ((needed, True), (needed - 2.0, False)):
             deadline = budget.Deadline(at=1000.0 + time_s, time_s=time_s, set_at=1000.0)
             estimate = budget.trial_estimate(cfg, costs, cost)
-            reserve = budget.final_reserve(study, cfg, 1, costs, cost, time_s) + budget.slack_s(time_s)
-            plan = Plan(decided_at=1010.0, estimate_s=estimate, reserve_s=reserve, deadline=deadline.at)
-            # The finalizer's share must also hold one epoch of one member.
-            holds_an_epoch = budget.FINAL_SHARE_MAX * time_s >= budget.member_estimate(cost, 1, 1)
+            full = budget.final_reserve(study, cfg, 1, costs, cost)
+            reserve = budget.yielded_reserve(budget.final_reserve(study, cfg, 1, costs, cost, time_s), estimate, time_s)
+            plan = Plan(decided_at=1010.0, estimate_s=estimate, reserve_s=reserve + budget.slack_s(time_s),
+                        deadline=deadline.at)
+            # The finalizer's share, after giving way to the first trial, must still hold one epoch of one member.
+            holds_an_epoch = reserve >= min(full, budget.member_estimate(cost, 1, 1))
             assert (plan.fits and holds_an_epoch) is fits, (calibrated, time_s, plan)

@@ -133,6 +133,8 @@ def test_a_time_budget_too_short_for_one_trial_and_the_finalizer_creates_no_stud
     ("[final]", 'tta = "flop"', "[final] tta 'flop' is not known. Did you mean 'flip'? Use one of: none, flip"),
     ("[final]", "member_gap = -0.1", "[final] member_gap must not be negative (0 keeps only trials that tie the best), got -0.1"),
     ("[final]", "max_epochs = 0", "[final] max_epochs (0) must be at least epochs (1); or leave it out"),
+    ("[final]", "max_share = 1.0", "[final] max_share must be between 0 and 1 (the finalizer's share of a time budget), got 1.0"),
+    ("[final]", 'fill = "seed"', "[final] fill 'seed' is not known. Did you mean 'seeds'? Use one of: none, seeds"),
     ("[augment]", "erase = 1.5", "[augment] erase must be a probability in [0, 1], got 1.5"),
 ])
 def test_bad_budget_and_final_settings_name_the_key(run, tmp_path, section, line, text):

@@ -55,6 +55,19 @@ def test_members_far_below_the_best_are_left_out_and_the_reason_given():
     assert [t.value for t in chosen] == [0.930] and "from 2 to 1" in gated
 
 
+def test_fill_seeds_gives_the_places_the_gap_leaves_to_the_best_trial_and_says_so():
+    study = study_of([(0.930, {"lr": 0.1}), (0.925, {"lr": 0.01}), (0.905, {"lr": 0.2})])
+    cfg = with_gap(0.01)
+    cfg = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, fill="seeds"))
+    chosen, why = choose_members(study, cfg, 3)
+    assert [t.value for t in chosen] == [0.930, 0.925, 0.930]
+    assert why == ('1 of the 3 member places went to the best trial 0 with further seeds ([final] fill = "seeds"): '
+                   "only 2 of the 3 best distinct trials score within member_gap 0.01 of the best val_accuracy 0.9300")
+    # More places than distinct trials is no error with seeds to fill them.
+    chosen, _ = choose_members(study_of([(0.90, {"lr": 0.1})]), cfg, 3)
+    assert [t.number for t in chosen] == [0, 0, 0]
+
+
 def test_an_ensemble_larger_than_the_distinct_trials_is_refused_with_the_count():
     cfg = config.load("tiny")
     study = study_of([(0.80, {"lr": 0.1}), (0.90, {"lr": 0.1})])

@@ -17,11 +17,11 @@ from typing import Any
 
 import optuna
 from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore, upload_artifact
-from optuna.artifacts._protocol import ArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 from sqlalchemy.engine import make_url
 
 from hpo.errors import HpoError, StorageError
+from hpo.optuna_compat import ArtifactStore, study_id, study_storage, trial_id
 from hpo.storage import RUNS_DIR
 
 ATTR_PREFIX = "artifacts:"  # where optuna.artifacts.upload_artifact records an artifact's metadata
@@ -100,17 +100,16 @@ def remove(store: ArtifactStore, target: optuna.Study | optuna.Trial, artifact_i
     except ArtifactNotFound:
         pass
     if isinstance(target, optuna.Study):
-        target._storage.set_study_system_attr(target._study_id, ATTR_PREFIX + artifact_id, json.dumps(None))
+        study_storage(target).set_study_system_attr(study_id(target), ATTR_PREFIX + artifact_id, json.dumps(None))
     else:
-        target.storage.set_trial_system_attr(target._trial_id, ATTR_PREFIX + artifact_id, json.dumps(None))
+        target.storage.set_trial_system_attr(trial_id(target), ATTR_PREFIX + artifact_id, json.dumps(None))
 
 
 def disown_inherited(trial: optuna.Trial) -> None:
     """A retried trial starts with a copy of its predecessor's system attributes, artifact entries
     included; the files stay the predecessor's, so the retry drops the entries, not the files."""
-    attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
-    for meta in listed(attrs):
-        trial.storage.set_trial_system_attr(trial._trial_id, ATTR_PREFIX + meta["artifact_id"], json.dumps(None))
+    for meta in optuna.artifacts.get_all_artifact_meta(trial):
+        trial.storage.set_trial_system_attr(trial_id(trial), ATTR_PREFIX + meta.artifact_id, json.dumps(None))
 
 
 def listed(system_attrs: dict[str, Any]) -> list[dict[str, Any]]:

@@ -38,11 +38,11 @@ TRIAL_OVERHEAD_S = 3.0       # model build, attributes and the last report of on
 # 0.00047 s per image where the 2-thread finalizer then took 0.00024 (0.51x): the machine's total
 # throughput barely changed. 0.9 keeps the reserve about 10 % on the safe side.
 THREAD_EFFICIENCY = 0.9
-# The finalizer's reserve never takes more than this share of the budget: the search keeps the rest,
-# and the finalizer shrinks its ensemble, then its first member's epochs, to what is left.
-FINAL_SHARE_MAX = 0.65
 DATASET_IMAGES = 60_000      # the official training set the finalizer trains on
 TEST_IMAGES = 10_000
+
+
+START_S = 10.0  # the clock starts before the first trial can: process start-up, data, calibration
 
 
 def slack_s(time_s: float) -> float:
@@ -144,7 +144,8 @@ def member_estimate(cost: EpochCost, epochs: int, final_threads: int, train_imag
 def final_reserve(study: optuna.Study, cfg: StudyConfig, final_threads: int, costs: list[EpochCost],
                   calibrated: EpochCost | None, time_s: float | None = None) -> float:
     """Seconds kept for the finalizer: its whole ensemble, estimated from the trials most likely to be
-    its members, but at most FINAL_SHARE_MAX of `time_s`."""
+    its members, but at most `[final] max_share` of `time_s` (the search keeps the rest, and the
+    finalizer shrinks its ensemble, then its first member's epochs, to what is left)."""
     complete = [t for t in best_first(study, cfg.direction == "maximize") if trial_cost(t) is not None]
     # The finalizer takes a member beyond the best only within member_gap of it; trials still to
     # come may be such members, so the places complete trials do not fill yet count as typical ones.
@@ -156,8 +157,10 @@ def final_reserve(study: optuna.Study, cfg: StudyConfig, final_threads: int, cos
     if typical is None:
         raise ValueError("no measured epoch and no calibration")
     members += [typical] * padding
+    if cfg.final.fill == "seeds":  # the places the gap leaves empty go to the best trial again
+        members += [trial_cost(complete[0]) if complete else typical] * (cfg.final.ensemble - len(members))
     each = [member_estimate(c, cfg.final.epochs, final_threads) for c in members if c is not None]
-    return sum(each) if time_s is None else min(sum(each), FINAL_SHARE_MAX * time_s)
+    return sum(each) if time_s is None else min(sum(each), cfg.final.max_share * time_s)
 
 
 # --------------------------------------------------------------------------- the decision
@@ -185,14 +188,23 @@ def plan_trial(study: optuna.Study, cfg: StudyConfig, deadline: Deadline, final_
                now: float | None = None) -> Plan:
     costs, calibrated = measured(study), calibration(study)
     estimate = trial_estimate(cfg, costs, calibrated)
-    reserve = final_reserve(study, cfg, final_threads, costs, calibrated, deadline.time_s) + slack_s(deadline.time_s)
+    reserve = yielded_reserve(final_reserve(study, cfg, final_threads, costs, calibrated, deadline.time_s), estimate,
+                              deadline.time_s) + slack_s(deadline.time_s)
     return Plan(time.time() if now is None else now, estimate, reserve, deadline.at)
 
 
+def yielded_reserve(reserve: float, estimate: float, time_s: float) -> float:
+    """The finalizer's reserve, giving way where a machine is too slow for one trial beside it: the
+    first trials still start (the finalizer then trains the epochs that are left), instead of the
+    budget being refused on a machine 3x slower than the one the study file was written on."""
+    return min(reserve, time_s - START_S - estimate - slack_s(time_s))
+
+
 def minimum_budget(cfg: StudyConfig, cost: EpochCost, final_threads: int, calibrated: bool = False,
-                   start_s: float = 10.0) -> float:
+                   start_s: float = START_S) -> float:
     """The shortest budget in which `plan_trial` lets the first trial start `start_s` after the clock
-    does (process start-up, data, calibration) and the finalizer's reserve holds one member's epoch.
+    does (process start-up, data, calibration) and the finalizer's reserve, given way to that trial,
+    still holds one member's epoch.
 
     `cost` is one trial epoch: measured, or (`calibrated`) the calibration, which the planner doubles.
     """
@@ -201,9 +213,8 @@ def minimum_budget(cfg: StudyConfig, cost: EpochCost, final_threads: int, calibr
     one_epoch = member_estimate(cost, 1, final_threads)
 
     def enough(time_s: float) -> bool:
-        reserve = min(full, FINAL_SHARE_MAX * time_s)
-        return (start_s + trial + reserve + slack_s(time_s) <= time_s
-                and FINAL_SHARE_MAX * time_s >= min(full, one_epoch))
+        reserve = min(full, cfg.final.max_share * time_s, time_s - start_s - trial - slack_s(time_s))
+        return reserve >= min(full, one_epoch)
 
     low, high = 1.0, 1e7  # enough() holds from some point on: both sides grow, its left side slower
     while high - low > 1.0:

@@ -525,10 +525,11 @@ def dashboard(study_arg: str | None, storage: str | None, artifacts: str | None,
     from optuna_dashboard import run_server
 
     from hpo import artifacts as artifacts_mod
+    from hpo import optuna_compat
 
     if study_arg:
         url, store, study, _ = _load_existing(study_arg, storage)
-        page = f"dashboard/studies/{study._study_id}"
+        page = f"dashboard/studies/{optuna_compat.study_id(study)}"
     else:
         url, store = _open(storage)
         page = "dashboard"

@@ -44,6 +44,7 @@ PRUNERS = {
 }
 SEARCH_PATHS_HELP = "studies/NAME.toml in the current directory, then the studies shipped with hpo"
 TTA_MODES = ("none", "flip")
+FILL_MODES = ("none", "seeds")
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)\s*(h|m|s)")
 DURATION_HELP = "a duration such as 90s, 10m, 1h or 1h30m"
 
@@ -132,6 +133,8 @@ class Final:
     tta: str = "none"              # "flip": also average each test image with its mirror image
     member_gap: float = 0.01       # a member beyond the best trial must score within this of it (validation metric)
     max_epochs: int | None = None  # with a time budget, one final model may train up to this many when time is left
+    fill: str = "none"             # "seeds": places member_gap leaves empty go to the best trial with further seeds
+    max_share: float = 0.65        # the most of a time budget the finalizer's reserve takes; the search keeps the rest
 
 
 CHECKPOINT_KEEP = ("none", "complete")
@@ -348,7 +351,8 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
     f = top.table("final")
     final = Final(epochs=f.get("epochs", int, budget.epochs), ensemble=f.get("ensemble", int, 1),
                   tta=f.get("tta", str, "none"), member_gap=f.get("member_gap", float, 0.01),
-                  max_epochs=f.get("max_epochs", int, None))
+                  max_epochs=f.get("max_epochs", int, None), fill=f.get("fill", str, "none"),
+                  max_share=f.get("max_share", float, 0.65))
     f.done()
     if final.epochs < 1:
         f.fail(f"epochs must be at least 1, got {final.epochs}")
@@ -360,6 +364,10 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
         f.fail(f"member_gap must not be negative (0 keeps only trials that tie the best), got {final.member_gap}")
     if final.tta not in TTA_MODES:
         f.fail(_not_known("tta", final.tta, TTA_MODES))
+    if not 0 < final.max_share < 1:
+        f.fail(f"max_share must be between 0 and 1 (the finalizer's share of a time budget), got {final.max_share}")
+    if final.fill not in FILL_MODES:
+        f.fail(_not_known("fill", final.fill, FILL_MODES))
 
     w = top.table("warm_start")
     warm = WarmStart(from_study=w.get("from", str, None), top=w.get("top", int, 5),

@@ -88,12 +88,13 @@ def accuracy_figures(predictions: torch.Tensor, truth: torch.Tensor) -> dict[str
 
 
 def choose_members(study: optuna.Study, cfg: StudyConfig, k: int) -> tuple[list[optuna.trial.FrozenTrial], str | None]:
-    """The `k` best COMPLETE trials with distinct params, best first, by validation value alone, and
-    why fewer were taken, if they were.
+    """The `k` members' trials, best first, chosen by validation value alone, and why the ensemble is
+    not the `k` best distinct trials, if it is not.
 
     A member beyond the best must score within `[final] member_gap` of it: a clearly weaker model
     pulls the averaged softmax down (a 60-minute cnn run averaged members at 93.8, 92.1 and 90.1 %
-    into 93.1 %, below its best member), so the ensemble shrinks rather than take one.
+    into 93.1 %, below its best member), so the ensemble shrinks rather than take one; with
+    `[final] fill = "seeds"` the best trial takes the empty places again, each with its own seed.
     """
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
@@ -104,17 +105,23 @@ def choose_members(study: optuna.Study, cfg: StudyConfig, k: int) -> tuple[list[
     distinct: dict[str, optuna.trial.FrozenTrial] = {}
     for t in ranked:
         distinct.setdefault(json.dumps(t.params, sort_keys=True), t)
-    if k > len(distinct):
+    seeds = cfg.final.fill == "seeds"
+    if k > len(distinct) and not seeds:
         raise HpoError(f"[final] ensemble = {k}, but study {cfg.name!r} has only {len(distinct)} distinct "
-                       f"COMPLETE trial(s). Lower ensemble to at most {len(distinct)}, or run more trials.")
+                       f"COMPLETE trial(s). Lower ensemble to at most {len(distinct)}, add fill = \"seeds\" to "
+                       f"[final], or run more trials.")
     best = trials_mod.value(ranked[0])
     close = [t for t in list(distinct.values())[:k]
              if abs(trials_mod.value(t) - best) <= cfg.final.member_gap + 1e-12]
     if len(close) == k:
         return close, None
-    return close, (f"ensemble shrank from {k} to {len(close)} member(s): only {len(close)} of the {k} best "
-                   f"distinct trials score within member_gap {cfg.final.member_gap:g} of the best "
-                   f"{cfg.metric} {best:.4f}")
+    why = (f"only {len(close)} of the {k} best distinct trials score within member_gap {cfg.final.member_gap:g} "
+           f"of the best {cfg.metric} {best:.4f}")
+    if seeds:
+        return close + [ranked[0]] * (k - len(close)), (
+            f"{k - len(close)} of the {k} member places went to the best trial {ranked[0].number} with further "
+            f"seeds ([final] fill = \"seeds\"): {why}")
+    return close, f"ensemble shrank from {k} to {len(close)} member(s): {why}"
 
 
 @dataclass

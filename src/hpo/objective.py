@@ -20,6 +20,7 @@ from hpo.data import DeviceData, TrialData
 from hpo.devices import Placement
 from hpo.errors import HpoError
 from hpo.model import count_parameters
+from hpo.optuna_compat import trial_id
 from hpo.train import EpochStats, Hyper, TrainingDiverged, evaluate, fit, seconds_per_image, seeded_model
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
 
         def on_snapshot(state: dict) -> None:
             # A worker that was paused past the grace period must not upload into a trial reaped meanwhile.
-            if trial.storage.get_trial(trial._trial_id).state.is_finished():
+            if trial.storage.get_trial(trial_id(trial)).state.is_finished():
                 raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was finished elsewhere")
             payload = artifacts.torch_bytes({**state, "format": checkpoints.TRIAL_FORMAT, "params": params,
                                              "seed": seed, "study": cfg.name})
@@ -164,7 +165,7 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
 
         if resume is not None:
             # The retry copied the crashed trial's reports; add any epoch it checkpointed but had not reported.
-            reported = trial.storage.get_trial(trial._trial_id).intermediate_values
+            reported = trial.storage.get_trial(trial_id(trial)).intermediate_values
             for s in resume["history"]:
                 stats = EpochStats(**s)
                 history.append(history_row(stats))

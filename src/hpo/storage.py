@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import optuna
 import sqlalchemy
@@ -349,28 +349,6 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> Storage:
                         mask(url), reason, min(delay, remaining), settings.wait_s)
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 8.0) * (0.75 + random.random() / 2)  # jitter so workers don't stampede
-
-
-def last_heartbeats(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> dict[int, tuple[Any, float]]:
-    """Each trial's last heartbeat and its age in seconds by the database's clock (Optuna keeps no API
-    for it). A trial with no heartbeat yet is absent."""
-    if not trial_ids:
-        return {}
-    beats = sqlalchemy.table("trial_heartbeats", sqlalchemy.column("trial_id", sqlalchemy.Integer),
-                             sqlalchemy.column("heartbeat", sqlalchemy.DateTime))
-    with storage.engine.connect() as conn:
-        now = conn.execute(sqlalchemy.select(sqlalchemy.func.current_timestamp(type_=sqlalchemy.DateTime))).scalar()
-        rows = conn.execute(sqlalchemy.select(beats.c.trial_id, beats.c.heartbeat)
-                            .where(beats.c.trial_id.in_(trial_ids))).all()
-    # PostgreSQL's now() is zone-aware; the column holds the same wall-clock time without the zone.
-    assert now is not None
-    now = now.replace(tzinfo=None)
-    return {trial_id: (beat, max(0.0, (now - beat).total_seconds())) for trial_id, beat in rows}
-
-
-def heartbeat_ages(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> dict[int, float]:
-    """Seconds since each trial's last heartbeat, by the database's clock."""
-    return {trial_id: age for trial_id, (_, age) in last_heartbeats(storage, trial_ids).items()}
 
 
 class SlotLock:

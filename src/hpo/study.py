@@ -18,7 +18,8 @@ from hpo import artifacts as artifacts_mod
 from hpo import attrs, budget, config
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError, StorageError
-from hpo.storage import Storage, StorageSettings, creation_lock, heartbeat_ages, last_heartbeats
+from hpo.optuna_compat import heartbeat_ages, last_heartbeats, stale_trial_ids, study_id, study_storage, trial_id
+from hpo.storage import Storage, StorageSettings, creation_lock
 from hpo.trials import FINISHED, best_first, value
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
 def _stored_raw(study: optuna.Study) -> dict[str, Any] | None:
     """The settings recorded in the study: a system attribute, which the dashboard does not lead
     with (studies made before kept them in a user attribute of the same name)."""
-    system = study._storage.get_study_system_attrs(study._study_id)
-    return system.get(CONFIG_ATTR, study._storage.get_study_user_attrs(study._study_id).get(CONFIG_ATTR))
+    storage = study_storage(study)
+    system = storage.get_study_system_attrs(study_id(study))
+    return system.get(CONFIG_ATTR, storage.get_study_user_attrs(study_id(study)).get(CONFIG_ATTR))
 
 
 def _stored_config(study: optuna.Study) -> StudyConfig | None:
@@ -52,7 +54,7 @@ def _stored_config(study: optuna.Study) -> StudyConfig | None:
 
 def _record_config(study: optuna.Study, cfg: StudyConfig) -> None:
     """Store the settings, and what the dashboard shows of them: the metric's name and one line."""
-    study._storage.set_study_system_attr(study._study_id, CONFIG_ATTR, cfg.to_dict())
+    study_storage(study).set_study_system_attr(study_id(study), CONFIG_ATTR, cfg.to_dict())
     study.set_metric_names([cfg.metric])
     study.set_user_attr(SETTINGS_ATTR, config.summary(cfg))
 
@@ -160,7 +162,7 @@ def requeue(study: optuna.Study, failed: optuna.trial.FrozenTrial) -> bool:
     """Queue a WAITING copy of a failed trial through the storage's RetryHeartbeatStaleTrialCallback
     (it keeps the retry count, so no configuration runs more than `max_retry` extra times). The copy
     leaves the failure's reason behind. False: the retries are used up, or the storage keeps none."""
-    callback = getattr(study._storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+    callback = getattr(study_storage(study), "get_heartbeat_stale_trial_callback", lambda: None)()
     if callback is None:
         return False
     before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
@@ -179,7 +181,7 @@ def retry_note(trial: optuna.trial.FrozenTrial, max_retry: int) -> str:
 def fail(study: optuna.Study, trial_id: int, reason: str, retry: bool) -> bool:
     """Fail a RUNNING trial with `reason` and, if `retry`, queue its copy. Whoever fails it first does
     both; False: it was finished already (by its worker, or by another reaper)."""
-    storage = study._storage
+    storage = study_storage(study)
     try:
         storage.set_trial_user_attr(trial_id, attrs.REASON, reason)
         if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
@@ -203,7 +205,7 @@ class Reaper:
     """
 
     def __init__(self, study: optuna.Study, storage: Storage, settings: StorageSettings):
-        self.study, self.storage = study, storage  # the RDBStorage itself: study._storage is Optuna's cache over it
+        self.study, self.storage = study, storage  # the RDBStorage itself, not Optuna's cache over it
         self.confirm_s = 2 * settings.heartbeat_interval + 1
         self.grace_s = settings.grace_period
         self.max_retry = settings.max_retry
@@ -217,7 +219,7 @@ class Reaper:
             return []
         with self._lock:
             try:
-                stale = storage._get_stale_trial_ids(self.study._study_id)
+                stale = stale_trial_ids(storage, self.study)
                 beats = last_heartbeats(storage, stale)
             except Exception:
                 self._suspects.clear()  # what was watched across an outage proves nothing
@@ -272,7 +274,7 @@ def summary(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBS
         t = study.best_trial
         best = {"number": t.number, "value": t.value, "params": t.params}
     running = [t for t in trials if t.state == TrialState.RUNNING]
-    ages = heartbeat_ages(storage, [t._trial_id for t in running]) if running else {}
+    ages = heartbeat_ages(storage, [trial_id(t) for t in running]) if running else {}
     # Epochs: what finished trials trained, and what pruning spared them (budget epochs minus the last report).
     trained = sum(_last_epoch(t) for t in finished_trials)
     saved = sum(cfg.budget.epochs - _last_epoch(t) for t in finished_trials if t.state == TrialState.PRUNED)
@@ -303,7 +305,7 @@ def summary(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBS
         "best": best,
         "running": [{"number": t.number, "host": t.user_attrs.get("host"), "pid": t.user_attrs.get("pid"),
                      "device": t.user_attrs.get("device_name"), "epoch": t.user_attrs.get("epoch", 0),
-                     "epochs": cfg.budget.epochs, "heartbeat_age_s": ages.get(t._trial_id)} for t in running],
+                     "epochs": cfg.budget.epochs, "heartbeat_age_s": ages.get(trial_id(t))} for t in running],
         "final": study.user_attrs.get(FINAL_ATTR),
         "time_budget": budget.describe_deadline(budget.get_deadline(study)),
         "extended": study.user_attrs.get(EXTENDED_ATTR, []),
@@ -325,7 +327,7 @@ def listing(storage: Storage) -> dict[str, Any]:
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         best = study.best_trial if complete else None
         final = study.user_attrs.get(FINAL_ATTR) or {}
-        running = [t._trial_id for t in trials if t.state == TrialState.RUNNING]
+        running = [trial_id(t) for t in trials if t.state == TrialState.RUNNING]
         fresh = [age for age in heartbeat_ages(storage, running).values()
                  if age <= storage.grace_period] if running and storage.grace_period else []
         rows.append({
@@ -387,7 +389,7 @@ def current_budget(study: optuna.Study) -> int:
 
 def live_trials(study: optuna.Study, storage: Storage) -> list[int]:
     """Numbers of RUNNING trials whose worker sent a heartbeat within the grace period."""
-    running = {t._trial_id: t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    running = {trial_id(t): t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     ages = heartbeat_ages(storage, list(running)) if running else {}
     grace = storage.grace_period or 60
     return sorted(running[tid] for tid, age in ages.items() if age <= grace)
@@ -396,7 +398,7 @@ def live_trials(study: optuna.Study, storage: Storage) -> list[int]:
 def delete(study: optuna.Study, storage: Storage, artifact_store) -> int:
     """Delete the study's artifacts (its own and every trial's), then the study; returns how many files."""
     removed = 0
-    holders = [storage.get_study_system_attrs(study._study_id)]
+    holders = [storage.get_study_system_attrs(study_id(study))]
     holders += [t.system_attrs for t in study.get_trials(deepcopy=False)]
     for attrs_of in holders:
         for meta in artifacts_mod.listed(attrs_of):

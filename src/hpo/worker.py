@@ -29,6 +29,7 @@ from hpo.data import TrialData
 from hpo.devices import Placement, cpu_count
 from hpo.errors import StorageError
 from hpo.objective import OutOfMemory, OverBudget, calibrate, make_objective
+from hpo.optuna_compat import study_storage, trial_id
 from hpo.storage import Heartbeat, SlotLock, Storage, StorageSettings, connection_error, first_line
 from hpo.study import Reaper, counts, current_budget, fail, retry_note
 from hpo.train import TrainingDiverged
@@ -86,7 +87,7 @@ def run_trial(study: optuna.Study, storage: Storage, objective: Callable[[optuna
         warnings.simplefilter("ignore", UserWarning)
         trial = study.ask()
     try:
-        with Heartbeat(storage, trial._trial_id, settings.heartbeat_interval, also=reaper):
+        with Heartbeat(storage, trial_id(trial), settings.heartbeat_interval, also=reaper):
             try:
                 value = objective(trial)
             except optuna.TrialPruned:
@@ -100,15 +101,15 @@ def run_trial(study: optuna.Study, storage: Storage, objective: Callable[[optuna
         log.warning("trial %d was finished elsewhere while this worker was out of touch (its retry is "
                     "queued); dropping its result", trial.number)
     except Shutdown as e:
-        if fail(study, trial._trial_id, f"worker stopped by {e.signal.name}; "
-                                        f"{retry_note(storage.get_trial(trial._trial_id), settings.max_retry)}",
+        if fail(study, trial_id(trial), f"worker stopped by {e.signal.name}; "
+                                        f"{retry_note(storage.get_trial(trial_id(trial)), settings.max_retry)}",
                 retry=True):
             log.warning("trial %d failed and re-queued: worker stopped by %s", trial.number, e.signal.name)
         raise
     except Exception as e:
         if connection_error(e) is not None or isinstance(e, StorageError):
             raise  # the trial stays RUNNING without heartbeats; a reaper fails it and queues its retry
-        fail(study, trial._trial_id, f"error in the worker: {type(e).__name__}: {first_line(e)}", retry=False)
+        fail(study, trial_id(trial), f"error in the worker: {type(e).__name__}: {first_line(e)}", retry=False)
         raise
 
 
@@ -120,7 +121,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, **outcome) -> None:
         if connection_error(e) is None:
             raise
         log.warning("database unreachable while finishing trial %d (%s); trying again", trial.number, first_line(e))
-        study._storage.get_trial(trial._trial_id)  # rides out the outage
+        study_storage(study).get_trial(trial_id(trial))  # rides out the outage
         study.tell(trial, skip_if_finished=True, **outcome)
 
 
@@ -217,8 +218,8 @@ def ensure_calibrated(study: optuna.Study, cfg: StudyConfig, data: TrialData, pl
 
 def fail_waiting(study: optuna.Study, reason: str) -> None:
     """Fail queued retries that the time budget leaves no room for, with the reason on each."""
-    storage = study._storage
+    storage = study_storage(study)
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        storage.set_trial_user_attr(t._trial_id, attrs.REASON, reason)
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        storage.set_trial_user_attr(trial_id(t), attrs.REASON, reason)
+        storage.set_trial_state_values(trial_id(t), TrialState.FAIL)
         log.warning("trial %d failed: %s", t.number, reason)

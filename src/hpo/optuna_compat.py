@@ -1,0 +1,67 @@
+"""Optuna's private details that hpo relies on, in one place.
+
+Everything else in hpo uses Optuna's public API. Each entry here says why it is needed and what
+would let it go; tests/test_optuna_compat.py fails first when an Optuna release moves one of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import sqlalchemy
+
+# Optuna exports the artifact-store protocol only from a private module; every store we pass
+# (FileSystemArtifactStore, Boto3ArtifactStore) implements it. Goes when `optuna.artifacts` exports it.
+from optuna.artifacts._protocol import ArtifactStore
+
+__all__ = ["ArtifactStore", "heartbeat_ages", "last_heartbeats", "stale_trial_ids", "study_id", "study_storage",
+           "trial_id"]
+
+
+def study_id(study: optuna.Study) -> int:
+    """The study's storage id. Optuna's public API names studies, and every storage call takes the id;
+    goes when storages take names or Study exposes the id (optuna/optuna#6365 asks the same for trials)."""
+    return study._study_id
+
+
+def study_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage a loaded study writes through (Optuna's cache in front of our RDBStorage): study
+    system attributes have no public setter, and our settings and artifact entries live there."""
+    return study._storage
+
+
+def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
+    """A trial's storage id. Optuna made it private in favour of `number` (optuna/optuna#285), but
+    storage calls (a trial's system attributes, its fresh state) take the id; goes with optuna/optuna#6365."""
+    return trial._trial_id
+
+
+def stale_trial_ids(storage: optuna.storages.RDBStorage, study: optuna.Study) -> list[int]:
+    """RUNNING trials whose heartbeat is older than the grace period, by the database's clock.
+    Optuna's public path (`fail_stale_trials`) fails them at once; our reaper first confirms that the
+    heartbeat stays unchanged (hpo.study.Reaper), so it needs the query alone."""
+    return storage._get_stale_trial_ids(study_id(study))
+
+
+def last_heartbeats(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> dict[int, tuple[Any, float]]:
+    """Each trial's last heartbeat and its age in seconds by the database's clock; a trial with no
+    heartbeat yet is absent. Optuna keeps no API for heartbeat times, so this reads its
+    `trial_heartbeats` table (schema unchanged since heartbeats came in Optuna 2.5)."""
+    if not trial_ids:
+        return {}
+    beats = sqlalchemy.table("trial_heartbeats", sqlalchemy.column("trial_id", sqlalchemy.Integer),
+                             sqlalchemy.column("heartbeat", sqlalchemy.DateTime))
+    with storage.engine.connect() as conn:
+        now = conn.execute(sqlalchemy.select(sqlalchemy.func.current_timestamp(type_=sqlalchemy.DateTime))).scalar()
+        rows = conn.execute(sqlalchemy.select(beats.c.trial_id, beats.c.heartbeat)
+                            .where(beats.c.trial_id.in_(trial_ids))).all()
+    # PostgreSQL's now() is zone-aware; the column holds the same wall-clock time without the zone.
+    assert now is not None
+    now = now.replace(tzinfo=None)
+    return {tid: (beat, max(0.0, (now - beat).total_seconds())) for tid, beat in rows}
+
+
+def heartbeat_ages(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> dict[int, float]:
+    """Seconds since each trial's last heartbeat, by the database's clock."""
+    return {tid: age for tid, (_, age) in last_heartbeats(storage, trial_ids).items()}
