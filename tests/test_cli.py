@@ -134,6 +134,7 @@ def test_a_time_budget_too_short_for_one_trial_and_the_finalizer_creates_no_stud
     ("[final]", "member_gap = -0.1", "[final] member_gap must not be negative (0 keeps only trials that tie the best), got -0.1"),
     ("[final]", "max_epochs = 0", "[final] max_epochs (0) must be at least epochs (1); or leave it out"),
     ("[final]", "max_share = 1.0", "[final] max_share must be between 0 and 1 (the finalizer's share of a time budget), got 1.0"),
+    ("[final]", "speed_tie = -1", "[final] speed_tie must not be negative (0 turns it off), got -1.0"),
     ("[final]", 'fill = "seed"', "[final] fill 'seed' is not known. Did you mean 'seeds'? Use one of: none, seeds"),
     ("[augment]", "erase = 1.5", "[augment] erase must be a probability in [0, 1], got 1.5"),
 ])
@@ -153,13 +154,13 @@ def test_final_after_a_search_without_complete_trials_says_what_to_do(tmp_path):
     import optuna
 
     from hpo import config
-    from hpo.cli import _final_after_search
     from hpo.errors import HpoError
+    from hpo.final import after_search
 
     study = optuna.create_study(direction="maximize")
     with pytest.raises(HpoError, match=r"--final: study 'tiny' has no COMPLETE trial after the search, so there is "
                                        r"nothing to retrain. Give a longer --time"):
-        _final_after_search(study, config.load("tiny"), None, tmp_path, "cpu", None)
+        after_search(study, config.load("tiny"), None, tmp_path, "cpu", None)
 
 
 def test_predicting_needs_neither_the_dashboard_nor_matplotlib():

@@ -61,11 +61,36 @@ def test_fill_seeds_gives_the_places_the_gap_leaves_to_the_best_trial_and_says_s
     cfg = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, fill="seeds"))
     chosen, why = choose_members(study, cfg, 3)
     assert [t.value for t in chosen] == [0.930, 0.925, 0.930]
-    assert why == ('1 of the 3 member places went to the best trial 0 with further seeds ([final] fill = "seeds"): '
+    assert why == ('1 of the 3 member places went to the first member, trial 0, with further seeds ([final] fill = "seeds"): '
                    "only 2 of the 3 best distinct trials score within member_gap 0.01 of the best val_accuracy 0.9300")
     # More places than distinct trials is no error with seeds to fill them.
     chosen, _ = choose_members(study_of([(0.90, {"lr": 0.1})]), cfg, 3)
     assert [t.number for t in chosen] == [0, 0, 0]
+
+
+def timed_study(rows: list[tuple[float, float]]) -> optuna.Study:
+    """COMPLETE trials of (value, seconds per 1,000-image epoch)."""
+    study = optuna.create_study(direction="maximize")
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)}
+    for i, (value, seconds) in enumerate(rows):
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=value, params={"lr": 0.01 * (i + 1)},
+                                     distributions=dist, user_attrs={"history": [{"seconds": seconds}],
+                                                                     "train_images": 1000, "val_images": 0}))
+    return study
+
+
+def test_within_a_time_budget_the_fastest_trial_tied_with_the_best_leads():
+    study = timed_study([(0.8685, 5.0), (0.8707, 8.0), (0.8500, 1.0)])  # trial 2 is fastest but not tied
+    cfg = config.load("tiny")
+    cfg = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, speed_tie=0.005, member_gap=0.01))
+    chosen, why = choose_members(study, cfg, 1, timed=True)
+    assert [t.number for t in chosen] == [0]
+    assert why == ("trial 0 leads the final run: its val_accuracy 0.8685 is within speed_tie 0.005 of the best, "
+                   "trial 1's 0.8707, and it trains 1.60x as fast, so it gets more epochs in the time left")
+    # Without a time budget epochs are fixed, so speed buys nothing: the best leads.
+    assert [t.number for t in choose_members(study, cfg, 1, timed=False)[0]] == [1]
+    # Off by default.
+    assert [t.number for t in choose_members(study, config.load("tiny"), 1, timed=True)[0]] == [1]
 
 
 def test_an_ensemble_larger_than_the_distinct_trials_is_refused_with_the_count():

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpo.model import DynamicCNN, ModelSpec, build, count_parameters
+from hpo.model import DynamicCNN, ModelSpec, count_parameters
+from hpo.params import model_spec
 
 PARAMS = {"n_conv": 2, "filters_0": 8, "filters_1": 16, "kernel_size": 3, "n_fc": 1, "fc_size": 16, "dropout": 0.0}
 
@@ -28,10 +29,10 @@ def test_blocks_are_conv_bn_relu_pool_then_fc_with_dropout():
     assert model.head[3].p == 0.3
 
 
-def test_build_from_flat_trial_params_ignores_training_keys():
+def test_model_from_flat_trial_params_ignores_training_keys():
     params = dict(n_conv=2, filters_0=8, filters_1=16, kernel_size=3, n_fc=1, fc_size=32, dropout=0.1,
                   optimizer="adam", lr=1e-3, batch_size=64, weight_decay=0.0)
-    model = build(params)
+    model = DynamicCNN(model_spec(params))
     assert model.spec.filters == (8, 16)
     assert count_parameters(model) == sum(p.numel() for p in model.parameters()) > 0
 
@@ -45,7 +46,7 @@ def test_ensemble_averages_softmax_over_members_and_mirror_images():
     from hpo.model import Ensemble
 
     torch.manual_seed(0)
-    a, b = build(PARAMS).eval(), build({**PARAMS, "fc_size": 32}).eval()
+    a, b = DynamicCNN(model_spec(PARAMS)).eval(), DynamicCNN(model_spec({**PARAMS, "fc_size": 32})).eval()
     x = torch.randn(5, 1, 28, 28)
     with torch.no_grad():
         one = Ensemble([a])(x)

@@ -10,13 +10,13 @@ FULL = dict(n_conv=3, filters_0=32, filters_1=64, filters_2=128, kernel_size=5, 
 
 
 def test_suggest_reads_every_parameter_through_the_trial():
-    params = space.suggest(optuna.trial.FixedTrial(FULL), config.load("cnn").space)
+    params = space.suggest(optuna.trial.FixedTrial(FULL), config.load("cnn").space).flat()
     assert params == FULL
 
 
 def test_filters_exist_only_for_built_blocks():
     fixed = {**FULL, "n_conv": 1}
-    params = space.suggest(optuna.trial.FixedTrial(fixed), config.load("cnn").space)
+    params = space.suggest(optuna.trial.FixedTrial(fixed), config.load("cnn").space).flat()
     assert [k for k in params if k.startswith("filters_")] == ["filters_0"]
 
 
@@ -30,7 +30,7 @@ def test_sampled_params_stay_inside_the_declared_space():
     cfg = config.load("cnn")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(30):
-        params = space.suggest(study.ask(), cfg.space)
+        params = space.suggest(study.ask(), cfg.space).flat()
         assert 1 <= params["n_conv"] <= 4
         assert all(params[f"filters_{i}"] in cfg.space["filters"].choices for i in range(params["n_conv"]))
         assert 1e-4 <= params["lr"] <= 1e-1

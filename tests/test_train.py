@@ -5,13 +5,22 @@ import math
 import pytest
 import torch
 
-from hpo.config import Augment, Recipe
+from hpo.config import Augment, TrainSettings
 from hpo.data import DeviceData
-from hpo.train import Hyper, TrainingDiverged, evaluate, fit, get_lr, seeded_model
+from hpo.params import TrialParams
+from hpo.train import TrainingDiverged, TrainingRun, evaluate, fit, get_lr, seeded_model
 
 PARAMS = dict(n_conv=1, filters_0=8, kernel_size=3, n_fc=1, fc_size=32, dropout=0.0, optimizer="adam",
               lr=3e-3, batch_size=32, weight_decay=0.0)
 CPU = torch.device("cpu")
+
+
+def model_of(params: dict, seed: int) -> torch.nn.Module:
+    return seeded_model(TrialParams.from_flat(params).model, seed, CPU)
+
+
+def run_of(params: dict, settings: TrainSettings, augment: Augment, epochs: int, seed: int) -> TrainingRun:
+    return TrainingRun(TrialParams.from_flat(params).optimizer, settings, augment, epochs, seed)
 
 
 def synthetic(n: int = 256, seed: int = 0) -> DeviceData:
@@ -27,9 +36,9 @@ def synthetic(n: int = 256, seed: int = 0) -> DeviceData:
 
 def test_loss_falls_and_accuracy_rises_on_a_synthetic_set():
     data = synthetic()
-    model = seeded_model(PARAMS, 0, CPU)
+    model = model_of(PARAMS, 0)
     before = evaluate(model, data)
-    history = fit(model, data, data, Hyper.from_params(PARAMS), Recipe(schedule="constant"), Augment(), 8, seed=0)
+    history = fit(model, data, data, run_of(PARAMS, TrainSettings(schedule="constant"), Augment(), 8, 0))
     assert history[-1].train_loss < 0.5 * history[0].train_loss
     assert history[-1].val_accuracy > before.accuracy + 0.3
 
@@ -38,8 +47,8 @@ def test_loss_falls_and_accuracy_rises_on_a_synthetic_set():
 def test_every_optimizer_trains(optimizer):
     params = {**PARAMS, "optimizer": optimizer, "lr": 3e-3 if optimizer != "sgd" else 3e-2}
     data = synthetic()
-    model = seeded_model(params, 0, CPU)
-    history = fit(model, data, None, Hyper.from_params(params), Recipe(schedule="constant"), Augment(), 4, seed=0)
+    model = model_of(params, 0)
+    history = fit(model, data, None, run_of(params, TrainSettings(schedule="constant"), Augment(), 4, 0))
     assert history[-1].train_loss < history[0].train_loss
 
 
@@ -47,8 +56,8 @@ def test_same_seed_same_result_different_seed_different_result():
     data = synthetic()
 
     def run(seed: int) -> float:
-        model = seeded_model(PARAMS, seed, CPU)
-        return fit(model, data, data, Hyper.from_params(PARAMS), Recipe(), Augment(2, True), 2, seed)[-1].val_loss
+        model = model_of(PARAMS, seed)
+        return fit(model, data, data, run_of(PARAMS, TrainSettings(), Augment(2, True), 2, seed))[-1].val_loss
 
     assert run(1) == run(1)
     assert run(1) != run(2)
@@ -67,7 +76,7 @@ def test_callback_sees_every_epoch_and_can_stop_training():
             raise Stop
 
     with pytest.raises(Stop):
-        fit(seeded_model(PARAMS, 0, CPU), data, data, Hyper.from_params(PARAMS), Recipe(), Augment(), 5, 0, on_epoch)
+        fit(model_of(PARAMS, 0), data, data, run_of(PARAMS, TrainSettings(), Augment(), 5, 0), on_epoch)
     assert seen == [1, 2]
 
 
@@ -75,14 +84,13 @@ def test_divergence_is_reported_not_hidden():
     params = {**PARAMS, "optimizer": "sgd", "lr": 1e6}
     data = synthetic(64)
     with pytest.raises(TrainingDiverged, match="training loss became"):
-        fit(seeded_model(params, 0, CPU), data, None, Hyper.from_params(params), Recipe(schedule="constant"),
-            Augment(), 3, 0)
+        fit(model_of(params, 0), data, None, run_of(params, TrainSettings(schedule="constant"), Augment(), 3, 0))
 
 
 def test_batch_larger_than_the_data_still_takes_one_step():
     params = {**PARAMS, "batch_size": 1024}
     data = synthetic(100)
-    history = fit(seeded_model(params, 0, CPU), data, None, Hyper.from_params(params), Recipe(), Augment(), 1, 0)
+    history = fit(model_of(params, 0), data, None, run_of(params, TrainSettings(), Augment(), 1, 0))
     assert math.isfinite(history[0].train_loss)
 
 
@@ -98,7 +106,7 @@ def test_lr_schedules():
 
 def test_evaluate_counts_correct_predictions():
     data = synthetic(40)
-    model = seeded_model(PARAMS, 0, CPU)
+    model = model_of(PARAMS, 0)
     ev = evaluate(model, data, batch_size=7)
     assert ev.predictions.shape == (40,)
     assert ev.accuracy == pytest.approx(float((ev.predictions == data.y).float().mean()))
@@ -110,9 +118,9 @@ def test_resuming_from_a_snapshot_repeats_the_uninterrupted_run(optimizer, tmp_p
     the one it would have had: same batches, augmentation, dropout and learning rates."""
     params = {**PARAMS, "optimizer": optimizer, "dropout": 0.3, "lr": 3e-3 if optimizer != "sgd" else 3e-2}
     data, val = synthetic(), synthetic(64, seed=1)
-    hyper, recipe, augment = Hyper.from_params(params), Recipe(schedule="cosine", warmup_epochs=0.5), Augment(2, True)
+    run = run_of(params, TrainSettings(schedule="cosine", warmup_epochs=0.5), Augment(2, True), 4, 5)
 
-    straight = fit(seeded_model(params, 5, CPU), data, val, hyper, recipe, augment, 4, seed=5)
+    straight = fit(model_of(params, 5), data, val, run)
 
     snapshots = []
 
@@ -121,11 +129,11 @@ def test_resuming_from_a_snapshot_repeats_the_uninterrupted_run(optimizer, tmp_p
         torch.save(state, path)
         snapshots.append(path)
 
-    fit(seeded_model(params, 5, CPU), data, val, hyper, recipe, augment, 4, seed=5, on_snapshot=save)
+    fit(model_of(params, 5), data, val, run, on_snapshot=save)
     assert [p.name for p in snapshots] == ["epoch1.pt", "epoch2.pt", "epoch3.pt", "epoch4.pt"]
     torch.manual_seed(12345)  # whatever the new process's global RNG holds, the snapshot restores it
     state = torch.load(snapshots[1], weights_only=True)
-    resumed = fit(seeded_model(params, 99, CPU), data, val, hyper, recipe, augment, 4, seed=5, resume=state)
+    resumed = fit(model_of(params, 99), data, val, run, resume=state)
     assert [s.epoch for s in resumed] == [1, 2, 3, 4]
     assert [s.train_loss for s in resumed[:2]] == [s.train_loss for s in straight[:2]]  # restored history
     for a, b in zip(resumed[2:], straight[2:]):

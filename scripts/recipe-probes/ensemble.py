@@ -11,14 +11,14 @@ from common import PARAMS, PLACEMENT, RECIPE, SPLIT
 
 from hpo.config import Augment
 from hpo.model import Ensemble
-from hpo.train import Hyper, evaluate, fit, seeded_model
+from hpo.train import TrainingRun, evaluate, fit, seeded_model
 
 E = int(sys.argv[1])
 
 
 def train(seed: int, epochs: int):
-    model, started = seeded_model(PARAMS, seed, PLACEMENT.device), time.perf_counter()
-    fit(model, SPLIT.train, None, Hyper.from_params(PARAMS), RECIPE, Augment(2, True, 0.0), epochs, seed)
+    model, started = seeded_model(PARAMS.model, seed, PLACEMENT.device), time.perf_counter()
+    fit(model, SPLIT.train, None, TrainingRun(PARAMS.optimizer, RECIPE, Augment(2, True, 0.0), epochs, seed))
     return model, time.perf_counter() - started
 
 

@@ -9,11 +9,12 @@ import time
 from common import PARAMS, PLACEMENT, RECIPE, SPLIT
 
 from hpo.config import Augment
-from hpo.train import Hyper, fit, seeded_model
+from hpo.train import TrainingRun, fit, seeded_model
 
 epochs = int(sys.argv[1])
 for erase in [float(v) for v in sys.argv[2:]]:
-    model, started = seeded_model(PARAMS, 1, PLACEMENT.device), time.perf_counter()
-    history = fit(model, SPLIT.train, SPLIT.val, Hyper.from_params(PARAMS), RECIPE, Augment(2, True, erase), epochs, 1)
+    model, started = seeded_model(PARAMS.model, 1, PLACEMENT.device), time.perf_counter()
+    run = TrainingRun(PARAMS.optimizer, RECIPE, Augment(2, True, erase), epochs, 1)
+    history = fit(model, SPLIT.train, SPLIT.val, run)
     print(f"erase {erase}: val_acc {history[-1].val_accuracy:.4f}  ({time.perf_counter() - started:.0f}s)",
           [round(h.val_accuracy, 4) for h in history], flush=True)

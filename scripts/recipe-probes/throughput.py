@@ -7,9 +7,10 @@ import sys
 import time
 
 from hpo import data
-from hpo.config import Augment, Recipe
+from hpo.config import Augment, TrainSettings
 from hpo.devices import place
-from hpo.train import Hyper, fit, seeded_model
+from hpo.params import TrialParams
+from hpo.train import TrainingRun, fit, seeded_model
 
 pl = place("cpu", int(sys.argv[1]))
 imgs, labels = data.load_split(data.find_data_dir(), "train")
@@ -19,10 +20,12 @@ for desc in sys.argv[2:]:
     widths = {f"filters_{i}": filt * (2**i if i < 2 else 2) for i in range(nconv)}
     p = {"n_conv": nconv, **widths, "kernel_size": k, "n_fc": nfc, "fc_size": fc, "dropout": 0.2,
          "optimizer": "adam", "lr": 1e-3, "batch_size": bs, "weight_decay": 1e-4}
-    m = seeded_model(p, 0, pl.device)
+    params = TrialParams.from_flat(p)
+    m = seeded_model(params.model, 0, pl.device)
+    run = TrainingRun(params.optimizer, TrainSettings(), Augment(2, True), 1, 0)
     warm = data.DeviceData(imgs[:1024], labels[:1024], pl.device)
-    fit(m, warm, None, Hyper.from_params(p), Recipe(), Augment(2, True), 1, 0)
+    fit(m, warm, None, run)
     t = time.perf_counter()
-    fit(m, d, None, Hyper.from_params(p), Recipe(), Augment(2, True), 1, 0)
+    fit(m, d, None, run)
     dt = time.perf_counter() - t
     print(desc, f"{8192/dt:.0f} img/s  -> 60k epoch {60000/(8192/dt):.1f}s", flush=True)

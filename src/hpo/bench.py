@@ -19,7 +19,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,32 +85,33 @@ def _run_engine(spec: BenchSpec) -> PipelineResult:
     import torch
 
     from hpo import data
-    from hpo.config import Augment, Recipe
+    from hpo.config import Augment, TrainSettings
     from hpo.devices import place
-    from hpo.train import Hyper, evaluate, fit, seeded_model
+    from hpo.params import TrialParams
+    from hpo.train import TrainingRun, evaluate, fit, seeded_model
 
     placement = place(spec.device, spec.threads)
-    params = {**spec.params, "batch_size": spec.batch_size}
+    params = TrialParams.from_flat({**spec.params, "batch_size": spec.batch_size})
     images, labels = data.load_split(Path(spec.data_dir), "train")
     trial = data.trial_data(images, labels, 0.1, spec.seed, placement.device)
     augment = Augment(crop_padding=spec.crop_padding, hflip=True)
-    hyper, recipe = Hyper.from_params(params), Recipe(schedule="constant", compile=spec.compile)
+    run = TrainingRun(params.optimizer, TrainSettings(schedule="constant", compile=spec.compile), augment, 1, spec.seed)
     timed = data.DeviceData(trial.train.x[: spec.images], trial.train.y[: spec.images], placement.device)
     warm = data.DeviceData(trial.train.x[:1024], trial.train.y[:1024], placement.device)
     warm_started = time.perf_counter()
-    fit(seeded_model(params, spec.seed, placement.device), warm, None, hyper, recipe, augment, 1, spec.seed)
+    fit(seeded_model(params.model, spec.seed, placement.device), warm, None, run)
     warmup_s = time.perf_counter() - warm_started
-    model = seeded_model(params, spec.seed, placement.device)
+    model = seeded_model(params.model, spec.seed, placement.device)
     if placement.device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    fit(model, timed, None, hyper, recipe, augment, 1, spec.seed)  # reads the loss once: a sync point
+    fit(model, timed, None, run)  # reads the loss once: a sync point
     seconds = time.perf_counter() - started
     trained = (len(timed) // spec.batch_size) * spec.batch_size
     accuracies = []
     for seed in range(spec.seed, spec.seed + spec.repeats if spec.epochs else spec.seed):
-        model = seeded_model(params, seed, placement.device)
-        fit(model, trial.train, None, hyper, recipe, augment, spec.epochs, seed)
+        model = seeded_model(params.model, seed, placement.device)
+        fit(model, trial.train, None, replace(run, epochs=spec.epochs, seed=seed))
         accuracies.append(evaluate(model, trial.val).accuracy)
     return PipelineResult("engine", trained, seconds, trained / seconds, _peak_rss_mib(), tuple(accuracies), warmup_s)
 
@@ -123,7 +124,8 @@ def _run_seed(spec: BenchSpec) -> PipelineResult:
 
     from hpo import data
     from hpo.devices import place
-    from hpo.model import build
+    from hpo.model import DynamicCNN
+    from hpo.params import TrialParams
 
     placement = place(spec.device, spec.threads)
     device = placement.device
@@ -137,7 +139,7 @@ def _run_seed(spec: BenchSpec) -> PipelineResult:
     full = datasets.FashionMNIST(str(root), train=True, download=False, transform=transform)
     # The same trial split as the engine, so the accuracy check compares like with like.
     train_idx, val_idx = data.stratified_split(full.targets.numpy(), 0.1, spec.seed)
-    params = {**spec.params, "batch_size": spec.batch_size}
+    params = TrialParams.from_flat({**spec.params, "batch_size": spec.batch_size})
 
     def loader(indices: np.ndarray, shuffle: bool, seed: int = spec.seed) -> torch.utils.data.DataLoader:
         generator = torch.Generator().manual_seed(seed)
@@ -145,39 +147,46 @@ def _run_seed(spec: BenchSpec) -> PipelineResult:
                                            shuffle=shuffle, num_workers=spec.num_workers, generator=generator,
                                            drop_last=True)
 
-    def train(model: nn.Module, batches: torch.utils.data.DataLoader, limit: int | None) -> int:
-        optimizer = torch.optim.Adam(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
-        model.train()
-        seen = 0
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            seen += len(y)
-            if limit is not None and seen >= limit:
-                break
-        return seen
+    def fresh_model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return DynamicCNN(params.model).to(device)
 
-    torch.manual_seed(spec.seed)
-    train(build(params).to(device), loader(train_idx[:1024], True), None)  # warm-up, as for the engine
-    torch.manual_seed(spec.seed)
-    model = build(params).to(device)
+    # A warm-up pass, as the engine has.
+    _seed_train(fresh_model(spec.seed), loader(train_idx[:1024], True), params, device, None)
+    model = fresh_model(spec.seed)
     started = time.perf_counter()
-    trained = train(model, loader(train_idx[: spec.images], True), spec.images)
+    trained = _seed_train(model, loader(train_idx[: spec.images], True), params, device, spec.images)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     accuracies = []
     for seed in range(spec.seed, spec.seed + spec.repeats if spec.epochs else spec.seed):
-        torch.manual_seed(seed)
-        model = build(params).to(device)
+        model = fresh_model(seed)
         batches = loader(train_idx, True, seed)
         for _ in range(spec.epochs):
-            train(model, batches, None)
+            _seed_train(model, batches, params, device, None)
         accuracies.append(_evaluate_fp32(model, full, val_idx, device))
     return PipelineResult("seed", trained, seconds, trained / seconds, _peak_rss_mib(), tuple(accuracies))
+
+
+def _seed_train(model: Any, batches: Any, params: Any, device: Any, limit: int | None) -> int:
+    """The notebook's training loop: plain Adam, fp32, one host-to-device copy per batch."""
+    import torch
+    from torch import nn
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.optimizer.lr, weight_decay=params.optimizer.weight_decay)
+    model.train()
+    seen = 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seen += len(y)
+        if limit is not None and seen >= limit:
+            break
+    return seen
 
 
 def _evaluate_fp32(model, dataset, indices, device) -> float:
@@ -264,13 +273,63 @@ def run(spec: BenchSpec, workers: int = 0, rounds: int = 3) -> dict[str, Any]:
     return result
 
 
+def measure(spec: BenchSpec, workers: int = 0, rounds: int = 3) -> dict[str, Any]:
+    """`run`, with the model's size and the machine it ran on: what `hpo bench` prints."""
+    import datetime
+    import platform
+
+    import torch
+
+    from hpo.devices import cpu_count
+    from hpo.model import DynamicCNN, count_parameters
+    from hpo.params import TrialParams
+
+    result = run(spec, workers, rounds)
+    result["model_parameters"] = count_parameters(DynamicCNN(TrialParams.from_flat(spec.params).model))
+    result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": cpu_count(),
+                         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+                         "gpu": torch.cuda.get_device_name(0) if spec.device.startswith("cuda") else None}
+    return result
+
+
+def describe(result: dict[str, Any]) -> str:
+    """`measure`'s result as `hpo bench` prints it: every round, the medians and their ratio."""
+    spec, rounds = result["spec"], result["rounds"]
+    lines = [f"hpo bench: DynamicCNN with {result['model_parameters']:,} parameters, batch {spec['batch_size']}, "
+             f"crop (padding {spec['crop_padding']}) + flip, {spec['images']:,} images, {spec['device']} "
+             f"({spec['threads']} threads), torch {result['machine']['torch']}"]
+    for kind in ("engine", "seed"):
+        r = result[kind]
+        accs = r["val_accuracies"]
+        acc = (f"   val acc after {spec['epochs']} epochs: mean {sum(accs) / len(accs):.4f} over seeds "
+               f"{', '.join(f'{a:.4f}' for a in accs)}") if accs else ""
+        warm = f"   warm-up {r['warmup_s']:.1f}s" if kind == "engine" and spec["compile"] else ""
+        each = ", ".join(f"{x:,.0f}" for x in r["rounds_images_per_s"])
+        lines.append(f"  {kind:<7}{r['images_per_s']:>9,.0f} img/s  (median of {rounds} rounds: {each})   peak RSS "
+                     f"{r['peak_rss_mib']:,.0f} MiB{acc}{warm}")
+    lines.append(f"  speedup {result['speedup']:.2f}x  (median engine / median seed; per round: "
+                 f"{', '.join(f'{x:.2f}x' for x in result['round_speedups'])})")
+    if spec["epochs"]:
+        repeats = spec["repeats"]
+        gap = sum(result["engine"]["val_accuracies"]) / repeats - sum(result["seed"]["val_accuracies"]) / repeats
+        lines.append(f"  validation accuracy, engine minus seed: {gap * 100:+.2f} points (mean of {repeats} seeds)")
+    if "parallel" in result:
+        p = result["parallel"]
+        lines.append(f"  {p['workers']} engine workers at once, {p['split_threads']} thread(s) each: "
+                     f"{p['split_images_per_s']:,.0f} img/s in total "
+                     f"({p['split_images_per_s'] / p['single_worker_images_per_s']:.2f}x one worker on "
+                     f"{spec['threads']} threads); each on all {spec['threads']} threads (oversubscribed): "
+                     f"{p['oversubscribed_images_per_s']:,.0f} img/s")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- search against a fixed guess
 
 
-def fixed_baseline(time_s: float, data_dir: Path, device: str, threads: int, recipe: Any, augment: Any,
+def fixed_baseline(time_s: float, data_dir: Path, device: str, threads: int, settings: Any, augment: Any,
                    seed: int = 0) -> dict[str, Any]:
     """The notebook's fixed CNN (DEFAULT_PARAMS) trained from scratch on all 60,000 training images
-    for as many epochs as fit in `time_s`, with the study's recipe, then scored once on the test split.
+    for as many epochs as fit in `time_s`, with the study's [train] settings, then scored once on the test split.
 
     The epoch count comes from timing 60 training steps after 10 untimed ones (the finalizer's timer;
     that time counts too), so the whole baseline, test pass included, ends within the budget it is
@@ -282,18 +341,19 @@ def fixed_baseline(time_s: float, data_dir: Path, device: str, threads: int, rec
     from hpo import data
     from hpo.devices import place
     from hpo.final import accuracy_figures
-    from hpo.train import Hyper, evaluate, fit, seconds_per_image, seeded_model
+    from hpo.params import TrialParams
+    from hpo.train import TrainingRun, evaluate, fit, seconds_per_image, seeded_model
 
     started = time.perf_counter()
     placement = place(device, threads)
     images, labels = data.load_split(data_dir, "train")
     train = data.DeviceData(images, labels, placement.device)
-    hyper = Hyper.from_params(DEFAULT_PARAMS)
-    epoch_s = seconds_per_image(DEFAULT_PARAMS, train, recipe, augment, steps=60, warmup=10) * len(train)
+    params = TrialParams.from_flat(DEFAULT_PARAMS)
+    epoch_s = seconds_per_image(params, train, settings, augment, steps=60, warmup=10) * len(train)
     left = time_s - (time.perf_counter() - started) - 0.02 * time_s  # 2 % for the test pass and exit
     epochs = max(1, int(left // (1.05 * epoch_s)))
-    model = seeded_model(DEFAULT_PARAMS, seed, placement.device)
-    fit(model, train, None, hyper, recipe, augment, epochs, seed)
+    model = seeded_model(params.model, seed, placement.device)
+    fit(model, train, None, TrainingRun(params.optimizer, settings, augment, epochs, seed))
     test_images, test_labels = data.load_split(data_dir, "test")
     test = data.DeviceData(test_images, test_labels, placement.device)
     ev = evaluate(model, test, fast=False)

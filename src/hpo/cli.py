@@ -5,12 +5,9 @@ Errors a user can cause are `HpoError`s; they print as one line and exit 1 (`--d
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import logging
-import math
-import os
 import sys
 import time
 import warnings
@@ -19,9 +16,9 @@ from typing import Any
 
 import click
 
-from hpo import config
+from hpo import config, session
 from hpo import storage as storage_mod
-from hpo.errors import HpoError, StudyFileNotFound
+from hpo.errors import HpoError
 
 log = logging.getLogger("hpo")
 
@@ -71,44 +68,6 @@ artifacts_option = click.option("--artifacts", envvar="HPO_ARTIFACTS", metavar="
 device_option = click.option("--device", envvar="HPO_DEVICE", help="cpu, cuda or cuda:N [default: cuda if present].")
 
 
-def _open(storage: str | None):
-    url = storage_mod.resolve_url(storage)
-    return url, storage_mod.open_storage(url)
-
-
-def _study_name(study_arg: str) -> str:
-    """A name is used as is; a path to a study file gives the name inside it."""
-    if study_arg.endswith(".toml") or os.sep in study_arg:
-        return config.load(study_arg).name
-    return study_arg
-
-
-def _load_existing(study_arg: str, storage: str | None):
-    from hpo import study as study_mod
-
-    url, store = _open(storage)
-    study, cfg = study_mod.load(store, _study_name(study_arg))
-    return url, store, study, cfg
-
-
-def _config_for_worker(study_arg: str, storage: str | None):
-    """The study file, or, on a host without it, the settings stored in the existing study.
-
-    The file is read before the storage is opened, so an invalid file writes nothing.
-    """
-    from hpo import study as study_mod
-
-    try:
-        cfg = config.load(study_arg)
-    except StudyFileNotFound as missing:
-        url, store = _open(storage)
-        try:
-            return study_mod.load(store, study_arg)[1], url, store
-        except HpoError:
-            raise missing from None
-    return (cfg, *_open(storage))
-
-
 @cli.command()
 @study_option
 @storage_option
@@ -118,9 +77,9 @@ def create(study_arg: str, storage: str | None, explain: bool) -> None:
     from hpo import study as study_mod
 
     cfg = config.load(study_arg)
-    url, store = _open(storage)
-    study, cfg = study_mod.create_or_load(store, cfg)
-    click.echo(f"study {cfg.name!r} is ready in {storage_mod.mask(url)} with {len(study.trials)} trials so far "
+    opened = session.open_storage(storage)
+    study, cfg = study_mod.create_or_load(opened.storage, cfg)
+    click.echo(f"study {cfg.name!r} is ready in {storage_mod.mask(opened.url)} with {len(study.trials)} trials so far "
                f"(budget {cfg.budget.n_trials})")
     if explain:
         click.echo(f"# the settings stored in study {cfg.name!r}, as a study file\n{config.to_toml(cfg)}", nl=False)
@@ -141,27 +100,15 @@ def worker(study_arg: str, storage: str | None, data_dir: str | None, device: st
            threads: int | None, sampler_seed: int | None, trials_per_gpu: int | None) -> None:
     """Run trials of a shared study until its budget is met."""
     from hpo import artifacts as artifacts_mod
-    from hpo import data
-    from hpo import study as study_mod
     from hpo import worker as worker_mod
-    from hpo.devices import place
     from hpo.devices import trials_per_gpu as slots_per_gpu
 
     slots = slots_per_gpu(trials_per_gpu)
+    # The artifact store is checked first: a bad location must fail before the storage is touched.
     _, artifact_store = artifacts_mod.open_for(artifacts, storage_mod.resolve_url(storage))
-    cfg, url, store = _config_for_worker(study_arg, storage)
-    worker_mod.install_signal_handlers()
+    cfg, opened = session.worker_config(study_arg, storage)
     try:
-        placement = place(device, threads, claim=True, slots=slots)
-        # Data problems surface before the study is touched.
-        directory = data.find_data_dir(data_dir)
-        images, labels = data.load_split(directory, "train")
-        study, cfg = study_mod.create_or_load(store, cfg, sampler_seed=sampler_seed)
-        trial_data = data.trial_data(images, labels, cfg.budget.val_fraction, cfg.seed, placement.device,
-                                     cfg.budget.train_subset)
-        log.info("worker on %s joins study %r at %s (data %s)", placement.name, cfg.name, storage_mod.mask(url),
-                 directory)
-        result = worker_mod.run(study, cfg, trial_data, placement, store, artifact_store=artifact_store)
+        result = worker_mod.serve(cfg, opened, artifact_store, data_dir, device, threads, sampler_seed, slots)
     except worker_mod.Shutdown as e:
         log.warning("stopping: %s; a running trial was failed and re-queued", e)
         sys.exit(128 + e.signal)
@@ -187,8 +134,7 @@ def optimize(study_arg: str, workers: int, time_budget: str | None, run_final: b
     On a terminal it shows a progress bar and sends the workers' logs to runs/STUDY/logs/; in a
     pipe or a CI log the workers' log lines come through as they are.
     """
-    from hpo import artifacts as artifacts_mod
-    from hpo import budget, data, launch
+    from hpo import budget, data, final, launch
     from hpo import study as study_mod
     from hpo.devices import threads_per_worker
 
@@ -196,33 +142,28 @@ def optimize(study_arg: str, workers: int, time_budget: str | None, run_final: b
     cfg = config.load(study_arg)
     time_s = _parse_time(time_budget) if time_budget else cfg.budget.time_s
     directory = data.find_data_dir(data_dir)
-    url, store = _open(storage)
-    location, artifact_store = artifacts_mod.open_for(artifacts, url)  # fail here, not in every worker
+    opened = session.open_storage(storage)
+    location, artifact_store = opened.artifact_store(artifacts)  # fail here, not in every worker
     threads = threads_per_worker(workers)
-    # --time restarts the clock; a file's time starts it when the study is created.
-    clock = time_s if time_budget is not None or not study_mod.exists(store, cfg.name) else None
-    calibrated = None
-    if clock is not None:  # checked before the study is touched, so a budget that cannot work changes nothing
-        calibrated = _check_time_budget(cfg, clock, store, directory, device, threads)
-    # Create the study once here, so the workers only ever load it.
-    study, cfg = study_mod.create_or_load(store, cfg)
-    if clock is not None:
-        budget.set_deadline(study, clock, now=started_at)
-        if calibrated is not None and budget.calibration(study) is None:
-            study.set_user_attr(budget.CALIBRATION_ATTR, dataclasses.asdict(calibrated))
-    deadline = budget.get_deadline(study)
+    study, cfg = launch.prepare(cfg, opened, time_s, time_budget is not None, directory, device, threads, started_at)
     log.info("study %r: %d workers x %d thread(s), storage %s, artifacts %s%s", cfg.name, workers, threads,
-             storage_mod.mask(url), location,
-             f", time budget {_duration(deadline.time_s)} ({_duration(deadline.left())} left)" if deadline else "")
-    args = ["--study", study_arg, "--storage", url, "--data-dir", str(directory), "--artifacts", location]
+             storage_mod.mask(opened.url), location, _time_note(budget.get_deadline(study)))
+    args = ["--study", study_arg, "--storage", opened.url, "--data-dir", str(directory), "--artifacts", location]
     args += ["--device", device] if device else []
     try:
-        launch.run_workers(study, cfg, workers, threads, args)
+        launch.run_workers(study, cfg, opened.storage, workers, threads, args)
     finally:
-        click.echo(_format_status(study_mod.summary(study, cfg, store)))
+        click.echo(_format_status(study_mod.summary(study, cfg, opened.storage)))
     if run_final:
-        _final_after_search(study, cfg, store, directory, device, artifact_store)
+        metrics = final.after_search(study, cfg, opened.storage, directory, device, artifact_store)
+        _echo_final(metrics, storage_mod.final_dir(cfg.name), cfg.name)
     click.echo(f"wall time {time.time() - started_at:.0f}s")
+
+
+def _time_note(deadline: Any) -> str:
+    if deadline is None:
+        return ""
+    return f", time budget {config.format_duration(deadline.time_s)} ({config.format_duration(deadline.left())} left)"
 
 
 def _parse_time(text: str) -> float:
@@ -230,68 +171,6 @@ def _parse_time(text: str) -> float:
         return config.parse_duration(text)
     except ValueError as e:
         raise HpoError(f"--time: {e}.") from e
-
-
-def _check_time_budget(cfg: config.StudyConfig, time_s: float, store: Any, directory: Path, device: str | None,
-                       threads: int) -> Any:
-    """Refuse a budget that cannot hold one trial plus the finalizer, measured on this machine.
-
-    Returns the calibration it measured (None when the study had measured epochs to go by)."""
-    import torch
-
-    from hpo import budget, data
-    from hpo import study as study_mod
-    from hpo.devices import cpu_count, place
-    from hpo.objective import calibrate
-
-    costs: list[Any] = []
-    try:
-        costs = budget.measured(study_mod.load(store, cfg.name)[0])
-    except HpoError:
-        pass  # a new study: calibrate below
-    calibrated = None
-    if costs:
-        cost = max(costs, key=lambda c: c.epoch_s)
-    else:
-        # An explicit device, so that calibrating does not claim a GPU a worker is about to want.
-        placement = place(device or ("cuda:0" if torch.cuda.is_available() else "cpu"), threads)
-        images, labels = data.load_split(directory, "train")
-        trial_data = data.trial_data(images, labels, cfg.budget.val_fraction, cfg.seed, placement.device,
-                                     cfg.budget.train_subset)
-        cost = calibrated = calibrate(cfg, trial_data, placement)
-    final_threads = threads if (device or "").startswith("cuda") else cpu_count()
-    needed = budget.minimum_budget(cfg, cost, final_threads, calibrated=calibrated is not None)
-    if time_s < needed:
-        raise HpoError(f"--time {_duration(time_s)} is shorter than one trial plus the finalizer, about "
-                       f"{_duration(needed)} on this machine ({cost.epoch_s:.1f}s per trial epoch, measured). "
-                       f"Give at least --time {_duration(math.ceil(needed / 60) * 60)}, or lower [budget] epochs "
-                       "or [final] epochs in the study file.")
-    return calibrated
-
-
-def _final_after_search(study: Any, cfg: config.StudyConfig, store: Any, directory: Path, device: str | None,
-                        artifact_store: Any) -> None:
-    """`optimize --final`: the finalizer in this process, within what is left of the time budget."""
-    from optuna.trial import TrialState
-
-    from hpo import budget, final
-    from hpo.devices import place
-
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        raise HpoError(f"--final: study {cfg.name!r} has no COMPLETE trial after the search, so there is nothing "
-                       "to retrain. Give a longer --time (or more [budget] n_trials) and run again.")
-    deadline = budget.get_deadline(study)
-    out_dir = storage_mod.final_dir(cfg.name)
-    metrics = final.final_train(study, cfg, directory, place(device or _final_device()), out_dir, None,
-                                artifact_store, store, deadline=deadline)
-    _echo_final(metrics, out_dir, cfg.name)
-
-
-def _final_device() -> str:
-    """A GPU for the finalizer without taking a worker's claim on it (the workers have exited)."""
-    import torch
-
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 def _echo_final(metrics: dict[str, Any], out_dir: Path, name: str) -> None:
@@ -325,12 +204,12 @@ def _echo_final(metrics: dict[str, Any], out_dir: Path, name: str) -> None:
 def final_train(study_arg: str, storage: str | None, data_dir: str | None, device: str | None,
                 artifacts: str | None, out: str | None, epochs: int | None) -> None:
     """Retrain the best trial(s) on train + validation and score the test split once."""
-    from hpo import artifacts as artifacts_mod
     from hpo import budget, data, final
     from hpo.devices import place
 
-    url, store, study, cfg = _load_existing(study_arg, storage)
-    _, artifact_store = artifacts_mod.open_for(artifacts, url)
+    opened = session.open_study(study_arg, storage)
+    study, cfg = opened.study, opened.config
+    _, artifact_store = opened.artifact_store(artifacts)
     placement = place(device)
     directory = data.find_data_dir(data_dir)
     out_dir = Path(out) if out else storage_mod.final_dir(cfg.name)
@@ -338,16 +217,8 @@ def final_train(study_arg: str, storage: str | None, data_dir: str | None, devic
     # Inside a running job's budget the ensemble shrinks to fit; once the job's time is over, a
     # final-train asked for by hand trains the whole ensemble.
     live = deadline if deadline is not None and deadline.left() > 0 else None
-    metrics = final.final_train(study, cfg, directory, placement, out_dir, epochs, artifact_store, store, live)
+    metrics = final.final_train(study, cfg, directory, placement, out_dir, epochs, artifact_store, opened.storage, live)
     _echo_final(metrics, out_dir, cfg.name)
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _format_status(s: dict[str, Any]) -> str:
@@ -357,7 +228,7 @@ def _format_status(s: dict[str, Any]) -> str:
     for x in s["extended"]:
         when = datetime.datetime.fromtimestamp(x["at"]).strftime("%Y-%m-%d %H:%M")
         changes = [f"trials {x['n_trials'][0]} -> {x['n_trials'][1]}"] if x["n_trials"][0] != x["n_trials"][1] else []
-        changes += [f"time {_duration(x['time_s'])} from then"] if x["time_s"] else []
+        changes += [f"time {config.format_duration(x['time_s'])} from then"] if x["time_s"] else []
         lines.append(f"  extended {when}: {', '.join(changes)}")
     e = s["epochs"]
     lines += ["", f"  finished {s['finished']}/{s['n_trials']}, pruned share {s['pruned_share']:.0%}, "
@@ -374,13 +245,13 @@ def _format_status(s: dict[str, Any]) -> str:
                      f"pid {r['pid']} {r['device']}, {age}")
     timed_out = bool(s.get("time_budget")) and s["time_budget"]["left_s"] == 0
     if s["remaining"] and not timed_out:
-        how = (f"{len(s['running'])} worker(s) at {_duration(s['mean_trial_s'])} per trial" if s["running"]
+        how = (f"{len(s['running'])} worker(s) at {config.format_duration(s['mean_trial_s'])} per trial" if s["running"]
                else "no worker is running")
-        lines.append(f"  ETA {_duration(s['eta_s'])} for {s['remaining']} remaining trial(s) ({how})")
+        lines.append(f"  ETA {config.format_duration(s['eta_s'])} for {s['remaining']} remaining trial(s) ({how})")
     if s.get("time_budget"):
         t = s["time_budget"]
-        lines.append(f"  time budget {_duration(t['time_s'])}: deadline {t['deadline']}, " +
-                     (f"{_duration(t['left_s'])} left" if t["left_s"] else "over: no new trial starts"))
+        lines.append(f"  time budget {config.format_duration(t['time_s'])}: deadline {t['deadline']}, " +
+                     (f"{config.format_duration(t['left_s'])} left" if t["left_s"] else "over: no new trial starts"))
     if s["final"]:
         f = s["final"]
         members = f.get("members", [f["best_trial"]])
@@ -399,8 +270,7 @@ def studies(storage: str | None, as_json: bool) -> None:
     """Every study in the storage: direction, finished/budget, best value, final test accuracy, running."""
     from hpo import study as study_mod
 
-    _, store = _open(storage)
-    found = study_mod.listing(store)
+    found = study_mod.listing(session.open_storage(storage).storage)
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
@@ -431,8 +301,9 @@ def extend(study_arg: str, storage: str | None, n_trials: int | None, time_budge
     if n_trials is None and time_budget is None:
         raise click.UsageError("give --trials N, --time DURATION or both")
     time_s = None if time_budget is None else _parse_time(time_budget)
-    _, _, study, cfg = _load_existing(study_arg, storage)
-    new = study_mod.extend(study, cfg, n_trials, time_s)
+    opened = session.open_study(study_arg, storage)
+    cfg = opened.config
+    new = study_mod.extend(opened.study, cfg, n_trials, time_s)
     click.echo(f"study {cfg.name!r}: budget {new.budget.n_trials} trials (was {cfg.budget.n_trials})"
                + (f", time budget {time_budget} from now" if time_s else "")
                + "; start workers (`hpo optimize` or `hpo worker`) if none is running")
@@ -446,11 +317,11 @@ def extend(study_arg: str, storage: str | None, n_trials: int | None, time_budge
 @click.option("--force", is_flag=True, help="Delete even while workers are running trials.")
 def delete(study_arg: str, storage: str | None, artifacts: str | None, yes: bool, force: bool) -> None:
     """Delete a study, its trials and its artifacts (files in runs/ stay)."""
-    from hpo import artifacts as artifacts_mod
     from hpo import study as study_mod
 
-    url, store, study, cfg = _load_existing(study_arg, storage)
-    live = study_mod.live_trials(study, store)
+    opened = session.open_study(study_arg, storage)
+    study, cfg = opened.study, opened.config
+    live = study_mod.live_trials(study, opened.storage)
     if live and not force:
         raise HpoError(f"study {cfg.name!r} has workers running trials {live} now. Stop them first, or pass --force.")
     if not yes:
@@ -459,9 +330,9 @@ def delete(study_arg: str, storage: str | None, artifacts: str | None, yes: bool
                            "Pass --yes.")
         click.confirm(f"Delete study {cfg.name!r} with its {len(study.trials)} trials and their artifacts?",
                       abort=True)
-    _, artifact_store = artifacts_mod.open_for(artifacts, url)
+    _, artifact_store = opened.artifact_store(artifacts)
     n = len(study.get_trials(deepcopy=False))
-    removed = study_mod.delete(study, store, artifact_store)
+    removed = study_mod.delete(study, opened.storage, artifact_store)
     click.echo(f"deleted study {cfg.name!r}: {n} trials and {removed} artifact file(s)")
 
 
@@ -473,8 +344,8 @@ def best(study_arg: str, storage: str | None, as_json: bool) -> None:
     """The best trial: its number, validation value and parameters."""
     from hpo import study as study_mod
 
-    _, _, study, cfg = _load_existing(study_arg, storage)
-    b = study_mod.best_of(study, cfg)
+    opened = session.open_study(study_arg, storage)
+    b = study_mod.best_of(opened.study, opened.config)
     if as_json:
         click.echo(json.dumps(b, indent=2))
         return
@@ -495,9 +366,9 @@ def status(study_arg: str, storage: str | None, as_json: bool, watch: bool, inte
     """Trials by state, the best trial, pruning savings, running trials and an ETA."""
     from hpo import study as study_mod
 
-    _, store, study, cfg = _load_existing(study_arg, storage)
+    opened = session.open_study(study_arg, storage)
     while True:
-        summary = study_mod.summary(study, cfg, store)
+        summary = study_mod.summary(opened.study, opened.config, opened.storage)
         text = json.dumps(summary, indent=None if watch else 2) if as_json else _format_status(summary)
         if watch and not as_json and sys.stdout.isatty():
             click.clear()
@@ -524,19 +395,15 @@ def dashboard(study_arg: str | None, storage: str | None, artifacts: str | None,
     """Serve optuna-dashboard on the storage and artifact store the workers use."""
     from optuna_dashboard import run_server
 
-    from hpo import artifacts as artifacts_mod
     from hpo import optuna_compat
 
-    if study_arg:
-        url, store, study, _ = _load_existing(study_arg, storage)
-        page = f"dashboard/studies/{optuna_compat.study_id(study)}"
-    else:
-        url, store = _open(storage)
-        page = "dashboard"
-    location, artifact_store = artifacts_mod.open_for(artifacts, url)
-    click.echo(f"optuna-dashboard on {storage_mod.mask(url)}, artifacts in {location}: "
+    opened = session.open_study(study_arg, storage) if study_arg else session.open_storage(storage)
+    page = (f"dashboard/studies/{optuna_compat.study_id(opened.study)}" if isinstance(opened, session.OpenedStudy)
+            else "dashboard")
+    location, artifact_store = opened.artifact_store(artifacts)
+    click.echo(f"optuna-dashboard on {storage_mod.mask(opened.url)}, artifacts in {location}: "
                f"http://{host}:{port}/{page}  (Ctrl-C to stop)")
-    run_server(store, host=host, port=port, artifact_store=artifact_store)
+    run_server(opened.storage, host=host, port=port, artifact_store=artifact_store)
 
 
 @cli.command()
@@ -575,66 +442,31 @@ def bench(study_arg: str | None, storage: str | None, params_json: str | None, i
           as_json: bool) -> None:
     """Images/s of our training engine against the seed-style notebook pipeline, same model and batch
     (or, with --search, the searched ensemble against the fixed notebook CNN at the same time budget)."""
-    import datetime
-    import platform
-
     import torch
 
     from hpo import bench as bench_mod
     from hpo import data
     from hpo.devices import cpu_count
-    from hpo.model import build, count_parameters
 
     if search_time:
         _bench_search(study_arg or "cnn-quick", _parse_time(search_time), workers or 2, data_dir, device,
                       threads or cpu_count(), as_json)
         return
-
     params = dict(bench_mod.DEFAULT_PARAMS)
     if study_arg:
-        params.update(_load_existing(study_arg, storage)[2].best_trial.params)
+        params.update(session.open_study(study_arg, storage).study.best_trial.params)
     if params_json:
         try:
             params.update(json.loads(params_json))
         except json.JSONDecodeError as e:
             raise HpoError(f"--params is not valid JSON ({e}). Example: --params '{{\"fc_size\": 256}}'") from e
-    wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
     spec = bench_mod.BenchSpec(params=params, data_dir=str(data.find_data_dir(data_dir)), images=images,
-                               batch_size=batch_size, crop_padding=crop_padding, device=wanted,
+                               batch_size=batch_size, crop_padding=crop_padding,
+                               device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
                                threads=threads or cpu_count(), epochs=epochs, repeats=repeats, num_workers=num_workers,
                                compile=use_compile)
-    result = bench_mod.run(spec, workers, rounds)
-    result["model_parameters"] = count_parameters(build(params))
-    result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": cpu_count(),
-                         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-                         "gpu": torch.cuda.get_device_name(0) if wanted.startswith("cuda") else None}
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    click.echo(f"hpo bench: DynamicCNN with {result['model_parameters']:,} parameters, batch {batch_size}, "
-               f"crop (padding {crop_padding}) + flip, {images:,} images, {wanted} ({spec.threads} threads), "
-               f"torch {torch.__version__}")
-    for kind in ("engine", "seed"):
-        r = result[kind]
-        accs = r["val_accuracies"]
-        acc = (f"   val acc after {epochs} epochs: mean {sum(accs) / len(accs):.4f} over seeds "
-               f"{', '.join(f'{a:.4f}' for a in accs)}") if accs else ""
-        warm = f"   warm-up {r['warmup_s']:.1f}s" if kind == "engine" and use_compile else ""
-        each = ", ".join(f"{x:,.0f}" for x in r["rounds_images_per_s"])
-        click.echo(f"  {kind:<7}{r['images_per_s']:>9,.0f} img/s  (median of {rounds} rounds: {each})   peak RSS "
-                   f"{r['peak_rss_mib']:,.0f} MiB{acc}{warm}")
-    click.echo(f"  speedup {result['speedup']:.2f}x  (median engine / median seed; per round: "
-               f"{', '.join(f'{x:.2f}x' for x in result['round_speedups'])})")
-    if epochs:
-        gap = (sum(result["engine"]["val_accuracies"]) / repeats - sum(result["seed"]["val_accuracies"]) / repeats)
-        click.echo(f"  validation accuracy, engine minus seed: {gap * 100:+.2f} points (mean of {repeats} seeds)")
-    if workers:
-        p = result["parallel"]
-        click.echo(f"  {workers} engine workers at once, {p['split_threads']} thread(s) each: "
-                   f"{p['split_images_per_s']:,.0f} img/s in total "
-                   f"({p['split_images_per_s'] / p['single_worker_images_per_s']:.2f}x one worker on "
-                   f"{spec.threads} threads); each on all {spec.threads} threads (oversubscribed): "
-                   f"{p['oversubscribed_images_per_s']:,.0f} img/s")
+    result = bench_mod.measure(spec, workers, rounds)
+    click.echo(json.dumps(result, indent=2) if as_json else bench_mod.describe(result))
 
 
 def _bench_search(study_arg: str, time_s: float, workers: int, data_dir: str | None, device: str | None,
@@ -644,15 +476,16 @@ def _bench_search(study_arg: str, time_s: float, workers: int, data_dir: str | N
     from hpo.final import describe_accuracy
 
     work_dir = storage_mod.RUNS_DIR / "bench-search"
-    click.echo(f"hpo bench --search: {_duration(time_s)} of search + ensemble, then {_duration(time_s)} of the fixed "
-               f"notebook CNN; the search's storage and outputs go to {work_dir}/", err=True)
+    each = config.format_duration(time_s)
+    click.echo(f"hpo bench --search: {each} of search + ensemble, then {each} of the fixed notebook CNN; the "
+               f"search's storage and outputs go to {work_dir}/", err=True)
     result = bench_mod.search_against_fixed(config.resolve_path(study_arg), time_s, workers,
                                             data.find_data_dir(data_dir), device, threads, work_dir)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     s, f = result["search"], result["fixed"]
-    click.echo(f"at {_duration(time_s)} each, scored once on the 10,000 test images:")
+    click.echo(f"at {config.format_duration(time_s)} each, scored once on the 10,000 test images:")
     click.echo(f"  {s['study']} search + ensemble of {len(s['members'])} (trials {', '.join(map(str, s['members']))}): "
                f"{describe_accuracy(s['test_accuracy'], s['test_ci95'])} in {s['wall_time_s']:.0f}s")
     click.echo(f"  fixed notebook CNN (32/64 filters, FC 512, Adam 1e-3), {f['epochs']} epochs: "
@@ -661,7 +494,7 @@ def _bench_search(study_arg: str, time_s: float, workers: int, data_dir: str | N
 
 
 def _final_model_path(study_arg: str, model_path: str | None) -> tuple[str, Path]:
-    name = _study_name(study_arg)
+    name = session.study_name(study_arg)
     path = Path(model_path) if model_path else storage_mod.final_dir(name) / "model.pt"
     if not path.is_file():
         raise HpoError(f"no final model at {path}. Run `hpo final-train --study {name}` first, or pass --model "

@@ -53,6 +53,15 @@ DEFAULT_TRIALS = 50   # [budget] n_trials when a study file gives none
 DEFAULT_EPOCHS = 10   # [budget] epochs likewise
 
 
+def format_duration(seconds: float | None) -> str:
+    """"1h05m", "4m00s", "42s": how a duration is printed everywhere (the inverse of parse_duration)."""
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 def parse_duration(text: str) -> float:
     """Seconds in "10m", "1h30m", "90s" or "45" (seconds); raises ValueError naming the problem."""
     cleaned = text.strip().lower()
@@ -93,8 +102,8 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class Budget:
-    n_trials: int            # finished trials (COMPLETE + PRUNED) the study ends with
-    epochs: int              # epochs per trial; the pruner sees one report per epoch
+    n_trials: int = DEFAULT_TRIALS  # finished trials (COMPLETE + PRUNED) the study ends with
+    epochs: int = DEFAULT_EPOCHS    # epochs per trial; the pruner sees one report per epoch
     train_subset: int = 0    # images of the training part each trial trains on; 0 = all of it
     val_fraction: float = 0.1  # share of the official training set held out for validation
     time_s: float | None = None  # wall-clock budget of search plus finalizer, seconds; None = no limit
@@ -116,8 +125,8 @@ class Augment:
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """How every model is trained, in trials and in the finalizer alike."""
+class TrainSettings:
+    """The [train] section: how every model is trained, in trials and in the finalizer alike."""
 
     schedule: str = "cosine"       # learning-rate shape over the run
     warmup_epochs: float = 0.0     # linear ramp from 0 to the peak lr, in epochs
@@ -135,6 +144,7 @@ class Final:
     max_epochs: int | None = None  # with a time budget, one final model may train up to this many when time is left
     fill: str = "none"             # "seeds": places member_gap leaves empty go to the best trial with further seeds
     max_share: float = 0.65        # the most of a time budget the finalizer's reserve takes; the search keeps the rest
+    speed_tie: float = 0.0         # with a time budget: the fastest trial this close to the best leads the final run
 
 
 CHECKPOINT_KEEP = ("none", "complete")
@@ -167,7 +177,7 @@ class StudyConfig:
     sampler: Component
     pruner: Component
     augment: Augment
-    train: Recipe
+    train: TrainSettings
     final: Final
     space: dict[str, ParamSpec]
     description: str = ""
@@ -201,11 +211,16 @@ def _spec_to_raw(spec: ParamSpec) -> Any:
 # --------------------------------------------------------------------------- finding files
 
 
+def is_path(study: str) -> bool:
+    """Whether a --study argument names a file (`x.toml`, `dir/x`) rather than a study."""
+    return Path(study).suffix == ".toml" or os.sep in study
+
+
 def resolve_path(study: str, cwd: Path | None = None) -> Path:
     """`study` is a path to a TOML file or a name looked up in studies/."""
     cwd = cwd or Path.cwd()
     as_path = Path(study)
-    if as_path.suffix == ".toml" or os.sep in study:
+    if is_path(study):
         if as_path.is_file():
             return as_path
         raise StudyFileNotFound(f"study file {study} does not exist. Check the path, or pass a study name.")
@@ -244,6 +259,11 @@ def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
+# A dataclass field's annotation (a string, under `from __future__ import annotations`) -> the TOML type.
+_KINDS: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str, "int | None": int,
+                           "float | None": float, "str | None": str}
+
+
 class _Reader:
     """Walks one table of the file, checking types and refusing keys nobody reads."""
 
@@ -274,6 +294,22 @@ class _Reader:
             self.fail(f"{key} must be {names}, got {type(value).__name__} {value!r}")
         return value
 
+    def section(self, cls: Any, keys: dict[str, str] | None = None, defaults: dict[str, Any] | None = None,
+                **given: Any) -> Any:
+        """The dataclass `cls` read from this table: every field under its name (or `keys[field]`), of
+        its annotated type, with its default (or `defaults[field]`); `given` fields are the caller's.
+        Any other key in the table is refused."""
+        keys, defaults = keys or {}, defaults or {}
+        values = dict(given)
+        for f in dataclasses.fields(cls):
+            if f.name in given:
+                continue
+            default = defaults.get(f.name, f.default)
+            values[f.name] = self.get(keys.get(f.name, f.name), _KINDS[str(f.type)],
+                                      ... if default is dataclasses.MISSING else default)
+        self.done()
+        return cls(**values)
+
     def table(self, key: str) -> _Reader:
         self.used.add(key)
         where = f"{self.where}.{key}" if self.where else key
@@ -287,6 +323,7 @@ class _Reader:
 
 
 def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
+    """A study file's tables as a StudyConfig: each section read by its dataclass, then checked."""
     top = _Reader(raw, "", source)
     name = top.get("name", str)
     if not name or any(c.isspace() for c in name):
@@ -299,16 +336,37 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
     if direction != METRICS[metric]:
         top.fail(f"direction for {metric} must be {METRICS[metric]!r}, got {direction!r}")
     seed = top.get("seed", int, 0)
-
     b = top.table("budget")
-    budget = Budget(
-        n_trials=b.get("n_trials", int, DEFAULT_TRIALS),
-        epochs=b.get("epochs", int, DEFAULT_EPOCHS),
-        train_subset=b.get("train_subset", int, 0),
-        val_fraction=b.get("val_fraction", float, 0.1),
-        time_s=_duration(b, "time"),
-    )
-    b.done()
+    budget = _check_budget(b, b.section(Budget, time_s=_duration(b, "time")))
+    sampler = _component(top.table("sampler"), SAMPLERS, "tpe", "optuna.samplers")
+    pruner = _component(top.table("pruner"), PRUNERS, "median", "optuna.pruners")
+    a = top.table("augment")
+    augment = _check_augment(a, a.section(Augment))
+    t = top.table("train")
+    train = _check_train(t, t.section(TrainSettings))
+    f = top.table("final")
+    final = _check_final(f, f.section(Final, defaults={"epochs": budget.epochs}))
+    w = top.table("warm_start")
+    warm = w.section(WarmStart, keys={"from_study": "from"}, params=tuple(w.get("params", list, [])))
+    if warm.top < 1:
+        w.fail(f"top must be at least 1, got {warm.top}")
+    c = top.table("checkpoints")
+    checkpoints = c.section(Checkpoints)
+    if checkpoints.keep not in CHECKPOINT_KEEP:
+        c.fail(_not_known("keep", checkpoints.keep, CHECKPOINT_KEEP))
+    space = _space(top.table("space"))
+    for i, params in enumerate(warm.params):
+        problems = space_problems(space, params) if isinstance(params, dict) else ["not a table"]
+        if problems:
+            w.fail(f"params[{i}] is not a point of [space]: {'; '.join(problems)}. Fix the value, or widen [space].")
+    top.done(("name", "description", "metric", "direction", "seed", "budget", "sampler", "pruner",
+              "augment", "train", "final", "checkpoints", "space", "warm_start"))
+    return StudyConfig(name=name, description=description, direction=direction, metric=metric,
+                       seed=seed, budget=budget, sampler=sampler, pruner=pruner, augment=augment,
+                       train=train, final=final, space=space, checkpoints=checkpoints, warm_start=warm)
+
+
+def _check_budget(b: _Reader, budget: Budget) -> Budget:
     if budget.n_trials < 1:
         b.fail(f"n_trials must be at least 1, got {budget.n_trials}")
     if budget.epochs < 1:
@@ -317,43 +375,30 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
         b.fail(f"train_subset must be 0 (all) or a positive number of images, got {budget.train_subset}")
     if not 0.0 < budget.val_fraction < 0.5:
         b.fail(f"val_fraction must be between 0 and 0.5, got {budget.val_fraction}")
+    return budget
 
-    sampler = _component(top.table("sampler"), SAMPLERS, "tpe", "optuna.samplers")
-    pruner = _component(top.table("pruner"), PRUNERS, "median", "optuna.pruners")
 
-    a = top.table("augment")
-    augment = Augment(crop_padding=a.get("crop_padding", int, 0), hflip=a.get("hflip", bool, False),
-                      erase=a.get("erase", float, 0.0))
-    a.done()
+def _check_augment(a: _Reader, augment: Augment) -> Augment:
     if not 0 <= augment.crop_padding <= 8:
         a.fail(f"crop_padding must be between 0 and 8 pixels, got {augment.crop_padding}")
     if not 0.0 <= augment.erase <= 1.0:
         a.fail(f"erase must be a probability in [0, 1], got {augment.erase}")
+    return augment
 
-    t = top.table("train")
-    recipe = Recipe(
-        schedule=t.get("schedule", str, "cosine"),
-        warmup_epochs=t.get("warmup_epochs", float, 0.0),
-        label_smoothing=t.get("label_smoothing", float, 0.0),
-        eval_batch_size=t.get("eval_batch_size", int, 2048),
-        compile=t.get("compile", bool, False),
-    )
-    t.done()
-    if recipe.schedule not in SCHEDULES:
-        t.fail(_not_known("schedule", recipe.schedule, SCHEDULES))
-    if not 0.0 <= recipe.label_smoothing < 1.0:
-        t.fail(f"label_smoothing must be in [0, 1), got {recipe.label_smoothing}")
-    if recipe.warmup_epochs < 0:
-        t.fail(f"warmup_epochs must not be negative, got {recipe.warmup_epochs}")
-    if recipe.eval_batch_size < 1:
-        t.fail(f"eval_batch_size must be positive, got {recipe.eval_batch_size}")
 
-    f = top.table("final")
-    final = Final(epochs=f.get("epochs", int, budget.epochs), ensemble=f.get("ensemble", int, 1),
-                  tta=f.get("tta", str, "none"), member_gap=f.get("member_gap", float, 0.01),
-                  max_epochs=f.get("max_epochs", int, None), fill=f.get("fill", str, "none"),
-                  max_share=f.get("max_share", float, 0.65))
-    f.done()
+def _check_train(t: _Reader, train: TrainSettings) -> TrainSettings:
+    if train.schedule not in SCHEDULES:
+        t.fail(_not_known("schedule", train.schedule, SCHEDULES))
+    if not 0.0 <= train.label_smoothing < 1.0:
+        t.fail(f"label_smoothing must be in [0, 1), got {train.label_smoothing}")
+    if train.warmup_epochs < 0:
+        t.fail(f"warmup_epochs must not be negative, got {train.warmup_epochs}")
+    if train.eval_batch_size < 1:
+        t.fail(f"eval_batch_size must be positive, got {train.eval_batch_size}")
+    return train
+
+
+def _check_final(f: _Reader, final: Final) -> Final:
     if final.epochs < 1:
         f.fail(f"epochs must be at least 1, got {final.epochs}")
     if final.ensemble < 1:
@@ -366,32 +411,11 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
         f.fail(_not_known("tta", final.tta, TTA_MODES))
     if not 0 < final.max_share < 1:
         f.fail(f"max_share must be between 0 and 1 (the finalizer's share of a time budget), got {final.max_share}")
+    if final.speed_tie < 0:
+        f.fail(f"speed_tie must not be negative (0 turns it off), got {final.speed_tie}")
     if final.fill not in FILL_MODES:
         f.fail(_not_known("fill", final.fill, FILL_MODES))
-
-    w = top.table("warm_start")
-    warm = WarmStart(from_study=w.get("from", str, None), top=w.get("top", int, 5),
-                     params=tuple(w.get("params", list, [])))
-    w.done()
-    if warm.top < 1:
-        w.fail(f"top must be at least 1, got {warm.top}")
-
-    c = top.table("checkpoints")
-    checkpoints = Checkpoints(every_epoch=c.get("every_epoch", bool, True), keep=c.get("keep", str, "none"))
-    c.done()
-    if checkpoints.keep not in CHECKPOINT_KEEP:
-        c.fail(_not_known("keep", checkpoints.keep, CHECKPOINT_KEEP))
-
-    space = _space(top.table("space"))
-    for i, params in enumerate(warm.params):
-        problems = space_problems(space, params) if isinstance(params, dict) else ["not a table"]
-        if problems:
-            w.fail(f"params[{i}] is not a point of [space]: {'; '.join(problems)}. Fix the value, or widen [space].")
-    top.done(("name", "description", "metric", "direction", "seed", "budget", "sampler", "pruner",
-              "augment", "train", "final", "checkpoints", "space", "warm_start"))
-    return StudyConfig(name=name, description=description, direction=direction, metric=metric,
-                       seed=seed, budget=budget, sampler=sampler, pruner=pruner, augment=augment,
-                       train=recipe, final=final, space=space, checkpoints=checkpoints, warm_start=warm)
+    return final
 
 
 def _holds(spec: ParamSpec, value: Any) -> bool:

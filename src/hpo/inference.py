@@ -18,7 +18,8 @@ from torch import nn
 from hpo.checkpoints import load_final, write_atomic
 from hpo.data import CLASSES, MEAN, STD, normalize
 from hpo.errors import HpoError
-from hpo.model import Ensemble, build
+from hpo.model import DynamicCNN, Ensemble
+from hpo.params import TrialParams
 from hpo.train import logits_of
 
 EXPORT_FORMATS = {"torchscript": ".ts", "onnx": ".onnx"}
@@ -33,7 +34,7 @@ def load_model(path: Path, study: str | None = None, device: torch.device = CPU)
     checkpoint = load_final(path, study)
     members = []
     for member in checkpoint["members"]:
-        model = build(member["params"])
+        model = DynamicCNN(TrialParams.from_flat(member["params"]).model)
         model.load_state_dict(member["state_dict"])
         members.append(model)
     ensemble = Ensemble(members, checkpoint["tta"]).to(device).to(memory_format=torch.channels_last).eval()

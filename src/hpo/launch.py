@@ -1,7 +1,10 @@
-"""Local workers for `hpo optimize`: spawn them, forward signals, watch them, show their progress."""
+"""`hpo optimize` on one machine: check the time budget, create the study once, then spawn the local
+workers, forward signals to them, watch them and show their progress."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import signal
 import subprocess
@@ -13,39 +16,77 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hpo import progress
-from hpo.config import StudyConfig
+from hpo import budget, progress
+from hpo import study as study_mod
+from hpo.config import StudyConfig, format_duration
 from hpo.errors import HpoError
 from hpo.objective import derive_seed
+from hpo.session import Opened
 from hpo.storage import RUNS_DIR
 from hpo.trials import FINISHED
 
 KILL_AFTER_S = 30  # a worker that ignores SIGTERM this long is killed
 
 
-def run_workers(study: optuna.Study, cfg: StudyConfig, workers: int, threads: int, args: list[str]) -> None:
+def prepare(cfg: StudyConfig, opened: Opened, time_s: float | None, restart_clock: bool, directory: Path,
+            device: str | None, threads: int, started_at: float) -> tuple[optuna.Study, StudyConfig]:
+    """Create (or load) the study once, so the workers only ever load it, and start its clock.
+
+    `--time` restarts the clock (`restart_clock`); a file's time starts it when the study is created.
+    A budget that cannot hold one trial plus the finalizer is refused before the study is touched."""
+    clock = time_s if restart_clock or not study_mod.exists(opened.storage, cfg.name) else None
+    calibrated = check_time_budget(cfg, clock, opened.storage, directory, device, threads) if clock else None
+    study, cfg = study_mod.create_or_load(opened.storage, cfg)
+    if clock is not None:
+        budget.set_deadline(study, clock, now=started_at)
+        if calibrated is not None and budget.calibration(study) is None:
+            study.set_user_attr(budget.CALIBRATION_ATTR, dataclasses.asdict(calibrated))
+    return study, cfg
+
+
+def check_time_budget(cfg: StudyConfig, time_s: float, storage: Any, directory: Path, device: str | None,
+                      threads: int) -> budget.EpochCost | None:
+    """Refuse a budget that cannot hold one trial plus the finalizer, measured on this machine.
+
+    Returns the calibration it measured (None when the study had measured epochs to go by)."""
+    import torch
+
+    from hpo import data
+    from hpo.devices import cpu_count, place
+    from hpo.objective import calibrate
+
+    costs: list[budget.EpochCost] = []
+    try:
+        costs = budget.measured(study_mod.load(storage, cfg.name)[0])
+    except HpoError:
+        pass  # a new study: calibrate below
+    calibrated = None
+    if costs:
+        cost = max(costs, key=lambda c: c.epoch_s)
+    else:
+        # An explicit device, so that calibrating does not claim a GPU a worker is about to want.
+        placement = place(device or ("cuda:0" if torch.cuda.is_available() else "cpu"), threads)
+        images, labels = data.load_split(directory, "train")
+        trial_data = data.trial_data(images, labels, cfg.budget.val_fraction, cfg.seed, placement.device,
+                                     cfg.budget.train_subset)
+        cost = calibrated = calibrate(cfg, trial_data, placement)
+    final_threads = threads if (device or "").startswith("cuda") else cpu_count()
+    needed = budget.minimum_budget(cfg, cost, final_threads, calibrated=calibrated is not None)
+    if time_s < needed:
+        raise HpoError(f"--time {format_duration(time_s)} is shorter than one trial plus the finalizer, about "
+                       f"{format_duration(needed)} on this machine ({cost.epoch_s:.1f}s per trial epoch, measured). "
+                       f"Give at least --time {format_duration(math.ceil(needed / 60) * 60)}, or lower [budget] "
+                       "epochs or [final] epochs in the study file.")
+    return calibrated
+
+
+def run_workers(study: optuna.Study, cfg: StudyConfig, storage: Any, workers: int, threads: int,
+                args: list[str]) -> None:
     """Run `workers` local `hpo worker` processes (each given `args` and its own sampler seed) to the
     end, with a progress bar on a terminal. SIGINT and SIGTERM are forwarded as SIGTERM to every
     worker, which fails and re-queues its trial and exits. Raises HpoError if a signal stopped
     them or one exited with an error."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HPO_THREADS": str(threads)}
-    base = [sys.executable, "-m", "hpo", "worker", *args]
-    bar_mode = progress.interactive()
-    logs: list[Path] = []
-    if bar_mode:
-        log_dir = RUNS_DIR / cfg.name / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        logs = [log_dir / f"worker-{i}.log" for i in range(workers)]
-        print(f"worker logs: {log_dir}/worker-N.log", file=sys.stderr)
-    children = []
-    for i in range(workers):
-        # Distinct sampler seeds: identical ones would make every worker propose the same first trials.
-        out = open(logs[i], "ab") if bar_mode else None
-        children.append(subprocess.Popen(base + ["--sampler-seed", str(derive_seed(cfg.seed, i))], env=env,
-                                         stdout=out, stderr=subprocess.STDOUT if out else None))
-        if out:
-            out.close()  # the child holds its own descriptor
-
+    children, logs = _spawn(cfg, workers, threads, args)
     stopped_by: list[str] = []
 
     def forward(signum: int, _frame: Any) -> None:
@@ -57,23 +98,8 @@ def run_workers(study: optuna.Study, cfg: StudyConfig, workers: int, threads: in
     # Ctrl-C and SIGTERM both stop every worker the same way: fail, re-queue, exit.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    kill_at = None
-    # Trials finished before this run are counted, not announced again.
-    reported = {t.number for t in study.get_trials(deepcopy=False) if t.state in FINISHED}
     try:
-        with progress.Progress(cfg.budget.n_trials, f"study {cfg.name}", "trials", initial=len(reported)) as bar:
-            while any(child.poll() is None for child in children):
-                if stopped_by and kill_at is None:
-                    kill_at = time.monotonic() + KILL_AFTER_S
-                if kill_at is not None and time.monotonic() > kill_at:
-                    for child in children:
-                        if child.poll() is None:
-                            child.kill()
-                if bar_mode:
-                    update_bar(bar, study, reported)
-                time.sleep(1.0)
-            if bar_mode:
-                update_bar(bar, study, reported)
+        _watch(study, cfg, storage, children, stopped_by, bar_mode=bool(logs))
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -88,22 +114,63 @@ def run_workers(study: optuna.Study, cfg: StudyConfig, workers: int, threads: in
                        f"(exit codes {codes}).{where}")
 
 
-def update_bar(bar: progress.Progress, study: optuna.Study, reported: set[int]) -> None:
-    """Move the study's bar to the finished count and announce each newly finished trial."""
+def _spawn(cfg: StudyConfig, workers: int, threads: int, args: list[str]) -> tuple[list[subprocess.Popen], list[Path]]:
+    """Start the workers; on a terminal each one's output goes to runs/STUDY/logs/worker-N.log."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HPO_THREADS": str(threads)}
+    base = [sys.executable, "-m", "hpo", "worker", *args]
+    logs: list[Path] = []
+    if progress.interactive():
+        log_dir = RUNS_DIR / cfg.name / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        logs = [log_dir / f"worker-{i}.log" for i in range(workers)]
+        print(f"worker logs: {log_dir}/worker-N.log", file=sys.stderr)
+    children = []
+    for i in range(workers):
+        # Distinct sampler seeds: identical ones would make every worker propose the same first trials.
+        out = open(logs[i], "ab") if logs else None
+        children.append(subprocess.Popen(base + ["--sampler-seed", str(derive_seed(cfg.seed, i))], env=env,
+                                         stdout=out, stderr=subprocess.STDOUT if out else None))
+        if out:
+            out.close()  # the child holds its own descriptor
+    return children, logs
+
+
+def _watch(study: optuna.Study, cfg: StudyConfig, storage: Any, children: list[subprocess.Popen],
+           stopped_by: list[str], bar_mode: bool) -> None:
+    """Wait for every child, killing them KILL_AFTER_S after a forwarded signal, and keep the bar current."""
+    kill_at = None
+    # Trials finished before this run are counted, not announced again.
+    reported = {t.number for t in study.get_trials(deepcopy=False) if t.state in FINISHED}
+    with progress.Progress(cfg.budget.n_trials, f"study {cfg.name}", "trials", initial=len(reported)) as bar:
+        while any(child.poll() is None for child in children):
+            if stopped_by and kill_at is None:
+                kill_at = time.monotonic() + KILL_AFTER_S
+            if kill_at is not None and time.monotonic() > kill_at:
+                for child in children:
+                    if child.poll() is None:
+                        child.kill()
+            if bar_mode:
+                update_bar(bar, study, cfg, storage, reported)
+            time.sleep(1.0)
+        if bar_mode:
+            update_bar(bar, study, cfg, storage, reported)
+
+
+def update_bar(bar: progress.Progress, study: optuna.Study, cfg: StudyConfig, storage: Any,
+               reported: set[int]) -> None:
+    """Announce each newly finished trial and move the bar to `hpo status`'s figures."""
     try:
         trials = study.get_trials(deepcopy=False)
+        summary = study_mod.summary(study, cfg, storage)
     except Exception:  # a database blip: the workers ride it out, the bar waits for the next poll
         return
-    finished = [t for t in trials if t.state in FINISHED]
-    for t in sorted(finished, key=lambda t: t.number):
+    for t in sorted((t for t in trials if t.state in FINISHED), key=lambda t: t.number):
         if t.number not in reported:
             reported.add(t.number)
             last = max(t.intermediate_values) if t.intermediate_values else 0
             value = t.value if t.state == TrialState.COMPLETE else t.intermediate_values.get(last)
             bar.write(f"trial {t.number} {t.state.name.lower()} at epoch {last}: {value:.4f}" if value is not None
                       else f"trial {t.number} {t.state.name.lower()}")
-    complete = [t.value for t in finished if t.state == TrialState.COMPLETE and t.value is not None]
-    best = (max if study.direction.name == "MAXIMIZE" else min)(complete, default=None)
-    bar.set(len(finished), best="-" if best is None else f"{best:.4f}",
-            pruned=sum(t.state == TrialState.PRUNED for t in finished),
-            running=sum(t.state == TrialState.RUNNING for t in trials))
+    best = summary["best"]
+    bar.set(summary["finished"], best="-" if best is None else f"{best['value']:.4f}",
+            pruned=summary["states"]["PRUNED"], running=len(summary["running"]))

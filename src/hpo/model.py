@@ -13,7 +13,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything that shapes the network; the whole boundary of the model."""
+    """Everything that shapes the network; the whole boundary of the model (hpo.params reads it from a trial)."""
 
     filters: tuple[int, ...]   # output channels of each conv block; len() is the number of blocks
     kernel_size: int = 3       # pixels, odd so that "same" padding keeps the size
@@ -23,17 +23,6 @@ class ModelSpec:
     in_channels: int = 1
     image_size: int = 28       # pixels per side
     num_classes: int = 10
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> ModelSpec:
-        """Read a trial's flat params (`n_conv`, `filters_0`, ...); extra keys are ignored."""
-        return cls(
-            filters=tuple(int(params[f"filters_{i}"]) for i in range(int(params["n_conv"]))),
-            kernel_size=int(params["kernel_size"]),
-            n_fc=int(params["n_fc"]),
-            fc_size=int(params["fc_size"]),
-            dropout=float(params["dropout"]),
-        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -90,10 +79,6 @@ class Ensemble(nn.Module):
         # log(mean(softmax)) as a logsumexp of log-softmaxes: no log(0) for a confident member.
         log_probs = torch.stack([m(v).float().log_softmax(1) for m in self.members for v in views])
         return torch.logsumexp(log_probs, 0) - math.log(len(log_probs))
-
-
-def build(params: dict[str, Any]) -> DynamicCNN:
-    return DynamicCNN(ModelSpec.from_params(params))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -21,7 +21,8 @@ from hpo.devices import Placement
 from hpo.errors import HpoError
 from hpo.model import count_parameters
 from hpo.optuna_compat import trial_id
-from hpo.train import EpochStats, Hyper, TrainingDiverged, evaluate, fit, seconds_per_image, seeded_model
+from hpo.params import TrialParams
+from hpo.train import EpochStats, TrainingDiverged, TrainingRun, evaluate, fit, seconds_per_image, seeded_model
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def history_row(stats: EpochStats) -> dict[str, float]:
             "val_accuracy": round(val_accuracy, 5), "seconds": round(stats.seconds, 2)}
 
 
-def load_resume_state(artifact_store, trial: optuna.Trial, params: dict, seed: int,
+def load_resume_state(artifact_store, trial: optuna.Trial, params: TrialParams, seed: int,
                       device: torch.device) -> dict | None:
     """The training state a retried trial inherited from the trial that crashed, if it is usable."""
     pointer = trial.user_attrs.get(CHECKPOINT_ATTR)
@@ -76,7 +77,8 @@ def load_resume_state(artifact_store, trial: optuna.Trial, params: dict, seed: i
         log.warning("trial %d: cannot read checkpoint %s (%s); starting at epoch 1", trial.number,
                     pointer.get("artifact_id"), e)
         return None
-    if state.get("format") != checkpoints.TRIAL_FORMAT or state.get("params") != params or state.get("seed") != seed:
+    ours = (checkpoints.TRIAL_FORMAT, params.flat(), seed)
+    if (state.get("format"), state.get("params"), state.get("seed")) != ours:
         log.warning("trial %d: checkpoint %s is for another configuration; starting at epoch 1", trial.number,
                     pointer["artifact_id"])
         return None
@@ -90,7 +92,7 @@ def calibrate(cfg: StudyConfig, data: TrialData, placement: Placement) -> budget
     train_s = seconds_per_image(params, data.train, cfg.train, cfg.augment)
     held = DeviceData(data.val.x[:2048], data.val.y[:2048], placement.device)
     started = time.perf_counter()
-    evaluate(seeded_model(params, 0, placement.device), held, cfg.train.eval_batch_size)
+    evaluate(seeded_model(params.model, 0, placement.device), held, cfg.train.eval_batch_size)
     eval_s = (time.perf_counter() - started) / max(1, len(held))
     epoch_s = train_s * len(data.train) + eval_s * len(data.val)
     return budget.EpochCost(epoch_s, len(data.train), len(data.val), placement.threads)
@@ -110,93 +112,109 @@ def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
         if not claim(trial):
             trial.set_user_attr(REASON_ATTR, "over budget: another worker took the last slot")
             raise OverBudget(f"trial {trial.number} is beyond the budget of {cfg.budget.n_trials}")
-        params = space.suggest(trial, cfg.space)
-        seed = trial_seed(cfg.seed, trial)
-        model = seeded_model(params, seed, placement.device)
-        decision = plan()
-        for key, value in {**placement.describe(), attrs.PID: os.getpid(), "seed": seed,
-                           "n_params": count_parameters(model), budget.TRAIN_IMAGES_ATTR: len(data.train),
-                           budget.VAL_IMAGES_ATTR: len(data.val),
+        return TrialRun(cfg, data, placement, trial, artifact_store).run(plan())
+
+    return objective
+
+
+class TrialRun:
+    """One trial from its sampled params to its value: the state its epoch callbacks share (its
+    history, its live checkpoint) and the report, prune and checkpoint steps that use it."""
+
+    def __init__(self, cfg: StudyConfig, data: TrialData, placement: Placement, trial: optuna.Trial,
+                 artifact_store=None):
+        self.cfg, self.data, self.placement, self.trial, self.store = cfg, data, placement, trial, artifact_store
+        self.params = space.suggest(trial, cfg.space)
+        self.seed = trial_seed(cfg.seed, trial)
+        self.history: list[dict[str, float]] = []
+        self.own_checkpoint: list[str] = []  # this trial's live checkpoint artifact, at most one
+        self.started = time.perf_counter()
+
+    def run(self, decision: budget.Plan | None) -> float:
+        cfg, trial, placement = self.cfg, self.trial, self.placement
+        model = seeded_model(self.params.model, self.seed, placement.device)
+        for key, value in {**placement.describe(), attrs.PID: os.getpid(), "seed": self.seed,
+                           "n_params": count_parameters(model), budget.TRAIN_IMAGES_ATTR: len(self.data.train),
+                           budget.VAL_IMAGES_ATTR: len(self.data.val),
                            budget.PLAN_ATTR: None if decision is None else dataclasses.asdict(decision)}.items():
             trial.set_user_attr(key, value)
         if trial.user_attrs.get(CHECKPOINT_ATTR):
             artifacts.disown_inherited(trial)
-        resume = load_resume_state(artifact_store, trial, params, seed, placement.device)
-        history: list[dict[str, float]] = []
-        own_checkpoint: list[str] = []  # this trial's live checkpoint artifact, at most one
-        started = time.perf_counter()
-
-        def value_of(stats: EpochStats) -> float:
-            val_loss, val_accuracy = validated(stats)
-            return val_accuracy if cfg.metric == "val_accuracy" else val_loss
-
-        def on_snapshot(state: dict) -> None:
-            # A worker that was paused past the grace period must not upload into a trial reaped meanwhile.
-            if trial.storage.get_trial(trial_id(trial)).state.is_finished():
-                raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was finished elsewhere")
-            payload = artifacts.torch_bytes({**state, "format": checkpoints.TRIAL_FORMAT, "params": params,
-                                             "seed": seed, "study": cfg.name})
-            try:
-                new = artifacts.upload_bytes(artifact_store, trial, f"checkpoint-epoch{state['epoch']}.pt", payload)
-            except HpoError as e:  # no checkpoint costs a resume, not the trial
-                log.warning("trial %d: %s", trial.number, e)
-                return
-            trial.set_user_attr(CHECKPOINT_ATTR, {"artifact_id": new, "epoch": state["epoch"]})
-            drop_checkpoint()
-            own_checkpoint.append(new)
-
-        def drop_checkpoint() -> None:
-            while own_checkpoint:
-                artifacts.remove(artifact_store, trial, own_checkpoint.pop())
-
-        def on_epoch(stats: EpochStats) -> None:
-            value = value_of(stats)
-            history.append(history_row(stats))
-            trial.set_user_attr(attrs.HISTORY, history)
-            trial.set_user_attr(attrs.EPOCH, stats.epoch)
-            log.info("trial %d epoch %d/%d  loss %.4f  val_acc %.4f  (%.1fs)", trial.number, stats.epoch,
-                     cfg.budget.epochs, stats.train_loss, stats.val_accuracy, stats.seconds)
-            trial.report(value, stats.epoch)
-            # Pruning after the last epoch saves nothing and hides a full-fidelity value from the sampler.
-            if stats.epoch < cfg.budget.epochs and trial.should_prune():
-                trial.set_user_attr("wall_time_s", round(time.perf_counter() - started, 2))
-                drop_checkpoint()
-                raise optuna.TrialPruned(f"val {cfg.metric} {value:.4f} at epoch {stats.epoch}")
-
+        resume = load_resume_state(self.store, trial, self.params, self.seed, placement.device)
         if resume is not None:
-            # The retry copied the crashed trial's reports; add any epoch it checkpointed but had not reported.
-            reported = trial.storage.get_trial(trial_id(trial)).intermediate_values
-            for s in resume["history"]:
-                stats = EpochStats(**s)
-                history.append(history_row(stats))
-                if stats.epoch not in reported:
-                    trial.report(value_of(stats), stats.epoch)
-            trial.set_user_attr("resumed_from_epoch", resume["epoch"])
-            log.info("trial %d resumes after epoch %d from checkpoint %s", trial.number, resume["epoch"],
-                     trial.user_attrs[CHECKPOINT_ATTR]["artifact_id"])
-
-        checkpointing = artifact_store is not None and cfg.checkpoints.every_epoch
+            self.replay(resume)
+        checkpointing = self.store is not None and cfg.checkpoints.every_epoch
         try:
-            history_stats = fit(model, data.train, data.val, Hyper.from_params(params), cfg.train,
-                                cfg.augment, cfg.budget.epochs, seed, on_epoch,
-                                on_snapshot=on_snapshot if checkpointing else None, resume=resume)
+            run = TrainingRun(self.params.optimizer, cfg.train, cfg.augment, cfg.budget.epochs, self.seed)
+            history_stats = fit(model, self.data.train, self.data.val, run, self.on_epoch,
+                                on_snapshot=self.on_snapshot if checkpointing else None, resume=resume)
         except TrainingDiverged as e:
             trial.set_user_attr(REASON_ATTR, str(e))
-            drop_checkpoint()
+            self.drop_checkpoint()
             raise
         except torch.cuda.OutOfMemoryError as e:
             del model  # drop the weights and optimizer state before the next trial allocates its own
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            reason = (f"out of memory on {placement.name} with batch_size {params['batch_size']} and "
-                      f"filters {[params[f'filters_{i}'] for i in range(params['n_conv'])]}")
+            reason = (f"out of memory on {placement.name} with batch_size {self.params.optimizer.batch_size} and "
+                      f"filters {list(self.params.model.filters)}")
             trial.set_user_attr(REASON_ATTR, reason)
-            drop_checkpoint()
+            self.drop_checkpoint()
             raise OutOfMemory(reason) from e
         if cfg.checkpoints.keep == "none":
-            drop_checkpoint()
-        trial.set_user_attr("wall_time_s", round(time.perf_counter() - started, 2))
-        return value_of(history_stats[-1])
+            self.drop_checkpoint()
+        trial.set_user_attr("wall_time_s", round(time.perf_counter() - self.started, 2))
+        return self.value_of(history_stats[-1])
 
-    return objective
+    def value_of(self, stats: EpochStats) -> float:
+        val_loss, val_accuracy = validated(stats)
+        return val_accuracy if self.cfg.metric == "val_accuracy" else val_loss
+
+    def replay(self, resume: dict) -> None:
+        """The retry copied the crashed trial's reports; add any epoch it checkpointed but had not reported."""
+        trial = self.trial
+        reported = trial.storage.get_trial(trial_id(trial)).intermediate_values
+        for s in resume["history"]:
+            stats = EpochStats(**s)
+            self.history.append(history_row(stats))
+            if stats.epoch not in reported:
+                trial.report(self.value_of(stats), stats.epoch)
+        trial.set_user_attr("resumed_from_epoch", resume["epoch"])
+        log.info("trial %d resumes after epoch %d from checkpoint %s", trial.number, resume["epoch"],
+                 trial.user_attrs[CHECKPOINT_ATTR]["artifact_id"])
+
+    def on_snapshot(self, state: dict) -> None:
+        trial = self.trial
+        # A worker that was paused past the grace period must not upload into a trial reaped meanwhile.
+        if trial.storage.get_trial(trial_id(trial)).state.is_finished():
+            raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was finished elsewhere")
+        payload = artifacts.torch_bytes({**state, "format": checkpoints.TRIAL_FORMAT, "params": self.params.flat(),
+                                         "seed": self.seed, "study": self.cfg.name})
+        try:
+            new = artifacts.upload_bytes(self.store, trial, f"checkpoint-epoch{state['epoch']}.pt", payload)
+        except HpoError as e:  # no checkpoint costs a resume, not the trial
+            log.warning("trial %d: %s", trial.number, e)
+            return
+        trial.set_user_attr(CHECKPOINT_ATTR, {"artifact_id": new, "epoch": state["epoch"]})
+        self.drop_checkpoint()
+        self.own_checkpoint.append(new)
+
+    def drop_checkpoint(self) -> None:
+        while self.own_checkpoint:
+            artifacts.remove(self.store, self.trial, self.own_checkpoint.pop())
+
+    def on_epoch(self, stats: EpochStats) -> None:
+        cfg, trial = self.cfg, self.trial
+        value = self.value_of(stats)
+        self.history.append(history_row(stats))
+        trial.set_user_attr(attrs.HISTORY, self.history)
+        trial.set_user_attr(attrs.EPOCH, stats.epoch)
+        log.info("trial %d epoch %d/%d  loss %.4f  val_acc %.4f  (%.1fs)", trial.number, stats.epoch,
+                 cfg.budget.epochs, stats.train_loss, stats.val_accuracy, stats.seconds)
+        trial.report(value, stats.epoch)
+        # Pruning after the last epoch saves nothing and hides a full-fidelity value from the sampler.
+        if stats.epoch < cfg.budget.epochs and trial.should_prune():
+            trial.set_user_attr("wall_time_s", round(time.perf_counter() - self.started, 2))
+            self.drop_checkpoint()
+            raise optuna.TrialPruned(f"val {cfg.metric} {value:.4f} at epoch {stats.epoch}")

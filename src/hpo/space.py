@@ -1,7 +1,7 @@
 """The search space: the one place that calls `trial.suggest_*`.
 
-`suggest` turns a study's declared space into a flat dict of plain values, named as Optuna stores
-them (`filters_0`, `filters_1`, ...), so a best trial's `params` rebuild the same model.
+`suggest` turns a study's declared space into a TrialParams, sampled under the flat names Optuna
+stores (`filters_0`, `filters_1`, ...), so a best trial's `params` rebuild the same model.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 
 from hpo.config import ParamSpec
+from hpo.params import TrialParams
 
 
 def _suggest(trial: optuna.Trial, name: str, spec: ParamSpec) -> Any:
@@ -23,7 +24,7 @@ def _suggest(trial: optuna.Trial, name: str, spec: ParamSpec) -> Any:
     return trial.suggest_float(name, low, high, step=spec.step, log=spec.log)
 
 
-def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
+def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> TrialParams:
     params: dict[str, Any] = {"n_conv": _suggest(trial, "n_conv", space["n_conv"])}
     # One width per conv block; deeper blocks only exist (and are only sampled) when n_conv says so.
     for i in range(params["n_conv"]):
@@ -31,7 +32,7 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
     for name in ("kernel_size", "n_fc", "fc_size", "dropout", "optimizer", "lr", "batch_size",
                  "weight_decay"):
         params[name] = _suggest(trial, name, space[name])
-    return params
+    return TrialParams.from_flat(params)
 
 
 def _middle(spec: ParamSpec) -> Any:
@@ -42,11 +43,11 @@ def _middle(spec: ParamSpec) -> Any:
     return round(value) if spec.is_int else value
 
 
-def middle(space: dict[str, ParamSpec]) -> dict[str, Any]:
+def middle(space: dict[str, ParamSpec]) -> TrialParams:
     """The configuration in the middle of every range (geometric for log ranges): a typical trial,
     timed to estimate what trials cost before any has run."""
     params: dict[str, Any] = {"n_conv": _middle(space["n_conv"])}
     for i in range(params["n_conv"]):
         params[f"filters_{i}"] = _middle(space["filters"])
     params.update({name: _middle(space[name]) for name in space if name not in ("n_conv", "filters")})
-    return params
+    return TrialParams.from_flat(params)

@@ -12,10 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpo.config import Augment, Recipe
+from hpo.config import Augment, TrainSettings
 from hpo.data import DeviceData
 from hpo.devices import autocast_dtype
-from hpo.model import DynamicCNN, build
+from hpo.model import DynamicCNN, ModelSpec
+from hpo.params import OptimizerSettings, TrialParams
 
 
 class TrainingDiverged(RuntimeError):
@@ -23,16 +24,14 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Hyper:
-    optimizer: str       # adam | sgd | rmsprop
-    lr: float            # peak learning rate
-    batch_size: int      # images per step
-    weight_decay: float  # decoupled for adam (AdamW), L2 for sgd and rmsprop
+class TrainingRun:
+    """What one call of `fit` trains with, besides the model and the data."""
 
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> Hyper:
-        return cls(str(params["optimizer"]), float(params["lr"]), int(params["batch_size"]),
-                   float(params["weight_decay"]))
+    optimizer: OptimizerSettings
+    settings: TrainSettings  # the study's [train] section
+    augment: Augment
+    epochs: int
+    seed: int                # batches, augmentations and dropout masks
 
 
 @dataclass(frozen=True)
@@ -67,20 +66,20 @@ def get_lr(step: int, total: int, peak: float, schedule: str, warmup: int) -> fl
     return peak * max(0.0, 1.0 - progress)
 
 
-def make_optimizer(model: nn.Module, hyper: Hyper) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, settings: OptimizerSettings) -> torch.optim.Optimizer:
     # Decay only weight matrices and kernels; decaying BatchNorm scales and biases only hurts.
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": hyper.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # Fused kernels update all parameters in one pass: +15 % images/s for the notebook CNN on this
     # CPU at batch 64 (`hpo bench`); RMSprop has none, so it keeps the multi-tensor path.
-    if hyper.optimizer == "adam":
-        return torch.optim.AdamW(groups, lr=hyper.lr, fused=True)
-    if hyper.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=hyper.lr, momentum=0.9, nesterov=True, fused=True)
-    if hyper.optimizer == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=hyper.lr, alpha=0.9, momentum=0.0, foreach=True)
-    raise ValueError(f"unknown optimizer {hyper.optimizer!r}")
+    if settings.name == "adam":
+        return torch.optim.AdamW(groups, lr=settings.lr, fused=True)
+    if settings.name == "sgd":
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=0.9, nesterov=True, fused=True)
+    if settings.name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=settings.lr, alpha=0.9, momentum=0.0, foreach=True)
+    raise ValueError(f"unknown optimizer {settings.name!r}")
 
 
 @torch.inference_mode()
@@ -115,23 +114,28 @@ OnEpoch = Callable[[EpochStats], None]
 OnSnapshot = Callable[[dict[str, Any]], None]
 
 
-def fit(model: DynamicCNN, train: DeviceData, val: DeviceData | None, hyper: Hyper, recipe: Recipe,
-        augment: Augment, epochs: int, seed: int, on_epoch: OnEpoch | None = None, *,
-        on_snapshot: OnSnapshot | None = None, resume: dict[str, Any] | None = None) -> list[EpochStats]:
-    """Train `model` in place for `epochs`; `on_epoch` may raise to stop early (pruning).
+@dataclass
+class _EpochSums:
+    """One epoch's training figures, accumulated on the device: no host sync inside the step loop."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+
+
+def fit(model: DynamicCNN, train: DeviceData, val: DeviceData | None, run: TrainingRun,
+        on_epoch: OnEpoch | None = None, *, on_snapshot: OnSnapshot | None = None,
+        resume: dict[str, Any] | None = None) -> list[EpochStats]:
+    """Train `model` in place for `run.epochs`; `on_epoch` may raise to stop early (pruning).
 
     `on_snapshot` gets the whole training state after every epoch, before `on_epoch`;
     passing that state back as `resume` carries on from the next epoch exactly as if never stopped
     (same batches, augmentations, dropout masks and learning rates).
     """
-    device = train.device
-    amp = autocast_dtype(device)
+    device, settings = train.device, run.settings
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    optimizer = make_optimizer(model, hyper)
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    steps_per_epoch = max(1, len(train) // hyper.batch_size)
-    total, warmup = steps_per_epoch * epochs, int(recipe.warmup_epochs * steps_per_epoch)
+    generator.manual_seed(run.seed)
+    optimizer = make_optimizer(model, run.optimizer)
     history: list[EpochStats] = []
     step = 0
     if resume is not None:
@@ -141,34 +145,17 @@ def fit(model: DynamicCNN, train: DeviceData, val: DeviceData | None, hyper: Hyp
         _set_rng_state(resume["rng"], device)
         step = resume["step"]
         history = [EpochStats(**s) for s in resume["history"]]
-    forward = torch.compile(model) if recipe.compile else model
-    for epoch in range(len(history) + 1, epochs + 1):
+    forward = torch.compile(model) if settings.compile else model
+    for epoch in range(len(history) + 1, run.epochs + 1):
         started = time.perf_counter()
         model.train()
-        # Accumulate on the device and read once per epoch: no host sync inside the step loop.
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        seen = 0
-        for x, y in train.batches(hyper.batch_size, generator, augment, drop_last=True):
-            lr = get_lr(step, total, hyper.lr, recipe.schedule, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = forward(x)
-                loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-            step += 1
-        train_loss = float(loss_sum) / max(1, seen)
+        sums, step, lr = _train_epoch(forward, optimizer, train, run, generator, step)
+        train_loss = float(sums.loss) / max(1, sums.seen)
         if not math.isfinite(train_loss):
-            raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch} (lr {hyper.lr:g}, "
-                                   f"{hyper.optimizer})")
-        ev = evaluate(model, val, recipe.eval_batch_size) if val is not None else None
-        stats = EpochStats(epoch, train_loss, float(correct) / max(1, seen), ev.loss if ev else None,
+            raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch} (lr {run.optimizer.lr:g}, "
+                                   f"{run.optimizer.name})")
+        ev = evaluate(model, val, settings.eval_batch_size) if val is not None else None
+        stats = EpochStats(epoch, train_loss, float(sums.correct) / max(1, sums.seen), ev.loss if ev else None,
                            ev.accuracy if ev else None, lr, time.perf_counter() - started)
         history.append(stats)
         if on_snapshot is not None:
@@ -180,18 +167,46 @@ def fit(model: DynamicCNN, train: DeviceData, val: DeviceData | None, hyper: Hyp
     return history
 
 
-def seconds_per_image(params: dict[str, Any], data: DeviceData, recipe: Recipe, augment: Augment,
+def _train_epoch(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+                 train: DeviceData, run: TrainingRun, generator: torch.Generator,
+                 step: int) -> tuple[_EpochSums, int, float]:
+    """One pass over `train`; returns the epoch's sums, the step after it and the last learning rate."""
+    settings, batch_size = run.settings, run.optimizer.batch_size
+    steps_per_epoch = max(1, len(train) // batch_size)
+    total, warmup = steps_per_epoch * run.epochs, int(settings.warmup_epochs * steps_per_epoch)
+    amp = autocast_dtype(train.device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+    sums = _EpochSums(torch.zeros((), device=train.device), torch.zeros((), device=train.device, dtype=torch.int64))
+    lr = get_lr(step, total, run.optimizer.lr, settings.schedule, warmup)
+    for x, y in train.batches(batch_size, generator, run.augment, drop_last=True):
+        lr = get_lr(step, total, run.optimizer.lr, settings.schedule, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(train.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = forward(x)
+            loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sums.loss += loss.detach() * len(y)
+        sums.correct += (logits.detach().argmax(1) == y).sum()
+        sums.seen += len(y)
+        step += 1
+    return sums, step, lr
+
+
+def seconds_per_image(params: TrialParams, data: DeviceData, settings: TrainSettings, augment: Augment,
                       steps: int = 12, warmup: int = 2) -> float:
     """Training seconds per image of `params` on this device and thread count, timed over `steps`
     steps after `warmup` untimed ones (first-call allocations, kernel selection, the thread pool)."""
-    hyper = Hyper.from_params(params)
-    images = min(len(data), hyper.batch_size * steps)
-    model = seeded_model(params, 0, data.device)
-    warm = DeviceData(data.x[:warmup * hyper.batch_size], data.y[:warmup * hyper.batch_size], data.device)
-    fit(model, warm, None, hyper, recipe, augment, 1, 0)
+    batch = params.optimizer.batch_size
+    images = min(len(data), batch * steps)
+    model = seeded_model(params.model, 0, data.device)
+    run = TrainingRun(params.optimizer, settings, augment, epochs=1, seed=0)
+    fit(model, DeviceData(data.x[:warmup * batch], data.y[:warmup * batch], data.device), None, run)
     sample = DeviceData(data.x[:images], data.y[:images], data.device)
     started = time.perf_counter()
-    fit(model, sample, None, hyper, recipe, augment, 1, 0)
+    fit(model, sample, None, run)
     return (time.perf_counter() - started) / max(1, len(sample))
 
 
@@ -207,7 +222,7 @@ def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
         torch.set_rng_state(state)
 
 
-def seeded_model(params: dict[str, Any], seed: int, device: torch.device) -> DynamicCNN:
-    """Build the model with weights drawn from `seed`, so a (params, seed) pair is reproducible."""
+def seeded_model(spec: ModelSpec, seed: int, device: torch.device) -> DynamicCNN:
+    """Build the model with weights drawn from `seed`, so a (spec, seed) pair is reproducible."""
     torch.manual_seed(seed)
-    return build(params).to(device).to(memory_format=torch.channels_last)
+    return DynamicCNN(spec).to(device).to(memory_format=torch.channels_last)

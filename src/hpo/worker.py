@@ -29,7 +29,8 @@ from hpo.data import TrialData
 from hpo.devices import Placement, cpu_count
 from hpo.errors import StorageError
 from hpo.objective import OutOfMemory, OverBudget, calibrate, make_objective
-from hpo.optuna_compat import study_storage, trial_id
+from hpo.optuna_compat import ArtifactStore, study_storage, trial_id
+from hpo.session import Opened
 from hpo.storage import Heartbeat, SlotLock, Storage, StorageSettings, connection_error, first_line
 from hpo.study import Reaper, counts, current_budget, fail, retry_note
 from hpo.train import TrainingDiverged
@@ -204,6 +205,27 @@ def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Plac
                 log.info("all %d slots are taken (%d running); waiting for them to finish", n_trials, c["RUNNING"])
                 waiting_logged = True
             time.sleep(poll_s)
+
+
+def serve(cfg: StudyConfig, opened: Opened, artifact_store: ArtifactStore | None, data_dir: str | None,
+          device: str | None, threads: int | None, sampler_seed: int | None, slots: int) -> WorkerResult:
+    """`hpo worker`: claim a device, load the data once, join the study (creating it if this worker is
+    first) and run trials until the budget says stop. Raises Shutdown on SIGTERM/SIGINT."""
+    from hpo import data
+    from hpo import study as study_mod
+    from hpo.devices import place
+    from hpo.storage import mask
+
+    install_signal_handlers()
+    placement = place(device, threads, claim=True, slots=slots)
+    # Data problems surface before the study is touched.
+    directory = data.find_data_dir(data_dir)
+    images, labels = data.load_split(directory, "train")
+    study, cfg = study_mod.create_or_load(opened.storage, cfg, sampler_seed=sampler_seed)
+    trial_data = data.trial_data(images, labels, cfg.budget.val_fraction, cfg.seed, placement.device,
+                                 cfg.budget.train_subset)
+    log.info("worker on %s joins study %r at %s (data %s)", placement.name, cfg.name, mask(opened.url), directory)
+    return run(study, cfg, trial_data, placement, opened.storage, artifact_store=artifact_store)
 
 
 def ensure_calibrated(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Placement) -> None:

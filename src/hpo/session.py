@@ -1,0 +1,72 @@
+"""What a command works on, opened in one step: the storage, and the study with its settings.
+
+The CLI's commands take a study argument (a name or a study file's path) and a storage URL; this
+module turns them into typed objects, so that no command unpacks tuples of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import optuna
+
+from hpo import artifacts, config
+from hpo import storage as storage_mod
+from hpo import study as study_mod
+from hpo.config import StudyConfig
+from hpo.errors import HpoError, StudyFileNotFound
+from hpo.optuna_compat import ArtifactStore
+
+
+@dataclass(frozen=True)
+class Opened:
+    url: str                   # the storage URL as resolved (flag, HPO_STORAGE or the default)
+    storage: storage_mod.Storage
+
+    def artifact_store(self, location: str | None) -> tuple[str, ArtifactStore]:
+        """The artifact store at `location` (a directory or s3://BUCKET), or this storage's default one."""
+        return artifacts.open_for(location, self.url)
+
+
+@dataclass(frozen=True)
+class OpenedStudy(Opened):
+    study: optuna.Study
+    config: StudyConfig        # the settings stored in the study
+
+
+def study_name(study_arg: str) -> str:
+    """A name is used as is; a path to a study file gives the name inside it."""
+    if config.is_path(study_arg):
+        return config.load(study_arg).name
+    return study_arg
+
+
+def open_storage(storage_url: str | None) -> Opened:
+    url = storage_mod.resolve_url(storage_url)
+    return Opened(url, storage_mod.open_storage(url))
+
+
+def open_study(study_arg: str, storage_url: str | None) -> OpenedStudy:
+    """An existing study (it is never created here) with the settings stored in it."""
+    opened = open_storage(storage_url)
+    study, cfg = study_mod.load(opened.storage, study_name(study_arg))
+    return OpenedStudy(opened.url, opened.storage, study, cfg)
+
+
+def worker_config(study_arg: str, storage_url: str | None) -> tuple[StudyConfig, Opened]:
+    """The study file, or, on a host without it, the settings stored in the existing study.
+
+    The file is read before the storage is opened, so an invalid file writes nothing.
+    """
+    try:
+        cfg = config.load(study_arg)
+    except StudyFileNotFound as missing:
+        opened = open_storage(storage_url)
+        try:
+            return study_mod.load(opened.storage, study_arg)[1], opened
+        except HpoError:
+            raise missing from None
+    return cfg, open_storage(storage_url)
+
+
+__all__ = ["Opened", "OpenedStudy", "open_storage", "open_study", "study_name", "worker_config"]
