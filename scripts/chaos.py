@@ -43,8 +43,12 @@ def chaos_study(seed: int, seconds: float) -> str:
     """The shipped `tiny` study (small CNNs, seconds per trial), ended by the clock, as a study file."""
     tiny = config.load("tiny")
     cfg = dataclasses.replace(
-        tiny, name="chaos", seed=seed, final=dataclasses.replace(tiny.final, ensemble=1, tta="none"),
-        budget=config.Budget(n_trials=10000, epochs=3, train_subset=2000, val_fraction=0.05, time_s=seconds))
+        tiny,
+        name="chaos",
+        seed=seed,
+        final=dataclasses.replace(tiny.final, ensemble=1, tta="none"),
+        budget=config.Budget(n_trials=10000, epochs=3, train_subset=2000, val_fraction=0.05, time_s=seconds),
+    )
     return config.to_toml(cfg)
 
 
@@ -63,9 +67,15 @@ class Chaos:
         self.faults: collections.Counter[str] = collections.Counter()
 
     def start_worker(self) -> None:
-        env = {**os.environ, "HPO_STORAGE": self.url, "HPO_HEARTBEAT_INTERVAL": str(HEARTBEAT_S),
-               "HPO_GRACE_PERIOD": str(GRACE_S), "HPO_MAX_RETRY": str(MAX_RETRY), "HPO_THREADS": "1",
-               "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "HPO_STORAGE": self.url,
+            "HPO_HEARTBEAT_INTERVAL": str(HEARTBEAT_S),
+            "HPO_GRACE_PERIOD": str(GRACE_S),
+            "HPO_MAX_RETRY": str(MAX_RETRY),
+            "HPO_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
         cmd = [sys.executable, "-m", "hpo", "worker", "--study", str(self.study_file)]
         if self.data_dir:
             cmd += ["--data-dir", self.data_dir]
@@ -81,8 +91,14 @@ class Chaos:
     def busy_worker(self) -> subprocess.Popen | None:
         """A live worker of ours that is running a trial."""
         study = self.study()
-        pids = set() if study is None else {t.user_attrs.get("pid") for t in study.get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+        pids = (
+            set()
+            if study is None
+            else {
+                t.user_attrs.get("pid")
+                for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            }
+        )
         mine = [p for p in self.procs if p.poll() is None and p.pid in pids]
         return self.rng.choice(mine) if mine else None
 
@@ -127,19 +143,27 @@ def check(study: optuna.Study, chaos: Chaos) -> list[tuple[str, str, bool]]:
     # copies (the last entry of retry_history).
     runs = collections.Counter(t.system_attrs.get("failed_trial", t.number) for t in trials)
     too_many = {n: k for n, k in runs.items() if k > 1 + MAX_RETRY}
-    copies = collections.Counter(t.system_attrs["retry_history"][-1] for t in trials
-                                 if t.system_attrs.get("retry_history"))
+    copies = collections.Counter(
+        t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")
+    )
     twice = {n: k for n, k in copies.items() if k > 1}
-    done = collections.Counter(t.system_attrs.get("failed_trial", t.number) for t in trials
-                               if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    done = collections.Counter(
+        t.system_attrs.get("failed_trial", t.number)
+        for t in trials
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    )
     duplicates = {n: k for n, k in done.items() if k > 1}
     codes = {p.pid: p.returncode for p in chaos.procs}
     bad_exit = {pid: code for pid, code in codes.items() if pid not in chaos.killed and code != 0}
     reasons = collections.Counter(t.user_attrs.get("fail_reason", "").split(":")[0] for t in failed)
     finished = states["COMPLETE"] + states["PRUNED"]
     return [
-        ("trials", f"{len(trials)}: {finished} finished ({states['COMPLETE']} complete, {states['PRUNED']} pruned), "
-                   f"{states['FAIL']} failed", finished > 0),
+        (
+            "trials",
+            f"{len(trials)}: {finished} finished ({states['COMPLETE']} complete, {states['PRUNED']} pruned), "
+            f"{states['FAIL']} failed",
+            finished > 0,
+        ),
         ("RUNNING or WAITING", str(states["RUNNING"] + states["WAITING"]), states["RUNNING"] + states["WAITING"] == 0),
         ("FAIL without a reason", str(no_reason or 0), not no_reason),
         ("FAIL reasons", ", ".join(f"{r or '(none)'} x{k}" for r, k in sorted(reasons.items())) or "none", True),
@@ -170,8 +194,9 @@ def main() -> int:
     if args.storage:
         url = args.storage
         # An outside server restarts as its own command does; the drawn downtime does not apply.
-        restart = None if not args.restart_db else (
-            lambda _down: subprocess.run(shlex.split(args.restart_db), check=True))
+        restart = (
+            None if not args.restart_db else (lambda _down: subprocess.run(shlex.split(args.restart_db), check=True))
+        )
     else:
         sys.path.insert(0, str(ROOT / "tests"))
         from pg import PostgresServer  # the test suite's private server: Debian's binaries on 127.0.0.1
@@ -184,8 +209,11 @@ def main() -> int:
     chaos = Chaos(url, restart, study_file, args.data_dir, out, args.seed)
     chaos.own_db = server is not None
     started = time.monotonic()
-    print(f"chaos: {args.workers} workers, {args.minutes:g} min, a fault every {args.every:g}s, seed {args.seed}; "
-          f"logs in {out}", flush=True)
+    print(
+        f"chaos: {args.workers} workers, {args.minutes:g} min, a fault every {args.every:g}s, seed {args.seed}; "
+        f"logs in {out}",
+        flush=True,
+    )
     try:
         for _ in range(args.workers):
             chaos.start_worker()

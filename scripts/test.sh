@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh postgresql chromium  # the server and browser the integration tests start
-echo "== lint (ruff) and types (mypy)"
+echo "== lint and format (ruff) and types (mypy)"
 .venv/bin/ruff check src tests scripts
+.venv/bin/ruff format --check src tests scripts
 .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

@@ -51,14 +51,16 @@ def make_dataset(directory: Path, n_train: int = 200, n_test: int = 50, seed: in
     return directory
 
 
-def run_hpo(*args: str, cwd: Path, timeout: float = 600, check: bool = True,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_hpo(
+    *args: str, cwd: Path, timeout: float = 600, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`python -m hpo ARGS` as a user runs it, in `cwd`, with HPO_STORAGE unset unless `env` sets it."""
     full = {**os.environ, "PYTHONUNBUFFERED": "1"}
     full.pop("HPO_STORAGE", None)
     full.update(env or {})
-    result = subprocess.run([sys.executable, "-m", "hpo", *args], cwd=cwd, env=full, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "hpo", *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"hpo {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
@@ -73,9 +75,17 @@ def chromium() -> str:
     return found
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--virtual-time-budget=15000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=15000",
+]
 
 
 def page_text(browser: str, url: str, profile: Path, until: str, tries: int = 30) -> tuple[str, str]:
@@ -83,13 +93,38 @@ def page_text(browser: str, url: str, profile: Path, until: str, tries: int = 30
     retried until the text contains `until` or `tries` runs out."""
     dom = text = ""
     for _ in range(tries):
-        dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
-                             capture_output=True, text=True, timeout=90).stdout
+        dom = subprocess.run(
+            [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        ).stdout
         text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(style|script).*?</\1>", " ", dom, flags=re.S)))
         if until in text:
             break
         time.sleep(1)
     return dom, text
+
+
+@pytest.fixture
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The real `hpo` CLI in-process, in an empty working directory with no storage or data set from
+    the environment. Without --debug no command may print a traceback, whatever it is asked."""
+    from click.testing import CliRunner
+
+    from hpo.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HPO_STORAGE", raising=False)
+    monkeypatch.delenv("HPO_DATA_DIR", raising=False)
+
+    def invoke(*args: str):
+        result = CliRunner().invoke(cli, list(args))
+        if "--debug" not in args:
+            assert "Traceback" not in result.output
+        return result
+
+    return invoke
 
 
 @pytest.fixture

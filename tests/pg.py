@@ -42,11 +42,12 @@ class PostgresServer:
         pwfile.write_text(PASSWORD + "\n")
         if self.as_root:
             shutil.chown(pwfile, "postgres")
-        self._run("initdb", "-D", str(self.data), "-U", USER, f"--pwfile={pwfile}", "-A", "scram-sha-256",
-                  "--no-sync")
+        self._run("initdb", "-D", str(self.data), "-U", USER, f"--pwfile={pwfile}", "-A", "scram-sha-256", "--no-sync")
         with open(self.data / "postgresql.conf", "a") as conf:
-            conf.write(f"listen_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = '{self.root}'\n"
-                       "fsync = off\nmax_connections = 200\n")
+            conf.write(
+                f"listen_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = '{self.root}'\n"
+                "fsync = off\nmax_connections = 200\n"
+            )
         self.start()
 
     def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -12,15 +12,23 @@ from hpo import budget, config
 from hpo.budget import EpochCost, Plan
 
 
-@pytest.mark.parametrize("text, seconds", [("10m", 600), ("1h30m", 5400), ("90s", 90), ("45", 45),
-                                           ("1.5h", 5400), (" 2m 30s ", 150)])
+@pytest.mark.parametrize(
+    "text, seconds", [("10m", 600), ("1h30m", 5400), ("90s", 90), ("45", 45), ("1.5h", 5400), (" 2m 30s ", 150)]
+)
 def test_durations_people_write(text, seconds):
     assert config.parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text, problem", [("ten minutes", "is not a duration"), ("10x", "is not a duration"),
-                                           ("0m", "not a positive duration"), ("-5m", "is not a duration"),
-                                           ("", "is not a duration")])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("ten minutes", "is not a duration"),
+        ("10x", "is not a duration"),
+        ("0m", "not a positive duration"),
+        ("-5m", "is not a duration"),
+        ("", "is not a duration"),
+    ],
+)
 def test_durations_that_do_not_parse_say_why(text, problem):
     with pytest.raises(ValueError, match=problem):
         config.parse_duration(text)
@@ -42,10 +50,19 @@ def test_quantile_is_an_upper_order_statistic():
 def study_with(epoch_seconds: list[float], epochs: int = 3) -> optuna.Study:
     study = optuna.create_study(direction="maximize")
     for i, seconds in enumerate(epoch_seconds):
-        study.add_trial(create_trial(
-            state=TrialState.COMPLETE, value=0.5 + i / 100, params={},
-            user_attrs={"history": [{"epoch": e + 1, "seconds": seconds} for e in range(epochs)],
-                        budget.TRAIN_IMAGES_ATTR: 1000, budget.VAL_IMAGES_ATTR: 300, "threads": 1}))
+        study.add_trial(
+            create_trial(
+                state=TrialState.COMPLETE,
+                value=0.5 + i / 100,
+                params={},
+                user_attrs={
+                    "history": [{"epoch": e + 1, "seconds": seconds} for e in range(epochs)],
+                    budget.TRAIN_IMAGES_ATTR: 1000,
+                    budget.VAL_IMAGES_ATTR: 300,
+                    "threads": 1,
+                },
+            )
+        )
     return study
 
 
@@ -128,8 +145,9 @@ def test_minimum_budget_is_the_shortest_in_which_the_planner_starts_a_trial():
     cfg = config.load("tiny")  # 3 trial epochs, ensemble of 2 members of 1 epoch
     cost = EpochCost(epoch_s=1.0, train_images=1000, val_images=300, threads=1)
     study = optuna.create_study()
-    study.set_user_attr(budget.CALIBRATION_ATTR, {"epoch_s": 1.0, "train_images": 1000, "val_images": 300,
-                                                   "threads": 1})
+    study.set_user_attr(
+        budget.CALIBRATION_ATTR, {"epoch_s": 1.0, "train_images": 1000, "val_images": 300, "threads": 1}
+    )
     for calibrated in (True, False):
         needed = budget.minimum_budget(cfg, cost, 1, calibrated=calibrated, start_s=10.0)
         costs = [] if calibrated else [cost]
@@ -138,8 +156,9 @@ def test_minimum_budget_is_the_shortest_in_which_the_planner_starts_a_trial():
             estimate = budget.trial_estimate(cfg, costs, cost)
             full = budget.final_reserve(study, cfg, 1, costs, cost)
             reserve = budget.yielded_reserve(budget.final_reserve(study, cfg, 1, costs, cost, time_s), estimate, time_s)
-            plan = Plan(decided_at=1010.0, estimate_s=estimate, reserve_s=reserve + budget.slack_s(time_s),
-                        deadline=deadline.at)
+            plan = Plan(
+                decided_at=1010.0, estimate_s=estimate, reserve_s=reserve + budget.slack_s(time_s), deadline=deadline.at
+            )
             # The finalizer's share, after giving way to the first trial, must still hold one epoch of one member.
             holds_an_epoch = reserve >= min(full, budget.member_estimate(cost, 1, 1))
             assert (plan.fits and holds_an_epoch) is fits, (calibrated, time_s, plan)

@@ -3,20 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from click.testing import CliRunner
-
-from hpo.cli import cli
-
-
-@pytest.fixture
-def run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HPO_STORAGE", raising=False)
-
-    def invoke(*args: str):
-        return CliRunner().invoke(cli, list(args))
-
-    return invoke
 
 
 def assert_user_error(result, text: str) -> None:
@@ -43,8 +29,9 @@ def test_malformed_storage_url(run):
 
 
 def test_unsupported_scheme(run):
-    assert_user_error(run("status", "--study", "tiny", "--storage", "mysql://u:secret@h/db"),
-                      "unsupported storage scheme 'mysql'")
+    assert_user_error(
+        run("status", "--study", "tiny", "--storage", "mysql://u:secret@h/db"), "unsupported storage scheme 'mysql'"
+    )
 
 
 def test_password_is_masked_in_messages(run):
@@ -74,8 +61,11 @@ def test_changed_search_space_is_refused(run, tmp_path):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     study.create_or_load(storage.open_storage(url), config.load("tiny"))
     changed = tmp_path / "tiny.toml"
-    text = (config.resolve_path("tiny")).read_text().replace("filters      = { choices = [8, 16] }",
-                                                              "filters      = { choices = [8, 32] }")
+    text = (
+        (config.resolve_path("tiny"))
+        .read_text()
+        .replace("filters      = { choices = [8, 16] }", "filters      = { choices = [8, 32] }")
+    )
     changed.write_text(text)
     result = run("worker", "--study", str(changed), "--storage", url)
     assert_user_error(result, "study 'tiny' already exists with a different search space (filters differ")
@@ -88,15 +78,22 @@ def test_debug_shows_the_traceback(run):
 
 
 def test_predict_and_export_without_a_final_model(run):
-    assert_user_error(run("predict", "--study", "tiny", "a.png"),
-                      "no final model at runs/tiny/final/model.pt. Run `hpo final-train --study tiny` first")
-    assert_user_error(run("export", "--study", "tiny", "--format", "onnx"), "no final model at runs/tiny/final/model.pt")
+    assert_user_error(
+        run("predict", "--study", "tiny", "a.png"),
+        "no final model at runs/tiny/final/model.pt. Run `hpo final-train --study tiny` first",
+    )
+    assert_user_error(
+        run("export", "--study", "tiny", "--format", "onnx"), "no final model at runs/tiny/final/model.pt"
+    )
 
 
-@pytest.mark.parametrize("location, text", [
-    ("s3://bucket/prefix", "give a bucket only, like s3://hpo-artifacts"),
-    ("gs://bucket", "scheme gs:// is not supported. Use a directory path or s3://BUCKET"),
-])
+@pytest.mark.parametrize(
+    "location, text",
+    [
+        ("s3://bucket/prefix", "give a bucket only, like s3://hpo-artifacts"),
+        ("gs://bucket", "scheme gs:// is not supported. Use a directory path or s3://BUCKET"),
+    ],
+)
 def test_bad_artifact_locations(run, tmp_path, location, text):
     result = run("worker", "--study", "tiny", "--artifacts", location)
     assert_user_error(result, text)
@@ -105,13 +102,20 @@ def test_bad_artifact_locations(run, tmp_path, location, text):
 def test_unwritable_artifact_directory(run, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_user_error(run("optimize", "--study", "tiny", "--artifacts", str(blocker / "artifacts")),
-                      f"cannot create the artifact directory {blocker / 'artifacts'}")
+    assert_user_error(
+        run("optimize", "--study", "tiny", "--artifacts", str(blocker / "artifacts")),
+        f"cannot create the artifact directory {blocker / 'artifacts'}",
+    )
 
 
-@pytest.mark.parametrize("value, text", [("ten", "--time: 'ten' is not a duration such as 90s, 10m, 1h or 1h30m."),
-                                         ("0m", "--time: '0m' is not a positive duration"),
-                                         ("-1h", "--time: '-1h' is not a duration")])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        ("ten", "--time: 'ten' is not a duration such as 90s, 10m, 1h or 1h30m."),
+        ("0m", "--time: '0m' is not a positive duration"),
+        ("-1h", "--time: '-1h' is not a duration"),
+    ],
+)
 def test_a_time_that_does_not_parse_writes_nothing(run, tmp_path, value, text):
     assert_user_error(run("optimize", "--study", "tiny", "--time", value), text)
     assert not (tmp_path / "runs").exists()
@@ -126,24 +130,41 @@ def test_a_time_budget_too_short_for_one_trial_and_the_finalizer_creates_no_stud
     assert optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'runs' / 'hpo.db'}") == []
 
 
-@pytest.mark.parametrize("section, line, text", [
-    ("[budget]", 'time = "soon"', "[budget] time: 'soon' is not a duration"),
-    ("[budget]", "time = 0", "[budget] time: '0.0' is not a positive duration"),
-    ("[final]", "ensemble = 0", "[final] ensemble must be at least 1 (one model), got 0"),
-    ("[final]", 'tta = "flop"', "[final] tta 'flop' is not known. Did you mean 'flip'? Use one of: none, flip"),
-    ("[final]", "member_gap = -0.1", "[final] member_gap must not be negative (0 keeps only trials that tie the best), got -0.1"),
-    ("[final]", "max_epochs = 0", "[final] max_epochs (0) must be at least epochs (1); or leave it out"),
-    ("[final]", "max_share = 1.0", "[final] max_share must be between 0 and 1 (the finalizer's share of a time budget), got 1.0"),
-    ("[final]", "speed_tie = -1", "[final] speed_tie must not be negative (0 turns it off), got -1.0"),
-    ("[final]", 'fill = "seed"', "[final] fill 'seed' is not known. Did you mean 'seeds'? Use one of: none, seeds"),
-    ("[augment]", "erase = 1.5", "[augment] erase must be a probability in [0, 1], got 1.5"),
-])
+@pytest.mark.parametrize(
+    "section, line, text",
+    [
+        ("[budget]", 'time = "soon"', "[budget] time: 'soon' is not a duration"),
+        ("[budget]", "time = 0", "[budget] time: '0.0' is not a positive duration"),
+        ("[final]", "ensemble = 0", "[final] ensemble must be at least 1 (one model), got 0"),
+        ("[final]", 'tta = "flop"', "[final] tta 'flop' is not known. Did you mean 'flip'? Use one of: none, flip"),
+        (
+            "[final]",
+            "member_gap = -0.1",
+            "[final] member_gap must not be negative (0 keeps only trials that tie the best), got -0.1",
+        ),
+        ("[final]", "max_epochs = 0", "[final] max_epochs (0) must be at least epochs (1); or leave it out"),
+        (
+            "[final]",
+            "max_share = 1.0",
+            "[final] max_share must be between 0 and 1 (the finalizer's share of a time budget), got 1.0",
+        ),
+        ("[final]", "speed_tie = -1", "[final] speed_tie must not be negative (0 turns it off), got -1.0"),
+        ("[final]", 'fill = "seed"', "[final] fill 'seed' is not known. Did you mean 'seeds'? Use one of: none, seeds"),
+        ("[augment]", "erase = 1.5", "[augment] erase must be a probability in [0, 1], got 1.5"),
+    ],
+)
 def test_bad_budget_and_final_settings_name_the_key(run, tmp_path, section, line, text):
     from pathlib import Path
 
     key = line.split("=")[0].strip()
-    source = "\n".join(row for row in (Path(__file__).resolve().parents[1] / "studies" / "tiny.toml").read_text()
-                       .splitlines() if not row.startswith(f"{key} ")) + "\n"
+    source = (
+        "\n".join(
+            row
+            for row in (Path(__file__).resolve().parents[1] / "studies" / "tiny.toml").read_text().splitlines()
+            if not row.startswith(f"{key} ")
+        )
+        + "\n"
+    )
     bad = tmp_path / "bad.toml"
     bad.write_text(source.replace(f"{section}\n", f"{section}\n{line}\n", 1))
     assert_user_error(run("optimize", "--study", str(bad)), text)
@@ -158,8 +179,11 @@ def test_final_after_a_search_without_complete_trials_says_what_to_do(tmp_path):
     from hpo.final import after_search
 
     study = optuna.create_study(direction="maximize")
-    with pytest.raises(HpoError, match=r"--final: study 'tiny' has no COMPLETE trial after the search, so there is "
-                                       r"nothing to retrain. Give a longer --time"):
+    with pytest.raises(
+        HpoError,
+        match=r"--final: study 'tiny' has no COMPLETE trial after the search, so there is "
+        r"nothing to retrain. Give a longer --time",
+    ):
         after_search(study, config.load("tiny"), None, tmp_path, "cpu", None)
 
 
@@ -167,7 +191,9 @@ def test_predicting_needs_neither_the_dashboard_nor_matplotlib():
     import subprocess
     import sys
 
-    probe = ("import sys, hpo.inference; "
-             "print(sorted(m for m in ('optuna_dashboard', 'matplotlib', 'hpo.final') if m in sys.modules))")
+    probe = (
+        "import sys, hpo.inference; "
+        "print(sorted(m for m in ('optuna_dashboard', 'matplotlib', 'hpo.final') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

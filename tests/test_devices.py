@@ -24,17 +24,23 @@ def test_slots_fill_every_gpu_evenly_until_none_is_left(tmp_path):
         with pytest.raises(HpoError, match=r"all 2 GPUs x 2 slots on this host are claimed"):
             devices.claim_gpu(2, slots=2, directory=tmp_path, wait=False)
     finally:
-        for f in devices._claims[len(held):]:
+        for f in devices._claims[len(held) :]:
             f.close()
-        del devices._claims[len(held):]
+        del devices._claims[len(held) :]
 
 
 def test_a_killed_workers_slot_is_reclaimed(tmp_path):
     """A real process claims GPU 0's slot and is SIGKILLed; the next claimant gets that slot back."""
-    child = subprocess.Popen([sys.executable, "-c",
-                              "import sys, time; from hpo import devices; from pathlib import Path;"
-                              f"print(*devices.claim_gpu(2, 1, Path({str(tmp_path)!r})), flush=True); time.sleep(60)"],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from hpo import devices; from pathlib import Path;"
+            f"print(*devices.claim_gpu(2, 1, Path({str(tmp_path)!r})), flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().split() == ["0", "0"]
         held = list(devices._claims)

@@ -16,32 +16,16 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from click.testing import CliRunner
 
 from conftest import REPO, make_dataset, write_idx
 from hpo import checkpoints, config, data, storage
 from hpo import study as study_mod
 from hpo import worker as worker_mod
-from hpo.cli import cli
 from hpo.data import DeviceData, TrialData
 from hpo.devices import place
 from hpo.errors import DataError, HpoError
 
 TINY = (REPO / "studies" / "tiny.toml").read_text()
-
-
-@pytest.fixture
-def run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HPO_STORAGE", raising=False)
-    monkeypatch.delenv("HPO_DATA_DIR", raising=False)
-
-    def invoke(*args: str):
-        result = CliRunner().invoke(cli, list(args))
-        assert "Traceback" not in result.output
-        return result
-
-    return invoke
 
 
 def user_error(result, *fragments: str) -> str:
@@ -59,16 +43,24 @@ BAD_FILES = {
     "not TOML": ("name = [unclosed\n", "not valid TOML"),
     "unknown key": (TINY.replace("seed = 0", "sed = 0"), "unknown key 'sed'. Did you mean 'seed'?"),
     "wrong type": (TINY.replace("n_trials = 8", 'n_trials = "8"'), "n_trials must be int, got str '8'"),
-    "low > high": (TINY.replace("lr           = { low = 1e-3, high = 1e-1", "lr           = { low = 1e-1, high = 1e-3"),
-                   "low (0.1) is greater than high (0.001). Swap them."),
-    "log range with 0": (TINY.replace("weight_decay = { low = 1e-6", "weight_decay = { low = 0.0"),
-                         "a log range must be above 0"),
-    "empty choices": (TINY.replace('optimizer    = { choices = ["adam", "sgd", "rmsprop"] }',
-                                   "optimizer    = { choices = [] }"), "choices must be a non-empty list"),
+    "low > high": (
+        TINY.replace("lr           = { low = 1e-3, high = 1e-1", "lr           = { low = 1e-1, high = 1e-3"),
+        "low (0.1) is greater than high (0.001). Swap them.",
+    ),
+    "log range with 0": (
+        TINY.replace("weight_decay = { low = 1e-6", "weight_decay = { low = 0.0"),
+        "a log range must be above 0",
+    ),
+    "empty choices": (
+        TINY.replace('optimizer    = { choices = ["adam", "sgd", "rmsprop"] }', "optimizer    = { choices = [] }"),
+        "choices must be a non-empty list",
+    ),
     "n_trials < 1": (TINY.replace("n_trials = 8", "n_trials = 0"), "n_trials must be at least 1, got 0"),
     "unknown sampler": (TINY.replace('name = "tpe"', 'name = "tpex"'), "name 'tpex' is not known. Did you mean 'tpe'?"),
-    "unknown pruner": (TINY.replace('name = "median"', 'name = "mediam"'),
-                       "name 'mediam' is not known. Did you mean 'median'?"),
+    "unknown pruner": (
+        TINY.replace('name = "median"', 'name = "mediam"'),
+        "name 'mediam' is not known. Did you mean 'median'?",
+    ),
 }
 
 
@@ -90,20 +82,31 @@ def test_missing_study_file(run):
 
 # --------------------------------------------------------------------------- storage
 
+
 def test_malformed_url(run):
-    user_error(run("status", "--study", "tiny", "--storage", "localhost:5432/hpo"), "malformed storage URL",
-               "postgresql+psycopg2://user:password@host:5432/dbname")
+    user_error(
+        run("status", "--study", "tiny", "--storage", "localhost:5432/hpo"),
+        "malformed storage URL",
+        "postgresql+psycopg2://user:password@host:5432/dbname",
+    )
 
 
 def test_unsupported_scheme(run):
-    user_error(run("status", "--study", "tiny", "--storage", "mysql://u:topsecret@h/db"),
-               "unsupported storage scheme 'mysql'", "u:***@h")
+    user_error(
+        run("status", "--study", "tiny", "--storage", "mysql://u:topsecret@h/db"),
+        "unsupported storage scheme 'mysql'",
+        "u:***@h",
+    )
 
 
 def test_unreachable_database_waits_then_exits(run, monkeypatch):
     monkeypatch.setenv("HPO_DB_WAIT", "1")
-    line = user_error(run("status", "--study", "tiny", "--storage", "postgresql+psycopg2://u:topsecret@127.0.0.1:9/x"),
-                      "cannot reach the database", "after waiting 1s", "raise HPO_DB_WAIT")
+    line = user_error(
+        run("status", "--study", "tiny", "--storage", "postgresql+psycopg2://u:topsecret@127.0.0.1:9/x"),
+        "cannot reach the database",
+        "after waiting 1s",
+        "raise HPO_DB_WAIT",
+    )
     assert "topsecret" not in line
 
 
@@ -111,7 +114,9 @@ def test_unreachable_database_waits_then_exits(run, monkeypatch):
 def test_study_that_does_not_exist(run, tmp_path, command):
     url = f"sqlite:///{tmp_path / 's.db'}"
     study_mod.create_or_load(storage.open_storage(url), config.load("tiny"))
-    user_error(run(command, "--study", "cnn", "--storage", url), "no study named 'cnn'", "Studies in this storage: tiny")
+    user_error(
+        run(command, "--study", "cnn", "--storage", url), "no study named 'cnn'", "Studies in this storage: tiny"
+    )
 
 
 def test_existing_study_with_another_space(run, tmp_path):
@@ -119,13 +124,16 @@ def test_existing_study_with_another_space(run, tmp_path):
     study_mod.create_or_load(storage.open_storage(url), config.load("tiny"))
     changed = tmp_path / "tiny.toml"
     changed.write_text(TINY.replace("n_conv       = { low = 1, high = 2 }", "n_conv       = { low = 1, high = 3 }"))
-    user_error(run("create", "--study", str(changed), "--storage", url),
-               "already exists with a different search space (n_conv differ")
+    user_error(
+        run("create", "--study", str(changed), "--storage", url),
+        "already exists with a different search space (n_conv differ",
+    )
     study = optuna.load_study(study_name="tiny", storage=url)
     assert study._storage.get_study_system_attrs(study._study_id)["hpo:config"]["space"]["n_conv"]["high"] == 2
 
 
 # --------------------------------------------------------------------------- data
+
 
 def broken_copy(tmp_path: Path, how: str) -> Path:
     d = make_dataset(tmp_path / "data", n_train=300)
@@ -140,25 +148,31 @@ def broken_copy(tmp_path: Path, how: str) -> Path:
     return d
 
 
-@pytest.mark.parametrize("how, message", [
-    ("truncated", "cannot read"),
-    ("wrong magic", "not an IDX file"),
-    ("different lengths", "holds 300 images but"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [("truncated", "cannot read"), ("wrong magic", "not an IDX file"), ("different lengths", "holds 300 images but")],
+)
 def test_bad_data_files_stop_the_worker_before_the_study_is_touched(run, tmp_path, how, message):
     d = broken_copy(tmp_path, how)
     url = f"sqlite:///{tmp_path / 's.db'}"
-    user_error(run("worker", "--study", "tiny", "--storage", url, "--data-dir", str(d)), message,
-               "Replace" if how != "different lengths" else "matching pair")
+    user_error(
+        run("worker", "--study", "tiny", "--storage", url, "--data-dir", str(d)),
+        message,
+        "Replace" if how != "different lengths" else "matching pair",
+    )
     assert optuna.get_all_study_summaries(url) == []
 
 
 def test_no_data_files_lists_the_three_ways(run, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    user_error(run("worker", "--study", "tiny", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--data-dir", str(empty)),
-               "lacks some Fashion-MNIST files", "--data-dir DIR or HPO_DATA_DIR", "apt-get install dataset-fashion-mnist",
-               "torchvision can download")
+    user_error(
+        run("worker", "--study", "tiny", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--data-dir", str(empty)),
+        "lacks some Fashion-MNIST files",
+        "--data-dir DIR or HPO_DATA_DIR",
+        "apt-get install dataset-fashion-mnist",
+        "torchvision can download",
+    )
 
 
 def _find_as_nobody(directory: str, out) -> None:
@@ -221,8 +235,18 @@ def run_worker(tmp_path, cfg_text: str, enqueue: list[dict] | None = None):
 
 def test_nan_loss_fails_the_trial_with_a_reason_and_the_worker_carries_on(tmp_path):
     text = TINY.replace("n_trials = 8", "n_trials = 3").replace("train_subset = 1000", "train_subset = 0")
-    diverging = {"n_conv": 1, "filters_0": 8, "kernel_size": 3, "n_fc": 1, "fc_size": 16, "dropout": 0.0,
-                 "optimizer": "sgd", "lr": 1e6, "batch_size": 64, "weight_decay": 1e-6}
+    diverging = {
+        "n_conv": 1,
+        "filters_0": 8,
+        "kernel_size": 3,
+        "n_fc": 1,
+        "fc_size": 16,
+        "dropout": 0.0,
+        "optimizer": "sgd",
+        "lr": 1e6,
+        "batch_size": 64,
+        "weight_decay": 1e-6,
+    }
     study, result = run_worker(tmp_path, text, enqueue=[diverging])
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) == 1 and failed[0].params["lr"] == 1e6
@@ -251,13 +275,17 @@ def test_out_of_memory_fails_the_trial_and_the_worker_carries_on(tmp_path, monke
 
 # --------------------------------------------------------------------------- final-train
 
+
 def test_output_directory_that_cannot_be_created(run, tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     study, _ = study_mod.create_or_load(storage.open_storage(url), config.load("tiny"))
     study.add_trial(optuna.create_trial(value=0.5, params={}, distributions={}))
     (tmp_path / "a-file").write_text("x")
-    user_error(run("final-train", "--study", "tiny", "--storage", url, "--out", str(tmp_path / "a-file" / "out")),
-               "cannot create the output directory", "Pass a writable --out")
+    user_error(
+        run("final-train", "--study", "tiny", "--storage", url, "--out", str(tmp_path / "a-file" / "out")),
+        "cannot create the output directory",
+        "Pass a writable --out",
+    )
 
 
 def checkpoint(path: Path, **overrides) -> Path:
@@ -297,6 +325,7 @@ def test_checkpoints_load_with_weights_only(tmp_path):
 
 
 # --------------------------------------------------------------------------- security, statically
+
 
 def test_no_shell_strings_in_the_package():
     for source in (REPO / "src" / "hpo").glob("*.py"):

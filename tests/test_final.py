@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import optuna
 import pytest
@@ -29,8 +30,9 @@ def study_of(values_and_params: list[tuple[float, dict]]) -> optuna.Study:
     dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)}
     for value, params in values_and_params:
         study.add_trial(create_trial(state=TrialState.COMPLETE, value=value, params=params, distributions=dist))
-    study.add_trial(create_trial(state=TrialState.PRUNED, params={"lr": 0.5}, distributions=dist,
-                                 intermediate_values={1: 0.99}))
+    study.add_trial(
+        create_trial(state=TrialState.PRUNED, params={"lr": 0.5}, distributions=dist, intermediate_values={1: 0.99})
+    )
     return study
 
 
@@ -49,8 +51,10 @@ def test_members_far_below_the_best_are_left_out_and_the_reason_given():
     study = study_of([(0.930, {"lr": 0.1}), (0.925, {"lr": 0.01}), (0.905, {"lr": 0.2}), (0.90, {"lr": 0.3})])
     chosen, gated = choose_members(study, with_gap(0.01), 3)
     assert [t.value for t in chosen] == [0.930, 0.925]
-    assert gated == ("ensemble shrank from 3 to 2 member(s): only 2 of the 3 best distinct trials score within "
-                     "member_gap 0.01 of the best val_accuracy 0.9300")
+    assert gated == (
+        "ensemble shrank from 3 to 2 member(s): only 2 of the 3 best distinct trials score within "
+        "member_gap 0.01 of the best val_accuracy 0.9300"
+    )
     chosen, gated = choose_members(study, with_gap(0.0), 2)
     assert [t.value for t in chosen] == [0.930] and "from 2 to 1" in gated
 
@@ -61,8 +65,10 @@ def test_fill_seeds_gives_the_places_the_gap_leaves_to_the_best_trial_and_says_s
     cfg = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, fill="seeds"))
     chosen, why = choose_members(study, cfg, 3)
     assert [t.value for t in chosen] == [0.930, 0.925, 0.930]
-    assert why == ('1 of the 3 member places went to the first member, trial 0, with further seeds ([final] fill = "seeds"): '
-                   "only 2 of the 3 best distinct trials score within member_gap 0.01 of the best val_accuracy 0.9300")
+    assert why == (
+        '1 of the 3 member places went to the first member, trial 0, with further seeds ([final] fill = "seeds"): '
+        "only 2 of the 3 best distinct trials score within member_gap 0.01 of the best val_accuracy 0.9300"
+    )
     # More places than distinct trials is no error with seeds to fill them.
     chosen, _ = choose_members(study_of([(0.90, {"lr": 0.1})]), cfg, 3)
     assert [t.number for t in chosen] == [0, 0, 0]
@@ -73,9 +79,15 @@ def timed_study(rows: list[tuple[float, float]]) -> optuna.Study:
     study = optuna.create_study(direction="maximize")
     dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)}
     for i, (value, seconds) in enumerate(rows):
-        study.add_trial(create_trial(state=TrialState.COMPLETE, value=value, params={"lr": 0.01 * (i + 1)},
-                                     distributions=dist, user_attrs={"history": [{"seconds": seconds}],
-                                                                     "train_images": 1000, "val_images": 0}))
+        study.add_trial(
+            create_trial(
+                state=TrialState.COMPLETE,
+                value=value,
+                params={"lr": 0.01 * (i + 1)},
+                distributions=dist,
+                user_attrs={"history": [{"seconds": seconds}], "train_images": 1000, "val_images": 0},
+            )
+        )
     return study
 
 
@@ -85,8 +97,10 @@ def test_within_a_time_budget_the_fastest_trial_tied_with_the_best_leads():
     cfg = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, speed_tie=0.005, member_gap=0.01))
     chosen, why = choose_members(study, cfg, 1, timed=True)
     assert [t.number for t in chosen] == [0]
-    assert why == ("trial 0 leads the final run: its val_accuracy 0.8685 is within speed_tie 0.005 of the best, "
-                   "trial 1's 0.8707, and it trains 1.60x as fast, so it gets more epochs in the time left")
+    assert why == (
+        "trial 0 leads the final run: its val_accuracy 0.8685 is within speed_tie 0.005 of the best, "
+        "trial 1's 0.8707, and it trains 1.60x as fast, so it gets more epochs in the time left"
+    )
     # Without a time budget epochs are fixed, so speed buys nothing: the best leads.
     assert [t.number for t in choose_members(study, cfg, 1, timed=False)[0]] == [1]
     # Off by default.
@@ -96,11 +110,33 @@ def test_within_a_time_budget_the_fastest_trial_tied_with_the_best_leads():
 def test_an_ensemble_larger_than_the_distinct_trials_is_refused_with_the_count():
     cfg = config.load("tiny")
     study = study_of([(0.80, {"lr": 0.1}), (0.90, {"lr": 0.1})])
-    with pytest.raises(HpoError, match=r"ensemble = 2, but study 'tiny' has only 1 distinct COMPLETE trial\(s\). "
-                                       r"Lower ensemble to at most 1"):
+    with pytest.raises(
+        HpoError,
+        match=r"ensemble = 2, but study 'tiny' has only 1 distinct COMPLETE trial\(s\). "
+        r"Lower ensemble to at most 1",
+    ):
         choose_members(study, cfg, 2)
 
 
 def test_a_study_without_complete_trials_has_nothing_to_retrain():
     with pytest.raises(HpoError, match="has no COMPLETE trial yet"):
         choose_members(optuna.create_study(direction="maximize"), config.load("tiny"), 1)
+
+
+def test_timed_replan_fits_the_epochs_to_the_measured_ones_in_the_first_half_only():
+    from hpo import budget
+    from hpo.final import timed_replan
+    from hpo.train import EpochStats
+
+    def epochs(*seconds):
+        return [EpochStats(i + 1, 1.0, 0.5, None, None, 0.1, s) for i, s in enumerate(seconds)]
+
+    # 600 s budget, 300 s left: slack 12 s and the test pass (10,000 images at 10 s per 60,000) come off.
+    deadline = budget.Deadline(at=time.time() + 300, time_s=600, set_at=time.time() - 300)
+    replan = timed_replan(deadline, 60_000, epochs=36, most=48)
+    left = 300 - 12 - 10 * budget.TEST_IMAGES / 60_000
+    assert replan(epochs(10.0, 10.0), 20) == 2 + int(left // (1.05 * 10.0))  # up to [final] epochs (36)
+    assert replan(epochs(30.0, 10.0, 30.0), 20) == 3 + int((300 - 12 - 30 / 6) // (1.05 * 30.0))  # the median epoch
+    assert replan(epochs(*[10.0] * 11), 20) == 20  # past halfway: left alone
+    grown = replan(epochs(2.0, 2.0), 20)
+    assert 36 < grown <= 48  # time to spare grows it up to max_epochs

@@ -35,7 +35,7 @@ def test_a_wide_image_is_padded_to_a_square_not_stretched(tmp_path):
     Image.fromarray(wide).save(tmp_path / "w.png")
     got = read_image(tmp_path / "w.png")
     assert got[:7].max() < 30 and got[21:].max() < 30  # padding above and below
-    assert got[10:18, 12:16].min() > 200               # the bar stays in the middle
+    assert got[10:18, 12:16].min() > 200  # the bar stays in the middle
 
 
 def test_transparency_counts_as_background(tmp_path):
@@ -46,10 +46,13 @@ def test_transparency_counts_as_background(tmp_path):
     assert got[0, 0] == 0 and got[14, 14] > 200  # laid on white, then inverted like a product photo
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR garbage", "corrupt image data"),
-    (b"just text", "not an image PIL can read"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR garbage", "corrupt image data"),
+        (b"just text", "not an image PIL can read"),
+    ],
+)
 def test_bad_files_raise_one_clear_error(tmp_path, content, message):
     (tmp_path / "x").write_bytes(content)
     with pytest.raises(ImageError, match=message):

@@ -13,7 +13,9 @@ from hpo import storage as storage_mod
 from hpo import study as study_mod
 from hpo.storage import StorageSettings
 
-pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # ask() outside optimize(), as workers do
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Heartbeat of storage:UserWarning"
+)  # ask() outside optimize(), as workers do
 SETTINGS = StorageSettings(heartbeat_interval=1, grace_period=1, max_retry=1)
 
 

@@ -5,8 +5,20 @@ import pytest
 
 from hpo import config, space
 
-FULL = dict(n_conv=3, filters_0=32, filters_1=64, filters_2=128, kernel_size=5, n_fc=2, fc_size=256,
-            dropout=0.25, optimizer="sgd", lr=0.01, batch_size=128, weight_decay=1e-4)
+FULL = dict(
+    n_conv=3,
+    filters_0=32,
+    filters_1=64,
+    filters_2=128,
+    kernel_size=5,
+    n_fc=2,
+    fc_size=256,
+    dropout=0.25,
+    optimizer="sgd",
+    lr=0.01,
+    batch_size=128,
+    weight_decay=1e-4,
+)
 
 
 def test_suggest_reads_every_parameter_through_the_trial():

@@ -20,17 +20,29 @@ def test_summary_counts_epochs_saved_and_estimates_the_time_left(tmp_path):
     dist = {"x": FloatDistribution(0, 1)}
 
     def add(state, values: dict[int, float], seconds: float, value=None):
-        study.add_trial(FrozenTrial(number=0, trial_id=0, state=state, value=value, values=None,
-                                    datetime_start=start, datetime_complete=start + datetime.timedelta(seconds=seconds),
-                                    params={"x": 0.5}, distributions=dist, user_attrs={}, system_attrs={},
-                                    intermediate_values=values))
+        study.add_trial(
+            FrozenTrial(
+                number=0,
+                trial_id=0,
+                state=state,
+                value=value,
+                values=None,
+                datetime_start=start,
+                datetime_complete=start + datetime.timedelta(seconds=seconds),
+                params={"x": 0.5},
+                distributions=dist,
+                user_attrs={},
+                system_attrs={},
+                intermediate_values=values,
+            )
+        )
 
     add(TrialState.COMPLETE, {1: 0.5, 2: 0.6, 3: 0.7}, 30, value=0.7)
     add(TrialState.COMPLETE, {1: 0.6, 2: 0.7, 3: 0.8}, 30, value=0.8)
-    add(TrialState.PRUNED, {1: 0.1}, 10)              # saved 2 epochs
-    add(TrialState.PRUNED, {1: 0.2, 2: 0.3}, 20)      # saved 1 epoch
-    running = study.ask()                              # a worker is on the fifth trial
-    study.ask()                                        # and another on the sixth
+    add(TrialState.PRUNED, {1: 0.1}, 10)  # saved 2 epochs
+    add(TrialState.PRUNED, {1: 0.2, 2: 0.3}, 20)  # saved 1 epoch
+    running = study.ask()  # a worker is on the fifth trial
+    study.ask()  # and another on the sixth
 
     s = summary(study, cfg, store)
     assert s["schema"] == STATUS_SCHEMA

@@ -47,10 +47,12 @@ def a_study(url: str, name: str = "tiny", values: tuple[float, ...] = (0.7, 0.8)
     store = storage_mod.open_storage(url)
     study, _ = study_mod.create_or_load(store, dataclasses.replace(config.load("tiny"), name=name))
     for i, v in enumerate(values):
-        study.add_trial(create_trial(state=TrialState.COMPLETE, value=v, params={"lr": 0.01 * (i + 1)},
-                                     distributions=DIST))
-    study.add_trial(create_trial(state=TrialState.PRUNED, params={"lr": 0.05}, distributions=DIST,
-                                 intermediate_values={1: 0.5}))
+        study.add_trial(
+            create_trial(state=TrialState.COMPLETE, value=v, params={"lr": 0.01 * (i + 1)}, distributions=DIST)
+        )
+    study.add_trial(
+        create_trial(state=TrialState.PRUNED, params={"lr": 0.05}, distributions=DIST, intermediate_values={1: 0.5})
+    )
     return study
 
 
@@ -61,8 +63,17 @@ def test_studies_lists_every_study_with_its_counts_and_best(url):
     out = hpo("studies", "--storage", url, "--json")
     assert out.exit_code == 0, out.output
     rows = {r["study"]: r for r in json.loads(out.output)["studies"]}
-    assert rows["tiny"] == {"study": "tiny", "metric": "val_accuracy", "direction": "maximize", "finished": 3,
-                            "n_trials": 8, "best_value": 0.8, "best_trial": 1, "test_accuracy": None, "running": 0}
+    assert rows["tiny"] == {
+        "study": "tiny",
+        "metric": "val_accuracy",
+        "direction": "maximize",
+        "finished": 3,
+        "n_trials": 8,
+        "best_value": 0.8,
+        "best_trial": 1,
+        "test_accuracy": None,
+        "running": 0,
+    }
     assert rows["other"]["finished"] == 2 and rows["other"]["best_value"] == 0.6
     assert (rows["third"]["finished"], rows["third"]["best_trial"]) == (4, 2) and len(rows) == 3
     text = hpo("studies", "--storage", url).output.splitlines()

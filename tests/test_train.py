@@ -10,8 +10,18 @@ from hpo.data import DeviceData
 from hpo.params import TrialParams
 from hpo.train import TrainingDiverged, TrainingRun, evaluate, fit, get_lr, seeded_model
 
-PARAMS = dict(n_conv=1, filters_0=8, kernel_size=3, n_fc=1, fc_size=32, dropout=0.0, optimizer="adam",
-              lr=3e-3, batch_size=32, weight_decay=0.0)
+PARAMS = dict(
+    n_conv=1,
+    filters_0=8,
+    kernel_size=3,
+    n_fc=1,
+    fc_size=32,
+    dropout=0.0,
+    optimizer="adam",
+    lr=3e-3,
+    batch_size=32,
+    weight_decay=0.0,
+)
 CPU = torch.device("cpu")
 
 
@@ -30,7 +40,7 @@ def synthetic(n: int = 256, seed: int = 0) -> DeviceData:
     images = torch.randint(0, 40, (n, 28, 28), generator=g, dtype=torch.uint8)
     for i, c in enumerate(labels.tolist()):
         r, col = 2 + (c // 5) * 12, 2 + (c % 5) * 5
-        images[i, r:r + 8, col:col + 4] = 255
+        images[i, r : r + 8, col : col + 4] = 255
     return DeviceData(images, labels, CPU)
 
 
@@ -95,7 +105,7 @@ def test_batch_larger_than_the_data_still_takes_one_step():
 
 
 def test_lr_schedules():
-    assert get_lr(0, 100, 1.0, "constant", 10) == pytest.approx(0.1)   # warmup ramps up
+    assert get_lr(0, 100, 1.0, "constant", 10) == pytest.approx(0.1)  # warmup ramps up
     assert get_lr(9, 100, 1.0, "cosine", 10) == pytest.approx(1.0)
     assert get_lr(10, 100, 1.0, "cosine", 10) == pytest.approx(1.0)
     assert get_lr(55, 100, 1.0, "cosine", 10) == pytest.approx(0.5)
@@ -138,3 +148,19 @@ def test_resuming_from_a_snapshot_repeats_the_uninterrupted_run(optimizer, tmp_p
     assert [s.train_loss for s in resumed[:2]] == [s.train_loss for s in straight[:2]]  # restored history
     for a, b in zip(resumed[2:], straight[2:]):
         assert (a.train_loss, a.val_loss, a.val_accuracy, a.lr) == (b.train_loss, b.val_loss, b.val_accuracy, b.lr)
+
+
+def test_replan_changes_the_epochs_and_the_schedule_ends_at_zero():
+    data = synthetic(64)
+    asked = []
+
+    def replan(history, total):
+        asked.append((len(history), total))
+        return 3 if len(history) == 1 else total
+
+    run = run_of(PARAMS, TrainSettings(schedule="cosine"), Augment(), 6, 0)
+    history = fit(model_of(PARAMS, 0), data, None, run, replan=replan)
+    assert [s.epoch for s in history] == [1, 2, 3]
+    assert asked == [(1, 6), (2, 3), (3, 3)]
+    # 64 images at batch 32: 2 steps an epoch; the last of the 6 steps has the cosine's last value.
+    assert history[-1].lr == pytest.approx(get_lr(5, 6, PARAMS["lr"], "cosine", 0))

@@ -4,6 +4,7 @@ without flip TTA (same CNN, same recipe, so the same cost).
 Usage: .venv/bin/python scripts/recipe-probes/ensemble.py E      e.g. 12
 Reads only the training split.
 """
+
 import sys
 import time
 
@@ -25,8 +26,14 @@ def train(seed: int, epochs: int):
 a, ta = train(1, E)
 b, tb = train(2, E)
 c, tc = train(3, 2 * E)
-for name, model in [("A", Ensemble([a])), ("A+tta", Ensemble([a], "flip")), ("B", Ensemble([b])),
-                    ("A+B", Ensemble([a, b])), ("A+B+tta", Ensemble([a, b], "flip")),
-                    (f"C {2 * E}ep", Ensemble([c])), (f"C {2 * E}ep+tta", Ensemble([c], "flip"))]:
+for name, model in [
+    ("A", Ensemble([a])),
+    ("A+tta", Ensemble([a], "flip")),
+    ("B", Ensemble([b])),
+    ("A+B", Ensemble([a, b])),
+    ("A+B+tta", Ensemble([a, b], "flip")),
+    (f"C {2 * E}ep", Ensemble([c])),
+    (f"C {2 * E}ep+tta", Ensemble([c], "flip")),
+]:
     print(name, f"{evaluate(model, SPLIT.val).accuracy:.4f}", flush=True)
 print("times", round(ta), round(tb), round(tc))

@@ -44,28 +44,36 @@ def resolve_location(explicit: str | None, storage_url: str) -> str:
 
 def open_store(location: str) -> ArtifactStore:
     if location.startswith("s3://"):
-        bucket, _, prefix = location[len("s3://"):].partition("/")
+        bucket, _, prefix = location[len("s3://") :].partition("/")
         if not bucket or prefix.strip("/"):
-            raise HpoError(f"artifact location {location!r}: give a bucket only, like s3://hpo-artifacts "
-                           "(Optuna's Boto3ArtifactStore keys objects by artifact id, without a prefix).")
+            raise HpoError(
+                f"artifact location {location!r}: give a bucket only, like s3://hpo-artifacts "
+                "(Optuna's Boto3ArtifactStore keys objects by artifact id, without a prefix)."
+            )
         try:
             return Boto3ArtifactStore(bucket)
         except ImportError as e:
-            raise HpoError(f"artifact location {location!r} needs boto3. Install it with "
-                           "`pip install 'hpo[s3]'`, or use a directory.") from e
+            raise HpoError(
+                f"artifact location {location!r} needs boto3. Install it with "
+                "`pip install 'hpo[s3]'`, or use a directory."
+            ) from e
     if "://" in location:
         scheme = location.split("://", 1)[0]
-        raise HpoError(f"artifact location {location!r}: scheme {scheme}:// is not supported. Use a directory "
-                       "path or s3://BUCKET.")
+        raise HpoError(
+            f"artifact location {location!r}: scheme {scheme}:// is not supported. Use a directory path or s3://BUCKET."
+        )
     path = Path(location)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise HpoError(f"cannot create the artifact directory {path} ({e.strerror}). Pass a writable "
-                       "--artifacts directory (or set HPO_ARTIFACTS).") from e
+        raise HpoError(
+            f"cannot create the artifact directory {path} ({e.strerror}). Pass a writable "
+            "--artifacts directory (or set HPO_ARTIFACTS)."
+        ) from e
     if not os.access(path, os.W_OK | os.X_OK):
-        raise HpoError(f"artifact directory {path} is not writable. Pass a writable --artifacts directory "
-                       "(or set HPO_ARTIFACTS).")
+        raise HpoError(
+            f"artifact directory {path} is not writable. Pass a writable --artifacts directory (or set HPO_ARTIFACTS)."
+        )
     return FileSystemArtifactStore(path)
 
 
@@ -74,18 +82,30 @@ def open_for(explicit: str | None, storage_url: str) -> tuple[str, ArtifactStore
     return location, open_store(location)
 
 
-def upload_bytes(store: ArtifactStore, target: optuna.Study | optuna.Trial, filename: str, payload: bytes,
-                 storage: optuna.storages.BaseStorage | None = None) -> str:
+def upload_bytes(
+    store: ArtifactStore,
+    target: optuna.Study | optuna.Trial,
+    filename: str,
+    payload: bytes,
+    storage: optuna.storages.BaseStorage | None = None,
+) -> str:
     """Upload `payload` as `filename` (its name on the dashboard) to a study or a running trial."""
     with tempfile.TemporaryDirectory(prefix="hpo-artifact-") as tmp:
         path = Path(tmp) / filename
         path.write_bytes(payload)
         try:
-            return upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=target,
-                                   storage=storage, mimetype=MIMETYPES.get(path.suffix, "application/octet-stream"))
+            return upload_artifact(
+                artifact_store=store,
+                file_path=str(path),
+                study_or_trial=target,
+                storage=storage,
+                mimetype=MIMETYPES.get(path.suffix, "application/octet-stream"),
+            )
         except OSError as e:
-            raise StorageError(f"cannot write artifact {filename} to the artifact store ({e}). Check that "
-                               "--artifacts (HPO_ARTIFACTS) points to a writable, shared location.") from e
+            raise StorageError(
+                f"cannot write artifact {filename} to the artifact store ({e}). Check that "
+                "--artifacts (HPO_ARTIFACTS) points to a writable, shared location."
+            ) from e
 
 
 def read_bytes(store: ArtifactStore, artifact_id: str) -> bytes:

@@ -28,8 +28,17 @@ from hpo.storage import final_dir
 
 # The notebook CNN the issue measured: two conv blocks of 32 and 64 filters, a 3136 -> 512 -> 10 head.
 DEFAULT_PARAMS: dict[str, Any] = {
-    "n_conv": 2, "filters_0": 32, "filters_1": 64, "kernel_size": 3, "n_fc": 1, "fc_size": 512, "dropout": 0.25,
-    "optimizer": "adam", "lr": 1e-3, "batch_size": 64, "weight_decay": 0.0,
+    "n_conv": 2,
+    "filters_0": 32,
+    "filters_1": 64,
+    "kernel_size": 3,
+    "n_fc": 1,
+    "fc_size": 512,
+    "dropout": 0.25,
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "batch_size": 64,
+    "weight_decay": 0.0,
 }
 
 
@@ -37,16 +46,30 @@ DEFAULT_PARAMS: dict[str, Any] = {
 class BenchSpec:
     params: dict[str, Any]
     data_dir: str
-    images: int          # training images timed per pipeline
+    images: int  # training images timed per pipeline
     batch_size: int
-    crop_padding: int    # pixels
+    crop_padding: int  # pixels
     device: str
     threads: int
-    epochs: int = 0      # > 0: also train this many epochs on the trial split and report val accuracy
-    repeats: int = 1     # seeds for the accuracy check (one run's seed noise is about a point)
+    epochs: int = 0  # > 0: also train this many epochs on the trial split and report val accuracy
+    repeats: int = 1  # seeds for the accuracy check (one run's seed noise is about a point)
     seed: int = 0
     num_workers: int = 0  # DataLoader workers of the seed pipeline
     compile: bool = False  # torch.compile the engine's model
+
+    @classmethod
+    def from_options(cls, params: dict[str, Any], data_dir: str | None, device: str | None, threads: int | None,
+                     use_compile: bool, **options: Any) -> BenchSpec:  # fmt: skip
+        """`hpo bench`'s options, with the data set found and the device and threads defaulted."""
+        import torch
+
+        from hpo.data import find_data_dir
+        from hpo.devices import cpu_count
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        directory = str(find_data_dir(data_dir))
+        threads = threads or cpu_count()
+        return cls(params=params, data_dir=directory, device=device, threads=threads, compile=use_compile, **options)
 
 
 @dataclass(frozen=True)
@@ -57,7 +80,7 @@ class PipelineResult:
     images_per_s: float
     peak_rss_mib: float
     val_accuracies: tuple[float, ...] = ()  # one per seed of the accuracy check
-    warmup_s: float = 0.0   # the 1,024-image warm-up pass, torch.compile's compilation included
+    warmup_s: float = 0.0  # the 1,024-image warm-up pass, torch.compile's compilation included
 
 
 def _peak_rss_mib() -> float:
@@ -130,12 +153,14 @@ def _run_seed(spec: BenchSpec) -> PipelineResult:
     placement = place(spec.device, spec.threads)
     device = placement.device
     root = _torchvision_root(Path(spec.data_dir))
-    transform = transforms.Compose([
-        transforms.RandomHorizontalFlip(),
-        transforms.RandomCrop(28, padding=spec.crop_padding),
-        transforms.ToTensor(),
-        transforms.Normalize((data.MEAN,), (data.STD,)),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomCrop(28, padding=spec.crop_padding),
+            transforms.ToTensor(),
+            transforms.Normalize((data.MEAN,), (data.STD,)),
+        ]
+    )
     full = datasets.FashionMNIST(str(root), train=True, download=False, transform=transform)
     # The same trial split as the engine, so the accuracy check compares like with like.
     train_idx, val_idx = data.stratified_split(full.targets.numpy(), 0.1, spec.seed)
@@ -143,9 +168,14 @@ def _run_seed(spec: BenchSpec) -> PipelineResult:
 
     def loader(indices: np.ndarray, shuffle: bool, seed: int = spec.seed) -> torch.utils.data.DataLoader:
         generator = torch.Generator().manual_seed(seed)
-        return torch.utils.data.DataLoader(torch.utils.data.Subset(full, indices.tolist()), batch_size=spec.batch_size,
-                                           shuffle=shuffle, num_workers=spec.num_workers, generator=generator,
-                                           drop_last=True)
+        return torch.utils.data.DataLoader(
+            torch.utils.data.Subset(full, indices.tolist()),
+            batch_size=spec.batch_size,
+            shuffle=shuffle,
+            num_workers=spec.num_workers,
+            generator=generator,
+            drop_last=True,
+        )
 
     def fresh_model(seed: int) -> nn.Module:
         torch.manual_seed(seed)
@@ -201,7 +231,7 @@ def _evaluate_fp32(model, dataset, indices, device) -> float:
     y = dataset.targets[indices]
     model.eval()
     with torch.inference_mode():
-        preds = torch.cat([model(x[i:i + 1000].to(device)).argmax(1).cpu() for i in range(0, len(x), 1000)])
+        preds = torch.cat([model(x[i : i + 1000].to(device)).argmax(1).cpu() for i in range(0, len(x), 1000)])
     return float((preds == y).float().mean())
 
 
@@ -247,8 +277,12 @@ def run(spec: BenchSpec, workers: int = 0, rounds: int = 3) -> dict[str, Any]:
 
     def combined(kind: str) -> dict[str, Any]:
         rates = [r[kind]["images_per_s"] for r in per_round]
-        return {**per_round[0][kind], "images_per_s": statistics.median(rates), "rounds_images_per_s": rates,
-                "peak_rss_mib": max(r[kind]["peak_rss_mib"] for r in per_round)}
+        return {
+            **per_round[0][kind],
+            "images_per_s": statistics.median(rates),
+            "rounds_images_per_s": rates,
+            "peak_rss_mib": max(r[kind]["peak_rss_mib"] for r in per_round),
+        }
 
     engine, seed = combined("engine"), combined("seed")
     result: dict[str, Any] = {
@@ -286,48 +320,67 @@ def measure(spec: BenchSpec, workers: int = 0, rounds: int = 3) -> dict[str, Any
 
     result = run(spec, workers, rounds)
     result["model_parameters"] = count_parameters(DynamicCNN(TrialParams.from_flat(spec.params).model))
-    result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": cpu_count(),
-                         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-                         "gpu": torch.cuda.get_device_name(0) if spec.device.startswith("cuda") else None}
+    result["machine"] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": cpu_count(),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(0) if spec.device.startswith("cuda") else None,
+    }
     return result
 
 
 def describe(result: dict[str, Any]) -> str:
     """`measure`'s result as `hpo bench` prints it: every round, the medians and their ratio."""
     spec, rounds = result["spec"], result["rounds"]
-    lines = [f"hpo bench: DynamicCNN with {result['model_parameters']:,} parameters, batch {spec['batch_size']}, "
-             f"crop (padding {spec['crop_padding']}) + flip, {spec['images']:,} images, {spec['device']} "
-             f"({spec['threads']} threads), torch {result['machine']['torch']}"]
+    lines = [
+        f"hpo bench: DynamicCNN with {result['model_parameters']:,} parameters, batch {spec['batch_size']}, "
+        f"crop (padding {spec['crop_padding']}) + flip, {spec['images']:,} images, {spec['device']} "
+        f"({spec['threads']} threads), torch {result['machine']['torch']}"
+    ]
     for kind in ("engine", "seed"):
         r = result[kind]
         accs = r["val_accuracies"]
-        acc = (f"   val acc after {spec['epochs']} epochs: mean {sum(accs) / len(accs):.4f} over seeds "
-               f"{', '.join(f'{a:.4f}' for a in accs)}") if accs else ""
+        acc = (
+            (
+                f"   val acc after {spec['epochs']} epochs: mean {sum(accs) / len(accs):.4f} over seeds "
+                f"{', '.join(f'{a:.4f}' for a in accs)}"
+            )
+            if accs
+            else ""
+        )
         warm = f"   warm-up {r['warmup_s']:.1f}s" if kind == "engine" and spec["compile"] else ""
         each = ", ".join(f"{x:,.0f}" for x in r["rounds_images_per_s"])
-        lines.append(f"  {kind:<7}{r['images_per_s']:>9,.0f} img/s  (median of {rounds} rounds: {each})   peak RSS "
-                     f"{r['peak_rss_mib']:,.0f} MiB{acc}{warm}")
-    lines.append(f"  speedup {result['speedup']:.2f}x  (median engine / median seed; per round: "
-                 f"{', '.join(f'{x:.2f}x' for x in result['round_speedups'])})")
+        lines.append(
+            f"  {kind:<7}{r['images_per_s']:>9,.0f} img/s  (median of {rounds} rounds: {each})   peak RSS "
+            f"{r['peak_rss_mib']:,.0f} MiB{acc}{warm}"
+        )
+    lines.append(
+        f"  speedup {result['speedup']:.2f}x  (median engine / median seed; per round: "
+        f"{', '.join(f'{x:.2f}x' for x in result['round_speedups'])})"
+    )
     if spec["epochs"]:
         repeats = spec["repeats"]
         gap = sum(result["engine"]["val_accuracies"]) / repeats - sum(result["seed"]["val_accuracies"]) / repeats
         lines.append(f"  validation accuracy, engine minus seed: {gap * 100:+.2f} points (mean of {repeats} seeds)")
     if "parallel" in result:
         p = result["parallel"]
-        lines.append(f"  {p['workers']} engine workers at once, {p['split_threads']} thread(s) each: "
-                     f"{p['split_images_per_s']:,.0f} img/s in total "
-                     f"({p['split_images_per_s'] / p['single_worker_images_per_s']:.2f}x one worker on "
-                     f"{spec['threads']} threads); each on all {spec['threads']} threads (oversubscribed): "
-                     f"{p['oversubscribed_images_per_s']:,.0f} img/s")
+        lines.append(
+            f"  {p['workers']} engine workers at once, {p['split_threads']} thread(s) each: "
+            f"{p['split_images_per_s']:,.0f} img/s in total "
+            f"({p['split_images_per_s'] / p['single_worker_images_per_s']:.2f}x one worker on "
+            f"{spec['threads']} threads); each on all {spec['threads']} threads (oversubscribed): "
+            f"{p['oversubscribed_images_per_s']:,.0f} img/s"
+        )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- search against a fixed guess
 
 
-def fixed_baseline(time_s: float, data_dir: Path, device: str, threads: int, settings: Any, augment: Any,
-                   seed: int = 0) -> dict[str, Any]:
+def fixed_baseline(
+    time_s: float, data_dir: Path, device: str, threads: int, settings: Any, augment: Any, seed: int = 0
+) -> dict[str, Any]:
     """The notebook's fixed CNN (DEFAULT_PARAMS) trained from scratch on all 60,000 training images
     for as many epochs as fit in `time_s`, with the study's [train] settings, then scored once on the test split.
 
@@ -358,13 +411,20 @@ def fixed_baseline(time_s: float, data_dir: Path, device: str, threads: int, set
     test = data.DeviceData(test_images, test_labels, placement.device)
     ev = evaluate(model, test, fast=False)
     figures = accuracy_figures(ev.predictions, torch.as_tensor(test_labels))
-    return {"params": DEFAULT_PARAMS, "epochs": epochs, "epoch_s": round(epoch_s, 2),
-            "test_accuracy": figures["accuracy"], "test_ci95": figures["ci95"],
-            "wall_time_s": round(time.perf_counter() - started, 1), "device": placement.name}
+    return {
+        "params": DEFAULT_PARAMS,
+        "epochs": epochs,
+        "epoch_s": round(epoch_s, 2),
+        "test_accuracy": figures["accuracy"],
+        "test_ci95": figures["ci95"],
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "device": placement.name,
+    }
 
 
-def search_against_fixed(study_file: Path, time_s: float, workers: int, data_dir: Path, device: str | None,
-                         threads: int, work_dir: Path) -> dict[str, Any]:
+def search_against_fixed(
+    study_file: Path, time_s: float, workers: int, data_dir: Path, device: str | None, threads: int, work_dir: Path
+) -> dict[str, Any]:
     """`hpo optimize --time T --final` on `study_file` in `work_dir` (its own storage and outputs),
     then the fixed notebook CNN for the same T: both scored on the same test split."""
     import subprocess
@@ -375,8 +435,21 @@ def search_against_fixed(study_file: Path, time_s: float, workers: int, data_dir
     cfg = config.load(study_file)
     shutil.rmtree(work_dir / "runs", ignore_errors=True)  # a fresh study each time: its own scratch storage
     work_dir.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "hpo", "optimize", "--study", str(study_file.resolve()), "--workers", str(workers),
-            "--time", f"{time_s:g}s", "--final", "--data-dir", str(data_dir)] + (["--device", device] if device else [])
+    args = [
+        sys.executable,
+        "-m",
+        "hpo",
+        "optimize",
+        "--study",
+        str(study_file.resolve()),
+        "--workers",
+        str(workers),
+        "--time",
+        f"{time_s:g}s",
+        "--final",
+        "--data-dir",
+        str(data_dir),
+    ] + (["--device", device] if device else [])
     started = time.perf_counter()
     done = subprocess.run(args, cwd=work_dir, capture_output=True, text=True)
     if done.returncode != 0:
@@ -387,9 +460,14 @@ def search_against_fixed(study_file: Path, time_s: float, workers: int, data_dir
     fixed = fixed_baseline(time_s, data_dir, device or "cpu", threads, cfg.train, cfg.augment)
     return {
         "time_s": time_s,
-        "search": {"study": cfg.name, "test_accuracy": searched["test_accuracy"], "test_ci95": searched["test_ci95"],
-                   "members": [m["trial"] for m in searched["members"]], "ensemble": searched["ensemble"],
-                   "wall_time_s": round(search_wall, 1)},
+        "search": {
+            "study": cfg.name,
+            "test_accuracy": searched["test_accuracy"],
+            "test_ci95": searched["test_ci95"],
+            "members": [m["trial"] for m in searched["members"]],
+            "ensemble": searched["ensemble"],
+            "wall_time_s": round(search_wall, 1),
+        },
         "fixed": fixed,
         "difference": searched["test_accuracy"] - fixed["test_accuracy"],
     }

@@ -24,21 +24,21 @@ from hpo.trials import FINISHED, best_first, value
 
 log = logging.getLogger(__name__)
 
-DEADLINE_ATTR = "hpo:deadline"        # study: {"at": unix s, "time_s": budget, "set_at": unix s}
+DEADLINE_ATTR = "hpo:deadline"  # study: {"at": unix s, "time_s": budget, "set_at": unix s}
 CALIBRATION_ATTR = "hpo:calibration"  # study: {"epoch_s": ..., "train_images": ..., ...} of one EpochCost
-PLAN_ATTR = "budget"                  # trial: the estimate that let it start (see Plan)
-TRAIN_IMAGES_ATTR = "train_images"    # trial: images per training epoch
-VAL_IMAGES_ATTR = "val_images"        # trial: images per validation pass
+PLAN_ATTR = "budget"  # trial: the estimate that let it start (see Plan)
+TRAIN_IMAGES_ATTR = "train_images"  # trial: images per training epoch
+VAL_IMAGES_ATTR = "val_images"  # trial: images per validation pass
 
-EVAL_SHARE = 1 / 3           # an evaluated image costs about a third of a trained one (no backward pass)
-TRIAL_QUANTILE = 0.9         # a new trial is assumed as slow per epoch as the 90th percentile so far
-CALIBRATION_MARGIN = 2.0     # before any real epoch: configurations vary, so double the middle one's time
-TRIAL_OVERHEAD_S = 3.0       # model build, attributes and the last report of one trial
+EVAL_SHARE = 1 / 3  # an evaluated image costs about a third of a trained one (no backward pass)
+TRIAL_QUANTILE = 0.9  # a new trial is assumed as slow per epoch as the 90th percentile so far
+CALIBRATION_MARGIN = 2.0  # before any real epoch: configurations vary, so double the middle one's time
+TRIAL_OVERHEAD_S = 3.0  # model build, attributes and the last report of one trial
 # Trials share the machine between workers; the finalizer has it alone. Two 1-thread trials measured
 # 0.00047 s per image where the 2-thread finalizer then took 0.00024 (0.51x): the machine's total
 # throughput barely changed. 0.9 keeps the reserve about 10 % on the safe side.
 THREAD_EFFICIENCY = 0.9
-DATASET_IMAGES = 60_000      # the official training set the finalizer trains on
+DATASET_IMAGES = 60_000  # the official training set the finalizer trains on
 TEST_IMAGES = 10_000
 
 
@@ -55,9 +55,9 @@ def slack_s(time_s: float) -> float:
 
 @dataclass(frozen=True)
 class Deadline:
-    at: float       # unix seconds
-    time_s: float   # the budget it was set from
-    set_at: float   # unix seconds
+    at: float  # unix seconds
+    time_s: float  # the budget it was set from
+    set_at: float  # unix seconds
 
     def left(self, now: float | None = None) -> float:
         return self.at - (time.time() if now is None else now)
@@ -82,10 +82,10 @@ def get_deadline(study: optuna.Study) -> Deadline | None:
 class EpochCost:
     """One measured (or calibrated) epoch: its seconds and the work it held."""
 
-    epoch_s: float       # train + validation, wall clock
+    epoch_s: float  # train + validation, wall clock
     train_images: int
     val_images: int
-    threads: int         # CPU threads the process had (1 on a GPU is fine: the ratio is what counts)
+    threads: int  # CPU threads the process had (1 on a GPU is fine: the ratio is what counts)
 
     def per_image_s(self) -> float:
         """Seconds per trained image, validation counted at EVAL_SHARE of a trained one."""
@@ -97,8 +97,12 @@ def trial_cost(trial: FrozenTrial) -> EpochCost | None:
     seconds = [row["seconds"] for row in trial.user_attrs.get("history", []) if "seconds" in row]
     if not seconds or TRAIN_IMAGES_ATTR not in trial.user_attrs:
         return None
-    return EpochCost(sum(seconds) / len(seconds), int(trial.user_attrs[TRAIN_IMAGES_ATTR]),
-                     int(trial.user_attrs.get(VAL_IMAGES_ATTR, 0)), int(trial.user_attrs.get("threads", 1)))
+    return EpochCost(
+        sum(seconds) / len(seconds),
+        int(trial.user_attrs[TRAIN_IMAGES_ATTR]),
+        int(trial.user_attrs.get(VAL_IMAGES_ATTR, 0)),
+        int(trial.user_attrs.get("threads", 1)),
+    )
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -107,8 +111,7 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def measured(study: optuna.Study) -> list[EpochCost]:
-    costs = (trial_cost(t) for t in study.get_trials(deepcopy=False)
-             if t.state in (*FINISHED, TrialState.RUNNING))
+    costs = (trial_cost(t) for t in study.get_trials(deepcopy=False) if t.state in (*FINISHED, TrialState.RUNNING))
     return [c for c in costs if c is not None]
 
 
@@ -141,19 +144,33 @@ def member_estimate(cost: EpochCost, epochs: int, final_threads: int, train_imag
     return per_image * (epochs * train_images + 2 * EVAL_SHARE * TEST_IMAGES)
 
 
-def final_reserve(study: optuna.Study, cfg: StudyConfig, final_threads: int, costs: list[EpochCost],
-                  calibrated: EpochCost | None, time_s: float | None = None) -> float:
+def final_reserve(
+    study: optuna.Study,
+    cfg: StudyConfig,
+    final_threads: int,
+    costs: list[EpochCost],
+    calibrated: EpochCost | None,
+    time_s: float | None = None,
+) -> float:
     """Seconds kept for the finalizer: its whole ensemble, estimated from the trials most likely to be
     its members, but at most `[final] max_share` of `time_s` (the search keeps the rest, and the
     finalizer shrinks its ensemble, then its first member's epochs, to what is left)."""
     complete = [t for t in best_first(study, cfg.direction == "maximize") if trial_cost(t) is not None]
     # The finalizer takes a member beyond the best only within member_gap of it; trials still to
     # come may be such members, so the places complete trials do not fill yet count as typical ones.
-    close = [t for t in complete[:cfg.final.ensemble] if abs(value(t) - value(complete[0])) <= cfg.final.member_gap]
+    close = [t for t in complete[: cfg.final.ensemble] if abs(value(t) - value(complete[0])) <= cfg.final.member_gap]
     members = [trial_cost(t) for t in close]
     padding = max(0, cfg.final.ensemble - len(complete))
-    typical = (EpochCost(quantile([c.epoch_s for c in costs], TRIAL_QUANTILE), costs[0].train_images,
-                         costs[0].val_images, costs[0].threads) if costs else calibrated)
+    typical = (
+        EpochCost(
+            quantile([c.epoch_s for c in costs], TRIAL_QUANTILE),
+            costs[0].train_images,
+            costs[0].val_images,
+            costs[0].threads,
+        )
+        if costs
+        else calibrated
+    )
     if typical is None:
         raise ValueError("no measured epoch and no calibration")
     members += [typical] * padding
@@ -170,26 +187,30 @@ def final_reserve(study: optuna.Study, cfg: StudyConfig, final_threads: int, cos
 class Plan:
     """Why a trial was allowed to start: its estimated end and the reserve still left after it."""
 
-    decided_at: float    # unix seconds
-    estimate_s: float    # the trial's estimated duration
-    reserve_s: float     # the finalizer's reserve plus the slack
-    deadline: float      # unix seconds
+    decided_at: float  # unix seconds
+    estimate_s: float  # the trial's estimated duration
+    reserve_s: float  # the finalizer's reserve plus the slack
+    deadline: float  # unix seconds
 
     @property
     def fits(self) -> bool:
         return self.decided_at + self.estimate_s + self.reserve_s <= self.deadline
 
     def describe(self) -> str:
-        return (f"a trial needs about {self.estimate_s:.0f}s and the finalizer {self.reserve_s:.0f}s, "
-                f"{max(0.0, self.deadline - self.decided_at):.0f}s are left")
+        return (
+            f"a trial needs about {self.estimate_s:.0f}s and the finalizer {self.reserve_s:.0f}s, "
+            f"{max(0.0, self.deadline - self.decided_at):.0f}s are left"
+        )
 
 
-def plan_trial(study: optuna.Study, cfg: StudyConfig, deadline: Deadline, final_threads: int,
-               now: float | None = None) -> Plan:
+def plan_trial(
+    study: optuna.Study, cfg: StudyConfig, deadline: Deadline, final_threads: int, now: float | None = None
+) -> Plan:
     costs, calibrated = measured(study), calibration(study)
     estimate = trial_estimate(cfg, costs, calibrated)
-    reserve = yielded_reserve(final_reserve(study, cfg, final_threads, costs, calibrated, deadline.time_s), estimate,
-                              deadline.time_s) + slack_s(deadline.time_s)
+    reserve = yielded_reserve(
+        final_reserve(study, cfg, final_threads, costs, calibrated, deadline.time_s), estimate, deadline.time_s
+    ) + slack_s(deadline.time_s)
     return Plan(time.time() if now is None else now, estimate, reserve, deadline.at)
 
 
@@ -200,8 +221,9 @@ def yielded_reserve(reserve: float, estimate: float, time_s: float) -> float:
     return min(reserve, time_s - START_S - estimate - slack_s(time_s))
 
 
-def minimum_budget(cfg: StudyConfig, cost: EpochCost, final_threads: int, calibrated: bool = False,
-                   start_s: float = START_S) -> float:
+def minimum_budget(
+    cfg: StudyConfig, cost: EpochCost, final_threads: int, calibrated: bool = False, start_s: float = START_S
+) -> float:
     """The shortest budget in which `plan_trial` lets the first trial start `start_s` after the clock
     does (process start-up, data, calibration) and the finalizer's reserve, given way to that trial,
     still holds one member's epoch.
@@ -227,5 +249,8 @@ def describe_deadline(deadline: Deadline | None, now: float | None = None) -> di
     if deadline is None:
         return None
     now = time.time() if now is None else now
-    return {"time_s": deadline.time_s, "deadline": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(deadline.at)),
-            "left_s": round(max(0.0, deadline.left(now)), 1)}
+    return {
+        "time_s": deadline.time_s,
+        "deadline": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(deadline.at)),
+        "left_s": round(max(0.0, deadline.left(now)), 1),
+    }

@@ -36,9 +36,12 @@ class HpoGroup(click.Group):
 def _setup_logging(verbose: bool) -> None:
     import optuna
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)-7s %(name)s[%(process)d] %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s[%(process)d] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     # Route Optuna's messages through the same handler instead of its own coloured one.
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
@@ -56,15 +59,33 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     _setup_logging(verbose)
 
 
-study_option = click.option("--study", "study_arg", required=True, metavar="NAME|PATH", envvar="HPO_STUDY",
-                            help="Study name (finds studies/NAME.toml) or a path to a study file [env HPO_STUDY].")
-storage_option = click.option("--storage", envvar="HPO_STORAGE", metavar="URL",
-                              help=f"Storage URL [env HPO_STORAGE; default {storage_mod.default_url()}].")
-data_option = click.option("--data-dir", envvar="HPO_DATA_DIR", type=click.Path(file_okay=False),
-                           help="Directory with the Fashion-MNIST IDX files [env HPO_DATA_DIR].")
-artifacts_option = click.option("--artifacts", envvar="HPO_ARTIFACTS", metavar="DIR|s3://BUCKET",
-                                help="Artifact store shared by workers, finalizer and dashboard [env HPO_ARTIFACTS; "
-                                     "default: artifacts/ beside the SQLite file, else runs/artifacts].")
+study_option = click.option(
+    "--study",
+    "study_arg",
+    required=True,
+    metavar="NAME|PATH",
+    envvar="HPO_STUDY",
+    help="Study name (finds studies/NAME.toml) or a path to a study file [env HPO_STUDY].",
+)
+storage_option = click.option(
+    "--storage",
+    envvar="HPO_STORAGE",
+    metavar="URL",
+    help=f"Storage URL [env HPO_STORAGE; default {storage_mod.default_url()}].",
+)
+data_option = click.option(
+    "--data-dir",
+    envvar="HPO_DATA_DIR",
+    type=click.Path(file_okay=False),
+    help="Directory with the Fashion-MNIST IDX files [env HPO_DATA_DIR].",
+)
+artifacts_option = click.option(
+    "--artifacts",
+    envvar="HPO_ARTIFACTS",
+    metavar="DIR|s3://BUCKET",
+    help="Artifact store shared by workers, finalizer and dashboard [env HPO_ARTIFACTS; "
+    "default: artifacts/ beside the SQLite file, else runs/artifacts].",
+)
 device_option = click.option("--device", envvar="HPO_DEVICE", help="cpu, cuda or cuda:N [default: cuda if present].")
 
 
@@ -79,8 +100,10 @@ def create(study_arg: str, storage: str | None, explain: bool) -> None:
     cfg = config.load(study_arg)
     opened = session.open_storage(storage)
     study, cfg = study_mod.create_or_load(opened.storage, cfg)
-    click.echo(f"study {cfg.name!r} is ready in {storage_mod.mask(opened.url)} with {len(study.trials)} trials so far "
-               f"(budget {cfg.budget.n_trials})")
+    click.echo(
+        f"study {cfg.name!r} is ready in {storage_mod.mask(opened.url)} with {len(study.trials)} trials so far "
+        f"(budget {cfg.budget.n_trials})"
+    )
     if explain:
         click.echo(f"# the settings stored in study {cfg.name!r}, as a study file\n{config.to_toml(cfg)}", nl=False)
 
@@ -92,12 +115,28 @@ def create(study_arg: str, storage: str | None, explain: bool) -> None:
 @device_option
 @artifacts_option
 @click.option("--threads", type=int, envvar="HPO_THREADS", help="CPU threads for this worker [default: all cores].")
-@click.option("--sampler-seed", type=int, envvar="HPO_SAMPLER_SEED",
-              help="Seed this worker's sampler (distinct per worker) [default: random].")
-@click.option("--trials-per-gpu", type=int, envvar="HPO_TRIALS_PER_GPU",
-              help="Workers (so trials) that may share one GPU; a worker waits for a free slot [default: 1].")
-def worker(study_arg: str, storage: str | None, data_dir: str | None, device: str | None, artifacts: str | None,
-           threads: int | None, sampler_seed: int | None, trials_per_gpu: int | None) -> None:
+@click.option(
+    "--sampler-seed",
+    type=int,
+    envvar="HPO_SAMPLER_SEED",
+    help="Seed this worker's sampler (distinct per worker) [default: random].",
+)
+@click.option(
+    "--trials-per-gpu",
+    type=int,
+    envvar="HPO_TRIALS_PER_GPU",
+    help="Workers (so trials) that may share one GPU; a worker waits for a free slot [default: 1].",
+)
+def worker(
+    study_arg: str,
+    storage: str | None,
+    data_dir: str | None,
+    device: str | None,
+    artifacts: str | None,
+    threads: int | None,
+    sampler_seed: int | None,
+    trials_per_gpu: int | None,
+) -> None:
     """Run trials of a shared study until its budget is met."""
     from hpo import artifacts as artifacts_mod
     from hpo import worker as worker_mod
@@ -118,17 +157,33 @@ def worker(study_arg: str, storage: str | None, data_dir: str | None, device: st
 @cli.command()
 @study_option
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Local worker processes.")
-@click.option("--time", "time_budget", metavar="DURATION",
-              help="Wall-clock budget of search plus finalizer, e.g. 10m or 1h30m; starts now and overrides the "
-                   "file's [budget] time. No trial starts that its estimate says cannot end in time.")
-@click.option("--final", "run_final", is_flag=True,
-              help="Run the finalizer (final-train) when the search ends, inside the same time budget.")
+@click.option(
+    "--time",
+    "time_budget",
+    metavar="DURATION",
+    help="Wall-clock budget of search plus finalizer, e.g. 10m or 1h30m; starts now and overrides the "
+    "file's [budget] time. No trial starts that its estimate says cannot end in time.",
+)
+@click.option(
+    "--final",
+    "run_final",
+    is_flag=True,
+    help="Run the finalizer (final-train) when the search ends, inside the same time budget.",
+)
 @storage_option
 @data_option
 @device_option
 @artifacts_option
-def optimize(study_arg: str, workers: int, time_budget: str | None, run_final: bool, storage: str | None,
-             data_dir: str | None, device: str | None, artifacts: str | None) -> None:
+def optimize(
+    study_arg: str,
+    workers: int,
+    time_budget: str | None,
+    run_final: bool,
+    storage: str | None,
+    data_dir: str | None,
+    device: str | None,
+    artifacts: str | None,
+) -> None:
     """Start N local workers on one study (embedded storage by default) and wait for them.
 
     On a terminal it shows a progress bar and sends the workers' logs to runs/STUDY/logs/; in a
@@ -146,10 +201,11 @@ def optimize(study_arg: str, workers: int, time_budget: str | None, run_final: b
     location, artifact_store = opened.artifact_store(artifacts)  # fail here, not in every worker
     threads = threads_per_worker(workers)
     study, cfg = launch.prepare(cfg, opened, time_s, time_budget is not None, directory, device, threads, started_at)
-    log.info("study %r: %d workers x %d thread(s), storage %s, artifacts %s%s", cfg.name, workers, threads,
-             storage_mod.mask(opened.url), location, _time_note(budget.get_deadline(study)))
-    args = ["--study", study_arg, "--storage", opened.url, "--data-dir", str(directory), "--artifacts", location]
-    args += ["--device", device] if device else []
+    log.info(
+        f"study {cfg.name!r}: {workers} workers x {threads} thread(s), storage {storage_mod.mask(opened.url)}, "
+        f"artifacts {location}{_time_note(budget.get_deadline(study))}"
+    )
+    args = launch.worker_args(study_arg, opened.url, directory, location, device)
     try:
         launch.run_workers(study, cfg, opened.storage, workers, threads, args)
     finally:
@@ -179,18 +235,24 @@ def _echo_final(metrics: dict[str, Any], out_dir: Path, name: str) -> None:
     ens = metrics["ensemble"]
     what = "one model" if ens["trained"] == 1 else f"ensemble of {ens['trained']}"
     tta = ", flip TTA" if ens["tta"] == "flip" else ""
-    click.echo(f"test accuracy {describe_accuracy(metrics['test_accuracy'], metrics['test_ci95'])}, {what}{tta}  "
-               f"(loss {metrics['test_loss']:.4f}, {metrics['test_images']} test images, {metrics['epochs']} epochs, "
-               f"{metrics['wall_time_s']:.0f}s)")
+    click.echo(
+        f"test accuracy {describe_accuracy(metrics['test_accuracy'], metrics['test_ci95'])}, {what}{tta}  "
+        f"(loss {metrics['test_loss']:.4f}, {metrics['test_images']} test images, {metrics['epochs']} epochs, "
+        f"{metrics['wall_time_s']:.0f}s)"
+    )
     for r in metrics["members"]:
-        click.echo(f"  member trial {r['trial']} (val {r['value']:.4f}, seed {r['seed']}): "
-                   f"{describe_accuracy(r['test_accuracy'], r['ci95'])}, trained in {r['train_time_s']:.0f}s")
+        click.echo(
+            f"  member trial {r['trial']} (val {r['value']:.4f}, seed {r['seed']}): "
+            f"{describe_accuracy(r['test_accuracy'], r['ci95'])}, trained in {r['train_time_s']:.0f}s"
+        )
     if ens["trained"] > 1:
         click.echo(f"  gain of the ensemble over its best member: {100 * ens['gain_over_best_member']:+.2f} points")
     if ens["shrunk"]:
         click.echo(f"  {ens['shrunk']}")
-    click.echo(f"wrote model.pt, metrics.json, confusion_matrix.png, learning_curve.png and misclassified.png "
-               f"to {out_dir}, and uploaded them to study {name!r} in the artifact store")
+    click.echo(
+        f"wrote model.pt, metrics.json, confusion_matrix.png, learning_curve.png and misclassified.png "
+        f"to {out_dir}, and uploaded them to study {name!r} in the artifact store"
+    )
 
 
 @cli.command("final-train")
@@ -201,8 +263,15 @@ def _echo_final(metrics: dict[str, Any], out_dir: Path, name: str) -> None:
 @artifacts_option
 @click.option("--out", type=click.Path(file_okay=False), help="Output directory [default: runs/STUDY/final].")
 @click.option("--epochs", type=click.IntRange(min=1), help="Override the study file's final epochs.")
-def final_train(study_arg: str, storage: str | None, data_dir: str | None, device: str | None,
-                artifacts: str | None, out: str | None, epochs: int | None) -> None:
+def final_train(
+    study_arg: str,
+    storage: str | None,
+    data_dir: str | None,
+    device: str | None,
+    artifacts: str | None,
+    out: str | None,
+    epochs: int | None,
+) -> None:
     """Retrain the best trial(s) on train + validation and score the test split once."""
     from hpo import budget, data, final
     from hpo.devices import place
@@ -222,8 +291,12 @@ def final_train(study_arg: str, storage: str | None, data_dir: str | None, devic
 
 
 def _format_status(s: dict[str, Any]) -> str:
-    lines = [f"study {s['study']}  ({s['direction']} {s['metric']}, budget {s['n_trials']} finished trials of "
-             f"{s['epochs_per_trial']} epochs)", "", "  state       trials"]
+    lines = [
+        f"study {s['study']}  ({s['direction']} {s['metric']}, budget {s['n_trials']} finished trials of "
+        f"{s['epochs_per_trial']} epochs)",
+        "",
+        "  state       trials",
+    ]
     lines += [f"  {state:<10}{n:>7}" for state, n in s["states"].items() if n or state in ("COMPLETE", "PRUNED")]
     for x in s["extended"]:
         when = datetime.datetime.fromtimestamp(x["at"]).strftime("%Y-%m-%d %H:%M")
@@ -231,35 +304,47 @@ def _format_status(s: dict[str, Any]) -> str:
         changes += [f"time {config.format_duration(x['time_s'])} from then"] if x["time_s"] else []
         lines.append(f"  extended {when}: {', '.join(changes)}")
     e = s["epochs"]
-    lines += ["", f"  finished {s['finished']}/{s['n_trials']}, pruned share {s['pruned_share']:.0%}, "
-                  f"{e['saved_by_pruning']} epochs saved by pruning ({e['saved_share']:.0%} of "
-                  f"{e['trained'] + e['saved_by_pruning']})"]
+    lines += [
+        "",
+        f"  finished {s['finished']}/{s['n_trials']}, pruned share {s['pruned_share']:.0%}, "
+        f"{e['saved_by_pruning']} epochs saved by pruning ({e['saved_share']:.0%} of "
+        f"{e['trained'] + e['saved_by_pruning']})",
+    ]
     if s["best"]:
         b = s["best"]
         lines.append(f"  best trial {b['number']}: {s['metric']} {b['value']:.4f}")
-        lines.append("    " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in b["params"].items()))
+        lines.append(
+            "    " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in b["params"].items())
+        )
     for r in s.get("running", []):
         age = "no heartbeat yet" if r["heartbeat_age_s"] is None else f"heartbeat {r['heartbeat_age_s']:.0f}s ago"
-        lines.append(f"  running trial {r['number']}: epoch {r['epoch']}/{r['epochs']} on {r['host']} "
-                     f"pid {r['pid']} {r['device']}, {age}")
+        lines.append(
+            f"  running trial {r['number']}: epoch {r['epoch']}/{r['epochs']} on {r['host']} "
+            f"pid {r['pid']} {r['device']}, {age}"
+        )
     timed_out = bool(s.get("time_budget")) and s["time_budget"]["left_s"] == 0
     if s["remaining"] and not timed_out:
-        how = (f"{len(s['running'])} worker(s) at {config.format_duration(s['mean_trial_s'])} per trial" if s["running"]
-               else "no worker is running")
+        how = (
+            f"{len(s['running'])} worker(s) at {config.format_duration(s['mean_trial_s'])} per trial"
+            if s["running"]
+            else "no worker is running"
+        )
         lines.append(f"  ETA {config.format_duration(s['eta_s'])} for {s['remaining']} remaining trial(s) ({how})")
     if s.get("time_budget"):
         t = s["time_budget"]
-        lines.append(f"  time budget {config.format_duration(t['time_s'])}: deadline {t['deadline']}, " +
-                     (f"{config.format_duration(t['left_s'])} left" if t["left_s"] else "over: no new trial starts"))
+        lines.append(
+            f"  time budget {config.format_duration(t['time_s'])}: deadline {t['deadline']}, "
+            + (f"{config.format_duration(t['left_s'])} left" if t["left_s"] else "over: no new trial starts")
+        )
     if s["final"]:
         f = s["final"]
         members = f.get("members", [f["best_trial"]])
-        what = (f"trial {members[0]}" if len(members) == 1
-                else f"ensemble of trials {', '.join(map(str, members))}")
+        what = f"trial {members[0]}" if len(members) == 1 else f"ensemble of trials {', '.join(map(str, members))}"
         ci = f" (95% CI {f['test_ci95'][0]:.4f}-{f['test_ci95'][1]:.4f})" if f.get("test_ci95") else ""
-        lines.append(f"  final-train: test accuracy {f['test_accuracy']:.4f}{ci}, {what}, "
-                     f"{f['epochs']} epochs, in {f['output_dir']}")
+        lines.append(
+            f"  final-train: test accuracy {f['test_accuracy']:.4f}{ci}, {what}, "
+            f"{f['epochs']} epochs, in {f['output_dir']}"
+        )
     return "\n".join(lines)
 
 
@@ -277,16 +362,18 @@ def studies(storage: str | None, as_json: bool) -> None:
     if not found["studies"]:
         click.echo("no studies in this storage yet; `hpo optimize --study NAME` creates one")
         return
+    click.echo(_studies_table(found["studies"]))
+
+
+def _studies_table(found: list[dict[str, Any]]) -> str:
     rows = [("study", "metric", "finished", "best", "test acc", "running")]
-    for s in found["studies"]:
+    for s in found:
         best = "-" if s["best_value"] is None else f"{s['best_value']:.4f} (trial {s['best_trial']})"
         test = "-" if s["test_accuracy"] is None else f"{100 * s['test_accuracy']:.2f} %"
-        rows.append((s["study"], f"{s['direction'][:3]} {s['metric'] or '?'}",
-                     f"{s['finished']}/{s['n_trials'] or '?'}",
-                     best, test, str(s["running"]) if s["running"] else "-"))
+        metric, finished = f"{s['direction'][:3]} {s['metric'] or '?'}", f"{s['finished']}/{s['n_trials'] or '?'}"
+        rows.append((s["study"], metric, finished, best, test, str(s["running"]) if s["running"] else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
 
 @cli.command()
@@ -304,9 +391,11 @@ def extend(study_arg: str, storage: str | None, n_trials: int | None, time_budge
     opened = session.open_study(study_arg, storage)
     cfg = opened.config
     new = study_mod.extend(opened.study, cfg, n_trials, time_s)
-    click.echo(f"study {cfg.name!r}: budget {new.budget.n_trials} trials (was {cfg.budget.n_trials})"
-               + (f", time budget {time_budget} from now" if time_s else "")
-               + "; start workers (`hpo optimize` or `hpo worker`) if none is running")
+    click.echo(
+        f"study {cfg.name!r}: budget {new.budget.n_trials} trials (was {cfg.budget.n_trials})"
+        + (f", time budget {time_budget} from now" if time_s else "")
+        + "; start workers (`hpo optimize` or `hpo worker`) if none is running"
+    )
 
 
 @cli.command()
@@ -326,10 +415,10 @@ def delete(study_arg: str, storage: str | None, artifacts: str | None, yes: bool
         raise HpoError(f"study {cfg.name!r} has workers running trials {live} now. Stop them first, or pass --force.")
     if not yes:
         if not sys.stdin.isatty():
-            raise HpoError(f"deleting study {cfg.name!r} needs a confirmation and there is no terminal to ask on. "
-                           "Pass --yes.")
-        click.confirm(f"Delete study {cfg.name!r} with its {len(study.trials)} trials and their artifacts?",
-                      abort=True)
+            raise HpoError(
+                f"deleting study {cfg.name!r} needs a confirmation and there is no terminal to ask on. Pass --yes."
+            )
+        click.confirm(f"Delete study {cfg.name!r} with its {len(study.trials)} trials and their artifacts?", abort=True)
     _, artifact_store = opened.artifact_store(artifacts)
     n = len(study.get_trials(deepcopy=False))
     removed = study_mod.delete(study, opened.storage, artifact_store)
@@ -349,8 +438,10 @@ def best(study_arg: str, storage: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(b, indent=2))
         return
-    click.echo(f"best trial {b['number']} of study {b['study']}: {b['metric']} {b['value']:.4f} "
-               f"({b['epochs']} epochs, {b['duration_s']}s)")
+    click.echo(
+        f"best trial {b['number']} of study {b['study']}: {b['metric']} {b['value']:.4f} "
+        f"({b['epochs']} epochs, {b['duration_s']}s)"
+    )
     for k, v in b["params"].items():
         click.echo(f"  {k:<13} {v:.4g}" if isinstance(v, float) else f"  {k:<13} {v}")
 
@@ -360,8 +451,13 @@ def best(study_arg: str, storage: str | None, as_json: bool) -> None:
 @storage_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (schema hpo-status/1).")
 @click.option("--watch", is_flag=True, help="Refresh until the budget is met and nothing runs (Ctrl-C stops).")
-@click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
-              help="Seconds between refreshes with --watch.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.2),
+    default=2.0,
+    show_default=True,
+    help="Seconds between refreshes with --watch.",
+)
 def status(study_arg: str, storage: str | None, as_json: bool, watch: bool, interval: float) -> None:
     """Trials by state, the best trial, pruning savings, running trials and an ETA."""
     from hpo import study as study_mod
@@ -385,8 +481,13 @@ def status(study_arg: str, storage: str | None, as_json: bool, watch: bool, inte
 
 
 @cli.command()
-@click.option("--study", "study_arg", metavar="NAME|PATH", envvar="HPO_STUDY",
-              help="Open this study's page [env HPO_STUDY; default: the study list].")
+@click.option(
+    "--study",
+    "study_arg",
+    metavar="NAME|PATH",
+    envvar="HPO_STUDY",
+    help="Open this study's page [env HPO_STUDY; default: the study list].",
+)
 @storage_option
 @artifacts_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (no authentication!).")
@@ -398,59 +499,113 @@ def dashboard(study_arg: str | None, storage: str | None, artifacts: str | None,
     from hpo import optuna_compat
 
     opened = session.open_study(study_arg, storage) if study_arg else session.open_storage(storage)
-    page = (f"dashboard/studies/{optuna_compat.study_id(opened.study)}" if isinstance(opened, session.OpenedStudy)
-            else "dashboard")
+    page = (
+        f"dashboard/studies/{optuna_compat.study_id(opened.study)}"
+        if isinstance(opened, session.OpenedStudy)
+        else "dashboard"
+    )
     location, artifact_store = opened.artifact_store(artifacts)
-    click.echo(f"optuna-dashboard on {storage_mod.mask(opened.url)}, artifacts in {location}: "
-               f"http://{host}:{port}/{page}  (Ctrl-C to stop)")
+    click.echo(
+        f"optuna-dashboard on {storage_mod.mask(opened.url)}, artifacts in {location}: "
+        f"http://{host}:{port}/{page}  (Ctrl-C to stop)"
+    )
     run_server(opened.storage, host=host, port=port, artifact_store=artifact_store)
 
 
 @cli.command()
-@click.option("--study", "study_arg", metavar="NAME|PATH", help="Benchmark this study's best trial [default: the "
-              "notebook CNN, 32/64 filters, 512-unit head].")
+@click.option(
+    "--study",
+    "study_arg",
+    metavar="NAME|PATH",
+    help="Benchmark this study's best trial [default: the notebook CNN, 32/64 filters, 512-unit head].",
+)
 @storage_option
-@click.option("--params", "params_json", metavar="JSON", help='Parameter overrides, e.g. \'{"fc_size": 256}\'.')
-@click.option("--images", type=click.IntRange(min=256), default=20000, show_default=True,
-              help="Training images timed per pipeline.")
+@click.option("--params", "params_json", metavar="JSON", help="Parameter overrides, e.g. '{\"fc_size\": 256}'.")
+@click.option(
+    "--images",
+    type=click.IntRange(min=256),
+    default=20000,
+    show_default=True,
+    help="Training images timed per pipeline.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--crop-padding", type=click.IntRange(0, 8), default=4, show_default=True,
-              help="Pixels of padding for the random crop (plus a random flip), in both pipelines.")
+@click.option(
+    "--crop-padding",
+    type=click.IntRange(0, 8),
+    default=4,
+    show_default=True,
+    help="Pixels of padding for the random crop (plus a random flip), in both pipelines.",
+)
 @data_option
 @device_option
 @click.option("--threads", type=int, envvar="HPO_THREADS", help="CPU threads [default: all cores].")
-@click.option("--epochs", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Also train this many epochs both ways on the trial split and compare validation accuracy.")
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Seeds for the --epochs accuracy check; the mean is compared.")
-@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="DataLoader workers of the seed pipeline.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Also run this many engine processes at once (cores/N threads each, then all cores each).")
-@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Interleaved rounds of both pipelines; the medians are compared (a noisy machine's slow "
-                   "spells hit both).")
-@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the engine's model (the warm-up "
-              "pass absorbs the compile time, which is reported separately).")
-@click.option("--search", "search_time", metavar="DURATION",
-              help="Instead: run `hpo optimize --time DURATION --final` on --study (default cnn-quick, with --workers "
-                   "or 2) and train the notebook CNN for the same DURATION; score both on the test split.")
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also train this many epochs both ways on the trial split and compare validation accuracy.",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Seeds for the --epochs accuracy check; the mean is compared.",
+)
+@click.option(
+    "--num-workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="DataLoader workers of the seed pipeline.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also run this many engine processes at once (cores/N threads each, then all cores each).",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Interleaved rounds of both pipelines; the medians are compared (a noisy machine's slow spells hit both).",
+)
+@click.option(
+    "--compile",
+    "use_compile",
+    is_flag=True,
+    help="torch.compile the engine's model (the warm-up pass absorbs the compile time, which is reported separately).",
+)
+@click.option(
+    "--search",
+    "search_time",
+    metavar="DURATION",
+    help="Instead: run `hpo optimize --time DURATION --final` on --study (default cnn-quick, with --workers "
+    "or 2) and train the notebook CNN for the same DURATION; score both on the test split.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def bench(study_arg: str | None, storage: str | None, params_json: str | None, images: int, batch_size: int,
-          crop_padding: int, data_dir: str | None, device: str | None, threads: int | None, epochs: int,
-          repeats: int, num_workers: int, workers: int, rounds: int, use_compile: bool, search_time: str | None,
-          as_json: bool) -> None:
+def bench(
+    study_arg: str | None,
+    storage: str | None,
+    params_json: str | None,
+    workers: int,
+    rounds: int,
+    search_time: str | None,
+    as_json: bool,
+    **spec_options: Any,
+) -> None:
     """Images/s of our training engine against the seed-style notebook pipeline, same model and batch
     (or, with --search, the searched ensemble against the fixed notebook CNN at the same time budget)."""
-    import torch
-
     from hpo import bench as bench_mod
-    from hpo import data
-    from hpo.devices import cpu_count
 
     if search_time:
-        _bench_search(study_arg or "cnn-quick", _parse_time(search_time), workers or 2, data_dir, device,
-                      threads or cpu_count(), as_json)
+        o = spec_options
+        _bench_search(study_arg or "cnn-quick", _parse_time(search_time), workers or 2, o["data_dir"], o["device"],
+                      o["threads"], as_json)  # fmt: skip
         return
     params = dict(bench_mod.DEFAULT_PARAMS)
     if study_arg:
@@ -460,36 +615,48 @@ def bench(study_arg: str | None, storage: str | None, params_json: str | None, i
             params.update(json.loads(params_json))
         except json.JSONDecodeError as e:
             raise HpoError(f"--params is not valid JSON ({e}). Example: --params '{{\"fc_size\": 256}}'") from e
-    spec = bench_mod.BenchSpec(params=params, data_dir=str(data.find_data_dir(data_dir)), images=images,
-                               batch_size=batch_size, crop_padding=crop_padding,
-                               device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                               threads=threads or cpu_count(), epochs=epochs, repeats=repeats, num_workers=num_workers,
-                               compile=use_compile)
-    result = bench_mod.measure(spec, workers, rounds)
+    result = bench_mod.measure(bench_mod.BenchSpec.from_options(params, **spec_options), workers, rounds)
     click.echo(json.dumps(result, indent=2) if as_json else bench_mod.describe(result))
 
 
-def _bench_search(study_arg: str, time_s: float, workers: int, data_dir: str | None, device: str | None,
-                  threads: int, as_json: bool) -> None:
+def _bench_search(
+    study_arg: str,
+    time_s: float,
+    workers: int,
+    data_dir: str | None,
+    device: str | None,
+    threads: int | None,
+    as_json: bool,
+) -> None:
     from hpo import bench as bench_mod
     from hpo import data
+    from hpo.devices import cpu_count
     from hpo.final import describe_accuracy
 
+    threads = threads or cpu_count()
     work_dir = storage_mod.RUNS_DIR / "bench-search"
     each = config.format_duration(time_s)
-    click.echo(f"hpo bench --search: {each} of search + ensemble, then {each} of the fixed notebook CNN; the "
-               f"search's storage and outputs go to {work_dir}/", err=True)
-    result = bench_mod.search_against_fixed(config.resolve_path(study_arg), time_s, workers,
-                                            data.find_data_dir(data_dir), device, threads, work_dir)
+    click.echo(
+        f"hpo bench --search: {each} of search + ensemble, then {each} of the fixed notebook CNN; the "
+        f"search's storage and outputs go to {work_dir}/",
+        err=True,
+    )
+    result = bench_mod.search_against_fixed(
+        config.resolve_path(study_arg), time_s, workers, data.find_data_dir(data_dir), device, threads, work_dir
+    )
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     s, f = result["search"], result["fixed"]
     click.echo(f"at {config.format_duration(time_s)} each, scored once on the 10,000 test images:")
-    click.echo(f"  {s['study']} search + ensemble of {len(s['members'])} (trials {', '.join(map(str, s['members']))}): "
-               f"{describe_accuracy(s['test_accuracy'], s['test_ci95'])} in {s['wall_time_s']:.0f}s")
-    click.echo(f"  fixed notebook CNN (32/64 filters, FC 512, Adam 1e-3), {f['epochs']} epochs: "
-               f"{describe_accuracy(f['test_accuracy'], f['test_ci95'])} in {f['wall_time_s']:.0f}s")
+    click.echo(
+        f"  {s['study']} search + ensemble of {len(s['members'])} (trials {', '.join(map(str, s['members']))}): "
+        f"{describe_accuracy(s['test_accuracy'], s['test_ci95'])} in {s['wall_time_s']:.0f}s"
+    )
+    click.echo(
+        f"  fixed notebook CNN (32/64 filters, FC 512, Adam 1e-3), {f['epochs']} epochs: "
+        f"{describe_accuracy(f['test_accuracy'], f['test_ci95'])} in {f['wall_time_s']:.0f}s"
+    )
     click.echo(f"  difference: {100 * result['difference']:+.2f} points")
 
 
@@ -497,13 +664,20 @@ def _final_model_path(study_arg: str, model_path: str | None) -> tuple[str, Path
     name = session.study_name(study_arg)
     path = Path(model_path) if model_path else storage_mod.final_dir(name) / "model.pt"
     if not path.is_file():
-        raise HpoError(f"no final model at {path}. Run `hpo final-train --study {name}` first, or pass --model "
-                       "with the path of its model.pt.")
+        raise HpoError(
+            f"no final model at {path}. Run `hpo final-train --study {name}` first, or pass --model "
+            "with the path of its model.pt."
+        )
     return name, path
 
 
-model_option = click.option("--model", "model_path", type=click.Path(dir_okay=False), metavar="PATH",
-                            help="The final checkpoint [default: runs/STUDY/final/model.pt].")
+model_option = click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="The final checkpoint [default: runs/STUDY/final/model.pt].",
+)
 
 
 @cli.command()
@@ -513,8 +687,9 @@ model_option = click.option("--model", "model_path", type=click.Path(dir_okay=Fa
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
 @device_option
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
-def predict(study_arg: str, model_path: str | None, top: int, as_json: bool, device: str | None,
-            images: tuple[str, ...]) -> None:
+def predict(
+    study_arg: str, model_path: str | None, top: int, as_json: bool, device: str | None, images: tuple[str, ...]
+) -> None:
     """Class and probability of each IMAGE (PNG or JPEG, any size, grey or colour) under the final model."""
     from hpo import inference
     from hpo.devices import place
@@ -528,8 +703,9 @@ def predict(study_arg: str, model_path: str | None, top: int, as_json: bool, dev
             if not as_json:
                 continue
         if as_json:
-            click.echo(json.dumps({"path": r.path, "label": r.label, "probability": r.probability,
-                                   "top": [{"label": c, "probability": p} for c, p in r.top], "error": r.error}))
+            top_k = [{"label": c, "probability": p} for c, p in r.top]
+            click.echo(json.dumps({"path": r.path, "label": r.label, "probability": r.probability, "top": top_k,
+                                   "error": r.error}))  # fmt: skip
         else:
             others = "  ".join(f"{c} {p:.4f}" for c, p in r.top[1:])
             click.echo(f"{r.path}\t{r.label}\t{r.probability:.4f}" + (f"\t{others}" if others else ""))
@@ -542,36 +718,42 @@ def predict(study_arg: str, model_path: str | None, top: int, as_json: bool, dev
 @study_option
 @model_option
 @click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), required=True)
-@click.option("--out", type=click.Path(dir_okay=False), help="Output file [default: beside the checkpoint, "
-              "model.ts or model.onnx].")
-@click.option("--check/--no-check", default=True, show_default=True,
-              help="Compare the exported model's outputs with the PyTorch model's on the test split.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Output file [default: beside the checkpoint, model.ts or model.onnx].",
+)
+@click.option(
+    "--check/--no-check",
+    default=True,
+    show_default=True,
+    help="Compare the exported model's outputs with the PyTorch model's on the test split.",
+)
 @data_option
-def export(study_arg: str, model_path: str | None, fmt: str, out: str | None, check: bool,
-           data_dir: str | None) -> None:
+def export(
+    study_arg: str, model_path: str | None, fmt: str, out: str | None, check: bool, data_dir: str | None
+) -> None:
     """Write the final model as a self-contained TorchScript or ONNX file (normalisation and class names inside)."""
-    import numpy as np
-
     from hpo import data, inference
 
     name, path = _final_model_path(study_arg, model_path)
     model, meta = inference.load_model(path, name)
     target = Path(out) if out else path.with_suffix(inference.EXPORT_FORMATS[fmt])
     inference.export(model, meta, fmt, target)
-    click.echo(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, {fmt}): input float32 (N, 1, 28, 28) in "
-               f"[0, 1], output log-probabilities (N, 10); class names in its metadata")
+    click.echo(
+        f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, {fmt}): input float32 (N, 1, 28, 28) in "
+        f"[0, 1], output log-probabilities (N, 10); class names in its metadata"
+    )
     if not check:
         return
     images, _ = data.load_split(data.find_data_dir(data_dir), "test")
-    exported = inference.run_exported(target, fmt, images)
-    reference = inference.reference_logits(model, images)
-    diff = float(np.abs(exported - reference).max())
-    agree = float((exported.argmax(1) == reference.argmax(1)).mean())
-    click.echo(f"check on the {len(images):,} test images: max |output difference| {diff:.2e}, "
-               f"same class for {agree:.2%}")
-    if not np.allclose(exported, reference, rtol=1e-4, atol=1e-4) or agree < 1.0:
-        raise HpoError(f"the exported {fmt} model does not match the PyTorch model (max difference {diff:.2e}, "
-                       f"{agree:.2%} same class). Report this with the versions of torch and the runtime.")
+    result = inference.check_export(model, target, fmt, images)
+    click.echo(f"check on the {result.images:,} test images: max |output difference| {result.max_diff:.2e}, "
+               f"same class for {result.agree:.2%}")  # fmt: skip
+    if not result.ok:
+        raise HpoError(f"the exported {fmt} model does not match the PyTorch model (max difference "
+                       f"{result.max_diff:.2e}, {result.agree:.2%} same class). Report this with the versions of "
+                       "torch and the runtime.")  # fmt: skip
 
 
 def main() -> None:

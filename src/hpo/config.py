@@ -21,15 +21,15 @@ from hpo.errors import ConfigError, StudyFileNotFound
 
 # The parameters DynamicCNN and the training recipe understand, in the order they are suggested.
 SPACE_KEYS = (
-    "n_conv",        # conv blocks, each halves the image: 28 -> 14 -> 7 -> 3 -> 1, so at most 4
-    "filters",       # output channels, suggested once per conv block
-    "kernel_size",   # odd, pixels
-    "n_fc",          # hidden fully connected layers before the classifier
-    "fc_size",       # units per hidden FC layer
-    "dropout",       # probability, after every hidden FC layer
-    "optimizer",     # adam | sgd | rmsprop
-    "lr",            # peak learning rate
-    "batch_size",    # images per step
+    "n_conv",  # conv blocks, each halves the image: 28 -> 14 -> 7 -> 3 -> 1, so at most 4
+    "filters",  # output channels, suggested once per conv block
+    "kernel_size",  # odd, pixels
+    "n_fc",  # hidden fully connected layers before the classifier
+    "fc_size",  # units per hidden FC layer
+    "dropout",  # probability, after every hidden FC layer
+    "optimizer",  # adam | sgd | rmsprop
+    "lr",  # peak learning rate
+    "batch_size",  # images per step
     "weight_decay",  # L2 coefficient
 )
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
@@ -49,12 +49,12 @@ _DURATION = re.compile(r"(\d+(?:\.\d*)?)\s*(h|m|s)")
 DURATION_HELP = "a duration such as 90s, 10m, 1h or 1h30m"
 
 
-DEFAULT_TRIALS = 50   # [budget] n_trials when a study file gives none
-DEFAULT_EPOCHS = 10   # [budget] epochs likewise
+DEFAULT_TRIALS = 50  # [budget] n_trials when a study file gives none
+DEFAULT_EPOCHS = 10  # [budget] epochs likewise
 
 
 def format_duration(seconds: float | None) -> str:
-    """"1h05m", "4m00s", "42s": how a duration is printed everywhere (the inverse of parse_duration)."""
+    """ "1h05m", "4m00s", "42s": how a duration is printed everywhere (the inverse of parse_duration)."""
     if seconds is None:
         return "unknown"
     minutes, secs = divmod(int(round(seconds)), 60)
@@ -103,8 +103,8 @@ class ParamSpec:
 @dataclass(frozen=True)
 class Budget:
     n_trials: int = DEFAULT_TRIALS  # finished trials (COMPLETE + PRUNED) the study ends with
-    epochs: int = DEFAULT_EPOCHS    # epochs per trial; the pruner sees one report per epoch
-    train_subset: int = 0    # images of the training part each trial trains on; 0 = all of it
+    epochs: int = DEFAULT_EPOCHS  # epochs per trial; the pruner sees one report per epoch
+    train_subset: int = 0  # images of the training part each trial trains on; 0 = all of it
     val_fraction: float = 0.1  # share of the official training set held out for validation
     time_s: float | None = None  # wall-clock budget of search plus finalizer, seconds; None = no limit
 
@@ -119,32 +119,32 @@ class Component:
 
 @dataclass(frozen=True)
 class Augment:
-    crop_padding: int = 0    # pixels of zero padding before a random 28x28 crop; 0 = off
-    hflip: bool = False      # random horizontal flip with probability 1/2
-    erase: float = 0.0       # probability of random erasing (Zhong et al. 2017) per image; 0 = off
+    crop_padding: int = 0  # pixels of zero padding before a random 28x28 crop; 0 = off
+    hflip: bool = False  # random horizontal flip with probability 1/2
+    erase: float = 0.0  # probability of random erasing (Zhong et al. 2017) per image; 0 = off
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     """The [train] section: how every model is trained, in trials and in the finalizer alike."""
 
-    schedule: str = "cosine"       # learning-rate shape over the run
-    warmup_epochs: float = 0.0     # linear ramp from 0 to the peak lr, in epochs
+    schedule: str = "cosine"  # learning-rate shape over the run
+    warmup_epochs: float = 0.0  # linear ramp from 0 to the peak lr, in epochs
     label_smoothing: float = 0.0
-    eval_batch_size: int = 2048    # images per evaluation step (no gradients, so large)
-    compile: bool = False          # torch.compile the training step; off: it did not pay for itself (README)
+    eval_batch_size: int = 2048  # images per evaluation step (no gradients, so large)
+    compile: bool = False  # torch.compile the training step; off: it did not pay for itself (README)
 
 
 @dataclass(frozen=True)
 class Final:
-    epochs: int                    # epochs of the from-scratch retrain on train + validation
-    ensemble: int = 1              # retrain the K best distinct trials and average their softmax outputs
-    tta: str = "none"              # "flip": also average each test image with its mirror image
-    member_gap: float = 0.01       # a member beyond the best trial must score within this of it (validation metric)
+    epochs: int  # epochs of the from-scratch retrain on train + validation
+    ensemble: int = 1  # retrain the K best distinct trials and average their softmax outputs
+    tta: str = "none"  # "flip": also average each test image with its mirror image
+    member_gap: float = 0.01  # a member beyond the best trial must score within this of it (validation metric)
     max_epochs: int | None = None  # with a time budget, one final model may train up to this many when time is left
-    fill: str = "none"             # "seeds": places member_gap leaves empty go to the best trial with further seeds
-    max_share: float = 0.65        # the most of a time budget the finalizer's reserve takes; the search keeps the rest
-    speed_tie: float = 0.0         # with a time budget: the fastest trial this close to the best leads the final run
+    fill: str = "none"  # "seeds": places member_gap leaves empty go to the best trial with further seeds
+    max_share: float = 0.65  # the most of a time budget the finalizer's reserve takes; the search keeps the rest
+    speed_tie: float = 0.0  # with a time budget: the fastest trial this close to the best leads the final run
 
 
 CHECKPOINT_KEEP = ("none", "complete")
@@ -154,16 +154,16 @@ CHECKPOINT_KEEP = ("none", "complete")
 class Checkpoints:
     """Trial checkpoints in the artifact store: what a crashed trial resumes from."""
 
-    every_epoch: bool = True       # save the model and optimizer after every epoch but the last
-    keep: str = "none"             # none: delete when the trial ends; complete: keep a COMPLETE trial's last one
+    every_epoch: bool = True  # save the model and optimizer after every epoch but the last
+    keep: str = "none"  # none: delete when the trial ends; complete: keep a COMPLETE trial's last one
 
 
 @dataclass(frozen=True)
 class WarmStart:
     """Configurations the study tries first (Optuna's enqueue_trial), queued when the study is created."""
 
-    from_study: str | None = None            # `from`: a study in the same storage, with the same metric
-    top: int = 5                             # how many of its best distinct COMPLETE trials
+    from_study: str | None = None  # `from`: a study in the same storage, with the same metric
+    top: int = 5  # how many of its best distinct COMPLETE trials
     params: tuple[dict[str, Any], ...] = ()  # configurations known to be good, tried first, in order
 
 
@@ -260,8 +260,15 @@ def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
 
 
 # A dataclass field's annotation (a string, under `from __future__ import annotations`) -> the TOML type.
-_KINDS: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str, "int | None": int,
-                           "float | None": float, "str | None": str}
+_KINDS: dict[str, type] = {
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "str": str,
+    "int | None": int,
+    "float | None": float,
+    "str | None": str,
+}
 
 
 class _Reader:
@@ -294,8 +301,9 @@ class _Reader:
             self.fail(f"{key} must be {names}, got {type(value).__name__} {value!r}")
         return value
 
-    def section(self, cls: Any, keys: dict[str, str] | None = None, defaults: dict[str, Any] | None = None,
-                **given: Any) -> Any:
+    def section(
+        self, cls: Any, keys: dict[str, str] | None = None, defaults: dict[str, Any] | None = None, **given: Any
+    ) -> Any:
         """The dataclass `cls` read from this table: every field under its name (or `keys[field]`), of
         its annotated type, with its default (or `defaults[field]`); `given` fields are the caller's.
         Any other key in the table is refused."""
@@ -305,8 +313,9 @@ class _Reader:
             if f.name in given:
                 continue
             default = defaults.get(f.name, f.default)
-            values[f.name] = self.get(keys.get(f.name, f.name), _KINDS[str(f.type)],
-                                      ... if default is dataclasses.MISSING else default)
+            values[f.name] = self.get(
+                keys.get(f.name, f.name), _KINDS[str(f.type)], ... if default is dataclasses.MISSING else default
+            )
         self.done()
         return cls(**values)
 
@@ -325,17 +334,7 @@ class _Reader:
 def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
     """A study file's tables as a StudyConfig: each section read by its dataclass, then checked."""
     top = _Reader(raw, "", source)
-    name = top.get("name", str)
-    if not name or any(c.isspace() for c in name):
-        top.fail(f"name must be a non-empty word without spaces, got {name!r}")
-    description = top.get("description", str, "")
-    metric = top.get("metric", str, "val_accuracy")
-    if metric not in METRICS:
-        top.fail(_not_known("metric", metric, list(METRICS), "is not supported"))
-    direction = top.get("direction", str, METRICS[metric])
-    if direction != METRICS[metric]:
-        top.fail(f"direction for {metric} must be {METRICS[metric]!r}, got {direction!r}")
-    seed = top.get("seed", int, 0)
+    name, description, metric, direction, seed = _header(top)
     b = top.table("budget")
     budget = _check_budget(b, b.section(Budget, time_s=_duration(b, "time")))
     sampler = _component(top.table("sampler"), SAMPLERS, "tpe", "optuna.samplers")
@@ -359,11 +358,24 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
         problems = space_problems(space, params) if isinstance(params, dict) else ["not a table"]
         if problems:
             w.fail(f"params[{i}] is not a point of [space]: {'; '.join(problems)}. Fix the value, or widen [space].")
-    top.done(("name", "description", "metric", "direction", "seed", "budget", "sampler", "pruner",
-              "augment", "train", "final", "checkpoints", "space", "warm_start"))
-    return StudyConfig(name=name, description=description, direction=direction, metric=metric,
-                       seed=seed, budget=budget, sampler=sampler, pruner=pruner, augment=augment,
-                       train=train, final=final, space=space, checkpoints=checkpoints, warm_start=warm)
+    top.done(tuple(f.name for f in dataclasses.fields(StudyConfig)))
+    parts = (name, direction, metric, seed, budget, sampler, pruner, augment, train, final, space, description)
+    return StudyConfig(*parts, checkpoints=checkpoints, warm_start=warm)
+
+
+def _header(top: _Reader) -> tuple[str, str, str, str, int]:
+    """The file's top-level keys: name, description, metric, direction (fixed by the metric) and seed."""
+    name = top.get("name", str)
+    if not name or any(c.isspace() for c in name):
+        top.fail(f"name must be a non-empty word without spaces, got {name!r}")
+    description = top.get("description", str, "")
+    metric = top.get("metric", str, "val_accuracy")
+    if metric not in METRICS:
+        top.fail(_not_known("metric", metric, list(METRICS), "is not supported"))
+    direction = top.get("direction", str, METRICS[metric])
+    if direction != METRICS[metric]:
+        top.fail(f"direction for {metric} must be {METRICS[metric]!r}, got {direction!r}")
+    return name, description, metric, direction, top.get("seed", int, 0)
 
 
 def _check_budget(b: _Reader, budget: Budget) -> Budget:
@@ -433,16 +445,22 @@ def space_problems(space: dict[str, ParamSpec], params: dict[str, Any]) -> list[
     """Why `params` is not a configuration of `space`, one phrase per parameter (empty: it is).
     Parameters left out are sampled as usual; `filters_i` follow `filters` up to n_conv."""
     problems = []
-    n_conv = params.get("n_conv", space["n_conv"].span[1] if space["n_conv"].choices is None
-                        else max(space["n_conv"].choices))
+    n_conv = params.get(
+        "n_conv", space["n_conv"].span[1] if space["n_conv"].choices is None else max(space["n_conv"].choices)
+    )
     for key, value in params.items():
         name = "filters" if key.startswith("filters_") and key[8:].isdigit() else key
         if name not in space or name == "filters" and int(key[8:]) >= n_conv:
             problems.append(f"{key} is not a parameter of this space")
         elif not _holds(space[name], value):
             spec = space[name]
-            allowed = (f"one of {list(spec.choices)}" if spec.choices is not None
-                       else f"{spec.low}" if spec.low == spec.high else f"from {spec.low} to {spec.high}")
+            allowed = (
+                f"one of {list(spec.choices)}"
+                if spec.choices is not None
+                else f"{spec.low}"
+                if spec.low == spec.high
+                else f"from {spec.low} to {spec.high}"
+            )
             problems.append(f"{key} = {value!r}, but the space allows {allowed}")
     return problems
 
@@ -579,10 +597,15 @@ def summary(cfg: StudyConfig) -> str:
     b, f = cfg.budget, cfg.final
     images = f"{b.train_subset:,} images" if b.train_subset else "the whole training part"
     limits = [f"{b.n_trials} finished"] + ([f"{b.time_s / 60:g} min"] if b.time_s else [])
-    final = f"final: {f.epochs} epochs" + (f", ensemble of {f.ensemble}" if f.ensemble > 1 else "") + (
-        f", {f.tta} TTA" if f.tta != "none" else "")
-    return (f"{cfg.direction} {cfg.metric}; trials of {b.epochs} epochs on {images} until {' or '.join(limits)}; "
-            f"{cfg.sampler.name} sampler, {cfg.pruner.name} pruner; {final}")
+    final = (
+        f"final: {f.epochs} epochs"
+        + (f", ensemble of {f.ensemble}" if f.ensemble > 1 else "")
+        + (f", {f.tta} TTA" if f.tta != "none" else "")
+    )
+    return (
+        f"{cfg.direction} {cfg.metric}; trials of {b.epochs} epochs on {images} until {' or '.join(limits)}; "
+        f"{cfg.sampler.name} sampler, {cfg.pruner.name} pruner; {final}"
+    )
 
 
 def _toml_value(value: Any) -> str:
@@ -606,15 +629,22 @@ def to_toml(cfg: StudyConfig) -> str:
     budget = {k: v for k, v in d["budget"].items() if k != "time_s"}
     if cfg.budget.time_s is not None:
         budget["time"] = f"{cfg.budget.time_s:g}s"
-    sections = {"budget": budget, "sampler": {"name": cfg.sampler.name, **cfg.sampler.options},
-                "pruner": {"name": cfg.pruner.name, **cfg.pruner.options}, "augment": d["augment"],
-                "train": d["train"], "final": d["final"], "checkpoints": d["checkpoints"]}
+    sections = {
+        "budget": budget,
+        "sampler": {"name": cfg.sampler.name, **cfg.sampler.options},
+        "pruner": {"name": cfg.pruner.name, **cfg.pruner.options},
+        "augment": d["augment"],
+        "train": d["train"],
+        "final": d["final"],
+        "checkpoints": d["checkpoints"],
+    }
     for title, table in sections.items():
         lines += ["", f"[{title}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
     w = cfg.warm_start
     if w.from_study is not None or w.params:
-        lines += ["", "[warm_start]"] + ([f"from = {_toml_value(w.from_study)}", f"top = {w.top}"]
-                                         if w.from_study is not None else [])
+        lines += ["", "[warm_start]"] + (
+            [f"from = {_toml_value(w.from_study)}", f"top = {w.top}"] if w.from_study is not None else []
+        )
         for params in w.params:
             lines += ["[[warm_start.params]]"] + [f"{k} = {_toml_value(v)}" for k, v in params.items()]
     lines += ["", "[space]"] + [f"{k} = {_toml_value(v)}" for k, v in d["space"].items()]

@@ -19,15 +19,14 @@ import torch
 from hpo.config import Augment
 from hpo.errors import DataError
 
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 MEAN, STD = 0.2860, 0.3530  # of the training images, on a 0..1 scale
-_IDX_DTYPE = 0x08           # unsigned byte, the only type Fashion-MNIST uses
+_IDX_DTYPE = 0x08  # unsigned byte, the only type Fashion-MNIST uses
 
 
 def cache_dir() -> Path:
@@ -93,17 +92,21 @@ def read_idx(path: Path) -> np.ndarray:
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: cannot read ({e}). Replace the file with an intact copy.") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_DTYPE or not 1 <= raw[3] <= 3:
-        raise DataError(f"{path}: not an IDX file of unsigned bytes (magic {raw[:4].hex() or 'missing'}). "
-                        "Replace the file with an intact copy.")
+        raise DataError(
+            f"{path}: not an IDX file of unsigned bytes (magic {raw[:4].hex() or 'missing'}). "
+            "Replace the file with an intact copy."
+        )
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{path}: truncated header. Replace the file with an intact copy.")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(shape))
     if len(raw) != expected:
-        raise DataError(f"{path}: {len(raw)} bytes but its header {shape} needs {expected}; the file is "
-                        "truncated or corrupt. Replace the file with an intact copy.")
+        raise DataError(
+            f"{path}: {len(raw)} bytes but its header {shape} needs {expected}; the file is "
+            "truncated or corrupt. Replace the file with an intact copy."
+        )
     return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=header).reshape(shape)  # writable for torch
 
 
@@ -119,8 +122,10 @@ def load_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     if labels.ndim != 1:
         raise DataError(f"{label_path}: expected a 1-D label file, got shape {labels.shape}.")
     if len(images) != len(labels):
-        raise DataError(f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} "
-                        "labels. The files come from different sets; replace them with a matching pair.")
+        raise DataError(
+            f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} "
+            "labels. The files come from different sets; replace them with a matching pair."
+        )
     if len(labels) and labels.max() >= len(CLASSES):
         raise DataError(f"{label_path}: label {labels.max()} is not a Fashion-MNIST class (0-9).")
     return images, labels.astype(np.int64)
@@ -149,17 +154,22 @@ class DeviceData:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None,
-                augment: Augment | None = None, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        augment: Augment | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Normalised float batches; shuffled and augmented when a generator is given."""
         n = len(self)
         order = torch.randperm(n, device=self.device, generator=generator) if generator is not None else None
         stop = n - n % batch_size if drop_last and n >= batch_size else n
         for start in range(0, stop, batch_size):
             if order is None:
-                x, y = self.x[start:start + batch_size], self.y[start:start + batch_size]
+                x, y = self.x[start : start + batch_size], self.y[start : start + batch_size]
             else:
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 x, y = self.x[idx], self.y[idx]
             if augment is not None and generator is not None:
                 x = augment_batch(x, augment, generator)
@@ -192,8 +202,13 @@ def augment_batch(x: torch.Tensor, augment: Augment, generator: torch.Generator)
     return x
 
 
-def random_erase(x: torch.Tensor, p: float, generator: torch.Generator,
-                 area: tuple[float, float] = (0.02, 0.4), aspect: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
+def random_erase(
+    x: torch.Tensor,
+    p: float,
+    generator: torch.Generator,
+    area: tuple[float, float] = (0.02, 0.4),
+    aspect: tuple[float, float] = (0.3, 3.3),
+) -> torch.Tensor:
     """Zhong et al. 2017: with probability `p`, fill one rectangle of each image with random pixels.
 
     `area` is the rectangle's share of the image and `aspect` its height/width, the paper's ranges.
@@ -211,8 +226,12 @@ def random_erase(x: torch.Tensor, p: float, generator: torch.Generator,
     left = (uniform(0.0, 1.0) * (w - ew + 1)).floor()
     rows = torch.arange(h, device=dev).view(1, h, 1)
     cols = torch.arange(w, device=dev).view(1, 1, w)
-    inside = ((rows >= top.view(b, 1, 1)) & (rows < (top + eh).view(b, 1, 1))
-              & (cols >= left.view(b, 1, 1)) & (cols < (left + ew).view(b, 1, 1)))
+    inside = (
+        (rows >= top.view(b, 1, 1))
+        & (rows < (top + eh).view(b, 1, 1))
+        & (cols >= left.view(b, 1, 1))
+        & (cols < (left + ew).view(b, 1, 1))
+    )
     chosen = torch.rand(b, device=dev, generator=generator) < p
     mask = (inside & chosen.view(b, 1, 1)).unsqueeze(1)
     noise = torch.randint(0, 256, x.shape, device=dev, generator=generator, dtype=torch.uint8)
@@ -227,12 +246,14 @@ class TrialData:
     val: DeviceData
 
 
-def trial_data(images: np.ndarray, labels: np.ndarray, val_fraction: float, seed: int, device: torch.device,
-               train_subset: int = 0) -> TrialData:
+def trial_data(
+    images: np.ndarray, labels: np.ndarray, val_fraction: float, seed: int, device: torch.device, train_subset: int = 0
+) -> TrialData:
     """Split the official training set (from `load_split(dir, "train")`) and move it to the device."""
     train_idx, val_idx = stratified_split(labels, val_fraction, seed)
     if train_subset and train_subset < len(train_idx):
         _, keep = stratified_split(labels[train_idx], train_subset / len(train_idx), seed + 1)
         train_idx = train_idx[keep]
-    return TrialData(DeviceData(images[train_idx], labels[train_idx], device),
-                     DeviceData(images[val_idx], labels[val_idx], device))
+    return TrialData(
+        DeviceData(images[train_idx], labels[train_idx], device), DeviceData(images[val_idx], labels[val_idx], device)
+    )

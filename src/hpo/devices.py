@@ -56,14 +56,19 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 class Placement:
     device: torch.device
     threads: int
-    name: str          # what a person would call it: "cpu (1 thread)", "NVIDIA H100 (cuda:0)"
+    name: str  # what a person would call it: "cpu (1 thread)", "NVIDIA H100 (cuda:0)"
     host: str
     slot: tuple[int, int] | None = None  # (GPU, slot) this worker holds, if it claimed one
 
     def describe(self) -> dict[str, object]:
-        return {"device": str(self.device), "device_name": self.name, "threads": self.threads, attrs.HOST: self.host,
-                "gpu_index": self.device.index if self.device.type == "cuda" else None,
-                "gpu_slot": None if self.slot is None else list(self.slot)}
+        return {
+            "device": str(self.device),
+            "device_name": self.name,
+            "threads": self.threads,
+            attrs.HOST: self.host,
+            "gpu_index": self.device.index if self.device.type == "cuda" else None,
+            "gpu_slot": None if self.slot is None else list(self.slot),
+        }
 
 
 _claims: list[IO[str]] = []  # open lock files: the claim lasts as long as the process
@@ -78,8 +83,9 @@ def trials_per_gpu(explicit: int | None = None) -> int:
     """Slots per GPU: --trials-per-gpu, then HPO_TRIALS_PER_GPU, then 1 (no GPU measurement yet says more)."""
     value = explicit if explicit is not None else int(os.environ.get("HPO_TRIALS_PER_GPU", 1))
     if value < 1:
-        raise HpoError(f"trials per GPU must be at least 1, got {value}. Set --trials-per-gpu or "
-                       "HPO_TRIALS_PER_GPU to 1 or more.")
+        raise HpoError(
+            f"trials per GPU must be at least 1, got {value}. Set --trials-per-gpu or HPO_TRIALS_PER_GPU to 1 or more."
+        )
     return value
 
 
@@ -104,8 +110,9 @@ def _try_claim(path: Path) -> bool:
     return True
 
 
-def claim_gpu(count: int, slots: int = 1, directory: Path | None = None, wait: bool = True,
-              poll_s: float = 2.0) -> tuple[int, int]:
+def claim_gpu(
+    count: int, slots: int = 1, directory: Path | None = None, wait: bool = True, poll_s: float = 2.0
+) -> tuple[int, int]:
     """Take a free slot of a GPU on this host: (GPU index, slot index). GPUs fill evenly: slot 0 of
     every GPU first, then slot 1, and so on.
 
@@ -124,17 +131,23 @@ def claim_gpu(count: int, slots: int = 1, directory: Path | None = None, wait: b
                         log.info("claimed GPU %d slot %d, freed by another worker", gpu, slot)
                     return gpu, slot
         if not wait:
-            raise HpoError(f"all {count} GPUs x {slots} slots on this host are claimed by other hpo workers "
-                           f"(locks in {directory}). Raise --trials-per-gpu, or stop a worker.")
+            raise HpoError(
+                f"all {count} GPUs x {slots} slots on this host are claimed by other hpo workers "
+                f"(locks in {directory}). Raise --trials-per-gpu, or stop a worker."
+            )
         if not said:
-            log.warning("all %d GPUs x %d slots on this host are claimed by other workers (locks in %s); waiting "
-                        "for one to free up", count, slots, directory)
+            log.warning(
+                "all %d GPUs x %d slots on this host are claimed by other workers (locks in %s); waiting "
+                "for one to free up",
+                count,
+                slots,
+                directory,
+            )
             said = True
         time.sleep(poll_s)
 
 
-def place(device: str | None = None, threads: int | None = None, claim: bool = False,
-          slots: int = 1) -> Placement:
+def place(device: str | None = None, threads: int | None = None, claim: bool = False, slots: int = 1) -> Placement:
     """Choose the device and pin the CPU thread count.
 
     With no --device/HPO_DEVICE on a CUDA host: a worker (`claim`) takes a free slot of a GPU and
@@ -148,8 +161,12 @@ def place(device: str | None = None, threads: int | None = None, claim: bool = F
         if torch.cuda.is_available():
             wanted = f"cuda:{slot[0]}"
         else:  # HPO_GPU_COUNT without CUDA: the slot is held, the training runs on the CPU
-            log.info("holding GPU %d slot %d of HPO_GPU_COUNT=%s; no CUDA here, so training runs on the CPU",
-                     slot[0], slot[1], os.environ.get("HPO_GPU_COUNT"))
+            log.info(
+                "holding GPU %d slot %d of HPO_GPU_COUNT=%s; no CUDA here, so training runs on the CPU",
+                slot[0],
+                slot[1],
+                os.environ.get("HPO_GPU_COUNT"),
+            )
     elif wanted is None and torch.cuda.is_available():
         wanted = "cuda:0"
     dev = torch.device(wanted or "cpu")

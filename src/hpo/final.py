@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import subprocess
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from hpo.params import TrialParams
 from hpo.progress import Progress
 from hpo.storage import SlotLock, final_dir
 from hpo.study import FINAL_ATTR
-from hpo.train import EpochStats, TrainingRun, evaluate, fit, seconds_per_image, seeded_model
+from hpo.train import EpochStats, Replan, TrainingRun, evaluate, fit, seconds_per_image, seeded_model
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,21 @@ def versions() -> dict[str, str]:
 
 def git_revision() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("HPO_GIT_REVISION")
@@ -84,12 +96,17 @@ def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, f
 def accuracy_figures(predictions: torch.Tensor, truth: torch.Tensor) -> dict[str, Any]:
     correct = int((predictions == truth).sum())
     low, high = wilson_interval(correct, len(truth))
-    return {"accuracy": correct / max(1, len(truth)), "correct": correct, "images": len(truth),
-            "ci95": [round(low, 5), round(high, 5)]}
+    return {
+        "accuracy": correct / max(1, len(truth)),
+        "correct": correct,
+        "images": len(truth),
+        "ci95": [round(low, 5), round(high, 5)],
+    }
 
 
-def choose_members(study: optuna.Study, cfg: StudyConfig, k: int,
-                   timed: bool = False) -> tuple[list[optuna.trial.FrozenTrial], str | None]:
+def choose_members(
+    study: optuna.Study, cfg: StudyConfig, k: int, timed: bool = False
+) -> tuple[list[optuna.trial.FrozenTrial], str | None]:
     """The `k` members' trials, best first, chosen by validation value (and, when `timed`, speed), and
     why the ensemble is not the `k` best distinct trials, if it is not.
 
@@ -102,8 +119,10 @@ def choose_members(study: optuna.Study, cfg: StudyConfig, k: int,
     """
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
-        raise HpoError(f"study {cfg.name!r} has no COMPLETE trial yet, so there is nothing to retrain. "
-                       f"Run `hpo optimize --study {cfg.name}` (or workers) until one completes.")
+        raise HpoError(
+            f"study {cfg.name!r} has no COMPLETE trial yet, so there is nothing to retrain. "
+            f"Run `hpo optimize --study {cfg.name}` (or workers) until one completes."
+        )
     maximize = cfg.direction == "maximize"
     ranked = sorted(complete, key=trials_mod.value, reverse=maximize)
     distinct: dict[str, optuna.trial.FrozenTrial] = {}
@@ -111,9 +130,11 @@ def choose_members(study: optuna.Study, cfg: StudyConfig, k: int,
         distinct.setdefault(json.dumps(t.params, sort_keys=True), t)
     seeds = cfg.final.fill == "seeds"
     if k > len(distinct) and not seeds:
-        raise HpoError(f"[final] ensemble = {k}, but study {cfg.name!r} has only {len(distinct)} distinct "
-                       f"COMPLETE trial(s). Lower ensemble to at most {len(distinct)}, add fill = \"seeds\" to "
-                       f"[final], or run more trials.")
+        raise HpoError(
+            f"[final] ensemble = {k}, but study {cfg.name!r} has only {len(distinct)} distinct "
+            f'COMPLETE trial(s). Lower ensemble to at most {len(distinct)}, add fill = "seeds" to '
+            f"[final], or run more trials."
+        )
     order, lead = list(distinct.values()), None
     if timed and cfg.final.speed_tie > 0:
         order, lead = _fastest_first(order, cfg)
@@ -121,17 +142,22 @@ def choose_members(study: optuna.Study, cfg: StudyConfig, k: int,
     close = [t for t in order[:k] if abs(trials_mod.value(t) - best) <= cfg.final.member_gap + 1e-12]
     if len(close) == k:
         return close, lead
-    why = (f"only {len(close)} of the {k} best distinct trials score within member_gap {cfg.final.member_gap:g} "
-           f"of the best {cfg.metric} {best:.4f}")
+    why = (
+        f"only {len(close)} of the {k} best distinct trials score within member_gap {cfg.final.member_gap:g} "
+        f"of the best {cfg.metric} {best:.4f}"
+    )
     if seeds:
-        return close + [order[0]] * (k - len(close)), "; ".join(filter(None, [lead, (
-            f"{k - len(close)} of the {k} member places went to the first member, trial {order[0].number}, with "
-            f"further seeds ([final] fill = \"seeds\"): {why}")]))
-    return close, "; ".join(filter(None, [lead, f"ensemble shrank from {k} to {len(close)} member(s): {why}"]))
+        members = close + [order[0]] * (k - len(close))
+        change = (f"{k - len(close)} of the {k} member places went to the first member, trial {order[0].number}, "
+                  f'with further seeds ([final] fill = "seeds"): {why}')  # fmt: skip
+    else:
+        members, change = close, f"ensemble shrank from {k} to {len(close)} member(s): {why}"
+    return members, "; ".join(filter(None, [lead, change]))
 
 
-def _fastest_first(order: list[optuna.trial.FrozenTrial],
-                   cfg: StudyConfig) -> tuple[list[optuna.trial.FrozenTrial], str | None]:
+def _fastest_first(
+    order: list[optuna.trial.FrozenTrial], cfg: StudyConfig
+) -> tuple[list[optuna.trial.FrozenTrial], str | None]:
     """`order` (best first) with the fastest trial within `[final] speed_tie` of the best moved to the
     front, and a note saying so. On 6,000 validation images two trials 0.005 apart are within one
     standard error of each other; the cheaper one trains more epochs in the time left (a quick start
@@ -144,9 +170,11 @@ def _fastest_first(order: list[optuna.trial.FrozenTrial],
     fastest = min((t for t in tied if t.number in costs), key=lambda t: costs[t.number])
     if fastest is order[0]:
         return order, None
-    note = (f"trial {fastest.number} leads the final run: its {cfg.metric} {trials_mod.value(fastest):.4f} is within "
-            f"speed_tie {cfg.final.speed_tie:g} of the best, trial {order[0].number}'s {best:.4f}, and it trains "
-            f"{costs[order[0].number] / costs[fastest.number]:.2f}x as fast, so it gets more epochs in the time left")
+    note = (
+        f"trial {fastest.number} leads the final run: its {cfg.metric} {trials_mod.value(fastest):.4f} is within "
+        f"speed_tie {cfg.final.speed_tie:g} of the best, trial {order[0].number}'s {best:.4f}, and it trains "
+        f"{costs[order[0].number] / costs[fastest.number]:.2f}x as fast, so it gets more epochs in the time left"
+    )
     return [fastest] + [t for t in order if t is not fastest], note
 
 
@@ -170,78 +198,151 @@ def member_seed(cfg: StudyConfig, index: int) -> int:
 SHRINK_MARGIN, GROW_MARGIN = 1.05, 1.2
 
 
-def fitted_epochs(trial: optuna.trial.FrozenTrial, cfg: StudyConfig, train_all: DeviceData, epochs: int,
-                  deadline: budget.Deadline, most: int | None = None) -> int:
+def fitted_epochs(
+    trial: optuna.trial.FrozenTrial,
+    cfg: StudyConfig,
+    train_all: DeviceData,
+    epochs: int,
+    deadline: budget.Deadline,
+    most: int | None = None,
+) -> int:
     """The epochs of the first member that end before `deadline`: all of them unless time is short,
     else as many as fit (at least one), from this machine's measured speed for that configuration.
     With `most` above `epochs`, time left over grows them up to `most`."""
     # 60 steps after 10: 12 after 2 read 17.8 s per epoch for a model that then trained at 14.6 s.
-    per_epoch = seconds_per_image(TrialParams.from_flat(trial.params), train_all, cfg.train, cfg.augment, steps=60,
-                                  warmup=10) * len(train_all)
-    # The test passes (members x views) at a third of a trained image, 5 % for epoch-to-epoch noise.
-    left = deadline.left() - budget.slack_s(deadline.time_s) - per_epoch * budget.TEST_IMAGES / len(train_all)
-    fitted = max(1, min(epochs, int(left // (SHRINK_MARGIN * per_epoch))))
-    if fitted == epochs and most is not None and most > epochs:
-        fitted = max(epochs, min(most, int(left // (GROW_MARGIN * per_epoch))))
-    log.info("final-train: %.1fs per epoch measured, %.0fs left: %d of %d epochs fit", per_epoch,
-             deadline.left(), fitted, most or epochs)
+    params = TrialParams.from_flat(trial.params)
+    per_epoch = seconds_per_image(params, train_all, cfg.train, cfg.augment, steps=60, warmup=10) * len(train_all)
+    fitted = _epochs_that_fit(per_epoch, _time_left(deadline, per_epoch, len(train_all)), epochs, most)
+    log.info(f"final-train: {per_epoch:.1f}s per epoch measured, {deadline.left():.0f}s left: {fitted} of "
+             f"{most or epochs} epochs fit")  # fmt: skip
     return fitted
 
 
-def train_members(chosen: list[optuna.trial.FrozenTrial], cfg: StudyConfig, train_all: DeviceData, epochs: int,
-                  deadline: budget.Deadline | None) -> tuple[list[Member], int, str | None]:
+def _time_left(deadline: budget.Deadline, per_epoch: float, images: int) -> float:
+    """Seconds left for training epochs: the deadline less the slack and the test passes (members x
+    views at a third of a trained image each)."""
+    return deadline.left() - budget.slack_s(deadline.time_s) - per_epoch * budget.TEST_IMAGES / images
+
+
+def _epochs_that_fit(per_epoch: float, left: float, epochs: int, most: int | None, done: int = 0) -> int:
+    """Epochs in all (`done` of them trained already) that end in `left` seconds more: up to `epochs`
+    with the shrinking margin, then up to `most` with the growing one."""
+    fitted = min(epochs, done + int(left // (SHRINK_MARGIN * per_epoch)))
+    if fitted >= epochs and most is not None and most > epochs:
+        fitted = max(epochs, min(most, done + int(left // (GROW_MARGIN * per_epoch))))
+    return max(done or 1, fitted)
+
+
+def timed_replan(deadline: budget.Deadline, images: int, epochs: int, most: int | None) -> Replan:
+    """Re-fit the first member's epochs to the epochs it has timed itself, through its first half.
+
+    The 60-step timing before training is read under whatever else loads the machine at that moment:
+    in one quick start it read 20.8 s per epoch for a CNN that then trained at 12 s, and the
+    finalizer fitted 23 epochs where 36 fitted. The median of the real epochs is robust to one slow
+    one; past halfway the schedule is left alone, since stretching it late would raise the learning
+    rate again."""
+
+    def replan(history: list[EpochStats], total: int) -> int:
+        done = len(history)
+        if done >= total or 2 * done > total:
+            return total
+        per_epoch = statistics.median(s.seconds for s in history)
+        new = _epochs_that_fit(per_epoch, _time_left(deadline, per_epoch, images), epochs, most, done)
+        if new != total:
+            log.info(f"final-train: {per_epoch:.1f}s per epoch trained after epoch {done}: {new} epochs fit")
+        return new
+
+    return replan
+
+
+def train_members(
+    chosen: list[optuna.trial.FrozenTrial],
+    cfg: StudyConfig,
+    train_all: DeviceData,
+    epochs: int,
+    deadline: budget.Deadline | None,
+) -> tuple[list[Member], int, str | None]:
     """Retrain each chosen trial from scratch, one after another. With a deadline, the first member
-    trains the epochs that fit (all of them unless time is short) and the ensemble stops before a
-    member that would end past it. Returns the members, their epochs and what shrank, if anything."""
+    trains the epochs that fit (all of them unless time is short; re-fitted to its own epoch times as
+    it trains) and the ensemble stops before a member that would end past it. Returns the members,
+    their epochs and what shrank, if anything."""
     members: list[Member] = []
     shrunk: list[str] = []
+    replan = None
+    requested = epochs
     if deadline is not None:
         # Time the search left over goes to a lone model's epochs, up to [final] max_epochs; an
         # ensemble spends it on its members instead.
         grow = len(chosen) == 1 and cfg.final.max_epochs is not None and epochs == cfg.final.epochs
-        fitted = fitted_epochs(chosen[0], cfg, train_all, epochs, deadline,
-                               most=cfg.final.max_epochs if grow else None)
-        if fitted < epochs:
-            shrunk.append(f"epochs shrank from {epochs} to {fitted} to end within the time budget")
-        elif fitted > epochs:
-            log.info("final-train: epochs grew from %d to %d to use the time the search left", epochs, fitted)
-        epochs = fitted
+        most = cfg.final.max_epochs if grow else None
+        epochs = fitted_epochs(chosen[0], cfg, train_all, epochs, deadline, most=most)
+        replan = timed_replan(deadline, len(train_all), requested, most)
     for index, trial in enumerate(chosen):
-        if members and deadline is not None:
-            first = budget.trial_cost(members[0].trial)
-            this = budget.trial_cost(trial)
-            ratio = this.per_image_s() / first.per_image_s() if first and this else 1.0
-            needed = members[0].train_s * ratio + budget.slack_s(deadline.time_s)
-            if deadline.left() < needed:
-                shrunk.append(f"ensemble shrank from {len(chosen)} to {len(members)} member(s) to end within the "
-                              f"time budget: member {index + 1} (trial {trial.number}) needs about {needed:.0f}s, "
-                              f"{max(0.0, deadline.left()):.0f}s are left")
-                break
-        seed = member_seed(cfg, index)
-        log.info("final-train: member %d/%d is trial %d (val %s %.4f), %d images, %d epochs, seed %d",
-                 index + 1, len(chosen), trial.number, cfg.metric, trial.value, len(train_all), epochs, seed)
-        started = time.perf_counter()
-        params = TrialParams.from_flat(trial.params)
-        model = seeded_model(params.model, seed, train_all.device)
-        desc = "final-train" if len(chosen) == 1 else f"final-train member {index + 1}/{len(chosen)}"
-        with Progress(epochs, desc, "epochs") as bar:
-            def on_epoch(stats: EpochStats) -> None:
-                bar.advance(line=f"epoch {stats.epoch}/{epochs}  loss {stats.train_loss:.4f}  "
-                                 f"train_acc {stats.train_accuracy:.4f}  ({stats.seconds:.1f}s)",
-                            loss=f"{stats.train_loss:.4f}", acc=f"{stats.train_accuracy:.4f}")
-
-            history = fit(model, train_all, None, TrainingRun(params.optimizer, cfg.train, cfg.augment, epochs, seed),
-                          on_epoch)
-        members.append(Member(trial, seed, model, history, time.perf_counter() - started))
+        if members and deadline is not None and (late := _would_end_late(members, trial, index, deadline)):
+            shrunk.append(f"ensemble shrank from {len(chosen)} to {len(members)} member(s) to end within the time "
+                          f"budget: {late}")  # fmt: skip
+            break
+        which = f"member {index + 1}/{len(chosen)}"
+        members.append(_train_member(trial, cfg, train_all, epochs, member_seed(cfg, index), which, replan))
+        epochs, replan = len(members[0].history), None  # the other members train as long as the first did
+    if epochs < requested:
+        shrunk.insert(0, f"epochs shrank from {requested} to {epochs} to end within the time budget")
+    elif epochs > requested:
+        log.info("final-train: epochs grew from %d to %d to use the time the search left", requested, epochs)
     for line in shrunk:
         log.warning("final-train: %s", line)
     return members, epochs, "; ".join(shrunk) or None
 
 
-def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement: Placement,
-                out_dir: Path, epochs: int | None = None, artifact_store=None,
-                storage: optuna.storages.RDBStorage | None = None,
-                deadline: budget.Deadline | None = None) -> dict[str, Any]:
+def _would_end_late(members: list[Member], trial: optuna.trial.FrozenTrial, index: int,
+                    deadline: budget.Deadline) -> str | None:  # fmt: skip
+    """Why member `index` would end past the deadline: the first member's measured time, scaled by
+    the trials' relative cost per image; None if it fits."""
+    first, this = budget.trial_cost(members[0].trial), budget.trial_cost(trial)
+    ratio = this.per_image_s() / first.per_image_s() if first and this else 1.0
+    needed = members[0].train_s * ratio + budget.slack_s(deadline.time_s)
+    if deadline.left() >= needed:
+        return None
+    return (f"member {index + 1} (trial {trial.number}) needs about {needed:.0f}s, "
+            f"{max(0.0, deadline.left()):.0f}s are left")  # fmt: skip
+
+
+def _train_member(trial: optuna.trial.FrozenTrial, cfg: StudyConfig, train_all: DeviceData, epochs: int, seed: int,
+                  which: str, replan: Replan | None = None) -> Member:  # fmt: skip
+    log.info(f"final-train: {which} is trial {trial.number} (val {cfg.metric} {trial.value:.4f}), "
+             f"{len(train_all)} images, {epochs} epochs, seed {seed}")  # fmt: skip
+    desc = "final-train" if which == "member 1/1" else f"final-train {which}"
+    started = time.perf_counter()
+    params = TrialParams.from_flat(trial.params)
+    model = seeded_model(params.model, seed, train_all.device)
+    with Progress(epochs, desc, "epochs") as bar:
+
+        def on_epoch(stats: EpochStats) -> None:
+            loss, acc = f"{stats.train_loss:.4f}", f"{stats.train_accuracy:.4f}"
+            bar.advance(line=f"epoch {stats.epoch}/{bar.total}  loss {loss}  train_acc {acc}  ({stats.seconds:.1f}s)",
+                        loss=loss, acc=acc)  # fmt: skip
+
+        def replan_shown(history: list[EpochStats], total: int) -> int:
+            new = replan(history, total) if replan is not None else total
+            bar.resize(new)
+            return new
+
+        run = TrainingRun(params.optimizer, cfg.train, cfg.augment, epochs, seed)
+        history = fit(model, train_all, None, run, on_epoch, replan=replan_shown if replan is not None else None)
+    return Member(trial, seed, model, history, time.perf_counter() - started)
+
+
+def final_train(
+    study: optuna.Study,
+    cfg: StudyConfig,
+    data_dir: Path,
+    placement: Placement,
+    out_dir: Path,
+    epochs: int | None = None,
+    artifact_store=None,
+    storage: optuna.storages.RDBStorage | None = None,
+    deadline: budget.Deadline | None = None,
+) -> dict[str, Any]:
     """Retrain the [final] ensemble, score the test split once, write model.pt, metrics.json and three
     PNGs to `out_dir`, upload them to the study in `artifact_store`, and write the dashboard note.
 
@@ -264,16 +365,26 @@ def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement
     test_images, test_labels = data_mod.load_split(data_dir, "test")
     test = DeviceData(test_images, test_labels, placement.device)
     metrics, ev = score(cfg, members, test)
-    metrics.update({"epochs": epochs, "train_images": len(train_all), "ensemble": {**metrics["ensemble"],
-                    "shrunk": shrunk}, "wall_time_s": round(time.perf_counter() - started, 2),
-                    "train_time_s": round(train_seconds, 2), "device": placement.describe(), "versions": versions(),
-                    "git_revision": git_revision()})
-    files = _result_files(cfg, metrics, _checkpoint(cfg, members, ev.accuracy), ev, test.y.cpu(), test_images,
-                          members[0])
+    metrics.update(epochs=epochs, train_images=len(train_all), ensemble={**metrics["ensemble"], "shrunk": shrunk},
+                   wall_time_s=round(time.perf_counter() - started, 2), train_time_s=round(train_seconds, 2),
+                   device=placement.describe(), versions=versions(), git_revision=git_revision())  # fmt: skip
+    files = _result_files(
+        cfg, metrics, _checkpoint(cfg, members, ev.accuracy), ev, test.y.cpu(), test_images, members[0]
+    )
     for name, payload in files.items():
         checkpoints.write_atomic(out_dir / name, payload)
-    summary = {k: metrics[k] for k in ("test_accuracy", "test_ci95", "test_loss", "best_trial", "best_trial_value",
-                                       "seed", "epochs", "wall_time_s")}
+    _record(study, cfg, metrics, files, out_dir, artifact_store, storage)
+    return metrics
+
+
+SUMMARY_KEYS = ("test_accuracy", "test_ci95", "test_loss", "best_trial", "best_trial_value", "seed", "epochs",
+                "wall_time_s")  # fmt: skip
+
+
+def _record(study: optuna.Study, cfg: StudyConfig, metrics: dict[str, Any], files: dict[str, bytes], out_dir: Path,
+            artifact_store: Any, storage: optuna.storages.RDBStorage | None) -> None:  # fmt: skip
+    """Upload the files, and write the study's final summary, its headline attribute and its note."""
+    summary = {k: metrics[k] for k in SUMMARY_KEYS}
     summary["members"] = [r["trial"] for r in metrics["members"]]
     summary["output_dir"] = str(out_dir.resolve())
     # Two final-trains at once each replace the other's artifacts in turn, never both at the same time.
@@ -282,9 +393,9 @@ def final_train(study: optuna.Study, cfg: StudyConfig, data_dir: Path, placement
             summary["artifacts"] = publish(study, artifact_store, files)
         study.set_user_attr(FINAL_ATTR, summary)
         # Sorts first in the dashboard's user-attribute table, so a final-trained study shows it at a glance.
-        study.set_user_attr("final_test_accuracy", ev.accuracy)
-        save_note(study, note(cfg, members[0].trial, metrics))
-    return metrics
+        study.set_user_attr("final_test_accuracy", metrics["test_accuracy"])
+        best = next(t for t in study.get_trials(deepcopy=False) if t.number == metrics["best_trial"])
+        save_note(study, note(cfg, best, metrics))
 
 
 def score(cfg: StudyConfig, members: list[Member], test: DeviceData) -> tuple[dict[str, Any], Any]:
@@ -295,11 +406,21 @@ def score(cfg: StudyConfig, members: list[Member], test: DeviceData) -> tuple[di
     truth = test.y.cpu()
     member_rows = []
     for m in members:
-        alone = accuracy_figures(evaluate(Ensemble([m.model], cfg.final.tta), test,
-                                          cfg.train.eval_batch_size, fast=False).predictions, truth)
-        member_rows.append({"trial": m.trial.number, "value": m.trial.value, "seed": m.seed, "params": m.trial.params,
-                            "test_accuracy": alone["accuracy"], "ci95": alone["ci95"],
-                            "train_time_s": round(m.train_s, 2), "n_params": count_parameters(m.model)})
+        alone = accuracy_figures(
+            evaluate(Ensemble([m.model], cfg.final.tta), test, cfg.train.eval_batch_size, fast=False).predictions, truth
+        )
+        member_rows.append(
+            {
+                "trial": m.trial.number,
+                "value": m.trial.value,
+                "seed": m.seed,
+                "params": m.trial.params,
+                "test_accuracy": alone["accuracy"],
+                "ci95": alone["ci95"],
+                "train_time_s": round(m.train_s, 2),
+                "n_params": count_parameters(m.model),
+            }
+        )
     best = members[0]
     metrics: dict[str, Any] = {
         "study": cfg.name,
@@ -307,10 +428,15 @@ def score(cfg: StudyConfig, members: list[Member], test: DeviceData) -> tuple[di
         "test_ci95": accuracy_figures(ev.predictions, truth)["ci95"],
         "test_loss": ev.loss,
         "test_images": len(test),
-        "per_class_accuracy": {name: float((ev.predictions[truth == i] == i).float().mean())
-                               for i, name in enumerate(CLASSES)},
-        "ensemble": {"requested": cfg.final.ensemble, "trained": len(members), "tta": cfg.final.tta,
-                     "gain_over_best_member": ev.accuracy - max(r["test_accuracy"] for r in member_rows)},
+        "per_class_accuracy": {
+            name: float((ev.predictions[truth == i] == i).float().mean()) for i, name in enumerate(CLASSES)
+        },
+        "ensemble": {
+            "requested": cfg.final.ensemble,
+            "trained": len(members),
+            "tta": cfg.final.tta,
+            "gain_over_best_member": ev.accuracy - max(r["test_accuracy"] for r in member_rows),
+        },
         "members": member_rows,
         "best_trial": best.trial.number,
         "best_trial_value": best.trial.value,
@@ -318,8 +444,9 @@ def score(cfg: StudyConfig, members: list[Member], test: DeviceData) -> tuple[di
         "params": best.trial.params,
         "seed": best.seed,
         "n_params": sum(r["n_params"] for r in member_rows),
-        "history": [{"epoch": s.epoch, "train_loss": s.train_loss, "train_accuracy": s.train_accuracy}
-                    for s in best.history],
+        "history": [
+            {"epoch": s.epoch, "train_loss": s.train_loss, "train_accuracy": s.train_accuracy} for s in best.history
+        ],
     }
     return metrics, ev
 
@@ -333,31 +460,61 @@ def _checkpoint(cfg: StudyConfig, members: list[Member], test_accuracy: float) -
         "trial": best.trial.number,
         "params": best.trial.params,
         "tta": cfg.final.tta,
-        "members": [{"trial": m.trial.number, "params": m.trial.params, "seed": m.seed,
-                     "model_spec": TrialParams.from_flat(m.trial.params).model.to_dict(),
-                     "state_dict": {k: v.detach().cpu() for k, v in m.model.state_dict().items()}}
-                    for m in members],
+        "members": [
+            {
+                "trial": m.trial.number,
+                "params": m.trial.params,
+                "seed": m.seed,
+                "model_spec": TrialParams.from_flat(m.trial.params).model.to_dict(),
+                "state_dict": {k: v.detach().cpu() for k, v in m.model.state_dict().items()},
+            }
+            for m in members
+        ],
         "test_accuracy": test_accuracy,
         "hpo_version": hpo.__version__,
     }
 
 
-def after_search(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBStorage, directory: Path,
-                 device: str | None, artifact_store: Any) -> dict[str, Any]:
+def after_search(
+    study: optuna.Study,
+    cfg: StudyConfig,
+    storage: optuna.storages.RDBStorage,
+    directory: Path,
+    device: str | None,
+    artifact_store: Any,
+) -> dict[str, Any]:
     """`optimize --final`: the finalizer in this process, within what is left of the time budget."""
     from hpo.devices import place
 
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        raise HpoError(f"--final: study {cfg.name!r} has no COMPLETE trial after the search, so there is nothing "
-                       "to retrain. Give a longer --time (or more [budget] n_trials) and run again.")
+        raise HpoError(
+            f"--final: study {cfg.name!r} has no COMPLETE trial after the search, so there is nothing "
+            "to retrain. Give a longer --time (or more [budget] n_trials) and run again."
+        )
     # A GPU for the finalizer without taking a worker's claim on it (the workers have exited).
     placement = place(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
-    return final_train(study, cfg, directory, placement, final_dir(cfg.name), None, artifact_store, storage,
-                       deadline=budget.get_deadline(study))
+    return final_train(
+        study,
+        cfg,
+        directory,
+        placement,
+        final_dir(cfg.name),
+        None,
+        artifact_store,
+        storage,
+        deadline=budget.get_deadline(study),
+    )
 
 
-def _result_files(cfg: StudyConfig, metrics: dict[str, Any], checkpoint: dict[str, Any], ev: Any,
-                  truth: torch.Tensor, test_images: Any, best: Member) -> dict[str, bytes]:
+def _result_files(
+    cfg: StudyConfig,
+    metrics: dict[str, Any],
+    checkpoint: dict[str, Any],
+    ev: Any,
+    truth: torch.Tensor,
+    test_images: Any,
+    best: Member,
+) -> dict[str, bytes]:
     truth_np, pred_np = truth.numpy(), ev.predictions.numpy()
     counts = plots.confusion_matrix(truth_np, pred_np, CLASSES)
     metrics["confusion_matrix"] = counts.tolist()
@@ -366,11 +523,12 @@ def _result_files(cfg: StudyConfig, metrics: dict[str, Any], checkpoint: dict[st
         "model.pt": artifacts.torch_bytes(checkpoint),
         "metrics.json": json.dumps(metrics, indent=2).encode(),
         "confusion_matrix.png": plots.confusion_matrix_png(
-            counts, CLASSES, f"{cfg.name}: {what} on the test split, accuracy {ev.accuracy:.4f}"),
-        "learning_curve.png": plots.learning_curve_png(best.trial.user_attrs.get("history", []),
-                                                       metrics["history"], ev.accuracy, best.trial.number),
-        "misclassified.png": plots.misclassified_png(test_images, truth_np, pred_np,
-                                                     ev.confidence.numpy(), CLASSES),
+            counts, CLASSES, f"{cfg.name}: {what} on the test split, accuracy {ev.accuracy:.4f}"
+        ),
+        "learning_curve.png": plots.learning_curve_png(
+            best.trial.user_attrs.get("history", []), metrics["history"], ev.accuracy, best.trial.number
+        ),
+        "misclassified.png": plots.misclassified_png(test_images, truth_np, pred_np, ev.confidence.numpy(), CLASSES),
     }
 
 
@@ -384,7 +542,7 @@ def publish(study: optuna.Study, store, files: dict[str, bytes]) -> dict[str, st
 
 
 def describe_accuracy(accuracy: float, ci95: list[float]) -> str:
-    """"93.61 % (95 % CI 93.12-94.07)": the headline figure with its Wilson interval, in percent."""
+    """ "93.61 % (95 % CI 93.12-94.07)": the headline figure with its Wilson interval, in percent."""
     return f"{100 * accuracy:.2f} % (95 % CI {100 * ci95[0]:.2f}-{100 * ci95[1]:.2f})"
 
 
@@ -392,31 +550,39 @@ def note(cfg: StudyConfig, best: optuna.trial.FrozenTrial, metrics: dict[str, An
     """The study's dashboard note: the final result first, so a final-trained study is obvious."""
     val, test = metrics["best_trial_value"], metrics["test_accuracy"]
     ens = metrics["ensemble"]
-    params = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                       for k, v in best.params.items())
+    params = "\n".join(
+        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in best.params.items()
+    )
     worst = min(metrics["per_class_accuracy"].items(), key=lambda kv: kv[1])
     what = "the final model" if ens["trained"] == 1 else f"the ensemble of {ens['trained']}"
-    rows = [f"| validation {cfg.metric} of trial {best.number} | {val:.4f} |",
-            f"| test accuracy of {what} | {describe_accuracy(test, metrics['test_ci95'])} |"]
-    rows += [f"| member: trial {r['trial']} (val {r['value']:.4f}, seed {r['seed']}) | "
-             f"{describe_accuracy(r['test_accuracy'], r['ci95'])} |" for r in metrics["members"]]
+    rows = [
+        f"| validation {cfg.metric} of trial {best.number} | {val:.4f} |",
+        f"| test accuracy of {what} | {describe_accuracy(test, metrics['test_ci95'])} |",
+    ]
+    rows += [
+        f"| member: trial {r['trial']} (val {r['value']:.4f}, seed {r['seed']}) | "
+        f"{describe_accuracy(r['test_accuracy'], r['ci95'])} |"
+        for r in metrics["members"]
+    ]
     if ens["trained"] > 1:
         rows.append(f"| gain of the ensemble over its best member | {100 * ens['gain_over_best_member']:+.2f} points |")
     if cfg.metric == "val_accuracy":
         rows.append(f"| gap, test minus validation | {100 * (test - val):+.2f} points |")
     rows.append(f"| weakest class | {worst[0]} ({worst[1]:.4f}) |")
     table = "\n".join(rows)
-    policy = (f"The {ens['requested']} best distinct trial(s) by validation score, each retrained with its own seed; "
-              f"softmax outputs averaged{', each image also with its mirror image' if ens['tta'] == 'flip' else ''}. "
-              "The policy comes from the study file; nothing was chosen by test accuracy.")
+    policy = (
+        f"The {ens['requested']} best distinct trial(s) by validation score, each retrained with its own seed; "
+        f"softmax outputs averaged{', each image also with its mirror image' if ens['tta'] == 'flip' else ''}. "
+        "The policy comes from the study file; nothing was chosen by test accuracy."
+    )
     if ens["shrunk"]:
         policy += f" The {ens['shrunk']}."
     others = "" if ens["trained"] == 1 else f", and {ens['trained'] - 1} more"
-    return f"""## Final-trained: test accuracy {describe_accuracy(test, metrics['test_ci95'])}
+    return f"""## Final-trained: test accuracy {describe_accuracy(test, metrics["test_ci95"])}
 
 Trial {best.number}, the best of the search{others}, retrained from scratch by `hpo final-train` for
-{metrics['epochs']} epochs on all {metrics['train_images']:,} training images, then scored once on the untouched
-{metrics['test_images']:,}-image test split. {policy}
+{metrics["epochs"]} epochs on all {metrics["train_images"]:,} training images, then scored once on the untouched
+{metrics["test_images"]:,}-image test split. {policy}
 
 | | |
 |---|---|
@@ -432,6 +598,6 @@ more images, so its test accuracy can exceed the trial's validation score.
 {params}
 
 Study artifacts: `confusion_matrix.png`, `learning_curve.png`, `misclassified.png`, `model.pt`,
-`metrics.json`. Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, hpo {hpo.__version__},
-code {metrics['git_revision'] or 'unknown'}.
+`metrics.json`. Written {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, hpo {hpo.__version__},
+code {metrics["git_revision"] or "unknown"}.
 """

@@ -81,7 +81,7 @@ def read_image(path: Path) -> np.ndarray:
     side = max(h, w)
     square = np.zeros((side, side), dtype=np.uint8)
     top, left = (side - h) // 2, (side - w) // 2
-    square[top:top + h, left:left + w] = grey
+    square[top : top + h, left : left + w] = grey
     if side != 28:
         square = np.asarray(Image.fromarray(square).resize((28, 28), Image.Resampling.LANCZOS), dtype=np.uint8)
     return square
@@ -107,7 +107,7 @@ def predict_files(model: nn.Module, paths: list[Path], top: int = 1, batch_size:
             results[i] = Prediction(str(path), error=str(e))
     device = next(model.parameters()).device
     for start in range(0, len(readable), batch_size):
-        chunk = readable[start:start + batch_size]
+        chunk = readable[start : start + batch_size]
         x = torch.from_numpy(np.stack([img for _, img in chunk]))[:, None].to(device)
         probs = logits_of(model, normalize(x)).float().softmax(1).cpu()
         values, indices = probs.topk(min(top, len(CLASSES)), dim=1)
@@ -137,11 +137,18 @@ class Exportable(nn.Module):
 
 
 def export_metadata(meta: dict[str, Any]) -> dict[str, str]:
-    return {"classes": json.dumps(list(CLASSES)), "input": "float32 (N, 1, 28, 28), pixels in [0, 1], light on dark",
-            "output": "log-probabilities (N, 10): softmax or argmax them", "study": str(meta["study"]),
-            "trial": str(meta["trial"]), "members": json.dumps([m["trial"] for m in meta["members"]]),
-            "tta": str(meta["tta"]), "test_accuracy": str(meta["test_accuracy"]),
-            "hpo_version": str(meta["hpo_version"]), "params": json.dumps([m["params"] for m in meta["members"]])}
+    return {
+        "classes": json.dumps(list(CLASSES)),
+        "input": "float32 (N, 1, 28, 28), pixels in [0, 1], light on dark",
+        "output": "log-probabilities (N, 10): softmax or argmax them",
+        "study": str(meta["study"]),
+        "trial": str(meta["trial"]),
+        "members": json.dumps([m["trial"] for m in meta["members"]]),
+        "tta": str(meta["tta"]),
+        "test_accuracy": str(meta["test_accuracy"]),
+        "hpo_version": str(meta["hpo_version"]),
+        "params": json.dumps([m["params"] for m in meta["members"]]),
+    }
 
 
 def export(model: nn.Module, meta: dict[str, Any], fmt: str, out: Path) -> None:
@@ -166,8 +173,15 @@ def export(model: nn.Module, meta: dict[str, Any], fmt: str, out: Path) -> None:
         for name in ("onnxscript", "onnx_ir"):  # they log every optimisation pass at INFO
             logging.getLogger(name).setLevel(logging.WARNING)
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every pass
-            program = torch.onnx.export(wrapped, (example,), None, input_names=["image"], output_names=["log_probs"],
-                                        dynamic_shapes={"image": {0: batch}}, dynamo=True)
+            program = torch.onnx.export(
+                wrapped,
+                (example,),
+                None,
+                input_names=["image"],
+                output_names=["log_probs"],
+                dynamic_shapes={"image": {0: batch}},
+                dynamo=True,
+            )
         assert program is not None  # dynamo=True always returns the program
         proto = program.model_proto
         for key, value in metadata.items():
@@ -190,13 +204,13 @@ def run_exported(path: Path, fmt: str, images: np.ndarray, batch_size: int = 100
             loaded = torch.jit.load(str(path), map_location="cpu")
         with torch.inference_mode():
             for start in range(0, len(x), batch_size):
-                outputs.append(loaded(torch.from_numpy(x[start:start + batch_size])).numpy())
+                outputs.append(loaded(torch.from_numpy(x[start : start + batch_size])).numpy())
     else:
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         for start in range(0, len(x), batch_size):
-            outputs.append(session.run(["log_probs"], {"image": x[start:start + batch_size]})[0])
+            outputs.append(session.run(["log_probs"], {"image": x[start : start + batch_size]})[0])
     return np.concatenate(outputs)
 
 
@@ -205,4 +219,28 @@ def reference_logits(model: nn.Module, images: np.ndarray, batch_size: int = 100
     wrapped = Exportable(model).cpu().eval()
     x = torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
     with torch.inference_mode():
-        return np.concatenate([wrapped(x[s:s + batch_size]).numpy() for s in range(0, len(x), batch_size)])
+        return np.concatenate([wrapped(x[s : s + batch_size]).numpy() for s in range(0, len(x), batch_size)])
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    images: int
+    max_diff: float  # largest |log-probability| difference, exported file against PyTorch
+    agree: float  # share of images given the same class
+    close: bool  # every output within 1e-4 (absolute, plus 1e-4 relative) of PyTorch's
+
+    @property
+    def ok(self) -> bool:
+        return self.close and self.agree == 1.0
+
+
+def check_export(model: torch.nn.Module, target: Path, fmt: str, images: np.ndarray) -> ExportCheck:
+    """The exported file, run by its own runtime, against the PyTorch model on `images`."""
+    exported = run_exported(target, fmt, images)
+    reference = reference_logits(model, images)
+    return ExportCheck(
+        len(images),
+        float(np.abs(exported - reference).max()),
+        float((exported.argmax(1) == reference.argmax(1)).mean()),
+        bool(np.allclose(exported, reference, rtol=1e-4, atol=1e-4)),
+    )

@@ -28,8 +28,16 @@ from hpo.trials import FINISHED
 KILL_AFTER_S = 30  # a worker that ignores SIGTERM this long is killed
 
 
-def prepare(cfg: StudyConfig, opened: Opened, time_s: float | None, restart_clock: bool, directory: Path,
-            device: str | None, threads: int, started_at: float) -> tuple[optuna.Study, StudyConfig]:
+def prepare(
+    cfg: StudyConfig,
+    opened: Opened,
+    time_s: float | None,
+    restart_clock: bool,
+    directory: Path,
+    device: str | None,
+    threads: int,
+    started_at: float,
+) -> tuple[optuna.Study, StudyConfig]:
     """Create (or load) the study once, so the workers only ever load it, and start its clock.
 
     `--time` restarts the clock (`restart_clock`); a file's time starts it when the study is created.
@@ -44,8 +52,9 @@ def prepare(cfg: StudyConfig, opened: Opened, time_s: float | None, restart_cloc
     return study, cfg
 
 
-def check_time_budget(cfg: StudyConfig, time_s: float, storage: Any, directory: Path, device: str | None,
-                      threads: int) -> budget.EpochCost | None:
+def check_time_budget(
+    cfg: StudyConfig, time_s: float, storage: Any, directory: Path, device: str | None, threads: int
+) -> budget.EpochCost | None:
     """Refuse a budget that cannot hold one trial plus the finalizer, measured on this machine.
 
     Returns the calibration it measured (None when the study had measured epochs to go by)."""
@@ -67,21 +76,31 @@ def check_time_budget(cfg: StudyConfig, time_s: float, storage: Any, directory: 
         # An explicit device, so that calibrating does not claim a GPU a worker is about to want.
         placement = place(device or ("cuda:0" if torch.cuda.is_available() else "cpu"), threads)
         images, labels = data.load_split(directory, "train")
-        trial_data = data.trial_data(images, labels, cfg.budget.val_fraction, cfg.seed, placement.device,
-                                     cfg.budget.train_subset)
+        trial_data = data.trial_data(
+            images, labels, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset
+        )
         cost = calibrated = calibrate(cfg, trial_data, placement)
     final_threads = threads if (device or "").startswith("cuda") else cpu_count()
     needed = budget.minimum_budget(cfg, cost, final_threads, calibrated=calibrated is not None)
     if time_s < needed:
-        raise HpoError(f"--time {format_duration(time_s)} is shorter than one trial plus the finalizer, about "
-                       f"{format_duration(needed)} on this machine ({cost.epoch_s:.1f}s per trial epoch, measured). "
-                       f"Give at least --time {format_duration(math.ceil(needed / 60) * 60)}, or lower [budget] "
-                       "epochs or [final] epochs in the study file.")
+        raise HpoError(
+            f"--time {format_duration(time_s)} is shorter than one trial plus the finalizer, about "
+            f"{format_duration(needed)} on this machine ({cost.epoch_s:.1f}s per trial epoch, measured). "
+            f"Give at least --time {format_duration(math.ceil(needed / 60) * 60)}, or lower [budget] "
+            "epochs or [final] epochs in the study file."
+        )
     return calibrated
 
 
-def run_workers(study: optuna.Study, cfg: StudyConfig, storage: Any, workers: int, threads: int,
-                args: list[str]) -> None:
+def worker_args(study_arg: str, url: str, directory: Path, artifacts: str, device: str | None) -> list[str]:
+    """What every local `hpo worker` is started with: the same study, storage, data and artifacts."""
+    args = ["--study", study_arg, "--storage", url, "--data-dir", str(directory), "--artifacts", artifacts]
+    return args + (["--device", device] if device else [])
+
+
+def run_workers(
+    study: optuna.Study, cfg: StudyConfig, storage: Any, workers: int, threads: int, args: list[str]
+) -> None:
     """Run `workers` local `hpo worker` processes (each given `args` and its own sampler seed) to the
     end, with a progress bar on a terminal. SIGINT and SIGTERM are forwarded as SIGTERM to every
     worker, which fails and re-queues its trial and exits. Raises HpoError if a signal stopped
@@ -105,13 +124,19 @@ def run_workers(study: optuna.Study, cfg: StudyConfig, storage: Any, workers: in
         signal.signal(signal.SIGINT, signal.default_int_handler)
     codes = [child.returncode for child in children]
     if stopped_by:
-        raise HpoError(f"stopped by {stopped_by[0]}: all {workers} workers exited and their running trials were "
-                       f"re-queued. Run the same command to carry on.")
+        raise HpoError(
+            f"stopped by {stopped_by[0]}: all {workers} workers exited and their running trials were "
+            f"re-queued. Run the same command to carry on."
+        )
     if any(codes):
-        where = (" Their logs: " + ", ".join(str(logs[i]) for i, c in enumerate(codes) if c) + ".") if logs else (
-            " See their log lines above.")
-        raise HpoError(f"{sum(1 for c in codes if c)} of {workers} workers exited with an error "
-                       f"(exit codes {codes}).{where}")
+        where = (
+            (" Their logs: " + ", ".join(str(logs[i]) for i, c in enumerate(codes) if c) + ".")
+            if logs
+            else (" See their log lines above.")
+        )
+        raise HpoError(
+            f"{sum(1 for c in codes if c)} of {workers} workers exited with an error (exit codes {codes}).{where}"
+        )
 
 
 def _spawn(cfg: StudyConfig, workers: int, threads: int, args: list[str]) -> tuple[list[subprocess.Popen], list[Path]]:
@@ -128,15 +153,27 @@ def _spawn(cfg: StudyConfig, workers: int, threads: int, args: list[str]) -> tup
     for i in range(workers):
         # Distinct sampler seeds: identical ones would make every worker propose the same first trials.
         out = open(logs[i], "ab") if logs else None
-        children.append(subprocess.Popen(base + ["--sampler-seed", str(derive_seed(cfg.seed, i))], env=env,
-                                         stdout=out, stderr=subprocess.STDOUT if out else None))
+        children.append(
+            subprocess.Popen(
+                base + ["--sampler-seed", str(derive_seed(cfg.seed, i))],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+            )
+        )
         if out:
             out.close()  # the child holds its own descriptor
     return children, logs
 
 
-def _watch(study: optuna.Study, cfg: StudyConfig, storage: Any, children: list[subprocess.Popen],
-           stopped_by: list[str], bar_mode: bool) -> None:
+def _watch(
+    study: optuna.Study,
+    cfg: StudyConfig,
+    storage: Any,
+    children: list[subprocess.Popen],
+    stopped_by: list[str],
+    bar_mode: bool,
+) -> None:
     """Wait for every child, killing them KILL_AFTER_S after a forwarded signal, and keep the bar current."""
     kill_at = None
     # Trials finished before this run are counted, not announced again.
@@ -156,8 +193,7 @@ def _watch(study: optuna.Study, cfg: StudyConfig, storage: Any, children: list[s
             update_bar(bar, study, cfg, storage, reported)
 
 
-def update_bar(bar: progress.Progress, study: optuna.Study, cfg: StudyConfig, storage: Any,
-               reported: set[int]) -> None:
+def update_bar(bar: progress.Progress, study: optuna.Study, cfg: StudyConfig, storage: Any, reported: set[int]) -> None:
     """Announce each newly finished trial and move the bar to `hpo status`'s figures."""
     try:
         trials = study.get_trials(deepcopy=False)
@@ -169,8 +205,15 @@ def update_bar(bar: progress.Progress, study: optuna.Study, cfg: StudyConfig, st
             reported.add(t.number)
             last = max(t.intermediate_values) if t.intermediate_values else 0
             value = t.value if t.state == TrialState.COMPLETE else t.intermediate_values.get(last)
-            bar.write(f"trial {t.number} {t.state.name.lower()} at epoch {last}: {value:.4f}" if value is not None
-                      else f"trial {t.number} {t.state.name.lower()}")
+            bar.write(
+                f"trial {t.number} {t.state.name.lower()} at epoch {last}: {value:.4f}"
+                if value is not None
+                else f"trial {t.number} {t.state.name.lower()}"
+            )
     best = summary["best"]
-    bar.set(summary["finished"], best="-" if best is None else f"{best['value']:.4f}",
-            pruned=summary["states"]["PRUNED"], running=len(summary["running"]))
+    bar.set(
+        summary["finished"],
+        best="-" if best is None else f"{best['value']:.4f}",
+        pruned=summary["states"]["PRUNED"],
+        running=len(summary["running"]),
+    )

@@ -15,13 +15,13 @@ from torch import nn
 class ModelSpec:
     """Everything that shapes the network; the whole boundary of the model (hpo.params reads it from a trial)."""
 
-    filters: tuple[int, ...]   # output channels of each conv block; len() is the number of blocks
-    kernel_size: int = 3       # pixels, odd so that "same" padding keeps the size
-    n_fc: int = 1              # hidden fully connected layers before the classifier
-    fc_size: int = 128         # units per hidden FC layer
-    dropout: float = 0.0       # after every hidden FC layer
+    filters: tuple[int, ...]  # output channels of each conv block; len() is the number of blocks
+    kernel_size: int = 3  # pixels, odd so that "same" padding keeps the size
+    n_fc: int = 1  # hidden fully connected layers before the classifier
+    fc_size: int = 128  # units per hidden FC layer
+    dropout: float = 0.0  # after every hidden FC layer
     in_channels: int = 1
-    image_size: int = 28       # pixels per side
+    image_size: int = 28  # pixels per side
     num_classes: int = 10
 
     def to_dict(self) -> dict[str, Any]:

@@ -60,12 +60,18 @@ def validated(stats: EpochStats) -> tuple[float, float]:
 def history_row(stats: EpochStats) -> dict[str, float]:
     """One epoch as the trial's `history` attribute records it (the dashboard shows it)."""
     val_loss, val_accuracy = validated(stats)
-    return {"epoch": stats.epoch, "train_loss": round(stats.train_loss, 5), "val_loss": round(val_loss, 5),
-            "val_accuracy": round(val_accuracy, 5), "seconds": round(stats.seconds, 2)}
+    return {
+        "epoch": stats.epoch,
+        "train_loss": round(stats.train_loss, 5),
+        "val_loss": round(val_loss, 5),
+        "val_accuracy": round(val_accuracy, 5),
+        "seconds": round(stats.seconds, 2),
+    }
 
 
-def load_resume_state(artifact_store, trial: optuna.Trial, params: TrialParams, seed: int,
-                      device: torch.device) -> dict | None:
+def load_resume_state(
+    artifact_store, trial: optuna.Trial, params: TrialParams, seed: int, device: torch.device
+) -> dict | None:
     """The training state a retried trial inherited from the trial that crashed, if it is usable."""
     pointer = trial.user_attrs.get(CHECKPOINT_ATTR)
     if artifact_store is None or not pointer:
@@ -74,13 +80,17 @@ def load_resume_state(artifact_store, trial: optuna.Trial, params: TrialParams, 
         raw = artifacts.read_bytes(artifact_store, pointer["artifact_id"])
         state = torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
     except Exception as e:  # a missing or truncated file: train from the start rather than fail
-        log.warning("trial %d: cannot read checkpoint %s (%s); starting at epoch 1", trial.number,
-                    pointer.get("artifact_id"), e)
+        log.warning(
+            "trial %d: cannot read checkpoint %s (%s); starting at epoch 1", trial.number, pointer.get("artifact_id"), e
+        )
         return None
     ours = (checkpoints.TRIAL_FORMAT, params.flat(), seed)
     if (state.get("format"), state.get("params"), state.get("seed")) != ours:
-        log.warning("trial %d: checkpoint %s is for another configuration; starting at epoch 1", trial.number,
-                    pointer["artifact_id"])
+        log.warning(
+            "trial %d: checkpoint %s is for another configuration; starting at epoch 1",
+            trial.number,
+            pointer["artifact_id"],
+        )
         return None
     return state
 
@@ -98,9 +108,14 @@ def calibrate(cfg: StudyConfig, data: TrialData, placement: Placement) -> budget
     return budget.EpochCost(epoch_s, len(data.train), len(data.val), placement.threads)
 
 
-def make_objective(cfg: StudyConfig, data: TrialData, placement: Placement,
-                   claim: Callable[[optuna.Trial], bool], artifact_store=None,
-                   plan: Callable[[], budget.Plan | None] = lambda: None) -> Callable[[optuna.Trial], float]:
+def make_objective(
+    cfg: StudyConfig,
+    data: TrialData,
+    placement: Placement,
+    claim: Callable[[optuna.Trial], bool],
+    artifact_store=None,
+    plan: Callable[[], budget.Plan | None] = lambda: None,
+) -> Callable[[optuna.Trial], float]:
     """`claim(trial)` says whether the trial holds one of the budget's slots; it is asked first.
     `plan()` is the time-budget decision that let this trial start, recorded on it (None: no time budget).
 
@@ -121,8 +136,9 @@ class TrialRun:
     """One trial from its sampled params to its value: the state its epoch callbacks share (its
     history, its live checkpoint) and the report, prune and checkpoint steps that use it."""
 
-    def __init__(self, cfg: StudyConfig, data: TrialData, placement: Placement, trial: optuna.Trial,
-                 artifact_store=None):
+    def __init__(
+        self, cfg: StudyConfig, data: TrialData, placement: Placement, trial: optuna.Trial, artifact_store=None
+    ):
         self.cfg, self.data, self.placement, self.trial, self.store = cfg, data, placement, trial, artifact_store
         self.params = space.suggest(trial, cfg.space)
         self.seed = trial_seed(cfg.seed, trial)
@@ -133,10 +149,15 @@ class TrialRun:
     def run(self, decision: budget.Plan | None) -> float:
         cfg, trial, placement = self.cfg, self.trial, self.placement
         model = seeded_model(self.params.model, self.seed, placement.device)
-        for key, value in {**placement.describe(), attrs.PID: os.getpid(), "seed": self.seed,
-                           "n_params": count_parameters(model), budget.TRAIN_IMAGES_ATTR: len(self.data.train),
-                           budget.VAL_IMAGES_ATTR: len(self.data.val),
-                           budget.PLAN_ATTR: None if decision is None else dataclasses.asdict(decision)}.items():
+        for key, value in {
+            **placement.describe(),
+            attrs.PID: os.getpid(),
+            "seed": self.seed,
+            "n_params": count_parameters(model),
+            budget.TRAIN_IMAGES_ATTR: len(self.data.train),
+            budget.VAL_IMAGES_ATTR: len(self.data.val),
+            budget.PLAN_ATTR: None if decision is None else dataclasses.asdict(decision),
+        }.items():
             trial.set_user_attr(key, value)
         if trial.user_attrs.get(CHECKPOINT_ATTR):
             artifacts.disown_inherited(trial)
@@ -146,8 +167,15 @@ class TrialRun:
         checkpointing = self.store is not None and cfg.checkpoints.every_epoch
         try:
             run = TrainingRun(self.params.optimizer, cfg.train, cfg.augment, cfg.budget.epochs, self.seed)
-            history_stats = fit(model, self.data.train, self.data.val, run, self.on_epoch,
-                                on_snapshot=self.on_snapshot if checkpointing else None, resume=resume)
+            history_stats = fit(
+                model,
+                self.data.train,
+                self.data.val,
+                run,
+                self.on_epoch,
+                on_snapshot=self.on_snapshot if checkpointing else None,
+                resume=resume,
+            )
         except TrainingDiverged as e:
             trial.set_user_attr(REASON_ATTR, str(e))
             self.drop_checkpoint()
@@ -157,8 +185,10 @@ class TrialRun:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            reason = (f"out of memory on {placement.name} with batch_size {self.params.optimizer.batch_size} and "
-                      f"filters {list(self.params.model.filters)}")
+            reason = (
+                f"out of memory on {placement.name} with batch_size {self.params.optimizer.batch_size} and "
+                f"filters {list(self.params.model.filters)}"
+            )
             trial.set_user_attr(REASON_ATTR, reason)
             self.drop_checkpoint()
             raise OutOfMemory(reason) from e
@@ -181,16 +211,27 @@ class TrialRun:
             if stats.epoch not in reported:
                 trial.report(self.value_of(stats), stats.epoch)
         trial.set_user_attr("resumed_from_epoch", resume["epoch"])
-        log.info("trial %d resumes after epoch %d from checkpoint %s", trial.number, resume["epoch"],
-                 trial.user_attrs[CHECKPOINT_ATTR]["artifact_id"])
+        log.info(
+            "trial %d resumes after epoch %d from checkpoint %s",
+            trial.number,
+            resume["epoch"],
+            trial.user_attrs[CHECKPOINT_ATTR]["artifact_id"],
+        )
 
     def on_snapshot(self, state: dict) -> None:
         trial = self.trial
         # A worker that was paused past the grace period must not upload into a trial reaped meanwhile.
         if trial.storage.get_trial(trial_id(trial)).state.is_finished():
             raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was finished elsewhere")
-        payload = artifacts.torch_bytes({**state, "format": checkpoints.TRIAL_FORMAT, "params": self.params.flat(),
-                                         "seed": self.seed, "study": self.cfg.name})
+        payload = artifacts.torch_bytes(
+            {
+                **state,
+                "format": checkpoints.TRIAL_FORMAT,
+                "params": self.params.flat(),
+                "seed": self.seed,
+                "study": self.cfg.name,
+            }
+        )
         try:
             new = artifacts.upload_bytes(self.store, trial, f"checkpoint-epoch{state['epoch']}.pt", payload)
         except HpoError as e:  # no checkpoint costs a resume, not the trial
@@ -210,8 +251,15 @@ class TrialRun:
         self.history.append(history_row(stats))
         trial.set_user_attr(attrs.HISTORY, self.history)
         trial.set_user_attr(attrs.EPOCH, stats.epoch)
-        log.info("trial %d epoch %d/%d  loss %.4f  val_acc %.4f  (%.1fs)", trial.number, stats.epoch,
-                 cfg.budget.epochs, stats.train_loss, stats.val_accuracy, stats.seconds)
+        log.info(
+            "trial %d epoch %d/%d  loss %.4f  val_acc %.4f  (%.1fs)",
+            trial.number,
+            stats.epoch,
+            cfg.budget.epochs,
+            stats.train_loss,
+            stats.val_accuracy,
+            stats.seconds,
+        )
         trial.report(value, stats.epoch)
         # Pruning after the last epoch saves nothing and hides a full-fidelity value from the sampler.
         if stats.epoch < cfg.budget.epochs and trial.should_prune():

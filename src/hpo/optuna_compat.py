@@ -15,8 +15,15 @@ import sqlalchemy
 # (FileSystemArtifactStore, Boto3ArtifactStore) implements it. Goes when `optuna.artifacts` exports it.
 from optuna.artifacts._protocol import ArtifactStore
 
-__all__ = ["ArtifactStore", "heartbeat_ages", "last_heartbeats", "stale_trial_ids", "study_id", "study_storage",
-           "trial_id"]
+__all__ = [
+    "ArtifactStore",
+    "heartbeat_ages",
+    "last_heartbeats",
+    "stale_trial_ids",
+    "study_id",
+    "study_storage",
+    "trial_id",
+]
 
 
 def study_id(study: optuna.Study) -> int:
@@ -50,12 +57,16 @@ def last_heartbeats(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -
     `trial_heartbeats` table (schema unchanged since heartbeats came in Optuna 2.5)."""
     if not trial_ids:
         return {}
-    beats = sqlalchemy.table("trial_heartbeats", sqlalchemy.column("trial_id", sqlalchemy.Integer),
-                             sqlalchemy.column("heartbeat", sqlalchemy.DateTime))
+    beats = sqlalchemy.table(
+        "trial_heartbeats",
+        sqlalchemy.column("trial_id", sqlalchemy.Integer),
+        sqlalchemy.column("heartbeat", sqlalchemy.DateTime),
+    )
     with storage.engine.connect() as conn:
         now = conn.execute(sqlalchemy.select(sqlalchemy.func.current_timestamp(type_=sqlalchemy.DateTime))).scalar()
-        rows = conn.execute(sqlalchemy.select(beats.c.trial_id, beats.c.heartbeat)
-                            .where(beats.c.trial_id.in_(trial_ids))).all()
+        rows = conn.execute(
+            sqlalchemy.select(beats.c.trial_id, beats.c.heartbeat).where(beats.c.trial_id.in_(trial_ids))
+        ).all()
     # PostgreSQL's now() is zone-aware; the column holds the same wall-clock time without the zone.
     assert now is not None
     now = now.replace(tzinfo=None)

@@ -19,9 +19,9 @@ from hpo.model import ModelSpec
 class OptimizerSettings:
     """How the weights are updated: the optimizer's half of a trial's parameters."""
 
-    name: str            # adam | sgd | rmsprop
-    lr: float            # peak learning rate
-    batch_size: int      # images per step
+    name: str  # adam | sgd | rmsprop
+    lr: float  # peak learning rate
+    batch_size: int  # images per step
     weight_decay: float  # decoupled for adam (AdamW), L2 for sgd and rmsprop
 
 
@@ -33,20 +33,34 @@ class TrialParams:
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> TrialParams:
         """Read Optuna's flat form; keys beyond the parameters are ignored."""
-        optimizer = OptimizerSettings(str(flat["optimizer"]), float(flat["lr"]), int(flat["batch_size"]),
-                                      float(flat["weight_decay"]))
+        optimizer = OptimizerSettings(
+            str(flat["optimizer"]), float(flat["lr"]), int(flat["batch_size"]), float(flat["weight_decay"])
+        )
         return cls(model_spec(flat), optimizer)
 
     def flat(self) -> dict[str, Any]:
         """Optuna's flat form, in the order the search space samples it."""
         m, o = self.model, self.optimizer
-        return {"n_conv": len(m.filters), **{f"filters_{i}": f for i, f in enumerate(m.filters)},
-                "kernel_size": m.kernel_size, "n_fc": m.n_fc, "fc_size": m.fc_size, "dropout": m.dropout,
-                "optimizer": o.name, "lr": o.lr, "batch_size": o.batch_size, "weight_decay": o.weight_decay}
+        return {
+            "n_conv": len(m.filters),
+            **{f"filters_{i}": f for i, f in enumerate(m.filters)},
+            "kernel_size": m.kernel_size,
+            "n_fc": m.n_fc,
+            "fc_size": m.fc_size,
+            "dropout": m.dropout,
+            "optimizer": o.name,
+            "lr": o.lr,
+            "batch_size": o.batch_size,
+            "weight_decay": o.weight_decay,
+        }
 
 
 def model_spec(flat: Mapping[str, Any]) -> ModelSpec:
     """The model's half of Optuna's flat form; the optimizer's keys may be absent."""
-    return ModelSpec(filters=tuple(int(flat[f"filters_{i}"]) for i in range(int(flat["n_conv"]))),
-                     kernel_size=int(flat["kernel_size"]), n_fc=int(flat["n_fc"]), fc_size=int(flat["fc_size"]),
-                     dropout=float(flat["dropout"]))
+    return ModelSpec(
+        filters=tuple(int(flat[f"filters_{i}"]) for i in range(int(flat["n_conv"]))),
+        kernel_size=int(flat["kernel_size"]),
+        n_fc=int(flat["n_fc"]),
+        fc_size=int(flat["fc_size"]),
+        dropout=float(flat["dropout"]),
+    )

@@ -34,8 +34,15 @@ def confusion_matrix_png(counts: np.ndarray, classes: Sequence[str], title: str)
     for i in range(len(classes)):
         for j in range(len(classes)):
             if counts[i, j]:
-                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if recall[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(counts[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if recall[i, j] > 0.5 else "black",
+                )
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
@@ -45,25 +52,57 @@ def confusion_matrix_png(counts: np.ndarray, classes: Sequence[str], title: str)
     return _png(fig)
 
 
-def learning_curve_png(trial_history: list[dict[str, float]], final_history: list[dict[str, float]],
-                       test_accuracy: float, trial_number: int) -> bytes:
+def learning_curve_png(
+    trial_history: list[dict[str, float]],
+    final_history: list[dict[str, float]],
+    test_accuracy: float,
+    trial_number: int,
+) -> bytes:
     """Train loss (left axis) and accuracy (right axis) per epoch for the best trial and the final run."""
     fig, loss_ax = plt.subplots(figsize=(8, 4.8))
     acc_ax = loss_ax.twinx()
     if trial_history:
         epochs = [h["epoch"] for h in trial_history]
-        loss_ax.plot(epochs, [h["train_loss"] for h in trial_history], "o--", color="tab:blue",
-                     label=f"trial {trial_number} train loss")
-        acc_ax.plot(epochs, [h["val_accuracy"] for h in trial_history], "o-", color="tab:orange",
-                    label=f"trial {trial_number} validation accuracy")
+        loss_ax.plot(
+            epochs,
+            [h["train_loss"] for h in trial_history],
+            "o--",
+            color="tab:blue",
+            label=f"trial {trial_number} train loss",
+        )
+        acc_ax.plot(
+            epochs,
+            [h["val_accuracy"] for h in trial_history],
+            "o-",
+            color="tab:orange",
+            label=f"trial {trial_number} validation accuracy",
+        )
     if final_history:
         epochs = [h["epoch"] for h in final_history]
-        loss_ax.plot(epochs, [h["train_loss"] for h in final_history], ".-", color="tab:blue", alpha=0.6,
-                     label="final run train loss")
-        acc_ax.plot(epochs, [h["train_accuracy"] for h in final_history], ".-", color="tab:green", alpha=0.6,
-                    label="final run train accuracy")
-        acc_ax.plot([epochs[-1]], [test_accuracy], "*", color="tab:red", markersize=16,
-                    label=f"final model test accuracy {test_accuracy:.4f}")
+        loss_ax.plot(
+            epochs,
+            [h["train_loss"] for h in final_history],
+            ".-",
+            color="tab:blue",
+            alpha=0.6,
+            label="final run train loss",
+        )
+        acc_ax.plot(
+            epochs,
+            [h["train_accuracy"] for h in final_history],
+            ".-",
+            color="tab:green",
+            alpha=0.6,
+            label="final run train accuracy",
+        )
+        acc_ax.plot(
+            [epochs[-1]],
+            [test_accuracy],
+            "*",
+            color="tab:red",
+            markersize=16,
+            label=f"final model test accuracy {test_accuracy:.4f}",
+        )
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("train loss")
     acc_ax.set_ylabel("accuracy")
@@ -75,8 +114,14 @@ def learning_curve_png(trial_history: list[dict[str, float]], final_history: lis
     return _png(fig)
 
 
-def misclassified_png(images: np.ndarray, truth: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
-                      classes: Sequence[str], limit: int = 36) -> bytes:
+def misclassified_png(
+    images: np.ndarray,
+    truth: np.ndarray,
+    predicted: np.ndarray,
+    confidence: np.ndarray,
+    classes: Sequence[str],
+    limit: int = 36,
+) -> bytes:
     """The most confident mistakes first: they say most about what the model gets wrong."""
     wrong = np.flatnonzero(truth != predicted)
     wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
@@ -88,6 +133,7 @@ def misclassified_png(images: np.ndarray, truth: np.ndarray, predicted: np.ndarr
     for ax, i in zip(axes.flat, wrong):
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"true {classes[truth[i]]}\npred {classes[predicted[i]]} {confidence[i]:.0%}", fontsize=7)
-    fig.suptitle(f"{len(wrong)} most confident of {int((truth != predicted).sum())} misclassified test images",
-                 fontsize=10)
+    fig.suptitle(
+        f"{len(wrong)} most confident of {int((truth != predicted).sum())} misclassified test images", fontsize=10
+    )
     return _png(fig)

@@ -37,9 +37,17 @@ class Progress:
         if interactive():
             # A terminal that reports no size (a bare pty, `script`) would get a zero-width bar: draw 100 columns.
             sized = _columns() > 0
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
-                            dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24,
-                            bar_format="{desc}: {n_fmt}/{total_fmt} {unit} |{bar}| {elapsed}<{remaining}{postfix}")
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit=unit,
+                file=sys.stderr,
+                dynamic_ncols=sized,
+                ncols=None if sized else 100,
+                nrows=None if sized else 24,
+                bar_format="{desc}: {n_fmt}/{total_fmt} {unit} |{bar}| {elapsed}<{remaining}{postfix}",
+            )
 
     def advance(self, n: int = 1, line: str = "", **figures: Any) -> None:
         """`figures` go beside the bar; in log mode, `line` (or the figures) becomes one log line."""
@@ -48,6 +56,13 @@ class Progress:
             self.bar.update(n)
         elif n or line:
             log.info("%s %s", self.desc, line or "  ".join(f"{k} {v}" for k, v in figures.items()))
+
+    def resize(self, total: int) -> None:
+        """A new total (the finalizer re-fits its epochs to the time left as it trains)."""
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
 
     def set(self, done: int, **figures: Any) -> None:
         """Jump to `done` units (for counts read from the database)."""

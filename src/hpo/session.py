@@ -20,7 +20,7 @@ from hpo.optuna_compat import ArtifactStore
 
 @dataclass(frozen=True)
 class Opened:
-    url: str                   # the storage URL as resolved (flag, HPO_STORAGE or the default)
+    url: str  # the storage URL as resolved (flag, HPO_STORAGE or the default)
     storage: storage_mod.Storage
 
     def artifact_store(self, location: str | None) -> tuple[str, ArtifactStore]:
@@ -31,7 +31,7 @@ class Opened:
 @dataclass(frozen=True)
 class OpenedStudy(Opened):
     study: optuna.Study
-    config: StudyConfig        # the settings stored in the study
+    config: StudyConfig  # the settings stored in the study
 
 
 def study_name(study_arg: str) -> str:

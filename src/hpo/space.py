@@ -29,8 +29,7 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> TrialParams:
     # One width per conv block; deeper blocks only exist (and are only sampled) when n_conv says so.
     for i in range(params["n_conv"]):
         params[f"filters_{i}"] = _suggest(trial, f"filters_{i}", space["filters"])
-    for name in ("kernel_size", "n_fc", "fc_size", "dropout", "optimizer", "lr", "batch_size",
-                 "weight_decay"):
+    for name in ("kernel_size", "n_fc", "fc_size", "dropout", "optimizer", "lr", "batch_size", "weight_decay"):
         params[name] = _suggest(trial, name, space[name])
     return TrialParams.from_flat(params)
 

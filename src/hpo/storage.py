@@ -26,7 +26,7 @@ from typing import IO
 import optuna
 import sqlalchemy
 from sqlalchemy import event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 
 from hpo.errors import StorageError
 
@@ -60,11 +60,11 @@ def mask(url: str) -> str:
 
 @dataclass(frozen=True)
 class StorageSettings:
-    heartbeat_interval: int = 10   # seconds between a running trial's heartbeats
-    grace_period: int = 30         # seconds without a heartbeat before a trial counts as dead
-    max_retry: int = 2             # re-runs of a trial whose worker died
-    wait_s: float = 60.0           # how long to wait for a database that is not up yet
-    pool_size: int = 2             # connections per process: the main thread and the heartbeat
+    heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
+    grace_period: int = 30  # seconds without a heartbeat before a trial counts as dead
+    max_retry: int = 2  # re-runs of a trial whose worker died
+    wait_s: float = 60.0  # how long to wait for a database that is not up yet
+    pool_size: int = 2  # connections per process: the main thread and the heartbeat
 
     @classmethod
     def from_env(cls) -> StorageSettings:
@@ -72,10 +72,12 @@ class StorageSettings:
             return float(os.environ.get(name, default))
 
         d = cls()
-        return cls(heartbeat_interval=int(env("HPO_HEARTBEAT_INTERVAL", d.heartbeat_interval)),
-                   grace_period=int(env("HPO_GRACE_PERIOD", d.grace_period)),
-                   max_retry=int(env("HPO_MAX_RETRY", d.max_retry)),
-                   wait_s=env("HPO_DB_WAIT", d.wait_s))
+        return cls(
+            heartbeat_interval=int(env("HPO_HEARTBEAT_INTERVAL", d.heartbeat_interval)),
+            grace_period=int(env("HPO_GRACE_PERIOD", d.grace_period)),
+            max_retry=int(env("HPO_MAX_RETRY", d.max_retry)),
+            wait_s=env("HPO_DB_WAIT", d.wait_s),
+        )
 
 
 def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record) -> None:
@@ -111,9 +113,10 @@ def connection_error(e: BaseException) -> BaseException | None:
     seen = 0
     current: BaseException | None = e
     while current is not None and seen < 8:
-        if isinstance(current, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
-                                sqlalchemy.exc.PendingRollbackError)) or (
-                isinstance(current, sqlalchemy.exc.DBAPIError) and current.connection_invalidated):
+        if isinstance(
+            current,
+            (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.PendingRollbackError),
+        ) or (isinstance(current, sqlalchemy.exc.DBAPIError) and current.connection_invalidated):
             return current
         current = current.__cause__ or current.__context__
         seen += 1
@@ -126,12 +129,27 @@ def first_line(e: BaseException) -> str:
 
 # Storage calls that read, or write a value that a repeat writes again unchanged: a worker may repeat
 # them after a lost connection. Creating a trial or finishing one is not among them.
-REPEATABLE = ("get_study_user_attrs", "get_study_system_attrs", "get_study_directions", "get_study_id_from_name",
-              "get_trial", "get_all_trials", "get_n_trials", "get_best_trial",
-              "get_trial_id_from_study_id_trial_number",
-              "get_trial_number_from_id", "get_trial_param", "get_trial_params", "get_trial_user_attrs",
-              "get_trial_system_attrs", "set_trial_user_attr", "set_trial_system_attr", "set_trial_param",
-              "set_trial_intermediate_value", "set_study_user_attr")
+REPEATABLE = (
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_study_directions",
+    "get_study_id_from_name",
+    "get_trial",
+    "get_all_trials",
+    "get_n_trials",
+    "get_best_trial",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial_number_from_id",
+    "get_trial_param",
+    "get_trial_params",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "set_trial_param",
+    "set_trial_intermediate_value",
+    "set_study_user_attr",
+)
 
 
 class Storage(optuna.storages.RDBStorage):
@@ -158,12 +176,18 @@ class Storage(optuna.storages.RDBStorage):
             self.last_error_at = time.monotonic()
             if self._beats_failing_since is None:  # one line per outage, not one per beat
                 self._beats_failing_since = self.last_error_at
-                log.warning("heartbeat for trial id %d failed (%s); retrying every interval", trial_id,
-                            first_line(connection_error(e) or e))
+                log.warning(
+                    "heartbeat for trial id %d failed (%s); retrying every interval",
+                    trial_id,
+                    first_line(connection_error(e) or e),
+                )
             return
         if self._beats_failing_since is not None:
-            log.warning("heartbeat for trial id %d sent again after %.0fs", trial_id,
-                        time.monotonic() - self._beats_failing_since)
+            log.warning(
+                "heartbeat for trial id %d sent again after %.0fs",
+                trial_id,
+                time.monotonic() - self._beats_failing_since,
+            )
             self._beats_failing_since = None
 
     @property
@@ -184,10 +208,13 @@ class Storage(optuna.storages.RDBStorage):
                     raise
                 self.last_error_at = now = time.monotonic()
                 if now - started > self.ride_out_s:
-                    raise StorageError(f"lost the database for more than {self.ride_out_s:.0f}s ({first_line(cause)}). "
-                                       "Check that it is up; the study's trials are safe in it.") from e
-                log.warning("database unreachable during %s (%s); trying again in %.0fs", name, first_line(cause),
-                            delay)
+                    raise StorageError(
+                        f"lost the database for more than {self.ride_out_s:.0f}s ({first_line(cause)}). "
+                        "Check that it is up; the study's trials are safe in it."
+                    ) from e
+                log.warning(
+                    "database unreachable during %s (%s); trying again in %.0fs", name, first_line(cause), delay
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
 
@@ -195,6 +222,7 @@ class Storage(optuna.storages.RDBStorage):
 def _repeatable(name: str):
     def method(self: Storage, *args, **kwargs):
         return self._ride_out(name, *args, **kwargs)
+
     method.__name__ = name
     method.__doc__ = f"{name}, repeated across a lost connection (see Storage)."
     return method
@@ -260,8 +288,11 @@ def creation_lock(url: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or the process dies
             yield
         return
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
-                                      connect_args={"connect_timeout": 5, "application_name": _app_name("create")})
+    engine = sqlalchemy.create_engine(
+        url,
+        poolclass=sqlalchemy.pool.NullPool,
+        connect_args={"connect_timeout": 5, "application_name": _app_name("create")},
+    )
     try:
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _CREATE_LOCK_KEY})
@@ -287,29 +318,36 @@ def _engine_kwargs(url: sqlalchemy.URL, settings: StorageSettings) -> dict:
         "pool_pre_ping": True,  # a connection the server dropped (restart, idle kill) is replaced, not used
         "pool_size": settings.pool_size,
         "max_overflow": 1,
-        "pool_recycle": 300,    # seconds; stays under typical proxy idle timeouts
+        "pool_recycle": 300,  # seconds; stays under typical proxy idle timeouts
         "connect_args": {"connect_timeout": 5, "application_name": _app_name("worker")},
     }
 
 
 def _is_auth_error(e: Exception) -> bool:
     text = str(e).lower()
-    return "password authentication failed" in text or "no password supplied" in text or (
-        "role" in text and "does not exist" in text)
+    return (
+        "password authentication failed" in text
+        or "no password supplied" in text
+        or ("role" in text and "does not exist" in text)
+    )
 
 
-def open_storage(url: str, settings: StorageSettings | None = None) -> Storage:
-    """An RDBStorage with heartbeats and retry of dead workers' trials; waits for a starting database."""
-    settings = settings or StorageSettings.from_env()
+def _checked_url(url: str) -> tuple[URL, str, str]:
+    """The parsed URL, the URL to connect with and its backend (sqlite or postgresql), or a StorageError
+    that says what to write instead."""
     try:
         parsed = make_url(url)
     except sqlalchemy.exc.ArgumentError as e:
-        raise StorageError(f"malformed storage URL {url!r}. Use sqlite:///path/to/file.db or "
-                           "postgresql+psycopg2://user:password@host:5432/dbname.") from e
+        raise StorageError(
+            f"malformed storage URL {url!r}. Use sqlite:///path/to/file.db or "
+            "postgresql+psycopg2://user:password@host:5432/dbname."
+        ) from e
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
-        raise StorageError(f"unsupported storage scheme {parsed.drivername!r} in {mask(url)}. Use sqlite:/// "
-                           "for one machine or postgresql+psycopg2:// for a shared database.")
+        raise StorageError(
+            f"unsupported storage scheme {parsed.drivername!r} in {mask(url)}. Use sqlite:/// "
+            "for one machine or postgresql+psycopg2:// for a shared database."
+        )
     if backend == "postgresql" and parsed.drivername not in ("postgresql", "postgresql+psycopg2"):
         raise StorageError(f"unsupported PostgreSQL driver {parsed.drivername!r}; use postgresql+psycopg2://.")
     if parsed.drivername == "postgresql":
@@ -319,7 +357,13 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> Storage:
     if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    return parsed, url, backend
 
+
+def open_storage(url: str, settings: StorageSettings | None = None) -> Storage:
+    """An RDBStorage with heartbeats and retry of dead workers' trials; waits for a starting database."""
+    settings = settings or StorageSettings.from_env()
+    parsed, url, backend = _checked_url(url)
     deadline = time.monotonic() + settings.wait_s
     delay = 0.5
     while True:
@@ -331,7 +375,8 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> Storage:
                     heartbeat_interval=settings.heartbeat_interval,
                     grace_period=settings.grace_period,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                        max_retry=settings.max_retry),
+                        max_retry=settings.max_retry
+                    ),
                 )
             if backend == "sqlite":
                 _make_sqlite_concurrent(storage.engine)
@@ -339,14 +384,23 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> Storage:
         except sqlalchemy.exc.OperationalError as e:
             reason = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
             if _is_auth_error(e):
-                raise StorageError(f"the database refused the credentials in {mask(url)} ({reason}). "
-                                   "Check the user and password (HPO_STORAGE or --storage).") from e
+                raise StorageError(
+                    f"the database refused the credentials in {mask(url)} ({reason}). "
+                    "Check the user and password (HPO_STORAGE or --storage)."
+                ) from e
             remaining = deadline - time.monotonic()
             if backend == "sqlite" or remaining <= 0:
-                raise StorageError(f"cannot reach the database at {mask(url)} after waiting "
-                                   f"{settings.wait_s:.0f}s ({reason}). Start it, or raise HPO_DB_WAIT.") from e
-            log.warning("database at %s not ready (%s); retrying in %.1fs (giving up after %.0fs)",
-                        mask(url), reason, min(delay, remaining), settings.wait_s)
+                raise StorageError(
+                    f"cannot reach the database at {mask(url)} after waiting "
+                    f"{settings.wait_s:.0f}s ({reason}). Start it, or raise HPO_DB_WAIT."
+                ) from e
+            log.warning(
+                "database at %s not ready (%s); retrying in %.1fs (giving up after %.0fs)",
+                mask(url),
+                reason,
+                min(delay, remaining),
+                settings.wait_s,
+            )
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 8.0) * (0.75 + random.random() / 2)  # jitter so workers don't stampede
 

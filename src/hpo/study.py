@@ -59,8 +59,9 @@ def _record_config(study: optuna.Study, cfg: StudyConfig) -> None:
     study.set_user_attr(SETTINGS_ATTR, config.summary(cfg))
 
 
-def create_or_load(storage: optuna.storages.RDBStorage, cfg: StudyConfig,
-                   sampler_seed: int | None = None) -> tuple[optuna.Study, StudyConfig]:
+def create_or_load(
+    storage: optuna.storages.RDBStorage, cfg: StudyConfig, sampler_seed: int | None = None
+) -> tuple[optuna.Study, StudyConfig]:
     """Open the study `cfg` names, creating it (and recording `cfg`) if it is new.
 
     Safe to call from many processes at once: creation runs under a database-wide lock, and every
@@ -72,8 +73,12 @@ def create_or_load(storage: optuna.storages.RDBStorage, cfg: StudyConfig,
             study = optuna.load_study(study_name=cfg.name, storage=storage)
         except KeyError:
             first = warm_start_trials(storage, cfg)  # a bad warm start stops here, before anything is written
-            study = optuna.create_study(storage=storage, study_name=cfg.name, load_if_exists=True,
-                                        direction=optuna.study.StudyDirection[cfg.direction.upper()])
+            study = optuna.create_study(
+                storage=storage,
+                study_name=cfg.name,
+                load_if_exists=True,
+                direction=optuna.study.StudyDirection[cfg.direction.upper()],
+            )
             for params, origin in first:
                 study.enqueue_trial(params, user_attrs={WARM_START_ATTR: origin}, skip_if_exists=True)
             if first:
@@ -89,10 +94,12 @@ def create_or_load(storage: optuna.storages.RDBStorage, cfg: StudyConfig,
         raise ConfigError(
             f"study {cfg.name!r} already exists with a different search space ({', '.join(diff)} differ: "
             f"stored {json.dumps({k: stored.space_dict()[k] for k in diff})}). Use a new study name, "
-            "or restore the original space.")
+            "or restore the original space."
+        )
     if stored is not cfg and stored.to_dict() != cfg.to_dict():
-        log.warning("study %r exists with other settings than the file; using the settings stored "
-                    "in the study", cfg.name)
+        log.warning(
+            "study %r exists with other settings than the file; using the settings stored in the study", cfg.name
+        )
     study.sampler = make_sampler(stored, sampler_seed)
     study.pruner = make_pruner(stored)
     return study, stored
@@ -110,14 +117,18 @@ def warm_start_trials(storage: optuna.storages.BaseStorage, cfg: StudyConfig) ->
         other = optuna.load_study(study_name=source, storage=storage)
     except KeyError:
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
-        raise ConfigError(f"[warm_start] from = {source!r}: no such study in this storage (it holds: "
-                          f"{', '.join(names) or 'none'}). Name one of them, or remove [warm_start] from.") from None
+        raise ConfigError(
+            f"[warm_start] from = {source!r}: no such study in this storage (it holds: "
+            f"{', '.join(names) or 'none'}). Name one of them, or remove [warm_start] from."
+        ) from None
     theirs = _stored_config(other)
     metric = theirs.metric if theirs is not None else None
     if (metric, other.direction.name.lower()) != (cfg.metric, cfg.direction):
-        raise ConfigError(f"[warm_start] from = {source!r}: that study {other.direction.name.lower()}s "
-                          f"{metric or 'an unknown metric'}, this one {cfg.direction}s {cfg.metric}; its best "
-                          "trials say nothing about this metric. Warm-start from a study with the same metric.")
+        raise ConfigError(
+            f"[warm_start] from = {source!r}: that study {other.direction.name.lower()}s "
+            f"{metric or 'an unknown metric'}, this one {cfg.direction}s {cfg.metric}; its best "
+            "trials say nothing about this metric. Warm-start from a study with the same metric."
+        )
     ranked = best_first(other, cfg.direction == "maximize")
     seen: set[str] = {json.dumps(p, sort_keys=True) for p, _ in first}
     taken = 0
@@ -128,8 +139,12 @@ def warm_start_trials(storage: optuna.storages.BaseStorage, cfg: StudyConfig) ->
         seen.add(key)
         problems = config.space_problems(cfg.space, t.params)
         if problems:
-            log.warning("warm start: trial %d of study %r is not a point of this space (%s); skipped", t.number,
-                        source, "; ".join(problems))
+            log.warning(
+                "warm start: trial %d of study %r is not a point of this space (%s); skipped",
+                t.number,
+                source,
+                "; ".join(problems),
+            )
             continue
         first.append((dict(t.params), f"study {source} trial {t.number} ({cfg.metric} {value(t):.4f})"))
         taken += 1
@@ -140,16 +155,19 @@ def exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
     return name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
 
 
-def load(storage: optuna.storages.BaseStorage, name: str,
-         sampler_seed: int | None = None) -> tuple[optuna.Study, StudyConfig]:
+def load(
+    storage: optuna.storages.BaseStorage, name: str, sampler_seed: int | None = None
+) -> tuple[optuna.Study, StudyConfig]:
     """Open an existing study by name; its settings come from the study, no file needed."""
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError as e:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
         hint = f" Studies in this storage: {', '.join(names)}." if names else " This storage holds no studies."
-        raise StorageError(f"no study named {name!r} in this storage.{hint} Run `hpo optimize --study "
-                           f"{name}` or `hpo worker --study {name}` first, or pass the right --storage.") from e
+        raise StorageError(
+            f"no study named {name!r} in this storage.{hint} Run `hpo optimize --study "
+            f"{name}` or `hpo worker --study {name}` first, or pass the right --storage."
+        ) from e
     stored = _stored_config(study)
     if stored is None:
         raise StorageError(f"study {name!r} was not created by hpo (it has no {CONFIG_ATTR} attribute).")
@@ -226,8 +244,11 @@ class Reaper:
                 raise
             now = time.monotonic()
             outage = storage.last_error_at
-            self._suspects = {tid: (beat, seen) for tid, (beat, seen) in self._suspects.items()
-                              if tid in beats and beats[tid][0] == beat and seen > outage}
+            self._suspects = {
+                tid: (beat, seen)
+                for tid, (beat, seen) in self._suspects.items()
+                if tid in beats and beats[tid][0] == beat and seen > outage
+            }
             for tid, (beat, _) in beats.items():
                 self._suspects.setdefault(tid, (beat, now))
             dead = [tid for tid, (_, seen) in self._suspects.items() if now - seen >= self.confirm_s]
@@ -236,9 +257,11 @@ class Reaper:
                 del self._suspects[tid]
                 trial = storage.get_trial(tid)
                 age = beats[tid][1]
-                reason = (f"stale heartbeat: its worker (host {trial.user_attrs.get(attrs.HOST, '?')}, pid "
-                          f"{trial.user_attrs.get(attrs.PID, '?')}) sent none for {age:.0f}s, over the "
-                          f"{self.grace_s}s grace period; {retry_note(trial, self.max_retry)}")
+                reason = (
+                    f"stale heartbeat: its worker (host {trial.user_attrs.get(attrs.HOST, '?')}, pid "
+                    f"{trial.user_attrs.get(attrs.PID, '?')}) sent none for {age:.0f}s, over the "
+                    f"{self.grace_s}s grace period; {retry_note(trial, self.max_retry)}"
+                )
                 if fail(self.study, tid, reason, retry=True):
                     log.warning("trial %d failed: %s", trial.number, reason)
                     failed.append(tid)
@@ -278,14 +301,18 @@ def summary(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBS
     # Epochs: what finished trials trained, and what pruning spared them (budget epochs minus the last report).
     trained = sum(_last_epoch(t) for t in finished_trials)
     saved = sum(cfg.budget.epochs - _last_epoch(t) for t in finished_trials if t.state == TrialState.PRUNED)
-    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in finished_trials
-                 if t.datetime_start and t.datetime_complete]
+    durations = [
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in finished_trials
+        if t.datetime_start and t.datetime_complete
+    ]
     mean_s = sum(durations) / len(durations) if durations else None
     remaining = max(0, cfg.budget.n_trials - finished)
     # Work left, in mean finished-trial durations (running trials count by their epochs still to go),
     # spread over the workers now running. Pruned trials are in the mean, as they will be in what is left.
     left = max(0, remaining - len(running)) + sum(
-        max(0.0, 1 - t.user_attrs.get("epoch", 0) / cfg.budget.epochs) for t in running)
+        max(0.0, 1 - t.user_attrs.get("epoch", 0) / cfg.budget.epochs) for t in running
+    )
     eta = None if mean_s is None or (remaining and not running) else left * mean_s / max(1, len(running))
     return {
         "schema": STATUS_SCHEMA,
@@ -298,17 +325,31 @@ def summary(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBS
         "remaining": remaining,
         "states": by_state,
         "pruned_share": by_state["PRUNED"] / finished if finished else 0.0,
-        "epochs": {"trained": trained, "saved_by_pruning": saved,
-                   "saved_share": saved / (trained + saved) if trained + saved else 0.0},
+        "epochs": {
+            "trained": trained,
+            "saved_by_pruning": saved,
+            "saved_share": saved / (trained + saved) if trained + saved else 0.0,
+        },
         "mean_trial_s": None if mean_s is None else round(mean_s, 1),
         "eta_s": None if eta is None else round(eta, 1),
         "best": best,
-        "running": [{"number": t.number, "host": t.user_attrs.get("host"), "pid": t.user_attrs.get("pid"),
-                     "device": t.user_attrs.get("device_name"), "epoch": t.user_attrs.get("epoch", 0),
-                     "epochs": cfg.budget.epochs, "heartbeat_age_s": ages.get(trial_id(t))} for t in running],
+        "running": [_running_row(t, cfg, ages.get(trial_id(t))) for t in running],
         "final": study.user_attrs.get(FINAL_ATTR),
         "time_budget": budget.describe_deadline(budget.get_deadline(study)),
         "extended": study.user_attrs.get(EXTENDED_ATTR, []),
+    }
+
+
+def _running_row(t: optuna.trial.FrozenTrial, cfg: StudyConfig, heartbeat_age_s: float | None) -> dict[str, Any]:
+    """One running trial as `hpo status` lists it: where it runs, how far it is, how fresh its heartbeat."""
+    return {
+        "number": t.number,
+        "host": t.user_attrs.get("host"),
+        "pid": t.user_attrs.get("pid"),
+        "device": t.user_attrs.get("device_name"),
+        "epoch": t.user_attrs.get("epoch", 0),
+        "epochs": cfg.budget.epochs,
+        "heartbeat_age_s": heartbeat_age_s,
     }
 
 
@@ -328,32 +369,47 @@ def listing(storage: Storage) -> dict[str, Any]:
         best = study.best_trial if complete else None
         final = study.user_attrs.get(FINAL_ATTR) or {}
         running = [trial_id(t) for t in trials if t.state == TrialState.RUNNING]
-        fresh = [age for age in heartbeat_ages(storage, running).values()
-                 if age <= storage.grace_period] if running and storage.grace_period else []
-        rows.append({
-            "study": s.study_name,
-            "metric": stored.metric if stored else None,
-            "direction": study.direction.name.lower(),
-            "finished": by_state["COMPLETE"] + by_state["PRUNED"],
-            "n_trials": stored.budget.n_trials if stored else None,
-            "best_value": None if best is None else best.value,
-            "best_trial": None if best is None else best.number,
-            "test_accuracy": final.get("test_accuracy"),
-            "running": len(fresh),  # trials with a live heartbeat: workers at work now
-        })
+        fresh = (
+            [age for age in heartbeat_ages(storage, running).values() if age <= storage.grace_period]
+            if running and storage.grace_period
+            else []
+        )
+        rows.append(
+            {
+                "study": s.study_name,
+                "metric": stored.metric if stored else None,
+                "direction": study.direction.name.lower(),
+                "finished": by_state["COMPLETE"] + by_state["PRUNED"],
+                "n_trials": stored.budget.n_trials if stored else None,
+                "best_value": None if best is None else best.value,
+                "best_trial": None if best is None else best.number,
+                "test_accuracy": final.get("test_accuracy"),
+                "running": len(fresh),  # trials with a live heartbeat: workers at work now
+            }
+        )
     return {"schema": STUDIES_SCHEMA, "studies": rows}
 
 
 def best_of(study: optuna.Study, cfg: StudyConfig) -> dict[str, Any]:
     """The best trial, as `hpo best` shows it (schema BEST_SCHEMA)."""
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        raise StorageError(f"study {study.study_name!r} has no COMPLETE trial yet. Run `hpo optimize --study "
-                           f"{study.study_name}` (or workers) until one completes.")
+        raise StorageError(
+            f"study {study.study_name!r} has no COMPLETE trial yet. Run `hpo optimize --study "
+            f"{study.study_name}` (or workers) until one completes."
+        )
     t = study.best_trial
-    return {"schema": BEST_SCHEMA, "study": study.study_name, "metric": cfg.metric, "direction": cfg.direction,
-            "number": t.number, "value": t.value, "params": t.params,
-            "epochs": len(t.intermediate_values), "seed": t.user_attrs.get("seed"),
-            "duration_s": None if t.duration is None else round(t.duration.total_seconds(), 1)}
+    return {
+        "schema": BEST_SCHEMA,
+        "study": study.study_name,
+        "metric": cfg.metric,
+        "direction": cfg.direction,
+        "number": t.number,
+        "value": t.value,
+        "params": t.params,
+        "epochs": len(t.intermediate_values),
+        "seed": t.user_attrs.get("seed"),
+        "duration_s": None if t.duration is None else round(t.duration.total_seconds(), 1),
+    }
 
 
 EXTENDED_ATTR = "hpo:extended"  # each `hpo extend`: when, and the budget before and after
@@ -364,8 +420,10 @@ def extend(study: optuna.Study, cfg: StudyConfig, n_trials: int | None, time_s: 
     budget before every trial, so running ones go on to it, and restarted ones start with it."""
     finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
     if n_trials is not None and n_trials <= finished:
-        raise ConfigError(f"study {study.study_name!r} has {finished} finished trials already; extend it to more "
-                          f"than that (--trials {finished + 10}, say), or leave --trials out.")
+        raise ConfigError(
+            f"study {study.study_name!r} has {finished} finished trials already; extend it to more "
+            f"than that (--trials {finished + 10}, say), or leave --trials out."
+        )
     new = cfg
     if n_trials is not None:
         new = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, n_trials=n_trials))

@@ -31,17 +31,17 @@ class TrainingRun:
     settings: TrainSettings  # the study's [train] section
     augment: Augment
     epochs: int
-    seed: int                # batches, augmentations and dropout masks
+    seed: int  # batches, augmentations and dropout masks
 
 
 @dataclass(frozen=True)
 class EpochStats:
-    epoch: int                 # 1-based
-    train_loss: float          # mean over the epoch's training images
+    epoch: int  # 1-based
+    train_loss: float  # mean over the epoch's training images
     train_accuracy: float
     val_loss: float | None
     val_accuracy: float | None
-    lr: float                  # at the end of the epoch
+    lr: float  # at the end of the epoch
     seconds: float
 
 
@@ -50,7 +50,7 @@ class Evaluation:
     loss: float
     accuracy: float
     predictions: torch.Tensor  # (N,) class indices, on the CPU
-    confidence: torch.Tensor   # (N,) softmax probability of the predicted class, on the CPU
+    confidence: torch.Tensor  # (N,) softmax probability of the predicted class, on the CPU
 
 
 def get_lr(step: int, total: int, peak: float, schedule: str, warmup: int) -> float:
@@ -106,12 +106,17 @@ def evaluate(model: nn.Module, data: DeviceData, batch_size: int = 2048, fast: b
     predictions = torch.cat(preds)
     correct = (predictions == data.y).sum()
     n = max(1, len(data))
-    return Evaluation(loss=float(loss_sum) / n, accuracy=float(correct) / n, predictions=predictions.cpu(),
-                      confidence=torch.cat(confs).cpu())
+    return Evaluation(
+        loss=float(loss_sum) / n,
+        accuracy=float(correct) / n,
+        predictions=predictions.cpu(),
+        confidence=torch.cat(confs).cpu(),
+    )
 
 
 OnEpoch = Callable[[EpochStats], None]
 OnSnapshot = Callable[[dict[str, Any]], None]
+Replan = Callable[[list[EpochStats], int], int]
 
 
 @dataclass
@@ -123,10 +128,21 @@ class _EpochSums:
     seen: int = 0
 
 
-def fit(model: DynamicCNN, train: DeviceData, val: DeviceData | None, run: TrainingRun,
-        on_epoch: OnEpoch | None = None, *, on_snapshot: OnSnapshot | None = None,
-        resume: dict[str, Any] | None = None) -> list[EpochStats]:
+def fit(
+    model: DynamicCNN,
+    train: DeviceData,
+    val: DeviceData | None,
+    run: TrainingRun,
+    on_epoch: OnEpoch | None = None,
+    *,
+    on_snapshot: OnSnapshot | None = None,
+    resume: dict[str, Any] | None = None,
+    replan: Replan | None = None,
+) -> list[EpochStats]:
     """Train `model` in place for `run.epochs`; `on_epoch` may raise to stop early (pruning).
+
+    `replan(history, epochs)` after each epoch may change the number of epochs (never below those
+    done): the learning-rate schedule stretches or shrinks to the new length from the next step.
 
     `on_snapshot` gets the whole training state after every epoch, before `on_epoch`;
     passing that state back as `resume` carries on from the next epoch exactly as if never stopped
@@ -146,30 +162,57 @@ def fit(model: DynamicCNN, train: DeviceData, val: DeviceData | None, run: Train
         step = resume["step"]
         history = [EpochStats(**s) for s in resume["history"]]
     forward = torch.compile(model) if settings.compile else model
-    for epoch in range(len(history) + 1, run.epochs + 1):
-        started = time.perf_counter()
+    while len(history) < run.epochs:
+        epoch, started = len(history) + 1, time.perf_counter()
         model.train()
         sums, step, lr = _train_epoch(forward, optimizer, train, run, generator, step)
         train_loss = float(sums.loss) / max(1, sums.seen)
         if not math.isfinite(train_loss):
-            raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch} (lr {run.optimizer.lr:g}, "
-                                   f"{run.optimizer.name})")
+            raise TrainingDiverged(
+                f"training loss became {train_loss} in epoch {epoch} (lr {run.optimizer.lr:g}, {run.optimizer.name})"
+            )
         ev = evaluate(model, val, settings.eval_batch_size) if val is not None else None
-        stats = EpochStats(epoch, train_loss, float(sums.correct) / max(1, sums.seen), ev.loss if ev else None,
-                           ev.accuracy if ev else None, lr, time.perf_counter() - started)
+        val_loss, val_accuracy = (ev.loss, ev.accuracy) if ev else (None, None)
+        accuracy, seconds = float(sums.correct) / max(1, sums.seen), time.perf_counter() - started
+        stats = EpochStats(epoch, train_loss, accuracy, val_loss, val_accuracy, lr, seconds)
         history.append(stats)
         if on_snapshot is not None:
-            on_snapshot({"epoch": epoch, "step": step, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                         "rng": _rng_state(device), "history": [dataclasses.asdict(s) for s in history]})
+            on_snapshot(_snapshot(epoch, step, model, optimizer, generator, history))
         if on_epoch is not None:
             on_epoch(stats)
+        if replan is not None:
+            run = dataclasses.replace(run, epochs=max(epoch, replan(history, run.epochs)))
     return history
 
 
-def _train_epoch(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
-                 train: DeviceData, run: TrainingRun, generator: torch.Generator,
-                 step: int) -> tuple[_EpochSums, int, float]:
+def _snapshot(
+    epoch: int,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    history: list[EpochStats],
+) -> dict[str, Any]:
+    """The whole training state after `epoch`: what `fit(resume=...)` carries on from."""
+    return {
+        "epoch": epoch,
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "rng": _rng_state(generator.device),
+        "history": [dataclasses.asdict(s) for s in history],
+    }
+
+
+def _train_epoch(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    train: DeviceData,
+    run: TrainingRun,
+    generator: torch.Generator,
+    step: int,
+) -> tuple[_EpochSums, int, float]:
     """One pass over `train`; returns the epoch's sums, the step after it and the last learning rate."""
     settings, batch_size = run.settings, run.optimizer.batch_size
     steps_per_epoch = max(1, len(train) // batch_size)
@@ -195,15 +238,16 @@ def _train_epoch(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: tor
     return sums, step, lr
 
 
-def seconds_per_image(params: TrialParams, data: DeviceData, settings: TrainSettings, augment: Augment,
-                      steps: int = 12, warmup: int = 2) -> float:
+def seconds_per_image(
+    params: TrialParams, data: DeviceData, settings: TrainSettings, augment: Augment, steps: int = 12, warmup: int = 2
+) -> float:
     """Training seconds per image of `params` on this device and thread count, timed over `steps`
     steps after `warmup` untimed ones (first-call allocations, kernel selection, the thread pool)."""
     batch = params.optimizer.batch_size
     images = min(len(data), batch * steps)
     model = seeded_model(params.model, 0, data.device)
     run = TrainingRun(params.optimizer, settings, augment, epochs=1, seed=0)
-    fit(model, DeviceData(data.x[:warmup * batch], data.y[:warmup * batch], data.device), None, run)
+    fit(model, DeviceData(data.x[: warmup * batch], data.y[: warmup * batch], data.device), None, run)
     sample = DeviceData(data.x[:images], data.y[:images], data.device)
     started = time.perf_counter()
     fit(model, sample, None, run)

@@ -73,8 +73,13 @@ class WorkerResult:
 TRIAL_FAILURES = (OverBudget, TrainingDiverged, OutOfMemory)
 
 
-def run_trial(study: optuna.Study, storage: Storage, objective: Callable[[optuna.Trial], float],
-              settings: StorageSettings, reaper: Reaper) -> None:
+def run_trial(
+    study: optuna.Study,
+    storage: Storage,
+    objective: Callable[[optuna.Trial], float],
+    settings: StorageSettings,
+    reaper: Reaper,
+) -> None:
     """Ask for a trial, run it with a heartbeat, and tell its outcome: Optuna's ask-and-tell, with
     the failure handling a shared study needs.
 
@@ -99,12 +104,18 @@ def run_trial(study: optuna.Study, storage: Storage, objective: Callable[[optuna
             else:
                 tell(study, trial, values=value)
     except optuna.exceptions.UpdateFinishedTrialError:
-        log.warning("trial %d was finished elsewhere while this worker was out of touch (its retry is "
-                    "queued); dropping its result", trial.number)
+        log.warning(
+            "trial %d was finished elsewhere while this worker was out of touch (its retry is "
+            "queued); dropping its result",
+            trial.number,
+        )
     except Shutdown as e:
-        if fail(study, trial_id(trial), f"worker stopped by {e.signal.name}; "
-                                        f"{retry_note(storage.get_trial(trial_id(trial)), settings.max_retry)}",
-                retry=True):
+        if fail(
+            study,
+            trial_id(trial),
+            f"worker stopped by {e.signal.name}; {retry_note(storage.get_trial(trial_id(trial)), settings.max_retry)}",
+            retry=True,
+        ):
             log.warning("trial %d failed and re-queued: worker stopped by %s", trial.number, e.signal.name)
         raise
     except Exception as e:
@@ -126,9 +137,16 @@ def tell(study: optuna.Study, trial: optuna.Trial, **outcome) -> None:
         study.tell(trial, skip_if_finished=True, **outcome)
 
 
-def run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Placement,
-        storage: Storage, poll_s: float = 2.0, outage_s: float = 120.0,
-        artifact_store=None) -> WorkerResult:
+def run(
+    study: optuna.Study,
+    cfg: StudyConfig,
+    data: TrialData,
+    placement: Placement,
+    storage: Storage,
+    poll_s: float = 2.0,
+    outage_s: float = 120.0,
+    artifact_store=None,
+) -> WorkerResult:
     """Run trials until the budget is met, riding out database outages of up to `outage_s`."""
     storage.ride_out_s = outage_s
     outage_started = last_error = -1e9
@@ -147,15 +165,25 @@ def run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Place
                 outage_started, delay = now, 1.0
             last_error = now
             if now - outage_started > outage_s:
-                raise StorageError(f"lost the database for more than {outage_s:.0f}s ({first_line(cause)}). "
-                                   "Check that it is up; the study's trials are safe in it.") from e
+                raise StorageError(
+                    f"lost the database for more than {outage_s:.0f}s ({first_line(cause)}). "
+                    "Check that it is up; the study's trials are safe in it."
+                ) from e
             log.warning("storage error (%s); retrying in %.0fs", first_line(cause), delay)
             time.sleep(delay)
             delay = min(delay * 2, 15.0)
 
 
-def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Placement,
-         poll_s: float, storage: Storage, result: WorkerResult, artifact_store=None) -> None:
+def _run(
+    study: optuna.Study,
+    cfg: StudyConfig,
+    data: TrialData,
+    placement: Placement,
+    poll_s: float,
+    storage: Storage,
+    result: WorkerResult,
+    artifact_store=None,
+) -> None:
     n_trials = cfg.budget.n_trials  # re-read before every trial: `hpo extend` may raise it
     lock = SlotLock(storage, cfg.name)
     settings = StorageSettings.from_env()
@@ -190,8 +218,9 @@ def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Plac
                 plan = plans[0] = budget.plan_trial(study, cfg, deadline, final_threads)
                 if not plan.fits:
                     result.reason = f"time budget: {plan.describe()}, so no trial starts"
-                    fail_waiting(study, f"over budget: the time ran out before this retry could start "
-                                        f"({plan.describe()})")
+                    fail_waiting(
+                        study, f"over budget: the time ran out before this retry could start ({plan.describe()})"
+                    )
                     return
             full = c["WAITING"] == 0 and finished + c["RUNNING"] >= n_trials
             if not full:
@@ -207,8 +236,16 @@ def _run(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Plac
             time.sleep(poll_s)
 
 
-def serve(cfg: StudyConfig, opened: Opened, artifact_store: ArtifactStore | None, data_dir: str | None,
-          device: str | None, threads: int | None, sampler_seed: int | None, slots: int) -> WorkerResult:
+def serve(
+    cfg: StudyConfig,
+    opened: Opened,
+    artifact_store: ArtifactStore | None,
+    data_dir: str | None,
+    device: str | None,
+    threads: int | None,
+    sampler_seed: int | None,
+    slots: int,
+) -> WorkerResult:
     """`hpo worker`: claim a device, load the data once, join the study (creating it if this worker is
     first) and run trials until the budget says stop. Raises Shutdown on SIGTERM/SIGINT."""
     from hpo import data
@@ -222,8 +259,9 @@ def serve(cfg: StudyConfig, opened: Opened, artifact_store: ArtifactStore | None
     directory = data.find_data_dir(data_dir)
     images, labels = data.load_split(directory, "train")
     study, cfg = study_mod.create_or_load(opened.storage, cfg, sampler_seed=sampler_seed)
-    trial_data = data.trial_data(images, labels, cfg.budget.val_fraction, cfg.seed, placement.device,
-                                 cfg.budget.train_subset)
+    trial_data = data.trial_data(
+        images, labels, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset
+    )
     log.info("worker on %s joins study %r at %s (data %s)", placement.name, cfg.name, mask(opened.url), directory)
     return run(study, cfg, trial_data, placement, opened.storage, artifact_store=artifact_store)
 

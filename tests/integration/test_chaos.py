@@ -15,9 +15,25 @@ pytestmark = pytest.mark.integration
 
 def test_a_short_chaos_run_leaves_a_clean_study(tmp_path, postgres, real_data_dir):
     # `postgres` makes sure the server binaries are there; the script runs its own server, which it restarts.
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "chaos.py"), "--minutes", "2.5", "--every", "12",
-                          "--seed", "3", "--data-dir", str(real_data_dir), "--out", str(tmp_path / "chaos")],
-                         capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "chaos.py"),
+            "--minutes",
+            "2.5",
+            "--every",
+            "12",
+            "--seed",
+            "3",
+            "--data-dir",
+            str(real_data_dir),
+            "--out",
+            str(tmp_path / "chaos"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "all checks passed" in run.stdout
     injected = dict(re.findall(r"(kill|pause|db|nan) x(\d+)", run.stdout))

@@ -31,8 +31,15 @@ pytestmark = pytest.mark.integration
 
 
 def hpo(*args: str, cwd: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "hpo", *args], cwd=cwd, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpo", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_wrong_credentials_exit_at_once_without_printing_the_password(postgres, tmp_path):
@@ -49,8 +56,19 @@ def test_a_signal_to_optimize_stops_every_worker_and_leaves_nothing_running(tmp_
     study = tmp_path / "long.toml"
     study.write_text(study_file(tmp_path, n_trials=20, epochs=8, subset=4000).read_text().replace('"pg"', '"long"'))
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    proc = hpo("optimize", "--study", str(study), "--workers", "2", "--storage", url, "--data-dir", str(real_data_dir),
-               cwd=tmp_path)
+    proc = hpo(
+        "optimize",
+        "--study",
+        str(study),
+        "--workers",
+        "2",
+        "--storage",
+        url,
+        "--data-dir",
+        str(real_data_dir),
+        cwd=tmp_path,
+    )
+
     def running() -> list:
         try:
             trials = optuna.load_study(study_name="long", storage=url).trials
@@ -76,15 +94,39 @@ def test_a_signal_to_optimize_stops_every_worker_and_leaves_nothing_running(tmp_
 
 def test_two_final_trains_at_once_leave_whole_files(tmp_path, real_data_dir):
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    first = hpo("optimize", "--study", "tiny", "--workers", "2", "--storage", url, "--data-dir", str(real_data_dir),
-                cwd=tmp_path)
+    first = hpo(
+        "optimize",
+        "--study",
+        "tiny",
+        "--workers",
+        "2",
+        "--storage",
+        url,
+        "--data-dir",
+        str(real_data_dir),
+        cwd=tmp_path,
+    )
     assert first.wait(timeout=300) == 0, first.stdout.read()
     out = tmp_path / "final"
     # One thread each: two processes with a thread per core each would oversubscribe a small machine
     # several times over, and the point here is the files, not the speed.
     one_thread = {"HPO_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    procs = [hpo("final-train", "--study", "tiny", "--storage", url, "--data-dir", str(real_data_dir), "--out",
-                 str(out), cwd=tmp_path, env=one_thread) for _ in range(2)]
+    procs = [
+        hpo(
+            "final-train",
+            "--study",
+            "tiny",
+            "--storage",
+            url,
+            "--data-dir",
+            str(real_data_dir),
+            "--out",
+            str(out),
+            cwd=tmp_path,
+            env=one_thread,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     metrics = json.loads((out / "metrics.json").read_text())
@@ -111,8 +153,7 @@ def test_every_fault_at_once(tmp_path, postgres, pg_url, real_data_dir):
         w.start(4)
         victim = wait_for(lambda: running_trial_in_epoch(pg_url), 120, "a trial in its second epoch")
         os.kill(victim.user_attrs["pid"], signal.SIGKILL)
-        wait_for(lambda: count(pg_url)["COMPLETE"] + count(pg_url)["PRUNED"] >= 3, 180,
-                 "three finished trials")
+        wait_for(lambda: count(pg_url)["COMPLETE"] + count(pg_url)["PRUNED"] >= 3, 180, "three finished trials")
         postgres.restart(down_s=2)
         codes = w.wait(timeout=400)
     finally:
@@ -124,12 +165,24 @@ def test_every_fault_at_once(tmp_path, postgres, pg_url, real_data_dir):
     assert any("training loss became nan" in r for r in reasons), reasons
     assert all(reasons), f"a FAIL trial without a reason: {reasons}"
     killed = trials[victim.number]
-    assert killed.state == optuna.trial.TrialState.FAIL and killed.user_attrs["fail_reason"].startswith("stale heartbeat")
+    assert killed.state == optuna.trial.TrialState.FAIL and killed.user_attrs["fail_reason"].startswith(
+        "stale heartbeat"
+    )
     assert [t.state.is_finished() for t in trials if t.system_attrs.get("failed_trial") == victim.number] == [True]
     assert PASSWORD not in w.output()
 
-    final = hpo("final-train", "--study", "pg", "--storage", pg_url, "--data-dir", str(real_data_dir), "--out",
-                str(tmp_path / "final"), cwd=tmp_path)
+    final = hpo(
+        "final-train",
+        "--study",
+        "pg",
+        "--storage",
+        pg_url,
+        "--data-dir",
+        str(real_data_dir),
+        "--out",
+        str(tmp_path / "final"),
+        cwd=tmp_path,
+    )
     out, _ = final.communicate(timeout=300)
     assert final.returncode == 0, out
     assert PASSWORD not in out
@@ -172,8 +225,11 @@ def test_a_paused_worker_is_reaped_once_and_reports_nothing_after_it_wakes(tmp_p
         pid = victim.user_attrs["pid"]
         os.kill(pid, signal.SIGSTOP)
         try:
-            reaped = wait_for(lambda: next((t for t in failures(pg_url) if t.number == victim.number), None), 120,
-                              f"trial {victim.number} to be reaped")
+            reaped = wait_for(
+                lambda: next((t for t in failures(pg_url) if t.number == victim.number), None),
+                120,
+                f"trial {victim.number} to be reaped",
+            )
         finally:
             os.kill(pid, signal.SIGCONT)
         codes = w.wait(timeout=400)
@@ -183,8 +239,10 @@ def test_a_paused_worker_is_reaped_once_and_reports_nothing_after_it_wakes(tmp_p
     assert_exact_budget(pg_url, n_trials)
     trials = load(pg_url).trials
     after = trials[victim.number]
-    assert reaped.user_attrs["fail_reason"].startswith("stale heartbeat") and "re-queued" in reaped.user_attrs[
-        "fail_reason"]
+    assert (
+        reaped.user_attrs["fail_reason"].startswith("stale heartbeat")
+        and "re-queued" in reaped.user_attrs["fail_reason"]
+    )
     # Nothing the paused worker did after it woke reached the trial it had lost.
     assert after.state == optuna.trial.TrialState.FAIL and after.intermediate_values == reaped.intermediate_values
     assert after.user_attrs == reaped.user_attrs

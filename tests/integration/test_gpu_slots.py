@@ -37,16 +37,29 @@ def test_six_workers_fill_two_gpus_by_three_slots_and_a_seventh_waits_for_one(tm
     study = tmp_path / "pg.toml"
     study.write_text(study_file(tmp_path, n_trials=2000, epochs=1, subset=300).read_text())
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    env = {**os.environ, "HPO_GPU_COUNT": "2", "HPO_TRIALS_PER_GPU": "3", "HPO_GPU_LOCK_DIR": str(locks),
-           "HPO_THREADS": "1", "PYTHONUNBUFFERED": "1", "HPO_STORAGE": url}
+    env = {
+        **os.environ,
+        "HPO_GPU_COUNT": "2",
+        "HPO_TRIALS_PER_GPU": "3",
+        "HPO_GPU_LOCK_DIR": str(locks),
+        "HPO_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "HPO_STORAGE": url,
+    }
     procs: list[subprocess.Popen] = []
     logs: list[Path] = []
 
     def start() -> subprocess.Popen:
         logs.append(tmp_path / f"worker-{len(procs)}.log")
-        procs.append(subprocess.Popen([sys.executable, "-m", "hpo", "worker", "--study", str(study), "--data-dir",
-                                       str(real_data_dir)], cwd=tmp_path, env=env, stdout=logs[-1].open("w"),
-                                      stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "hpo", "worker", "--study", str(study), "--data-dir", str(real_data_dir)],
+                cwd=tmp_path,
+                env=env,
+                stdout=logs[-1].open("w"),
+                stderr=subprocess.STDOUT,
+            )
+        )
         return procs[-1]
 
     slots = [locks / f"gpu-{g}-slot-{s}.lock" for g in range(2) for s in range(3)]
@@ -61,18 +74,45 @@ def test_six_workers_fill_two_gpus_by_three_slots_and_a_seventh_waits_for_one(tm
         assert seventh.poll() is None  # waiting, not exiting into a restart loop
 
         # The finalizer needs no slot: it runs while all six are held.
-        wait_for(lambda: any(t.state == optuna.trial.TrialState.COMPLETE for t in
-                             optuna.load_study(study_name="pg", storage=url).trials), 120, "a COMPLETE trial")
-        final = subprocess.run([sys.executable, "-m", "hpo", "final-train", "--study", "pg", "--epochs", "1",
-                                "--data-dir", str(real_data_dir), "--out", str(tmp_path / "final")],
-                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        wait_for(
+            lambda: any(
+                t.state == optuna.trial.TrialState.COMPLETE
+                for t in optuna.load_study(study_name="pg", storage=url).trials
+            ),
+            120,
+            "a COMPLETE trial",
+        )
+        final = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hpo",
+                "final-train",
+                "--study",
+                "pg",
+                "--epochs",
+                "1",
+                "--data-dir",
+                str(real_data_dir),
+                "--out",
+                str(tmp_path / "final"),
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert final.returncode == 0, final.stdout + final.stderr
         assert all(held(p) for p in slots)
 
         victim = int((locks / "gpu-0-slot-0.lock").read_text().split()[1])
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: "claimed GPU 0 slot 0, freed by another worker" in logs[-1].read_text(), 60,
-                 "the seventh worker to take the killed worker's slot")
+        wait_for(
+            lambda: "claimed GPU 0 slot 0, freed by another worker" in logs[-1].read_text(),
+            60,
+            "the seventh worker to take the killed worker's slot",
+        )
         assert int((locks / "gpu-0-slot-0.lock").read_text().split()[1]) == seventh.pid
     finally:
         for p in procs:

@@ -30,8 +30,9 @@ def tiny_study(tmp_path_factory, real_data_dir):
     """`hpo optimize --study tiny --workers 3`, run once for the tests of this module."""
     work = tmp_path_factory.mktemp("tiny")
     url = f"sqlite:///{work / 'hpo.db'}"
-    result = hpo("optimize", "--study", "tiny", "--workers", "3", "--storage", url,
-                 "--data-dir", str(real_data_dir), cwd=work)
+    result = hpo(
+        "optimize", "--study", "tiny", "--workers", "3", "--storage", url, "--data-dir", str(real_data_dir), cwd=work
+    )
     return work, url, result
 
 
@@ -56,7 +57,9 @@ def test_pruned_trials_appear_and_record_their_curve(tiny_study):
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     for t in complete:
         assert sorted(t.intermediate_values) == [1, 2, 3]
-        assert t.value == t.intermediate_values[3] == pytest.approx(t.user_attrs["history"][-1]["val_accuracy"], abs=1e-5)
+        assert (
+            t.value == t.intermediate_values[3] == pytest.approx(t.user_attrs["history"][-1]["val_accuracy"], abs=1e-5)
+        )
         assert t.user_attrs["n_params"] > 0 and t.user_attrs["wall_time_s"] > 0
         assert t.user_attrs["device"] == "cpu"
 
@@ -64,12 +67,16 @@ def test_pruned_trials_appear_and_record_their_curve(tiny_study):
 def test_settings_are_recorded_in_the_study(tiny_study):
     _, url, _ = tiny_study
     study = optuna.load_study(study_name="tiny", storage=url)
-    stored = study._storage.get_study_system_attrs(study._study_id)["hpo:config"]  # where the dashboard does not lead with them
+    stored = study._storage.get_study_system_attrs(study._study_id)[
+        "hpo:config"
+    ]  # where the dashboard does not lead with them
     assert stored["budget"]["n_trials"] == 8 and stored["space"]["n_conv"] == {"low": 1, "high": 2}
     assert study.metric_names == ["val_accuracy"]
-    assert study.user_attrs["settings"] == ("maximize val_accuracy; trials of 3 epochs on 1,000 images until 8 "
-                                            "finished; tpe sampler, median pruner; final: 1 epochs, ensemble of 2, "
-                                            "flip TTA")
+    assert study.user_attrs["settings"] == (
+        "maximize val_accuracy; trials of 3 epochs on 1,000 images until 8 "
+        "finished; tpe sampler, median pruner; final: 1 epochs, ensemble of 2, "
+        "flip TTA"
+    )
     assert "hpo:config" not in study.user_attrs
 
 
@@ -86,14 +93,25 @@ def test_final_train_writes_files_and_reproduces(tiny_study, real_data_dir):
     work, url, _ = tiny_study
     runs = []
     for out in ("final-a", "final-b"):
-        hpo("final-train", "--study", "tiny", "--storage", url, "--data-dir", str(real_data_dir), "--out", out,
-            cwd=work)
+        hpo(
+            "final-train", "--study", "tiny", "--storage", url, "--data-dir", str(real_data_dir), "--out", out, cwd=work
+        )
         runs.append(json.loads((work / out / "metrics.json").read_text()))
     a, b = runs
     study = optuna.load_study(study_name="tiny", storage=url)
     assert a["best_trial"] == study.best_trial.number and a["test_images"] == 10000
-    assert set(a["per_class_accuracy"]) == {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                                            "Shirt", "Sneaker", "Bag", "Ankle boot"}
+    assert set(a["per_class_accuracy"]) == {
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    }
     assert {"torch", "optuna", "python"} <= set(a["versions"])
     assert a["test_accuracy"] > 0.5  # one epoch of a tiny model on all 60,000 images
     assert a["test_accuracy"] == b["test_accuracy"] and a["test_loss"] == b["test_loss"]
@@ -146,8 +164,20 @@ def test_trials_never_read_the_test_split(tmp_path, real_data_copy):
             write_idx(real_data_copy / "t10k-images-idx3-ubyte", torch.randint(0, 255, (10, 28, 28)).numpy())
             (real_data_copy / "t10k-labels-idx1-ubyte").write_bytes(b"not an idx file")
         url = f"sqlite:///{tmp_path / variant}.db"
-        hpo("worker", "--study", str(tmp_path / "isolation.toml"), "--storage", url, "--data-dir",
-            str(real_data_copy), "--sampler-seed", "1", "--threads", "1", cwd=tmp_path)
+        hpo(
+            "worker",
+            "--study",
+            str(tmp_path / "isolation.toml"),
+            "--storage",
+            url,
+            "--data-dir",
+            str(real_data_copy),
+            "--sampler-seed",
+            "1",
+            "--threads",
+            "1",
+            cwd=tmp_path,
+        )
         study = optuna.load_study(study_name="isolation", storage=url)
         values.append([(t.params, t.value) for t in study.trials])
     assert len(values[0]) == 3 and values[0] == values[1]
@@ -161,9 +191,14 @@ def test_dashboard_serves_the_study_from_the_embedded_storage(tiny_study):
     work, url, _ = tiny_study
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "HPO_STORAGE"}
-    proc = subprocess.Popen([sys.executable, "-m", "hpo", "dashboard", "--study", "tiny", "--storage", url,
-                             "--port", str(port)], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpo", "dashboard", "--study", "tiny", "--storage", url, "--port", str(port)],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -173,7 +208,9 @@ def test_dashboard_serves_the_study_from_the_embedded_storage(tiny_study):
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"dashboard did not answer:\n{proc.stdout.read() if proc.stdout else ''}") from None
+                    raise AssertionError(
+                        f"dashboard did not answer:\n{proc.stdout.read() if proc.stdout else ''}"
+                    ) from None
                 time.sleep(0.5)
         assert [s["study_name"] for s in studies] == ["tiny"]
         study_id = studies[0]["study_id"]
@@ -187,8 +224,19 @@ def test_dashboard_serves_the_study_from_the_embedded_storage(tiny_study):
 
 def test_bench_reports_both_pipelines(tmp_path, real_data_dir):
     """`hpo bench` runs: figures are checked by reading them, never by timing assertions here."""
-    result = hpo("bench", "--images", "512", "--rounds", "2", "--json", "--data-dir", str(real_data_dir), "--threads",
-                 "1", cwd=tmp_path)
+    result = hpo(
+        "bench",
+        "--images",
+        "512",
+        "--rounds",
+        "2",
+        "--json",
+        "--data-dir",
+        str(real_data_dir),
+        "--threads",
+        "1",
+        cwd=tmp_path,
+    )
     report = json.loads(result.stdout)
     for kind in ("engine", "seed"):
         assert report[kind]["images"] > 0 and report[kind]["images_per_s"] > 0 and report[kind]["peak_rss_mib"] > 0

@@ -15,8 +15,12 @@ pytestmark = pytest.mark.integration
 
 def test_the_wheel_installs_in_a_fresh_venv_and_runs_a_packaged_study(tmp_path, real_data_dir):
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(REPO)], check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     wheel = next(dist.glob("hpo_service-*.whl"))
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
@@ -29,15 +33,15 @@ def test_the_wheel_installs_in_a_fresh_venv_and_runs_a_packaged_study(tmp_path, 
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], capture_output=True, text=True,
-                             timeout=1200)
+    install = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", str(wheel)], capture_output=True, text=True, timeout=1200
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     away = tmp_path / "elsewhere"  # no studies/ here: the packaged files must be found
     away.mkdir()
 
     def hpo(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(venv / "bin" / "hpo"), *args], cwd=away, capture_output=True, text=True,
-                              timeout=600)
+        return subprocess.run([str(venv / "bin" / "hpo"), *args], cwd=away, capture_output=True, text=True, timeout=600)
 
     version = hpo("--version")
     assert version.returncode == 0 and version.stdout.strip() == "hpo, version 0.1.0", version.stdout

@@ -69,14 +69,35 @@ class Workers:
         self.logs: list[Path] = []
 
     def start(self, n: int = 1) -> None:
-        env = {**os.environ, "HPO_HEARTBEAT_INTERVAL": "1", "HPO_GRACE_PERIOD": str(GRACE_S), "HPO_THREADS": "1",
-               "PYTHONUNBUFFERED": "1", "HPO_STORAGE": self.url}
+        env = {
+            **os.environ,
+            "HPO_HEARTBEAT_INTERVAL": "1",
+            "HPO_GRACE_PERIOD": str(GRACE_S),
+            "HPO_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "HPO_STORAGE": self.url,
+        }
         for _ in range(n):
             log = self.tmp_path / f"worker-{len(self.procs)}.log"
             self.logs.append(log)
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "hpo", "worker", "--study", str(self.study), "--data-dir", str(self.data_dir)],
-                cwd=self.tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT))
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "hpo",
+                        "worker",
+                        "--study",
+                        str(self.study),
+                        "--data-dir",
+                        str(self.data_dir),
+                    ],
+                    cwd=self.tmp_path,
+                    env=env,
+                    stdout=log.open("w"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
 
     def wait(self, timeout: float = 300) -> list[int]:
         deadline = time.monotonic() + timeout
@@ -147,8 +168,10 @@ def test_four_workers_exact_budget_and_bounded_connections(workers, postgres, pg
     database = pg_url.rsplit("/", 1)[1]
     most = 0
     while any(p.poll() is None for p in workers.procs):
-        rows = postgres.sql("SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = "
-                            f"'{database}' AND application_name LIKE 'hpo-worker-%' GROUP BY 1")
+        rows = postgres.sql(
+            "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = "
+            f"'{database}' AND application_name LIKE 'hpo-worker-%' GROUP BY 1"
+        )
         most = max([most] + [n for _, n in rows])
         time.sleep(0.3)
     assert workers.wait() == [0, 0, 0, 0], workers.output()
@@ -164,8 +187,11 @@ def test_sigkill_mid_trial_is_failed_within_grace_and_retried(workers, pg_url):
     victim = wait_for(lambda: running_trial_in_epoch(pg_url), 120, "a trial in its second epoch")
     os.kill(victim.user_attrs["pid"], signal.SIGKILL)
     killed_at = time.monotonic()
-    wait_for(lambda: load(pg_url).trials[victim.number].state == optuna.trial.TrialState.FAIL, 30,
-             f"trial {victim.number} to be marked FAIL")
+    wait_for(
+        lambda: load(pg_url).trials[victim.number].state == optuna.trial.TrialState.FAIL,
+        30,
+        f"trial {victim.number} to be marked FAIL",
+    )
     failed_after = time.monotonic() - killed_at
     assert failed_after < GRACE_S + 8, f"the dead worker's trial was failed only after {failed_after:.1f}s"
     codes = [p.wait(timeout=300) for p in workers.procs]
@@ -191,8 +217,12 @@ def test_sigterm_stops_within_15s_and_leaves_nothing_running(workers, pg_url, tm
     workers.start(1)
     trial = wait_for(lambda: running_trial_in_epoch(pg_url), 120, "a trial in its second epoch")
 
-    status = subprocess.run([sys.executable, "-m", "hpo", "status", "--study", "pg", "--storage", pg_url, "--json"],
-                            capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [sys.executable, "-m", "hpo", "status", "--study", "pg", "--storage", pg_url, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.returncode == 0, status.stderr
     running = json.loads(status.stdout)["running"]
     assert len(running) == 1 and running[0]["epoch"] >= 1
@@ -255,8 +285,13 @@ def test_dashboard_in_headless_chromium_shows_the_study_and_its_trials(workers, 
     workers.start(1)
     assert workers.wait() == [0], workers.output()
     port = free_port()
-    dash = subprocess.Popen([sys.executable, "-m", "hpo", "dashboard", "--study", "pg", "--storage", pg_url, "--port",
-                             str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    dash = subprocess.Popen(
+        [sys.executable, "-m", "hpo", "dashboard", "--study", "pg", "--storage", pg_url, "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}/dashboard/studies/1/trials"
         text = page_text(browser, url, tmp_path / "chromium", until="Trial 0")[1]

@@ -79,8 +79,13 @@ def test_dashboard_shows_the_plots_and_the_note_in_chromium(final_trained, tmp_p
     work, _, _ = final_trained
     browser = chromium()
     port = free_port()
-    dash = subprocess.Popen([sys.executable, "-m", "hpo", "dashboard", "--study", "tiny", "--port", str(port)],
-                            cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    dash = subprocess.Popen(
+        [sys.executable, "-m", "hpo", "dashboard", "--study", "tiny", "--port", str(port)],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         base = f"http://127.0.0.1:{port}/dashboard/studies/1"
         dom, text = page_text(browser, base, tmp_path / "chromium", until="Study Artifacts")
@@ -97,8 +102,18 @@ def test_dashboard_shows_the_plots_and_the_note_in_chromium(final_trained, tmp_p
         assert "Final-trained: test accuracy" in note and "Best params" in note, note[:3000]
 
         shot = tmp_path / "dashboard.png"
-        subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}",
-                        "--window-size=1400,2600", f"--screenshot={shot}", base], capture_output=True, timeout=90)
+        subprocess.run(
+            [
+                browser,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={tmp_path / 'chromium'}",
+                "--window-size=1400,2600",
+                f"--screenshot={shot}",
+                base,
+            ],
+            capture_output=True,
+            timeout=90,
+        )
         assert shot.read_bytes()[:8] == PNG and shot.stat().st_size > 50_000
         if os.environ.get("HPO_SCREENSHOT_DIR"):
             shutil.copy(shot, Path(os.environ["HPO_SCREENSHOT_DIR"]) / "dashboard-tiny.png")
@@ -108,10 +123,24 @@ def test_dashboard_shows_the_plots_and_the_note_in_chromium(final_trained, tmp_p
 
 
 STATUS_SCHEMA = {
-    "schema": str, "study": str, "metric": str, "direction": str, "n_trials": int, "epochs_per_trial": int,
-    "finished": int, "remaining": int, "states": dict, "pruned_share": float, "epochs": dict,
-    "mean_trial_s": (float, type(None)), "eta_s": (float, type(None)), "best": (dict, type(None)), "running": list,
-    "final": (dict, type(None)), "time_budget": (dict, type(None)), "extended": list,
+    "schema": str,
+    "study": str,
+    "metric": str,
+    "direction": str,
+    "n_trials": int,
+    "epochs_per_trial": int,
+    "finished": int,
+    "remaining": int,
+    "states": dict,
+    "pruned_share": float,
+    "epochs": dict,
+    "mean_trial_s": (float, type(None)),
+    "eta_s": (float, type(None)),
+    "best": (dict, type(None)),
+    "running": list,
+    "final": (dict, type(None)),
+    "time_budget": (dict, type(None)),
+    "extended": list,
 }
 
 
@@ -128,8 +157,10 @@ def test_status_json_schema_and_table(final_trained):
     assert status["remaining"] == 0 and status["eta_s"] == 0 and status["running"] == []
     assert set(status["epochs"]) == {"trained", "saved_by_pruning", "saved_share"}
     assert status["epochs"]["saved_by_pruning"] == sum(
-        3 - max(t.intermediate_values) for t in optuna.load_study(study_name="tiny", storage=f"sqlite:///{work}/runs/hpo.db").trials
-        if t.state == optuna.trial.TrialState.PRUNED)
+        3 - max(t.intermediate_values)
+        for t in optuna.load_study(study_name="tiny", storage=f"sqlite:///{work}/runs/hpo.db").trials
+        if t.state == optuna.trial.TrialState.PRUNED
+    )
     assert set(status["best"]) == {"number", "value", "params"} and isinstance(status["best"]["value"], float)
     assert {"test_accuracy", "best_trial", "output_dir", "artifacts"} <= set(status["final"])
 
@@ -173,7 +204,9 @@ def test_predict_matches_direct_evaluation_and_reports_bad_files(final_trained, 
     assert predicted == [data.CLASSES[c] for c in direct.predictions.tolist()]
 
     # Any size and colour, dark on light: a 3x upscaled, inverted RGB JPEG still gets a class.
-    Image.fromarray(255 - np.kron(images[chosen[0]], np.ones((3, 3), np.uint8))).convert("RGB").save(tmp_path / "big.jpg")
+    Image.fromarray(255 - np.kron(images[chosen[0]], np.ones((3, 3), np.uint8))).convert("RGB").save(
+        tmp_path / "big.jpg"
+    )
     one = hpo("predict", "--study", "tiny", str(tmp_path / "big.jpg"), cwd=work)
     path, label, probability = one.stdout.strip().split("\t")
     assert path.endswith("big.jpg") and label in data.CLASSES and 0 < float(probability) <= 1
@@ -206,7 +239,7 @@ def test_export_matches_the_pytorch_model_on_the_test_split(final_trained, real_
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-        got = np.concatenate([session.run(None, {"image": x[s:s + 2500]})[0] for s in range(0, len(x), 2500)])
+        got = np.concatenate([session.run(None, {"image": x[s : s + 2500]})[0] for s in range(0, len(x), 2500)])
         props = {p.key: p.value for p in onnx.load(str(target)).metadata_props}
         assert json.loads(props["classes"]) == list(data.CLASSES) and props["study"] == "tiny"
     assert got.shape == (10000, 10)
@@ -214,8 +247,13 @@ def test_export_matches_the_pytorch_model_on_the_test_split(final_trained, real_
     assert (got.argmax(1) == expected.argmax(1)).all()
     # The figure final-train reported for the ensemble (2 members, flip TTA) is the exported file's own.
     metrics = json.loads((work / "runs/tiny/final/metrics.json").read_text())
-    assert metrics["ensemble"] == {"requested": 2, "trained": 2, "tta": "flip", "shrunk": None,
-                                   "gain_over_best_member": metrics["ensemble"]["gain_over_best_member"]}
+    assert metrics["ensemble"] == {
+        "requested": 2,
+        "trained": 2,
+        "tta": "flip",
+        "shrunk": None,
+        "gain_over_best_member": metrics["ensemble"]["gain_over_best_member"],
+    }
     assert float((got.argmax(1) == labels).mean()) == metrics["test_accuracy"]
     assert len(json.loads(props["members"] if fmt == "onnx" else json.loads(extra["hpo.json"])["members"])) == 2
 
@@ -254,15 +292,35 @@ weight_decay = 1e-5
 def test_trial_killed_in_epoch_3_resumes_at_epoch_3_from_its_checkpoint(tmp_path, real_data_dir):
     study_file = tmp_path / "resume.toml"
     study_file.write_text(RESUME_STUDY)
-    env = {**os.environ, "HPO_HEARTBEAT_INTERVAL": "1", "HPO_GRACE_PERIOD": "3", "HPO_THREADS": "1",
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "HPO_HEARTBEAT_INTERVAL": "1",
+        "HPO_GRACE_PERIOD": "3",
+        "HPO_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("HPO_STORAGE", None)
     url = f"sqlite:///{tmp_path / 'runs' / 'hpo.db'}"
 
     def start(log: Path, storage: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "hpo", "worker", "--study", str(study_file), "--storage",
-                                 storage, "--data-dir", str(real_data_dir)], cwd=tmp_path, env=env,
-                                stdout=log.open("w"), stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hpo",
+                "worker",
+                "--study",
+                str(study_file),
+                "--storage",
+                storage,
+                "--data-dir",
+                str(real_data_dir),
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
 
     first = start(tmp_path / "first.log", url)
     deadline = time.monotonic() + 180
@@ -293,8 +351,11 @@ def test_trial_killed_in_epoch_3_resumes_at_epoch_3_from_its_checkpoint(tmp_path
     assert re.findall(r"trial 1 epoch (\d)/4", log) == ["3", "4"], log  # it started at epoch 3
     # Reported values are continuous: 1..4, the first two exactly the killed trial's.
     assert sorted(retried.intermediate_values) == [1, 2, 3, 4]
-    assert all(retried.intermediate_values[e] == killed.intermediate_values[e] for e in (1, 2)
-               if e in killed.intermediate_values)
+    assert all(
+        retried.intermediate_values[e] == killed.intermediate_values[e]
+        for e in (1, 2)
+        if e in killed.intermediate_values
+    )
     assert [h["epoch"] for h in retried.user_attrs["history"]] == [1, 2, 3, 4]
     # The retry's checkpoint is gone with it; the failed trial keeps the one the retry started from.
     assert listed(retried.system_attrs) == []
@@ -322,8 +383,9 @@ def run_in_terminal(args: list[str], cwd: Path, timeout: float = 300, sized: boo
     main, child = pty.openpty()
     if sized:
         fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows, 120 columns
-    proc = subprocess.Popen([sys.executable, "-m", "hpo", *args], cwd=cwd, env=env, stdin=child, stdout=child,
-                            stderr=child, close_fds=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpo", *args], cwd=cwd, env=env, stdin=child, stdout=child, stderr=child, close_fds=True
+    )
     os.close(child)
     chunks, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -339,21 +401,25 @@ def run_in_terminal(args: list[str], cwd: Path, timeout: float = 300, sized: boo
 
 
 def test_progress_bars_on_a_terminal_and_log_lines_in_a_pipe(tmp_path, real_data_dir):
-    code, screen = run_in_terminal(["optimize", "--study", "tiny", "--workers", "2", "--data-dir",
-                                    str(real_data_dir)], tmp_path)
+    code, screen = run_in_terminal(
+        ["optimize", "--study", "tiny", "--workers", "2", "--data-dir", str(real_data_dir)], tmp_path
+    )
     assert code == 0, screen
     assert re.search(r"study tiny: +8/8 trials \|", screen), screen[-2000:]  # the bar, full at the end
     assert "best=" in screen and "worker logs: runs/tiny/logs/worker-N.log" in screen
     assert "hpo.objective" not in screen  # the workers' log lines went to their files instead
-    assert "trial 0 epoch 1/3" in (tmp_path / "runs/tiny/logs/worker-0.log").read_text() + (
-        tmp_path / "runs/tiny/logs/worker-1.log").read_text()
+    assert (
+        "trial 0 epoch 1/3"
+        in (tmp_path / "runs/tiny/logs/worker-0.log").read_text()
+        + (tmp_path / "runs/tiny/logs/worker-1.log").read_text()
+    )
 
-    code, screen = run_in_terminal(["final-train", "--study", "tiny", "--data-dir", str(real_data_dir)], tmp_path,
-                                   sized=False)
+    code, screen = run_in_terminal(
+        ["final-train", "--study", "tiny", "--data-dir", str(real_data_dir)], tmp_path, sized=False
+    )
     assert code == 0, screen
     assert re.search(r"final-train member 2/2: +1/1 epochs \|.*loss=[\d.]+, acc=[\d.]+", screen), screen[-2000:]
 
     piped = hpo("final-train", "--study", "tiny", "--data-dir", str(real_data_dir), cwd=tmp_path)
-    assert re.search(r"INFO +hpo\[\d+\] final-train member 1/2 epoch 1/1  loss [\d.]+  train_acc [\d.]+",
-                     piped.stderr)
+    assert re.search(r"INFO +hpo\[\d+\] final-train member 1/2 epoch 1/1  loss [\d.]+  train_acc [\d.]+", piped.stderr)
     assert "|" not in piped.stderr.replace("||", "")

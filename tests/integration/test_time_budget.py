@@ -21,8 +21,20 @@ def test_time_budget_ends_the_search_cleanly_and_keeps_the_finalizer_inside_it(t
     source = (STUDIES / "tiny.toml").read_text().replace('name = "tiny"', 'name = "timed"')
     study_file = tmp_path / "timed.toml"
     study_file.write_text(source.replace("n_trials = 8", "n_trials = 10000"))
-    result = hpo("optimize", "--study", str(study_file), "--workers", "2", "--time", "3m", "--final",
-                 "--data-dir", str(real_data_dir), cwd=tmp_path, timeout=900)
+    result = hpo(
+        "optimize",
+        "--study",
+        str(study_file),
+        "--workers",
+        "2",
+        "--time",
+        "3m",
+        "--final",
+        "--data-dir",
+        str(real_data_dir),
+        cwd=tmp_path,
+        timeout=900,
+    )
 
     study = optuna.load_study(study_name="timed", storage=f"sqlite:///{tmp_path / 'runs' / 'hpo.db'}")
     by_state = {s: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
