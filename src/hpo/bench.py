@@ -58,8 +58,15 @@ class BenchSpec:
     compile: bool = False  # torch.compile the engine's model
 
     @classmethod
-    def from_options(cls, params: dict[str, Any], data_dir: str | None, device: str | None, threads: int | None,
-                     use_compile: bool, **options: Any) -> BenchSpec:  # fmt: skip
+    def from_options(
+        cls,
+        params: dict[str, Any],
+        data_dir: str | None,
+        device: str | None,
+        threads: int | None,
+        use_compile: bool,
+        **options: Any,
+    ) -> BenchSpec:
         """`hpo bench`'s options, with the data set found and the device and threads defaulted."""
         import torch
 
@@ -270,18 +277,18 @@ def run(spec: BenchSpec, workers: int = 0, rounds: int = 3) -> dict[str, Any]:
     from dataclasses import replace
 
     per_round: list[dict[str, dict[str, Any]]] = []
-    for r in range(rounds):
-        this = spec if r == 0 else replace(spec, epochs=0)
-        order = ("engine", "seed") if r % 2 == 0 else ("seed", "engine")
+    for index in range(rounds):
+        this = spec if index == 0 else replace(spec, epochs=0)
+        order = ("engine", "seed") if index % 2 == 0 else ("seed", "engine")
         per_round.append({kind: _in_processes(kind, [this])[0] for kind in order})
 
     def combined(kind: str) -> dict[str, Any]:
-        rates = [r[kind]["images_per_s"] for r in per_round]
+        rates = [one[kind]["images_per_s"] for one in per_round]
         return {
             **per_round[0][kind],
             "images_per_s": statistics.median(rates),
             "rounds_images_per_s": rates,
-            "peak_rss_mib": max(r[kind]["peak_rss_mib"] for r in per_round),
+            "peak_rss_mib": max(one[kind]["peak_rss_mib"] for one in per_round),
         }
 
     engine, seed = combined("engine"), combined("seed")
@@ -291,7 +298,7 @@ def run(spec: BenchSpec, workers: int = 0, rounds: int = 3) -> dict[str, Any]:
         "engine": engine,
         "seed": seed,
         "speedup": engine["images_per_s"] / seed["images_per_s"],
-        "round_speedups": [r["engine"]["images_per_s"] / r["seed"]["images_per_s"] for r in per_round],
+        "onespeedups": [one["engine"]["images_per_s"] / one["seed"]["images_per_s"] for one in per_round],
     }
     if workers:
         quiet = replace(spec, epochs=0)
@@ -300,8 +307,8 @@ def run(spec: BenchSpec, workers: int = 0, rounds: int = 3) -> dict[str, Any]:
         result["parallel"] = {
             "workers": workers,
             "split_threads": max(1, spec.threads // workers),
-            "split_images_per_s": sum(r["images_per_s"] for r in split),
-            "oversubscribed_images_per_s": sum(r["images_per_s"] for r in over),
+            "split_images_per_s": sum(one["images_per_s"] for one in split),
+            "oversubscribed_images_per_s": sum(one["images_per_s"] for one in over),
             "single_worker_images_per_s": engine["images_per_s"],
         }
     return result
@@ -339,8 +346,8 @@ def describe(result: dict[str, Any]) -> str:
         f"({spec['threads']} threads), torch {result['machine']['torch']}"
     ]
     for kind in ("engine", "seed"):
-        r = result[kind]
-        accs = r["val_accuracies"]
+        figures = result[kind]
+        accs = figures["val_accuracies"]
         acc = (
             (
                 f"   val acc after {spec['epochs']} epochs: mean {sum(accs) / len(accs):.4f} over seeds "
@@ -349,28 +356,28 @@ def describe(result: dict[str, Any]) -> str:
             if accs
             else ""
         )
-        warm = f"   warm-up {r['warmup_s']:.1f}s" if kind == "engine" and spec["compile"] else ""
-        each = ", ".join(f"{x:,.0f}" for x in r["rounds_images_per_s"])
+        warm = f"   warm-up {figures['warmup_s']:.1f}s" if kind == "engine" and spec["compile"] else ""
+        each = ", ".join(f"{x:,.0f}" for x in figures["rounds_images_per_s"])
         lines.append(
-            f"  {kind:<7}{r['images_per_s']:>9,.0f} img/s  (median of {rounds} rounds: {each})   peak RSS "
-            f"{r['peak_rss_mib']:,.0f} MiB{acc}{warm}"
+            f"  {kind:<7}{figures['images_per_s']:>9,.0f} img/s  (median of {rounds} rounds: {each})   peak RSS "
+            f"{figures['peak_rss_mib']:,.0f} MiB{acc}{warm}"
         )
     lines.append(
         f"  speedup {result['speedup']:.2f}x  (median engine / median seed; per round: "
-        f"{', '.join(f'{x:.2f}x' for x in result['round_speedups'])})"
+        f"{', '.join(f'{x:.2f}x' for x in result['onespeedups'])})"
     )
     if spec["epochs"]:
         repeats = spec["repeats"]
         gap = sum(result["engine"]["val_accuracies"]) / repeats - sum(result["seed"]["val_accuracies"]) / repeats
         lines.append(f"  validation accuracy, engine minus seed: {gap * 100:+.2f} points (mean of {repeats} seeds)")
     if "parallel" in result:
-        p = result["parallel"]
+        parallel = result["parallel"]
         lines.append(
-            f"  {p['workers']} engine workers at once, {p['split_threads']} thread(s) each: "
-            f"{p['split_images_per_s']:,.0f} img/s in total "
-            f"({p['split_images_per_s'] / p['single_worker_images_per_s']:.2f}x one worker on "
+            f"  {parallel['workers']} engine workers at once, {parallel['split_threads']} thread(s) each: "
+            f"{parallel['split_images_per_s']:,.0f} img/s in total "
+            f"({parallel['split_images_per_s'] / parallel['single_worker_images_per_s']:.2f}x one worker on "
             f"{spec['threads']} threads); each on all {spec['threads']} threads (oversubscribed): "
-            f"{p['oversubscribed_images_per_s']:,.0f} img/s"
+            f"{parallel['oversubscribed_images_per_s']:,.0f} img/s"
         )
     return "\n".join(lines)
 

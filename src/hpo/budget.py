@@ -105,9 +105,9 @@ def trial_cost(trial: FrozenTrial) -> EpochCost | None:
     )
 
 
-def quantile(values: list[float], q: float) -> float:
+def quantile(values: list[float], share: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(share * len(ordered)) - 1))]
 
 
 def measured(study: optuna.Study) -> list[EpochCost]:

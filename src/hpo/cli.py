@@ -240,10 +240,10 @@ def _echo_final(metrics: dict[str, Any], out_dir: Path, name: str) -> None:
         f"(loss {metrics['test_loss']:.4f}, {metrics['test_images']} test images, {metrics['epochs']} epochs, "
         f"{metrics['wall_time_s']:.0f}s)"
     )
-    for r in metrics["members"]:
+    for member in metrics["members"]:
         click.echo(
-            f"  member trial {r['trial']} (val {r['value']:.4f}, seed {r['seed']}): "
-            f"{describe_accuracy(r['test_accuracy'], r['ci95'])}, trained in {r['train_time_s']:.0f}s"
+            f"  member trial {member['trial']} (val {member['value']:.4f}, seed {member['seed']}): "
+            f"{describe_accuracy(member['test_accuracy'], member['ci95'])}, trained in {member['train_time_s']:.0f}s"
         )
     if ens["trained"] > 1:
         click.echo(f"  gain of the ensemble over its best member: {100 * ens['gain_over_best_member']:+.2f} points")
@@ -290,62 +290,75 @@ def final_train(
     _echo_final(metrics, out_dir, cfg.name)
 
 
-def _format_status(s: dict[str, Any]) -> str:
+def _status_tail(summary: dict[str, Any]) -> list[str]:
+    """The ETA, the time budget and the final result, when the study has them."""
+    lines: list[str] = []
+    timed_out = bool(summary.get("time_budget")) and summary["time_budget"]["left_s"] == 0
+    if summary["remaining"] and not timed_out:
+        how = (
+            f"{len(summary['running'])} worker(s) at {config.format_duration(summary['mean_trial_s'])} per trial"
+            if summary["running"]
+            else "no worker is running"
+        )
+        lines.append(
+            f"  ETA {config.format_duration(summary['eta_s'])} for {summary['remaining']} remaining trial(s) ({how})"
+        )
+    if summary.get("time_budget"):
+        clock = summary["time_budget"]
+        lines.append(
+            f"  time budget {config.format_duration(clock['time_s'])}: deadline {clock['deadline']}, "
+            + (f"{config.format_duration(clock['left_s'])} left" if clock["left_s"] else "over: no new trial starts")
+        )
+    if summary["final"]:
+        final = summary["final"]
+        members = final.get("members", [final["best_trial"]])
+        what = f"trial {members[0]}" if len(members) == 1 else f"ensemble of trials {', '.join(map(str, members))}"
+        ci = f" (95% CI {final['test_ci95'][0]:.4f}-{final['test_ci95'][1]:.4f})" if final.get("test_ci95") else ""
+        lines.append(
+            f"  final-train: test accuracy {final['test_accuracy']:.4f}{ci}, {what}, "
+            f"{final['epochs']} epochs, in {final['output_dir']}"
+        )
+    return lines
+
+
+def _format_status(summary: dict[str, Any]) -> str:
     lines = [
-        f"study {s['study']}  ({s['direction']} {s['metric']}, budget {s['n_trials']} finished trials of "
-        f"{s['epochs_per_trial']} epochs)",
+        f"study {summary['study']}  ({summary['direction']} {summary['metric']}, budget {summary['n_trials']} "
+        f"finished trials of {summary['epochs_per_trial']} epochs)",
         "",
         "  state       trials",
     ]
-    lines += [f"  {state:<10}{n:>7}" for state, n in s["states"].items() if n or state in ("COMPLETE", "PRUNED")]
-    for x in s["extended"]:
-        when = datetime.datetime.fromtimestamp(x["at"]).strftime("%Y-%m-%d %H:%M")
-        changes = [f"trials {x['n_trials'][0]} -> {x['n_trials'][1]}"] if x["n_trials"][0] != x["n_trials"][1] else []
-        changes += [f"time {config.format_duration(x['time_s'])} from then"] if x["time_s"] else []
+    lines += [f"  {state:<10}{n:>7}" for state, n in summary["states"].items() if n or state in ("COMPLETE", "PRUNED")]
+    for extension in summary["extended"]:
+        when = datetime.datetime.fromtimestamp(extension["at"]).strftime("%Y-%m-%d %H:%M")
+        changes = (
+            [f"trials {extension['n_trials'][0]} -> {extension['n_trials'][1]}"]
+            if extension["n_trials"][0] != extension["n_trials"][1]
+            else []
+        )
+        changes += [f"time {config.format_duration(extension['time_s'])} from then"] if extension["time_s"] else []
         lines.append(f"  extended {when}: {', '.join(changes)}")
-    e = s["epochs"]
+    epochs = summary["epochs"]
     lines += [
         "",
-        f"  finished {s['finished']}/{s['n_trials']}, pruned share {s['pruned_share']:.0%}, "
-        f"{e['saved_by_pruning']} epochs saved by pruning ({e['saved_share']:.0%} of "
-        f"{e['trained'] + e['saved_by_pruning']})",
+        f"  finished {summary['finished']}/{summary['n_trials']}, pruned share {summary['pruned_share']:.0%}, "
+        f"{epochs['saved_by_pruning']} epochs saved by pruning ({epochs['saved_share']:.0%} of "
+        f"{epochs['trained'] + epochs['saved_by_pruning']})",
     ]
-    if s["best"]:
-        b = s["best"]
-        lines.append(f"  best trial {b['number']}: {s['metric']} {b['value']:.4f}")
+    if summary["best"]:
+        best = summary["best"]
+        lines.append(f"  best trial {best['number']}: {summary['metric']} {best['value']:.4f}")
         lines.append(
-            "    " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in b["params"].items())
+            "    "
+            + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
         )
-    for r in s.get("running", []):
-        age = "no heartbeat yet" if r["heartbeat_age_s"] is None else f"heartbeat {r['heartbeat_age_s']:.0f}s ago"
+    for row in summary.get("running", []):
+        age = "no heartbeat yet" if row["heartbeat_age_s"] is None else f"heartbeat {row['heartbeat_age_s']:.0f}s ago"
         lines.append(
-            f"  running trial {r['number']}: epoch {r['epoch']}/{r['epochs']} on {r['host']} "
-            f"pid {r['pid']} {r['device']}, {age}"
+            f"  running trial {row['number']}: epoch {row['epoch']}/{row['epochs']} on {row['host']} "
+            f"pid {row['pid']} {row['device']}, {age}"
         )
-    timed_out = bool(s.get("time_budget")) and s["time_budget"]["left_s"] == 0
-    if s["remaining"] and not timed_out:
-        how = (
-            f"{len(s['running'])} worker(s) at {config.format_duration(s['mean_trial_s'])} per trial"
-            if s["running"]
-            else "no worker is running"
-        )
-        lines.append(f"  ETA {config.format_duration(s['eta_s'])} for {s['remaining']} remaining trial(s) ({how})")
-    if s.get("time_budget"):
-        t = s["time_budget"]
-        lines.append(
-            f"  time budget {config.format_duration(t['time_s'])}: deadline {t['deadline']}, "
-            + (f"{config.format_duration(t['left_s'])} left" if t["left_s"] else "over: no new trial starts")
-        )
-    if s["final"]:
-        f = s["final"]
-        members = f.get("members", [f["best_trial"]])
-        what = f"trial {members[0]}" if len(members) == 1 else f"ensemble of trials {', '.join(map(str, members))}"
-        ci = f" (95% CI {f['test_ci95'][0]:.4f}-{f['test_ci95'][1]:.4f})" if f.get("test_ci95") else ""
-        lines.append(
-            f"  final-train: test accuracy {f['test_accuracy']:.4f}{ci}, {what}, "
-            f"{f['epochs']} epochs, in {f['output_dir']}"
-        )
-    return "\n".join(lines)
+    return "\n".join(lines + _status_tail(summary))
 
 
 @cli.command()
@@ -367,11 +380,14 @@ def studies(storage: str | None, as_json: bool) -> None:
 
 def _studies_table(found: list[dict[str, Any]]) -> str:
     rows = [("study", "metric", "finished", "best", "test acc", "running")]
-    for s in found:
-        best = "-" if s["best_value"] is None else f"{s['best_value']:.4f} (trial {s['best_trial']})"
-        test = "-" if s["test_accuracy"] is None else f"{100 * s['test_accuracy']:.2f} %"
-        metric, finished = f"{s['direction'][:3]} {s['metric'] or '?'}", f"{s['finished']}/{s['n_trials'] or '?'}"
-        rows.append((s["study"], metric, finished, best, test, str(s["running"]) if s["running"] else "-"))
+    for study in found:
+        best = "-" if study["best_value"] is None else f"{study['best_value']:.4f} (trial {study['best_trial']})"
+        test = "-" if study["test_accuracy"] is None else f"{100 * study['test_accuracy']:.2f} %"
+        metric, finished = (
+            f"{study['direction'][:3]} {study['metric'] or '?'}",
+            f"{study['finished']}/{study['n_trials'] or '?'}",
+        )
+        rows.append((study["study"], metric, finished, best, test, str(study["running"]) if study["running"] else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -420,9 +436,9 @@ def delete(study_arg: str, storage: str | None, artifacts: str | None, yes: bool
             )
         click.confirm(f"Delete study {cfg.name!r} with its {len(study.trials)} trials and their artifacts?", abort=True)
     _, artifact_store = opened.artifact_store(artifacts)
-    n = len(study.get_trials(deepcopy=False))
+    n_trials = len(study.get_trials(deepcopy=False))
     removed = study_mod.delete(study, opened.storage, artifact_store)
-    click.echo(f"deleted study {cfg.name!r}: {n} trials and {removed} artifact file(s)")
+    click.echo(f"deleted study {cfg.name!r}: {n_trials} trials and {removed} artifact file(s)")
 
 
 @cli.command()
@@ -434,16 +450,16 @@ def best(study_arg: str, storage: str | None, as_json: bool) -> None:
     from hpo import study as study_mod
 
     opened = session.open_study(study_arg, storage)
-    b = study_mod.best_of(opened.study, opened.config)
+    found = study_mod.best_of(opened.study, opened.config)
     if as_json:
-        click.echo(json.dumps(b, indent=2))
+        click.echo(json.dumps(found, indent=2))
         return
     click.echo(
-        f"best trial {b['number']} of study {b['study']}: {b['metric']} {b['value']:.4f} "
-        f"({b['epochs']} epochs, {b['duration_s']}s)"
+        f"best trial {found['number']} of study {found['study']}: {found['metric']} {found['value']:.4f} "
+        f"({found['epochs']} epochs, {found['duration_s']}s)"
     )
-    for k, v in b["params"].items():
-        click.echo(f"  {k:<13} {v:.4g}" if isinstance(v, float) else f"  {k:<13} {v}")
+    for key, value in found["params"].items():
+        click.echo(f"  {key:<13} {value:.4g}" if isinstance(value, float) else f"  {key:<13} {value}")
 
 
 @cli.command()
@@ -603,9 +619,8 @@ def bench(
     from hpo import bench as bench_mod
 
     if search_time:
-        o = spec_options
-        _bench_search(study_arg or "cnn-quick", _parse_time(search_time), workers or 2, o["data_dir"], o["device"],
-                      o["threads"], as_json)  # fmt: skip
+        where = spec_options["data_dir"], spec_options["device"], spec_options["threads"]
+        _bench_search(study_arg or "cnn-quick", _parse_time(search_time), workers or 2, *where, as_json)
         return
     params = dict(bench_mod.DEFAULT_PARAMS)
     if study_arg:
@@ -647,15 +662,16 @@ def _bench_search(
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    s, f = result["search"], result["fixed"]
+    searched, fixed = result["search"], result["fixed"]
     click.echo(f"at {config.format_duration(time_s)} each, scored once on the 10,000 test images:")
     click.echo(
-        f"  {s['study']} search + ensemble of {len(s['members'])} (trials {', '.join(map(str, s['members']))}): "
-        f"{describe_accuracy(s['test_accuracy'], s['test_ci95'])} in {s['wall_time_s']:.0f}s"
+        f"  {searched['study']} search + ensemble of {len(searched['members'])} "
+        f"(trials {', '.join(map(str, searched['members']))}): "
+        f"{describe_accuracy(searched['test_accuracy'], searched['test_ci95'])} in {searched['wall_time_s']:.0f}s"
     )
     click.echo(
-        f"  fixed notebook CNN (32/64 filters, FC 512, Adam 1e-3), {f['epochs']} epochs: "
-        f"{describe_accuracy(f['test_accuracy'], f['test_ci95'])} in {f['wall_time_s']:.0f}s"
+        f"  fixed notebook CNN (32/64 filters, FC 512, Adam 1e-3), {fixed['epochs']} epochs: "
+        f"{describe_accuracy(fixed['test_accuracy'], fixed['test_ci95'])} in {fixed['wall_time_s']:.0f}s"
     )
     click.echo(f"  difference: {100 * result['difference']:+.2f} points")
 
@@ -697,19 +713,19 @@ def predict(
     name, path = _final_model_path(study_arg, model_path)
     model, _ = inference.load_model(path, name, place(device).device)
     results = inference.predict_files(model, [Path(p) for p in images], top)
-    for r in results:
-        if r.error:
-            click.echo(f"{r.path}: cannot predict: {r.error}", err=True)
+    for result in results:
+        if result.error:
+            click.echo(f"{result.path}: cannot predict: {result.error}", err=True)
             if not as_json:
                 continue
         if as_json:
-            top_k = [{"label": c, "probability": p} for c, p in r.top]
-            click.echo(json.dumps({"path": r.path, "label": r.label, "probability": r.probability, "top": top_k,
-                                   "error": r.error}))  # fmt: skip
+            top_k = [{"label": c, "probability": p} for c, p in result.top]
+            row = {"path": result.path, "label": result.label, "probability": result.probability, "top": top_k}
+            click.echo(json.dumps({**row, "error": result.error}))
         else:
-            others = "  ".join(f"{c} {p:.4f}" for c, p in r.top[1:])
-            click.echo(f"{r.path}\t{r.label}\t{r.probability:.4f}" + (f"\t{others}" if others else ""))
-    failed = sum(1 for r in results if r.error)
+            others = "  ".join(f"{c} {p:.4f}" for c, p in result.top[1:])
+            click.echo(f"{result.path}\t{result.label}\t{result.probability:.4f}" + (f"\t{others}" if others else ""))
+    failed = sum(1 for result in results if result.error)
     if failed:
         raise HpoError(f"{failed} of {len(results)} files could not be predicted (reasons above); the others were.")
 
@@ -748,12 +764,16 @@ def export(
         return
     images, _ = data.load_split(data.find_data_dir(data_dir), "test")
     result = inference.check_export(model, target, fmt, images)
-    click.echo(f"check on the {result.images:,} test images: max |output difference| {result.max_diff:.2e}, "
-               f"same class for {result.agree:.2%}")  # fmt: skip
+    click.echo(
+        f"check on the {result.images:,} test images: max |output difference| {result.max_diff:.2e}, "
+        f"same class for {result.agree:.2%}"
+    )
     if not result.ok:
-        raise HpoError(f"the exported {fmt} model does not match the PyTorch model (max difference "
-                       f"{result.max_diff:.2e}, {result.agree:.2%} same class). Report this with the versions of "
-                       "torch and the runtime.")  # fmt: skip
+        raise HpoError(
+            f"the exported {fmt} model does not match the PyTorch model (max difference "
+            f"{result.max_diff:.2e}, {result.agree:.2%} same class). Report this with the versions of "
+            "torch and the runtime."
+        )
 
 
 def main() -> None:

@@ -186,10 +186,10 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form, stored in the study so later commands need no file."""
-        d = dataclasses.asdict(self)
-        d["space"] = {k: _spec_to_raw(v) for k, v in self.space.items()}
-        d["warm_start"]["params"] = [dict(p) for p in self.warm_start.params]
-        return d
+        raw = dataclasses.asdict(self)
+        raw["space"] = {k: _spec_to_raw(v) for k, v in self.space.items()}
+        raw["warm_start"]["params"] = [dict(p) for p in self.warm_start.params]
+        return raw
 
     def space_dict(self) -> dict[str, Any]:
         return self.to_dict()["space"]
@@ -309,12 +309,14 @@ class _Reader:
         Any other key in the table is refused."""
         keys, defaults = keys or {}, defaults or {}
         values = dict(given)
-        for f in dataclasses.fields(cls):
-            if f.name in given:
+        for spec_field in dataclasses.fields(cls):
+            if spec_field.name in given:
                 continue
-            default = defaults.get(f.name, f.default)
-            values[f.name] = self.get(
-                keys.get(f.name, f.name), _KINDS[str(f.type)], ... if default is dataclasses.MISSING else default
+            default = defaults.get(spec_field.name, spec_field.default)
+            values[spec_field.name] = self.get(
+                keys.get(spec_field.name, spec_field.name),
+                _KINDS[str(spec_field.type)],
+                ... if default is dataclasses.MISSING else default,
             )
         self.done()
         return cls(**values)
@@ -335,30 +337,32 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
     """A study file's tables as a StudyConfig: each section read by its dataclass, then checked."""
     top = _Reader(raw, "", source)
     name, description, metric, direction, seed = _header(top)
-    b = top.table("budget")
-    budget = _check_budget(b, b.section(Budget, time_s=_duration(b, "time")))
+    budget_table = top.table("budget")
+    budget = _check_budget(budget_table, budget_table.section(Budget, time_s=_duration(budget_table, "time")))
     sampler = _component(top.table("sampler"), SAMPLERS, "tpe", "optuna.samplers")
     pruner = _component(top.table("pruner"), PRUNERS, "median", "optuna.pruners")
-    a = top.table("augment")
-    augment = _check_augment(a, a.section(Augment))
-    t = top.table("train")
-    train = _check_train(t, t.section(TrainSettings))
-    f = top.table("final")
-    final = _check_final(f, f.section(Final, defaults={"epochs": budget.epochs}))
-    w = top.table("warm_start")
-    warm = w.section(WarmStart, keys={"from_study": "from"}, params=tuple(w.get("params", list, [])))
+    augment_table = top.table("augment")
+    augment = _check_augment(augment_table, augment_table.section(Augment))
+    train_table = top.table("train")
+    train = _check_train(train_table, train_table.section(TrainSettings))
+    final_table = top.table("final")
+    final = _check_final(final_table, final_table.section(Final, defaults={"epochs": budget.epochs}))
+    warm_table = top.table("warm_start")
+    warm = warm_table.section(WarmStart, keys={"from_study": "from"}, params=tuple(warm_table.get("params", list, [])))
     if warm.top < 1:
-        w.fail(f"top must be at least 1, got {warm.top}")
-    c = top.table("checkpoints")
-    checkpoints = c.section(Checkpoints)
+        warm_table.fail(f"top must be at least 1, got {warm.top}")
+    checkpoint_table = top.table("checkpoints")
+    checkpoints = checkpoint_table.section(Checkpoints)
     if checkpoints.keep not in CHECKPOINT_KEEP:
-        c.fail(_not_known("keep", checkpoints.keep, CHECKPOINT_KEEP))
+        checkpoint_table.fail(_not_known("keep", checkpoints.keep, CHECKPOINT_KEEP))
     space = _space(top.table("space"))
     for i, params in enumerate(warm.params):
         problems = space_problems(space, params) if isinstance(params, dict) else ["not a table"]
         if problems:
-            w.fail(f"params[{i}] is not a point of [space]: {'; '.join(problems)}. Fix the value, or widen [space].")
-    top.done(tuple(f.name for f in dataclasses.fields(StudyConfig)))
+            warm_table.fail(
+                f"params[{i}] is not a point of [space]: {'; '.join(problems)}. Fix the value, or widen [space]."
+            )
+    top.done(tuple(final_table.name for final_table in dataclasses.fields(StudyConfig)))
     parts = (name, direction, metric, seed, budget, sampler, pruner, augment, train, final, space, description)
     return StudyConfig(*parts, checkpoints=checkpoints, warm_start=warm)
 
@@ -378,55 +382,55 @@ def _header(top: _Reader) -> tuple[str, str, str, str, int]:
     return name, description, metric, direction, top.get("seed", int, 0)
 
 
-def _check_budget(b: _Reader, budget: Budget) -> Budget:
+def _check_budget(table: _Reader, budget: Budget) -> Budget:
     if budget.n_trials < 1:
-        b.fail(f"n_trials must be at least 1, got {budget.n_trials}")
+        table.fail(f"n_trials must be at least 1, got {budget.n_trials}")
     if budget.epochs < 1:
-        b.fail(f"epochs must be at least 1, got {budget.epochs}")
+        table.fail(f"epochs must be at least 1, got {budget.epochs}")
     if budget.train_subset < 0:
-        b.fail(f"train_subset must be 0 (all) or a positive number of images, got {budget.train_subset}")
+        table.fail(f"train_subset must be 0 (all) or a positive number of images, got {budget.train_subset}")
     if not 0.0 < budget.val_fraction < 0.5:
-        b.fail(f"val_fraction must be between 0 and 0.5, got {budget.val_fraction}")
+        table.fail(f"val_fraction must be between 0 and 0.5, got {budget.val_fraction}")
     return budget
 
 
-def _check_augment(a: _Reader, augment: Augment) -> Augment:
+def _check_augment(table: _Reader, augment: Augment) -> Augment:
     if not 0 <= augment.crop_padding <= 8:
-        a.fail(f"crop_padding must be between 0 and 8 pixels, got {augment.crop_padding}")
+        table.fail(f"crop_padding must be between 0 and 8 pixels, got {augment.crop_padding}")
     if not 0.0 <= augment.erase <= 1.0:
-        a.fail(f"erase must be a probability in [0, 1], got {augment.erase}")
+        table.fail(f"erase must be a probability in [0, 1], got {augment.erase}")
     return augment
 
 
-def _check_train(t: _Reader, train: TrainSettings) -> TrainSettings:
+def _check_train(table: _Reader, train: TrainSettings) -> TrainSettings:
     if train.schedule not in SCHEDULES:
-        t.fail(_not_known("schedule", train.schedule, SCHEDULES))
+        table.fail(_not_known("schedule", train.schedule, SCHEDULES))
     if not 0.0 <= train.label_smoothing < 1.0:
-        t.fail(f"label_smoothing must be in [0, 1), got {train.label_smoothing}")
+        table.fail(f"label_smoothing must be in [0, 1), got {train.label_smoothing}")
     if train.warmup_epochs < 0:
-        t.fail(f"warmup_epochs must not be negative, got {train.warmup_epochs}")
+        table.fail(f"warmup_epochs must not be negative, got {train.warmup_epochs}")
     if train.eval_batch_size < 1:
-        t.fail(f"eval_batch_size must be positive, got {train.eval_batch_size}")
+        table.fail(f"eval_batch_size must be positive, got {train.eval_batch_size}")
     return train
 
 
-def _check_final(f: _Reader, final: Final) -> Final:
+def _check_final(table: _Reader, final: Final) -> Final:
     if final.epochs < 1:
-        f.fail(f"epochs must be at least 1, got {final.epochs}")
+        table.fail(f"epochs must be at least 1, got {final.epochs}")
     if final.ensemble < 1:
-        f.fail(f"ensemble must be at least 1 (one model), got {final.ensemble}")
+        table.fail(f"ensemble must be at least 1 (one model), got {final.ensemble}")
     if final.max_epochs is not None and final.max_epochs < final.epochs:
-        f.fail(f"max_epochs ({final.max_epochs}) must be at least epochs ({final.epochs}); or leave it out")
+        table.fail(f"max_epochs ({final.max_epochs}) must be at least epochs ({final.epochs}); or leave it out")
     if final.member_gap < 0:
-        f.fail(f"member_gap must not be negative (0 keeps only trials that tie the best), got {final.member_gap}")
+        table.fail(f"member_gap must not be negative (0 keeps only trials that tie the best), got {final.member_gap}")
     if final.tta not in TTA_MODES:
-        f.fail(_not_known("tta", final.tta, TTA_MODES))
+        table.fail(_not_known("tta", final.tta, TTA_MODES))
     if not 0 < final.max_share < 1:
-        f.fail(f"max_share must be between 0 and 1 (the finalizer's share of a time budget), got {final.max_share}")
+        table.fail(f"max_share must be between 0 and 1 (the finalizer's share of a time budget), got {final.max_share}")
     if final.speed_tie < 0:
-        f.fail(f"speed_tie must not be negative (0 turns it off), got {final.speed_tie}")
+        table.fail(f"speed_tie must not be negative (0 turns it off), got {final.speed_tie}")
     if final.fill not in FILL_MODES:
-        f.fail(_not_known("fill", final.fill, FILL_MODES))
+        table.fail(_not_known("fill", final.fill, FILL_MODES))
     return final
 
 
@@ -465,30 +469,32 @@ def space_problems(space: dict[str, ParamSpec], params: dict[str, Any]) -> list[
     return problems
 
 
-def _duration(r: _Reader, key: str) -> float | None:
+def _duration(table: _Reader, key: str) -> float | None:
     """A duration key: "10m" in a file, seconds (a number) once stored in a study."""
-    value = r.get(key, (str, float), None)
+    value = table.get(key, (str, float), None)
     if value is None:
         return None
     try:
         return parse_duration(str(value))
     except ValueError as e:
-        r.fail(f"{key}: {e}")
+        table.fail(f"{key}: {e}")
     raise AssertionError("unreachable")
 
 
-def _component(r: _Reader, known: dict[str, str], default: str, module: str) -> Component:
-    name = r.get("name", str, default)
+def _component(table: _Reader, known: dict[str, str], default: str, module: str) -> Component:
+    name = table.get("name", str, default)
     if name not in known:
-        r.fail(_not_known("name", name, list(known)))
-    options = {k: v for k, v in r.raw.items() if k != "name"}
+        table.fail(_not_known("name", name, list(known)))
+    options = {k: value for k, value in table.raw.items() if k != "name"}
     import importlib
 
     cls = getattr(importlib.import_module(module), known[name])
     accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "seed")]
     for key in options:
         if key not in accepted:
-            r.fail(f"{known[name]} has no option {key!r}.{_did_you_mean(key, accepted)} Options: {', '.join(accepted)}")
+            table.fail(
+                f"{known[name]} has no option {key!r}.{_did_you_mean(key, accepted)} Options: {', '.join(accepted)}"
+            )
     if name == "tpe":
         # Parallel workers need constant_liar or they pile onto the same promising point; multivariate
         # TPE models the parameters jointly. Both are right for this service's parallel workers.
@@ -496,58 +502,62 @@ def _component(r: _Reader, known: dict[str, str], default: str, module: str) -> 
     return Component(name=name, options=options)
 
 
-def _space(r: _Reader) -> dict[str, ParamSpec]:
+def _space(table: _Reader) -> dict[str, ParamSpec]:
     space: dict[str, ParamSpec] = {}
-    for key in r.raw:
+    for key in table.raw:
         if key not in SPACE_KEYS:
-            r.fail(f"unknown parameter {key!r}.{_did_you_mean(key, SPACE_KEYS)} Parameters: {', '.join(SPACE_KEYS)}")
+            table.fail(
+                f"unknown parameter {key!r}.{_did_you_mean(key, SPACE_KEYS)} Parameters: {', '.join(SPACE_KEYS)}"
+            )
     for key in SPACE_KEYS:
-        if key not in r.raw:
-            r.fail(f"missing parameter {key!r}; give a range, a choice list or a fixed value")
-        space[key] = _param(key, r.raw[key], r)
-    _check_domain(space, r)
+        if key not in table.raw:
+            table.fail(f"missing parameter {key!r}; give a range, a choice list or a fixed value")
+        space[key] = _param(key, table.raw[key], table)
+    _check_domain(space, table)
     return space
 
 
-def _param(key: str, raw: Any, r: _Reader) -> ParamSpec:
+def _param(key: str, raw: Any, table: _Reader) -> ParamSpec:
     where = f"{key}"
     if isinstance(raw, (int, float, str)) and not isinstance(raw, bool):
         return ParamSpec(key, choices=(raw,)) if isinstance(raw, str) else ParamSpec(key, low=raw, high=raw)
     if not isinstance(raw, dict):
-        r.fail(f"{where} must be a table like {{ low = 1, high = 4 }}, {{ choices = [...] }} or a value, got {raw!r}")
+        table.fail(
+            f"{where} must be a table like {{ low = 1, high = 4 }}, {{ choices = [...] }} or a value, got {raw!r}"
+        )
     extra = set(raw) - {"low", "high", "log", "step", "choices"}
     if extra:
         bad = sorted(extra)[0]
-        r.fail(f"{where} has unknown key {bad!r}.{_did_you_mean(bad, ['low', 'high', 'log', 'step', 'choices'])}")
+        table.fail(f"{where} has unknown key {bad!r}.{_did_you_mean(bad, ['low', 'high', 'log', 'step', 'choices'])}")
     if "choices" in raw:
         choices = raw["choices"]
         if set(raw) != {"choices"}:
-            r.fail(f"{where}: use either choices or low/high, not both")
+            table.fail(f"{where}: use either choices or low/high, not both")
         if not isinstance(choices, list) or not choices:
-            r.fail(f"{where}: choices must be a non-empty list, got {choices!r}")
+            table.fail(f"{where}: choices must be a non-empty list, got {choices!r}")
         if len({type(c) for c in choices}) != 1:
-            r.fail(f"{where}: choices must all have one type, got {choices!r}")
+            table.fail(f"{where}: choices must all have one type, got {choices!r}")
         return ParamSpec(key, choices=tuple(choices))
     for bound in ("low", "high"):
         if bound not in raw:
-            r.fail(f"{where} needs both low and high (or choices)")
+            table.fail(f"{where} needs both low and high (or choices)")
         if isinstance(raw[bound], bool) or not isinstance(raw[bound], (int, float)):
-            r.fail(f"{where}.{bound} must be a number, got {raw[bound]!r}")
+            table.fail(f"{where}.{bound} must be a number, got {raw[bound]!r}")
     low, high = raw["low"], raw["high"]
     log, step = raw.get("log", False), raw.get("step")
     if not isinstance(log, bool):
-        r.fail(f"{where}.log must be true or false, got {log!r}")
+        table.fail(f"{where}.log must be true or false, got {log!r}")
     if isinstance(low, int) != isinstance(high, int):
         low, high = float(low), float(high)
     if low > high:
-        r.fail(f"{where}: low ({low}) is greater than high ({high}). Swap them.")
+        table.fail(f"{where}: low ({low}) is greater than high ({high}). Swap them.")
     if log and low <= 0:
-        r.fail(f"{where}: a log range must be above 0, got low = {low}. Use a small positive low such as 1e-6.")
+        table.fail(f"{where}: a log range must be above 0, got low = {low}. Use a small positive low such as 1e-6.")
     if step is not None:
         if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
-            r.fail(f"{where}.step must be a positive number, got {step!r}")
+            table.fail(f"{where}.step must be a positive number, got {step!r}")
         if log:
-            r.fail(f"{where}: step and log cannot be combined")
+            table.fail(f"{where}: step and log cannot be combined")
     return ParamSpec(key, low=low, high=high, log=log, step=step)
 
 
@@ -556,25 +566,29 @@ def _values(spec: ParamSpec) -> list[Any]:
     return list(spec.choices) if spec.choices is not None else [spec.low, spec.high]
 
 
-def _check_domain(space: dict[str, ParamSpec], r: _Reader) -> None:
+def _check_domain(space: dict[str, ParamSpec], table: _Reader) -> None:
     def need(key: str, ok: Any, what: str) -> None:
-        bad = [v for v in _values(space[key]) if not ok(v)]
+        bad = [value for value in _values(space[key]) if not ok(value)]
         if bad:
-            r.fail(f"{key} must be {what}, got {bad[0]!r}")
+            table.fail(f"{key} must be {what}, got {bad[0]!r}")
 
-    def integer(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
 
-    need("n_conv", lambda v: integer(v) and 1 <= v <= 4, "an integer from 1 to 4 (each block halves 28x28)")
-    need("filters", lambda v: integer(v) and 1 <= v <= 1024, "an integer from 1 to 1024")
-    need("kernel_size", lambda v: integer(v) and v in (1, 3, 5, 7), "1, 3, 5 or 7")
-    need("n_fc", lambda v: integer(v) and 0 <= v <= 4, "an integer from 0 to 4")
-    need("fc_size", lambda v: integer(v) and 1 <= v <= 8192, "an integer from 1 to 8192")
-    need("dropout", lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a probability in [0, 1)")
-    need("optimizer", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
-    need("lr", lambda v: isinstance(v, (int, float)) and 0 < v < 10 and math.isfinite(v), "a positive learning rate")
-    need("batch_size", lambda v: integer(v) and 1 <= v <= 65536, "a positive integer")
-    need("weight_decay", lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)")
+    need("n_conv", lambda value: integer(value) and 1 <= value <= 4, "an integer from 1 to 4 (each block halves 28x28)")
+    need("filters", lambda value: integer(value) and 1 <= value <= 1024, "an integer from 1 to 1024")
+    need("kernel_size", lambda value: integer(value) and value in (1, 3, 5, 7), "1, 3, 5 or 7")
+    need("n_fc", lambda value: integer(value) and 0 <= value <= 4, "an integer from 0 to 4")
+    need("fc_size", lambda value: integer(value) and 1 <= value <= 8192, "an integer from 1 to 8192")
+    need("dropout", lambda value: isinstance(value, (int, float)) and 0 <= value < 1, "a probability in [0, 1)")
+    need("optimizer", lambda value: value in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
+    need(
+        "lr",
+        lambda value: isinstance(value, (int, float)) and 0 < value < 10 and math.isfinite(value),
+        "a positive learning rate",
+    )
+    need("batch_size", lambda value: integer(value) and 1 <= value <= 65536, "a positive integer")
+    need("weight_decay", lambda value: isinstance(value, (int, float)) and 0 <= value < 1, "in [0, 1)")
 
 
 def from_dict(stored: dict[str, Any], source: str) -> StudyConfig:
@@ -594,17 +608,14 @@ def from_dict(stored: dict[str, Any], source: str) -> StudyConfig:
 
 def summary(cfg: StudyConfig) -> str:
     """The study's settings in one line, as a person would say them."""
-    b, f = cfg.budget, cfg.final
-    images = f"{b.train_subset:,} images" if b.train_subset else "the whole training part"
-    limits = [f"{b.n_trials} finished"] + ([f"{b.time_s / 60:g} min"] if b.time_s else [])
-    final = (
-        f"final: {f.epochs} epochs"
-        + (f", ensemble of {f.ensemble}" if f.ensemble > 1 else "")
-        + (f", {f.tta} TTA" if f.tta != "none" else "")
-    )
+    budget, final = cfg.budget, cfg.final
+    images = f"{budget.train_subset:,} images" if budget.train_subset else "the whole training part"
+    limits = [f"{budget.n_trials} finished"] + ([f"{budget.time_s / 60:g} min"] if budget.time_s else [])
+    ensemble = f", ensemble of {final.ensemble}" if final.ensemble > 1 else ""
+    tta = f", {final.tta} TTA" if final.tta != "none" else ""
     return (
-        f"{cfg.direction} {cfg.metric}; trials of {b.epochs} epochs on {images} until {' or '.join(limits)}; "
-        f"{cfg.sampler.name} sampler, {cfg.pruner.name} pruner; {final}"
+        f"{cfg.direction} {cfg.metric}; trials of {budget.epochs} epochs on {images} until {' or '.join(limits)}; "
+        f"{cfg.sampler.name} sampler, {cfg.pruner.name} pruner; final: {final.epochs} epochs{ensemble}{tta}"
     )
 
 
@@ -624,28 +635,28 @@ def _toml_value(value: Any) -> str:
 
 def to_toml(cfg: StudyConfig) -> str:
     """Every setting the study runs with, defaults included, as a study file (`hpo create --explain`)."""
-    d = cfg.to_dict()
-    lines = [f"{k} = {_toml_value(d[k])}" for k in ("name", "description", "metric", "direction", "seed")]
-    budget = {k: v for k, v in d["budget"].items() if k != "time_s"}
+    raw = cfg.to_dict()
+    lines = [f"{k} = {_toml_value(raw[k])}" for k in ("name", "description", "metric", "direction", "seed")]
+    budget = {k: v for k, v in raw["budget"].items() if k != "time_s"}
     if cfg.budget.time_s is not None:
         budget["time"] = f"{cfg.budget.time_s:g}s"
     sections = {
         "budget": budget,
         "sampler": {"name": cfg.sampler.name, **cfg.sampler.options},
         "pruner": {"name": cfg.pruner.name, **cfg.pruner.options},
-        "augment": d["augment"],
-        "train": d["train"],
-        "final": d["final"],
-        "checkpoints": d["checkpoints"],
+        "augment": raw["augment"],
+        "train": raw["train"],
+        "final": raw["final"],
+        "checkpoints": raw["checkpoints"],
     }
     for title, table in sections.items():
         lines += ["", f"[{title}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
-    w = cfg.warm_start
-    if w.from_study is not None or w.params:
+    warm = cfg.warm_start
+    if warm.from_study is not None or warm.params:
         lines += ["", "[warm_start]"] + (
-            [f"from = {_toml_value(w.from_study)}", f"top = {w.top}"] if w.from_study is not None else []
+            [f"from = {_toml_value(warm.from_study)}", f"top = {warm.top}"] if warm.from_study is not None else []
         )
-        for params in w.params:
+        for params in warm.params:
             lines += ["[[warm_start.params]]"] + [f"{k} = {_toml_value(v)}" for k, v in params.items()]
-    lines += ["", "[space]"] + [f"{k} = {_toml_value(v)}" for k, v in d["space"].items()]
+    lines += ["", "[space]"] + [f"{k} = {_toml_value(v)}" for k, v in raw["space"].items()]
     return "\n".join(lines) + "\n"

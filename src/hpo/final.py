@@ -126,8 +126,8 @@ def choose_members(
     maximize = cfg.direction == "maximize"
     ranked = sorted(complete, key=trials_mod.value, reverse=maximize)
     distinct: dict[str, optuna.trial.FrozenTrial] = {}
-    for t in ranked:
-        distinct.setdefault(json.dumps(t.params, sort_keys=True), t)
+    for trial in ranked:
+        distinct.setdefault(json.dumps(trial.params, sort_keys=True), trial)
     seeds = cfg.final.fill == "seeds"
     if k > len(distinct) and not seeds:
         raise HpoError(
@@ -139,7 +139,7 @@ def choose_members(
     if timed and cfg.final.speed_tie > 0:
         order, lead = _fastest_first(order, cfg)
     best = trials_mod.value(ranked[0])
-    close = [t for t in order[:k] if abs(trials_mod.value(t) - best) <= cfg.final.member_gap + 1e-12]
+    close = [trial for trial in order[:k] if abs(trials_mod.value(trial) - best) <= cfg.final.member_gap + 1e-12]
     if len(close) == k:
         return close, lead
     why = (
@@ -148,8 +148,10 @@ def choose_members(
     )
     if seeds:
         members = close + [order[0]] * (k - len(close))
-        change = (f"{k - len(close)} of the {k} member places went to the first member, trial {order[0].number}, "
-                  f'with further seeds ([final] fill = "seeds"): {why}')  # fmt: skip
+        change = (
+            f"{k - len(close)} of the {k} member places went to the first member, trial {order[0].number}, "
+            f'with further seeds ([final] fill = "seeds"): {why}'
+        )
     else:
         members, change = close, f"ensemble shrank from {k} to {len(close)} member(s): {why}"
     return members, "; ".join(filter(None, [lead, change]))
@@ -163,11 +165,11 @@ def _fastest_first(
     standard error of each other; the cheaper one trains more epochs in the time left (a quick start
     handed over a 48/48/48 CNN at 16 s per final epoch, 0.002 above a 32/64 CNN at 11 s)."""
     best = trials_mod.value(order[0])
-    tied = [t for t in order if abs(trials_mod.value(t) - best) <= cfg.final.speed_tie + 1e-12]
-    costs = {t.number: c.per_image_s() for t in tied if (c := budget.trial_cost(t)) is not None}
+    tied = [trial for trial in order if abs(trials_mod.value(trial) - best) <= cfg.final.speed_tie + 1e-12]
+    costs = {trial.number: cost.per_image_s() for trial in tied if (cost := budget.trial_cost(trial)) is not None}
     if order[0].number not in costs or len(costs) < 2:
         return order, None
-    fastest = min((t for t in tied if t.number in costs), key=lambda t: costs[t.number])
+    fastest = min((trial for trial in tied if trial.number in costs), key=lambda trial: costs[trial.number])
     if fastest is order[0]:
         return order, None
     note = (
@@ -175,7 +177,7 @@ def _fastest_first(
         f"speed_tie {cfg.final.speed_tie:g} of the best, trial {order[0].number}'s {best:.4f}, and it trains "
         f"{costs[order[0].number] / costs[fastest.number]:.2f}x as fast, so it gets more epochs in the time left"
     )
-    return [fastest] + [t for t in order if t is not fastest], note
+    return [fastest] + [trial for trial in order if trial is not fastest], note
 
 
 @dataclass
@@ -213,8 +215,10 @@ def fitted_epochs(
     params = TrialParams.from_flat(trial.params)
     per_epoch = seconds_per_image(params, train_all, cfg.train, cfg.augment, steps=60, warmup=10) * len(train_all)
     fitted = _epochs_that_fit(per_epoch, _time_left(deadline, per_epoch, len(train_all)), epochs, most)
-    log.info(f"final-train: {per_epoch:.1f}s per epoch measured, {deadline.left():.0f}s left: {fitted} of "
-             f"{most or epochs} epochs fit")  # fmt: skip
+    log.info(
+        f"final-train: {per_epoch:.1f}s per epoch measured, {deadline.left():.0f}s left: {fitted} of "
+        f"{most or epochs} epochs fit"
+    )
     return fitted
 
 
@@ -279,8 +283,9 @@ def train_members(
         replan = timed_replan(deadline, len(train_all), requested, most)
     for index, trial in enumerate(chosen):
         if members and deadline is not None and (late := _would_end_late(members, trial, index, deadline)):
-            shrunk.append(f"ensemble shrank from {len(chosen)} to {len(members)} member(s) to end within the time "
-                          f"budget: {late}")  # fmt: skip
+            shrunk.append(
+                f"ensemble shrank from {len(chosen)} to {len(members)} member(s) to end within the time budget: {late}"
+            )
             break
         which = f"member {index + 1}/{len(chosen)}"
         members.append(_train_member(trial, cfg, train_all, epochs, member_seed(cfg, index), which, replan))
@@ -294,8 +299,9 @@ def train_members(
     return members, epochs, "; ".join(shrunk) or None
 
 
-def _would_end_late(members: list[Member], trial: optuna.trial.FrozenTrial, index: int,
-                    deadline: budget.Deadline) -> str | None:  # fmt: skip
+def _would_end_late(
+    members: list[Member], trial: optuna.trial.FrozenTrial, index: int, deadline: budget.Deadline
+) -> str | None:
     """Why member `index` would end past the deadline: the first member's measured time, scaled by
     the trials' relative cost per image; None if it fits."""
     first, this = budget.trial_cost(members[0].trial), budget.trial_cost(trial)
@@ -303,14 +309,25 @@ def _would_end_late(members: list[Member], trial: optuna.trial.FrozenTrial, inde
     needed = members[0].train_s * ratio + budget.slack_s(deadline.time_s)
     if deadline.left() >= needed:
         return None
-    return (f"member {index + 1} (trial {trial.number}) needs about {needed:.0f}s, "
-            f"{max(0.0, deadline.left()):.0f}s are left")  # fmt: skip
+    return (
+        f"member {index + 1} (trial {trial.number}) needs about {needed:.0f}s, "
+        f"{max(0.0, deadline.left()):.0f}s are left"
+    )
 
 
-def _train_member(trial: optuna.trial.FrozenTrial, cfg: StudyConfig, train_all: DeviceData, epochs: int, seed: int,
-                  which: str, replan: Replan | None = None) -> Member:  # fmt: skip
-    log.info(f"final-train: {which} is trial {trial.number} (val {cfg.metric} {trial.value:.4f}), "
-             f"{len(train_all)} images, {epochs} epochs, seed {seed}")  # fmt: skip
+def _train_member(
+    trial: optuna.trial.FrozenTrial,
+    cfg: StudyConfig,
+    train_all: DeviceData,
+    epochs: int,
+    seed: int,
+    which: str,
+    replan: Replan | None = None,
+) -> Member:
+    log.info(
+        f"final-train: {which} is trial {trial.number} (val {cfg.metric} {trial.value:.4f}), "
+        f"{len(train_all)} images, {epochs} epochs, seed {seed}"
+    )
     desc = "final-train" if which == "member 1/1" else f"final-train {which}"
     started = time.perf_counter()
     params = TrialParams.from_flat(trial.params)
@@ -319,8 +336,11 @@ def _train_member(trial: optuna.trial.FrozenTrial, cfg: StudyConfig, train_all: 
 
         def on_epoch(stats: EpochStats) -> None:
             loss, acc = f"{stats.train_loss:.4f}", f"{stats.train_accuracy:.4f}"
-            bar.advance(line=f"epoch {stats.epoch}/{bar.total}  loss {loss}  train_acc {acc}  ({stats.seconds:.1f}s)",
-                        loss=loss, acc=acc)  # fmt: skip
+            bar.advance(
+                line=f"epoch {stats.epoch}/{bar.total}  loss {loss}  train_acc {acc}  ({stats.seconds:.1f}s)",
+                loss=loss,
+                acc=acc,
+            )
 
         def replan_shown(history: list[EpochStats], total: int) -> int:
             new = replan(history, total) if replan is not None else total
@@ -365,9 +385,16 @@ def final_train(
     test_images, test_labels = data_mod.load_split(data_dir, "test")
     test = DeviceData(test_images, test_labels, placement.device)
     metrics, ev = score(cfg, members, test)
-    metrics.update(epochs=epochs, train_images=len(train_all), ensemble={**metrics["ensemble"], "shrunk": shrunk},
-                   wall_time_s=round(time.perf_counter() - started, 2), train_time_s=round(train_seconds, 2),
-                   device=placement.describe(), versions=versions(), git_revision=git_revision())  # fmt: skip
+    metrics.update(
+        epochs=epochs,
+        train_images=len(train_all),
+        ensemble={**metrics["ensemble"], "shrunk": shrunk},
+        wall_time_s=round(time.perf_counter() - started, 2),
+        train_time_s=round(train_seconds, 2),
+        device=placement.describe(),
+        versions=versions(),
+        git_revision=git_revision(),
+    )
     files = _result_files(
         cfg, metrics, _checkpoint(cfg, members, ev.accuracy), ev, test.y.cpu(), test_images, members[0]
     )
@@ -377,12 +404,27 @@ def final_train(
     return metrics
 
 
-SUMMARY_KEYS = ("test_accuracy", "test_ci95", "test_loss", "best_trial", "best_trial_value", "seed", "epochs",
-                "wall_time_s")  # fmt: skip
+SUMMARY_KEYS = (
+    "test_accuracy",
+    "test_ci95",
+    "test_loss",
+    "best_trial",
+    "best_trial_value",
+    "seed",
+    "epochs",
+    "wall_time_s",
+)
 
 
-def _record(study: optuna.Study, cfg: StudyConfig, metrics: dict[str, Any], files: dict[str, bytes], out_dir: Path,
-            artifact_store: Any, storage: optuna.storages.RDBStorage | None) -> None:  # fmt: skip
+def _record(
+    study: optuna.Study,
+    cfg: StudyConfig,
+    metrics: dict[str, Any],
+    files: dict[str, bytes],
+    out_dir: Path,
+    artifact_store: Any,
+    storage: optuna.storages.RDBStorage | None,
+) -> None:
     """Upload the files, and write the study's final summary, its headline attribute and its note."""
     summary = {k: metrics[k] for k in SUMMARY_KEYS}
     summary["members"] = [r["trial"] for r in metrics["members"]]
@@ -402,23 +444,26 @@ def score(cfg: StudyConfig, members: list[Member], test: DeviceData) -> tuple[di
     """The ensemble's test figures (the headline), each member's own, and the per-class accuracy.
 
     fp32, the precision of `hpo export`'s files: the figure reported is the figure an export gets."""
-    ev = evaluate(Ensemble([m.model for m in members], cfg.final.tta), test, cfg.train.eval_batch_size, fast=False)
+    ev = evaluate(
+        Ensemble([member.model for member in members], cfg.final.tta), test, cfg.train.eval_batch_size, fast=False
+    )
     truth = test.y.cpu()
     member_rows = []
-    for m in members:
+    for member in members:
         alone = accuracy_figures(
-            evaluate(Ensemble([m.model], cfg.final.tta), test, cfg.train.eval_batch_size, fast=False).predictions, truth
+            evaluate(Ensemble([member.model], cfg.final.tta), test, cfg.train.eval_batch_size, fast=False).predictions,
+            truth,
         )
         member_rows.append(
             {
-                "trial": m.trial.number,
-                "value": m.trial.value,
-                "seed": m.seed,
-                "params": m.trial.params,
+                "trial": member.trial.number,
+                "value": member.trial.value,
+                "seed": member.seed,
+                "params": member.trial.params,
                 "test_accuracy": alone["accuracy"],
                 "ci95": alone["ci95"],
-                "train_time_s": round(m.train_s, 2),
-                "n_params": count_parameters(m.model),
+                "train_time_s": round(member.train_s, 2),
+                "n_params": count_parameters(member.model),
             }
         )
     best = members[0]

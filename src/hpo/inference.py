@@ -111,8 +111,8 @@ def predict_files(model: nn.Module, paths: list[Path], top: int = 1, batch_size:
         x = torch.from_numpy(np.stack([img for _, img in chunk]))[:, None].to(device)
         probs = logits_of(model, normalize(x)).float().softmax(1).cpu()
         values, indices = probs.topk(min(top, len(CLASSES)), dim=1)
-        for (i, _), v, k in zip(chunk, values.tolist(), indices.tolist()):
-            ranked = tuple((CLASSES[c], p) for c, p in zip(k, v))
+        for (i, _), value, key in zip(chunk, values.tolist(), indices.tolist()):
+            ranked = tuple((CLASSES[c], p) for c, p in zip(key, value))
             results[i] = Prediction(str(paths[i]), ranked[0][0], ranked[0][1], ranked)
     return [results[i] for i in range(len(paths))]
 

@@ -200,15 +200,15 @@ def update_bar(bar: progress.Progress, study: optuna.Study, cfg: StudyConfig, st
         summary = study_mod.summary(study, cfg, storage)
     except Exception:  # a database blip: the workers ride it out, the bar waits for the next poll
         return
-    for t in sorted((t for t in trials if t.state in FINISHED), key=lambda t: t.number):
-        if t.number not in reported:
-            reported.add(t.number)
-            last = max(t.intermediate_values) if t.intermediate_values else 0
-            value = t.value if t.state == TrialState.COMPLETE else t.intermediate_values.get(last)
+    for trial in sorted((trial for trial in trials if trial.state in FINISHED), key=lambda trial: trial.number):
+        if trial.number not in reported:
+            reported.add(trial.number)
+            last = max(trial.intermediate_values) if trial.intermediate_values else 0
+            value = trial.value if trial.state == TrialState.COMPLETE else trial.intermediate_values.get(last)
             bar.write(
-                f"trial {t.number} {t.state.name.lower()} at epoch {last}: {value:.4f}"
+                f"trial {trial.number} {trial.state.name.lower()} at epoch {last}: {value:.4f}"
                 if value is not None
-                else f"trial {t.number} {t.state.name.lower()}"
+                else f"trial {trial.number} {trial.state.name.lower()}"
             )
     best = summary["best"]
     bar.set(

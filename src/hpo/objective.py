@@ -205,8 +205,8 @@ class TrialRun:
         """The retry copied the crashed trial's reports; add any epoch it checkpointed but had not reported."""
         trial = self.trial
         reported = trial.storage.get_trial(trial_id(trial)).intermediate_values
-        for s in resume["history"]:
-            stats = EpochStats(**s)
+        for row in resume["history"]:
+            stats = EpochStats(**row)
             self.history.append(history_row(stats))
             if stats.epoch not in reported:
                 trial.report(self.value_of(stats), stats.epoch)

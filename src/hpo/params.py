@@ -40,18 +40,18 @@ class TrialParams:
 
     def flat(self) -> dict[str, Any]:
         """Optuna's flat form, in the order the search space samples it."""
-        m, o = self.model, self.optimizer
+        model, optimizer = self.model, self.optimizer
         return {
-            "n_conv": len(m.filters),
-            **{f"filters_{i}": f for i, f in enumerate(m.filters)},
-            "kernel_size": m.kernel_size,
-            "n_fc": m.n_fc,
-            "fc_size": m.fc_size,
-            "dropout": m.dropout,
-            "optimizer": o.name,
-            "lr": o.lr,
-            "batch_size": o.batch_size,
-            "weight_decay": o.weight_decay,
+            "n_conv": len(model.filters),
+            **{f"filters_{i}": f for i, f in enumerate(model.filters)},
+            "kernel_size": model.kernel_size,
+            "n_fc": model.n_fc,
+            "fc_size": model.fc_size,
+            "dropout": model.dropout,
+            "optimizer": optimizer.name,
+            "lr": optimizer.lr,
+            "batch_size": optimizer.batch_size,
+            "weight_decay": optimizer.weight_decay,
         }
 
 

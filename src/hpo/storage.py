@@ -71,12 +71,12 @@ class StorageSettings:
         def env(name: str, default: float) -> float:
             return float(os.environ.get(name, default))
 
-        d = cls()
+        defaults = cls()
         return cls(
-            heartbeat_interval=int(env("HPO_HEARTBEAT_INTERVAL", d.heartbeat_interval)),
-            grace_period=int(env("HPO_GRACE_PERIOD", d.grace_period)),
-            max_retry=int(env("HPO_MAX_RETRY", d.max_retry)),
-            wait_s=env("HPO_DB_WAIT", d.wait_s),
+            heartbeat_interval=int(env("HPO_HEARTBEAT_INTERVAL", defaults.heartbeat_interval)),
+            grace_period=int(env("HPO_GRACE_PERIOD", defaults.grace_period)),
+            max_retry=int(env("HPO_MAX_RETRY", defaults.max_retry)),
+            wait_s=env("HPO_DB_WAIT", defaults.wait_s),
         )
 
 

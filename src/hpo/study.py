@@ -132,21 +132,21 @@ def warm_start_trials(storage: optuna.storages.BaseStorage, cfg: StudyConfig) ->
     ranked = best_first(other, cfg.direction == "maximize")
     seen: set[str] = {json.dumps(p, sort_keys=True) for p, _ in first}
     taken = 0
-    for t in ranked:
-        key = json.dumps(t.params, sort_keys=True)
+    for trial in ranked:
+        key = json.dumps(trial.params, sort_keys=True)
         if taken == cfg.warm_start.top or key in seen:
             continue
         seen.add(key)
-        problems = config.space_problems(cfg.space, t.params)
+        problems = config.space_problems(cfg.space, trial.params)
         if problems:
             log.warning(
                 "warm start: trial %d of study %r is not a point of this space (%s); skipped",
-                t.number,
+                trial.number,
                 source,
                 "; ".join(problems),
             )
             continue
-        first.append((dict(t.params), f"study {source} trial {t.number} ({cfg.metric} {value(t):.4f})"))
+        first.append((dict(trial.params), f"study {source} trial {trial.number} ({cfg.metric} {value(trial):.4f})"))
         taken += 1
     return first
 
@@ -270,8 +270,8 @@ class Reaper:
 
 def _by_state(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
     by_state = {s.name: 0 for s in TrialState}
-    for t in trials:
-        by_state[t.state.name] += 1
+    for trial in trials:
+        by_state[trial.state.name] += 1
     return by_state
 
 
@@ -282,36 +282,36 @@ def counts(study: optuna.Study) -> dict[str, int]:
 STATUS_SCHEMA = "hpo-status/1"
 
 
-def _last_epoch(t: optuna.trial.FrozenTrial) -> int:
-    return max(t.intermediate_values) if t.intermediate_values else 0
+def _last_epoch(trial: optuna.trial.FrozenTrial) -> int:
+    return max(trial.intermediate_values) if trial.intermediate_values else 0
 
 
 def summary(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBStorage) -> dict[str, Any]:
     """Everything `hpo status` shows, as plain JSON-able values (schema STATUS_SCHEMA, see the README)."""
     trials = study.get_trials(deepcopy=False)
     by_state = _by_state(trials)
-    finished_trials = [t for t in trials if t.state in FINISHED]
+    finished_trials = [trial for trial in trials if trial.state in FINISHED]
     finished = len(finished_trials)
     best: dict[str, Any] | None = None
     if by_state["COMPLETE"]:
-        t = study.best_trial
-        best = {"number": t.number, "value": t.value, "params": t.params}
-    running = [t for t in trials if t.state == TrialState.RUNNING]
-    ages = heartbeat_ages(storage, [trial_id(t) for t in running]) if running else {}
+        trial = study.best_trial
+        best = {"number": trial.number, "value": trial.value, "params": trial.params}
+    running = [trial for trial in trials if trial.state == TrialState.RUNNING]
+    ages = heartbeat_ages(storage, [trial_id(trial) for trial in running]) if running else {}
     # Epochs: what finished trials trained, and what pruning spared them (budget epochs minus the last report).
-    trained = sum(_last_epoch(t) for t in finished_trials)
-    saved = sum(cfg.budget.epochs - _last_epoch(t) for t in finished_trials if t.state == TrialState.PRUNED)
+    trained = sum(_last_epoch(trial) for trial in finished_trials)
+    saved = sum(cfg.budget.epochs - _last_epoch(trial) for trial in finished_trials if trial.state == TrialState.PRUNED)
     durations = [
-        (t.datetime_complete - t.datetime_start).total_seconds()
-        for t in finished_trials
-        if t.datetime_start and t.datetime_complete
+        (trial.datetime_complete - trial.datetime_start).total_seconds()
+        for trial in finished_trials
+        if trial.datetime_start and trial.datetime_complete
     ]
     mean_s = sum(durations) / len(durations) if durations else None
     remaining = max(0, cfg.budget.n_trials - finished)
     # Work left, in mean finished-trial durations (running trials count by their epochs still to go),
     # spread over the workers now running. Pruned trials are in the mean, as they will be in what is left.
     left = max(0, remaining - len(running)) + sum(
-        max(0.0, 1 - t.user_attrs.get("epoch", 0) / cfg.budget.epochs) for t in running
+        max(0.0, 1 - trial.user_attrs.get("epoch", 0) / cfg.budget.epochs) for trial in running
     )
     eta = None if mean_s is None or (remaining and not running) else left * mean_s / max(1, len(running))
     return {
@@ -333,21 +333,21 @@ def summary(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBS
         "mean_trial_s": None if mean_s is None else round(mean_s, 1),
         "eta_s": None if eta is None else round(eta, 1),
         "best": best,
-        "running": [_running_row(t, cfg, ages.get(trial_id(t))) for t in running],
+        "running": [_running_row(trial, cfg, ages.get(trial_id(trial))) for trial in running],
         "final": study.user_attrs.get(FINAL_ATTR),
         "time_budget": budget.describe_deadline(budget.get_deadline(study)),
         "extended": study.user_attrs.get(EXTENDED_ATTR, []),
     }
 
 
-def _running_row(t: optuna.trial.FrozenTrial, cfg: StudyConfig, heartbeat_age_s: float | None) -> dict[str, Any]:
+def _running_row(trial: optuna.trial.FrozenTrial, cfg: StudyConfig, heartbeat_age_s: float | None) -> dict[str, Any]:
     """One running trial as `hpo status` lists it: where it runs, how far it is, how fresh its heartbeat."""
     return {
-        "number": t.number,
-        "host": t.user_attrs.get("host"),
-        "pid": t.user_attrs.get("pid"),
-        "device": t.user_attrs.get("device_name"),
-        "epoch": t.user_attrs.get("epoch", 0),
+        "number": trial.number,
+        "host": trial.user_attrs.get("host"),
+        "pid": trial.user_attrs.get("pid"),
+        "device": trial.user_attrs.get("device_name"),
+        "epoch": trial.user_attrs.get("epoch", 0),
         "epochs": cfg.budget.epochs,
         "heartbeat_age_s": heartbeat_age_s,
     }
@@ -360,8 +360,10 @@ BEST_SCHEMA = "hpo-best/1"
 def listing(storage: Storage) -> dict[str, Any]:
     """Every study in the storage, as `hpo studies` shows it (schema STUDIES_SCHEMA)."""
     rows = []
-    for s in sorted(optuna.get_all_study_summaries(storage, include_best_trial=False), key=lambda s: s.study_name):
-        study = optuna.load_study(study_name=s.study_name, storage=storage)
+    for summary in sorted(
+        optuna.get_all_study_summaries(storage, include_best_trial=False), key=lambda summary: summary.study_name
+    ):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
         stored = _stored_config(study)
         trials = study.get_trials(deepcopy=False)
         by_state = _by_state(trials)
@@ -376,7 +378,7 @@ def listing(storage: Storage) -> dict[str, Any]:
         )
         rows.append(
             {
-                "study": s.study_name,
+                "study": summary.study_name,
                 "metric": stored.metric if stored else None,
                 "direction": study.direction.name.lower(),
                 "finished": by_state["COMPLETE"] + by_state["PRUNED"],
@@ -397,18 +399,18 @@ def best_of(study: optuna.Study, cfg: StudyConfig) -> dict[str, Any]:
             f"study {study.study_name!r} has no COMPLETE trial yet. Run `hpo optimize --study "
             f"{study.study_name}` (or workers) until one completes."
         )
-    t = study.best_trial
+    trial = study.best_trial
     return {
         "schema": BEST_SCHEMA,
         "study": study.study_name,
         "metric": cfg.metric,
         "direction": cfg.direction,
-        "number": t.number,
-        "value": t.value,
-        "params": t.params,
-        "epochs": len(t.intermediate_values),
-        "seed": t.user_attrs.get("seed"),
-        "duration_s": None if t.duration is None else round(t.duration.total_seconds(), 1),
+        "number": trial.number,
+        "value": trial.value,
+        "params": trial.params,
+        "epochs": len(trial.intermediate_values),
+        "seed": trial.user_attrs.get("seed"),
+        "duration_s": None if trial.duration is None else round(trial.duration.total_seconds(), 1),
     }
 
 

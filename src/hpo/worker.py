@@ -208,8 +208,8 @@ def _run(
         lock.acquire()
         try:
             n_trials = current_budget(study)
-            c = counts(study)
-            finished = c["COMPLETE"] + c["PRUNED"]
+            states = counts(study)
+            finished = states["COMPLETE"] + states["PRUNED"]
             if finished >= n_trials:
                 result.reason = f"budget met: {finished}/{n_trials} trials finished"
                 return
@@ -222,7 +222,7 @@ def _run(
                         study, f"over budget: the time ran out before this retry could start ({plan.describe()})"
                     )
                     return
-            full = c["WAITING"] == 0 and finished + c["RUNNING"] >= n_trials
+            full = states["WAITING"] == 0 and finished + states["RUNNING"] >= n_trials
             if not full:
                 waiting_logged = False
                 run_trial(study, storage, objective, settings, reaper)
@@ -231,7 +231,7 @@ def _run(
             lock.release()
         if full:
             if not waiting_logged:
-                log.info("all %d slots are taken (%d running); waiting for them to finish", n_trials, c["RUNNING"])
+                log.info("all %d slots are taken (%d running); waiting for them to finish", n_trials, states["RUNNING"])
                 waiting_logged = True
             time.sleep(poll_s)
 
@@ -279,7 +279,7 @@ def ensure_calibrated(study: optuna.Study, cfg: StudyConfig, data: TrialData, pl
 def fail_waiting(study: optuna.Study, reason: str) -> None:
     """Fail queued retries that the time budget leaves no room for, with the reason on each."""
     storage = study_storage(study)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        storage.set_trial_user_attr(trial_id(t), attrs.REASON, reason)
-        storage.set_trial_state_values(trial_id(t), TrialState.FAIL)
-        log.warning("trial %d failed: %s", t.number, reason)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        storage.set_trial_user_attr(trial_id(trial), attrs.REASON, reason)
+        storage.set_trial_state_values(trial_id(trial), TrialState.FAIL)
+        log.warning("trial %d failed: %s", trial.number, reason)
