@@ -86,6 +86,13 @@ artifacts_option = click.option(
     help="Artifact store shared by workers, finalizer and dashboard [env HPO_ARTIFACTS; "
     "default: artifacts/ beside the SQLite file, else runs/artifacts].",
 )
+
+
+def count_option(flag: str, least: int, default: int, help: str) -> Any:
+    """An integer option of at least `least`, its default shown in --help."""
+    return click.option(flag, type=click.IntRange(min=least), default=default, show_default=True, help=help)
+
+
 device_option = click.option("--device", envvar="HPO_DEVICE", help="cpu, cuda or cuda:N [default: cuda if present].")
 
 
@@ -537,13 +544,7 @@ def dashboard(study_arg: str | None, storage: str | None, artifacts: str | None,
 )
 @storage_option
 @click.option("--params", "params_json", metavar="JSON", help="Parameter overrides, e.g. '{\"fc_size\": 256}'.")
-@click.option(
-    "--images",
-    type=click.IntRange(min=256),
-    default=20000,
-    show_default=True,
-    help="Training images timed per pipeline.",
-)
+@count_option("--images", 256, 20000, "Training images timed per pipeline.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option(
     "--crop-padding",
@@ -555,40 +556,19 @@ def dashboard(study_arg: str | None, storage: str | None, artifacts: str | None,
 @data_option
 @device_option
 @click.option("--threads", type=int, envvar="HPO_THREADS", help="CPU threads [default: all cores].")
-@click.option(
-    "--epochs",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Also train this many epochs both ways on the trial split and compare validation accuracy.",
+@count_option(
+    "--epochs", 0, 0, "Also train this many epochs both ways on the trial split and compare validation accuracy."
 )
-@click.option(
-    "--repeats",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    help="Seeds for the --epochs accuracy check; the mean is compared.",
+@count_option("--repeats", 1, 3, "Seeds for the --epochs accuracy check; the mean is compared.")
+@count_option("--num-workers", 0, 0, "DataLoader workers of the seed pipeline.")
+@count_option(
+    "--workers", 0, 0, "Also run this many engine processes at once (cores/N threads each, then all cores each)."
 )
-@click.option(
-    "--num-workers",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="DataLoader workers of the seed pipeline.",
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Also run this many engine processes at once (cores/N threads each, then all cores each).",
-)
-@click.option(
+@count_option(
     "--rounds",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    help="Interleaved rounds of both pipelines; the medians are compared (a noisy machine's slow spells hit both).",
+    1,
+    3,
+    "Interleaved rounds of both pipelines; the medians are compared (a noisy machine's slow spells hit both).",
 )
 @click.option(
     "--compile",

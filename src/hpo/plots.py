@@ -61,40 +61,20 @@ def learning_curve_png(
     """Train loss (left axis) and accuracy (right axis) per epoch for the best trial and the final run."""
     fig, loss_ax = plt.subplots(figsize=(8, 4.8))
     acc_ax = loss_ax.twinx()
-    if trial_history:
-        epochs = [h["epoch"] for h in trial_history]
-        loss_ax.plot(
-            epochs,
-            [h["train_loss"] for h in trial_history],
-            "o--",
-            color="tab:blue",
-            label=f"trial {trial_number} train loss",
-        )
-        acc_ax.plot(
-            epochs,
-            [h["val_accuracy"] for h in trial_history],
-            "o-",
-            color="tab:orange",
-            label=f"trial {trial_number} validation accuracy",
-        )
+    # (history, key, axis, style, colour, alpha, label): the best trial's curves, then the final run's.
+    curves = [
+        (trial_history, "train_loss", loss_ax, "o--", "tab:blue", 1.0, f"trial {trial_number} train loss"),
+        (trial_history, "val_accuracy", acc_ax, "o-", "tab:orange", 1.0, f"trial {trial_number} validation accuracy"),
+        (final_history, "train_loss", loss_ax, ".-", "tab:blue", 0.6, "final run train loss"),
+        (final_history, "train_accuracy", acc_ax, ".-", "tab:green", 0.6, "final run train accuracy"),
+    ]
+    for history, key, ax, style, colour, alpha, label in curves:
+        if history:
+            ax.plot(
+                [h["epoch"] for h in history], [h[key] for h in history], style, color=colour, alpha=alpha, label=label
+            )
     if final_history:
         epochs = [h["epoch"] for h in final_history]
-        loss_ax.plot(
-            epochs,
-            [h["train_loss"] for h in final_history],
-            ".-",
-            color="tab:blue",
-            alpha=0.6,
-            label="final run train loss",
-        )
-        acc_ax.plot(
-            epochs,
-            [h["train_accuracy"] for h in final_history],
-            ".-",
-            color="tab:green",
-            alpha=0.6,
-            label="final run train accuracy",
-        )
         acc_ax.plot(
             [epochs[-1]],
             [test_accuracy],
