@@ -1,3 +1,5 @@
+"""`python -m hpo`: the same commands as `hpo`."""
+
 from hpo.cli import main
 
 main()

@@ -1,4 +1,5 @@
-"""The finalizer: retrain the best trial from scratch on train + validation, score the test split once."""
+"""The finalizer: choose the members, fit their epochs to the time left, retrain them from scratch on
+train + validation, score the test split once, and publish the model, its figures and the study's note."""
 
 from __future__ import annotations
 
