@@ -118,14 +118,27 @@ def test_final_reserve_with_fill_seeds_counts_the_best_trial_for_every_empty_pla
     assert budget.final_reserve(study, cfg, 1, costs, None) == pytest.approx(3 * one)
 
 
-def test_on_a_slow_machine_the_reserve_gives_way_to_the_first_trial_only():
-    # 600 s budget, a 150 s trial (a 3x slower machine) beside a 510 s reserve: the reserve yields.
-    reserve = budget.yielded_reserve(510.0, 150.0, 600.0)
-    assert reserve == pytest.approx(600.0 - budget.START_S - 150.0 - budget.slack_s(600.0))
-    first = Plan(decided_at=budget.START_S, estimate_s=150.0, reserve_s=reserve + budget.slack_s(600.0), deadline=600.0)
-    later = Plan(decided_at=budget.START_S + 1, estimate_s=150.0, reserve_s=first.reserve_s, deadline=600.0)
-    assert first.fits and not later.fits
-    assert budget.yielded_reserve(300.0, 40.0, 600.0) == 300.0  # a fast machine keeps the whole reserve
+def test_on_a_slow_machine_the_reserve_gives_way_to_the_first_round_of_trials_only():
+    cfg = config.load("tiny")
+    cfg = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, max_share=0.9))
+    slow = {"epoch_s": 40.0, "train_images": 1000, "val_images": 300, "threads": 1}  # doubled: 240 s a trial
+    study = optuna.create_study()
+    study.set_user_attr(budget.CALIBRATION_ATTR, slow)
+    deadline = budget.Deadline(at=1600.0, time_s=600.0, set_at=1000.0)
+    # Workers that arrive late (25 s after the clock, a loaded machine) still start the first round.
+    first = budget.plan_trial(study, cfg, deadline, 1, now=1025.0)
+    assert first.fits
+    assert first.reserve_s == pytest.approx(
+        600.0 - 25.0 - first.estimate_s, abs=0.01
+    )  # all that is left after the trial
+    # A fast machine keeps its whole reserve.
+    assert budget.yielded_reserve(300.0, 40.0, 590.0, 600.0) == 300.0
+    # Once an epoch is measured the yield is over: with the same slow epochs, no later trial starts.
+    measured = study_with([40.0])
+    measured.set_user_attr(budget.CALIBRATION_ATTR, slow)
+    assert not budget.plan_trial(measured, cfg, deadline, 1, now=1030.0).fits
+    # A trial that cannot itself end in time never starts.
+    assert not budget.plan_trial(study, cfg, deadline, 1, now=1400.0).fits
 
 
 def test_plan_fits_only_when_trial_and_reserve_end_before_the_deadline():
@@ -155,7 +168,8 @@ def test_minimum_budget_is_the_shortest_in_which_the_planner_starts_a_trial():
             deadline = budget.Deadline(at=1000.0 + time_s, time_s=time_s, set_at=1000.0)
             estimate = budget.trial_estimate(cfg, costs, cost)
             full = budget.final_reserve(study, cfg, 1, costs, cost)
-            reserve = budget.yielded_reserve(budget.final_reserve(study, cfg, 1, costs, cost, time_s), estimate, time_s)
+            capped = budget.final_reserve(study, cfg, 1, costs, cost, time_s)
+            reserve = budget.yielded_reserve(capped, estimate, time_s - budget.START_S, time_s)
             plan = Plan(
                 decided_at=1010.0, estimate_s=estimate, reserve_s=reserve + budget.slack_s(time_s), deadline=deadline.at
             )

@@ -206,19 +206,23 @@ class Plan:
 def plan_trial(
     study: optuna.Study, cfg: StudyConfig, deadline: Deadline, final_threads: int, now: float | None = None
 ) -> Plan:
+    now = time.time() if now is None else now
     costs, calibrated = measured(study), calibration(study)
     estimate = trial_estimate(cfg, costs, calibrated)
-    reserve = yielded_reserve(
-        final_reserve(study, cfg, final_threads, costs, calibrated, deadline.time_s), estimate, deadline.time_s
-    ) + slack_s(deadline.time_s)
-    return Plan(time.time() if now is None else now, estimate, reserve, deadline.at)
+    reserve = final_reserve(study, cfg, final_threads, costs, calibrated, deadline.time_s)
+    if not costs:  # the first round of trials: no epoch measured yet
+        reserve = yielded_reserve(reserve, estimate, deadline.at - now, deadline.time_s)
+    return Plan(now, estimate, reserve + slack_s(deadline.time_s), deadline.at)
 
 
-def yielded_reserve(reserve: float, estimate: float, time_s: float) -> float:
-    """The finalizer's reserve, giving way where a machine is too slow for one trial beside it: the
-    first trials still start (the finalizer then trains the epochs that are left), instead of the
-    budget being refused on a machine 3x slower than the one the study file was written on."""
-    return min(reserve, time_s - START_S - estimate - slack_s(time_s))
+def yielded_reserve(reserve: float, estimate: float, room_s: float, time_s: float) -> float:
+    """The finalizer's reserve, giving way to the first round of trials where a machine is too slow
+    for one trial beside it in the `room_s` seconds left: they still start if they can end in time
+    (the finalizer then trains the epochs that are left), instead of the budget being refused on a
+    machine 3x slower than the one the study file was written on. A pinned quick start with the
+    test suite on the same core reached its first trial 12 s after the clock started, with a
+    112 s estimate beside a 466 s reserve: without the yield it started none."""
+    return max(0.0, min(reserve, room_s - estimate - slack_s(time_s) - 1e-3))  # 1 ms: the sum stays below the deadline
 
 
 def minimum_budget(
@@ -235,7 +239,7 @@ def minimum_budget(
     one_epoch = member_estimate(cost, 1, final_threads)
 
     def enough(time_s: float) -> bool:
-        reserve = min(full, cfg.final.max_share * time_s, time_s - start_s - trial - slack_s(time_s))
+        reserve = yielded_reserve(min(full, cfg.final.max_share * time_s), trial, time_s - start_s, time_s)
         return reserve >= min(full, one_epoch)
 
     low, high = 1.0, 1e7  # enough() holds from some point on: both sides grow, its left side slower
