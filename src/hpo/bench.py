@@ -298,7 +298,7 @@ def run(spec: BenchSpec, workers: int = 0, rounds: int = 3) -> dict[str, Any]:
         "engine": engine,
         "seed": seed,
         "speedup": engine["images_per_s"] / seed["images_per_s"],
-        "onespeedups": [one["engine"]["images_per_s"] / one["seed"]["images_per_s"] for one in per_round],
+        "round_speedups": [one["engine"]["images_per_s"] / one["seed"]["images_per_s"] for one in per_round],
     }
     if workers:
         quiet = replace(spec, epochs=0)
@@ -364,7 +364,7 @@ def describe(result: dict[str, Any]) -> str:
         )
     lines.append(
         f"  speedup {result['speedup']:.2f}x  (median engine / median seed; per round: "
-        f"{', '.join(f'{x:.2f}x' for x in result['onespeedups'])})"
+        f"{', '.join(f'{x:.2f}x' for x in result['round_speedups'])})"
     )
     if spec["epochs"]:
         repeats = spec["repeats"]
