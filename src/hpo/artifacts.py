@@ -128,8 +128,10 @@ def remove(store: ArtifactStore, target: optuna.Study | optuna.Trial, artifact_i
 def disown_inherited(trial: optuna.Trial) -> None:
     """A retried trial starts with a copy of its predecessor's system attributes, artifact entries
     included; the files stay the predecessor's, so the retry drops the entries, not the files."""
-    for meta in optuna.artifacts.get_all_artifact_meta(trial):
-        trial.storage.set_trial_system_attr(trial_id(trial), ATTR_PREFIX + meta.artifact_id, json.dumps(None))
+    # Not optuna.artifacts.get_all_artifact_meta: it raises on the null entries a removal leaves
+    # (the predecessor removed its earlier checkpoints so), so the entries are read here.
+    for meta in listed(trial.storage.get_trial_system_attrs(trial_id(trial))):
+        trial.storage.set_trial_system_attr(trial_id(trial), ATTR_PREFIX + meta["artifact_id"], json.dumps(None))
 
 
 def listed(system_attrs: dict[str, Any]) -> list[dict[str, Any]]:
