@@ -401,7 +401,7 @@ def final_train(
     )
     for name, payload in files.items():
         checkpoints.write_atomic(out_dir / name, payload)
-    _record(study, cfg, metrics, files, out_dir, artifact_store, storage)
+    _record(study, cfg, members[0].trial, metrics, files, out_dir, artifact_store, storage)
     return metrics
 
 
@@ -420,6 +420,7 @@ SUMMARY_KEYS = (
 def _record(
     study: optuna.Study,
     cfg: StudyConfig,
+    best: optuna.trial.FrozenTrial,
     metrics: dict[str, Any],
     files: dict[str, bytes],
     out_dir: Path,
@@ -437,7 +438,6 @@ def _record(
         study.set_user_attr(FINAL_ATTR, summary)
         # Sorts first in the dashboard's user-attribute table, so a final-trained study shows it at a glance.
         study.set_user_attr("final_test_accuracy", metrics["test_accuracy"])
-        best = next(t for t in study.get_trials(deepcopy=False) if t.number == metrics["best_trial"])
         save_note(study, note(cfg, best, metrics))
 
 
