@@ -22,23 +22,43 @@ RUN if [ -n "$EXTRA_CA_CERTS" ]; then \
     fi
 ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 
-# PyPI's Linux x86_64 torch wheels are CUDA builds: they use NVIDIA GPUs when the container gets
-# them (--gpus / compose device reservations) and fall back to the CPU otherwise.
-# A layer of its own, so that code changes do not re-download several GB.
-RUN python3 -m pip install "torch>=2.4,<3" "torchvision>=0.19,<1"
+# Which torch: TORCH_INDEX empty takes PyPI's, a CUDA build (its NVIDIA libraries make the image
+# several GB; it falls back to the CPU without a GPU). TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# takes the CPU-only build, as docker-compose.cpu.yml does. TORCH_FIND_LINKS (a URL of a page or
+# directory listing of wheels) serves hosts that reach neither. A layer of its own, so code changes do not re-download it.
+ARG TORCH_INDEX=""
+ARG TORCH_PACKAGES="torch>=2.4,<3 torchvision>=0.19,<1"
+ARG TORCH_FIND_LINKS=""
+RUN links_host=$(printf '%s' "$TORCH_FIND_LINKS" | sed -E 's#^[a-z]+://([^/:]+).*#\1#') \
+ && python3 -m pip install ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} \
+      ${TORCH_FIND_LINKS:+--find-links "$TORCH_FIND_LINKS" --trusted-host "$links_host"} $TORCH_PACKAGES
 
+# The other dependencies, read from pyproject.toml, before the code: a code change reinstalls nothing.
+# [onnx]: `hpo export --format onnx` and its check; [s3]: an s3:// artifact store (several hosts);
+# [bench]: `hpo bench`'s notebook baseline (torchvision; leave it out where TORCH_INDEX has none).
+ARG EXTRAS="onnx,s3,bench"
 WORKDIR /opt/hpo
-COPY pyproject.toml README.md LICENSE ./
+COPY pyproject.toml ./
+RUN python3 -c 'import sys, tomllib; \
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+extras = [e for e in sys.argv[1].split(",") if e]; \
+print("\n".join(project["dependencies"] + [d for e in extras for d in project["optional-dependencies"][e]]))' \
+      "$EXTRAS" > /tmp/requirements.txt \
+ && python3 -m pip install -r /tmp/requirements.txt
 
+COPY README.md LICENSE ./
 COPY src ./src
-# [onnx]: `hpo export --format onnx` and its check work inside the container too.
-RUN python3 -m pip install ".[onnx]" && python3 -c "import hpo.cli, onnxruntime"
+RUN python3 -m pip install --no-deps . \
+ && python3 -m pip check \
+ && python3 -c "import hpo.cli, torch; print('hpo image: torch', torch.__version__)"
 
 # A non-root user; /work holds runs/ (final-train outputs) and the GPU claim locks, both volumes.
-RUN useradd --create-home --uid 10001 hpo \
+# (COPY, then chmod: the legacy builder, still Debian's, has no COPY --chmod.)
+COPY docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+RUN chmod 755 /usr/local/bin/docker-entrypoint.sh \
+ && useradd --create-home --uid 10001 hpo \
  && mkdir -p /work/runs /work/locks \
  && chown -R hpo:hpo /work
-COPY --chmod=755 docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 USER hpo
 WORKDIR /work
 ENV HPO_GPU_LOCK_DIR=/work/locks

@@ -171,7 +171,7 @@ def test_no_data_files_lists_the_three_ways(run, tmp_path):
         "lacks some Fashion-MNIST files",
         "--data-dir DIR or HPO_DATA_DIR",
         "apt-get install dataset-fashion-mnist",
-        "torchvision can download",
+        "torchvision (`pip install 'hpo-service[bench]'`), which downloads them",
     )
 
 

@@ -44,19 +44,7 @@ def resolve_location(explicit: str | None, storage_url: str) -> str:
 
 def open_store(location: str) -> ArtifactStore:
     if location.startswith("s3://"):
-        bucket, _, prefix = location[len("s3://") :].partition("/")
-        if not bucket or prefix.strip("/"):
-            raise HpoError(
-                f"artifact location {location!r}: give a bucket only, like s3://hpo-artifacts "
-                "(Optuna's Boto3ArtifactStore keys objects by artifact id, without a prefix)."
-            )
-        try:
-            return Boto3ArtifactStore(bucket)
-        except ImportError as e:
-            raise HpoError(
-                f"artifact location {location!r} needs boto3. Install it with "
-                "`pip install 'hpo[s3]'`, or use a directory."
-            ) from e
+        return open_s3(location)
     if "://" in location:
         scheme = location.split("://", 1)[0]
         raise HpoError(
@@ -75,6 +63,70 @@ def open_store(location: str) -> ArtifactStore:
             f"artifact directory {path} is not writable. Pass a writable --artifacts directory (or set HPO_ARTIFACTS)."
         )
     return FileSystemArtifactStore(path)
+
+
+def open_s3(location: str) -> ArtifactStore:
+    """A Boto3ArtifactStore on `s3://BUCKET`, checked with one HEAD request so that a wrong endpoint,
+    credentials or bucket name fail here with one line, not in a worker's first checkpoint."""
+    bucket, _, prefix = location[len("s3://") :].partition("/")
+    if not bucket or prefix.strip("/"):
+        raise HpoError(
+            f"artifact location {location!r}: give a bucket only, like s3://hpo-artifacts "
+            "(Optuna's Boto3ArtifactStore keys objects by artifact id, without a prefix)."
+        )
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError as e:
+        raise HpoError(
+            f"artifact location {location!r} needs boto3. Install it with "
+            "`pip install 'hpo-service[s3]'`, or use a directory."
+        ) from e
+    # Short connect timeouts and a few standard-mode retries: a blip is retried, a wrong
+    # AWS_ENDPOINT_URL is reported in seconds (botocore's legacy mode retries for minutes).
+    session = boto3.session.Session()
+    client = session.client(
+        "s3", config=Config(connect_timeout=5, read_timeout=60, retries={"mode": "standard", "max_attempts": 4})
+    )
+    credentials = session.get_credentials()
+    _check_bucket(client, bucket, credentials.access_key if credentials else "")
+    return Boto3ArtifactStore(bucket, client=client)
+
+
+def _check_bucket(client: Any, bucket: str, access_key: str) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    endpoint = client.meta.endpoint_url
+    try:
+        client.head_bucket(Bucket=bucket)
+    except NoCredentialsError as e:
+        raise StorageError(
+            f"no S3 credentials for {endpoint}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)."
+        ) from e
+    except ClientError as e:
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 404:
+            raise StorageError(
+                f"S3 bucket {bucket!r} does not exist at {endpoint}. Create it (`aws s3 mb s3://{bucket}`, "
+                "or in your S3 server's console), or fix HPO_ARTIFACTS."
+            ) from e
+        if status in (401, 403):
+            raise StorageError(
+                f"the S3 endpoint {endpoint} refused access to bucket {bucket!r} for access key "
+                f"{_masked(access_key)} (the secret is not shown). Fix AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or the key's permissions on the bucket."
+            ) from e
+        raise StorageError(f"S3 bucket {bucket!r} at {endpoint}: {e}. Check HPO_ARTIFACTS and AWS_*.") from e
+    except BotoCoreError as e:  # no connection, a timeout, a malformed endpoint
+        raise StorageError(
+            f"the S3 endpoint {endpoint} does not answer ({type(e).__name__}). Check AWS_ENDPOINT_URL "
+            "and that the server is up and reachable from this host."
+        ) from e
+
+
+def _masked(access_key: str) -> str:
+    """The access key id's first four and last two characters: enough to tell keys apart."""
+    return f"{access_key[:4]}...{access_key[-2:]}" if len(access_key) > 8 else "***"
 
 
 def open_for(explicit: str | None, storage_url: str) -> tuple[str, ArtifactStore]:
@@ -101,11 +153,20 @@ def upload_bytes(
                 storage=storage,
                 mimetype=MIMETYPES.get(path.suffix, "application/octet-stream"),
             )
-        except OSError as e:
+        except _store_errors() as e:
             raise StorageError(
                 f"cannot write artifact {filename} to the artifact store ({e}). Check that "
                 "--artifacts (HPO_ARTIFACTS) points to a writable, shared location."
             ) from e
+
+
+def _store_errors() -> tuple[type[Exception], ...]:
+    """What a write to a directory or an S3 bucket raises when the store is away or refuses it."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
 
 
 def read_bytes(store: ArtifactStore, artifact_id: str) -> bytes:

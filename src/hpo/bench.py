@@ -13,6 +13,7 @@ peak memory is its own:
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import multiprocessing
 import resource
@@ -325,6 +326,11 @@ def measure(spec: BenchSpec, workers: int = 0, rounds: int = 3) -> dict[str, Any
     from hpo.model import DynamicCNN, count_parameters
     from hpo.params import TrialParams
 
+    if importlib.util.find_spec("torchvision") is None:  # the notebook pipeline is torchvision's
+        raise HpoError(
+            "hpo bench compares against the notebook pipeline, which needs torchvision: "
+            "pip install 'hpo-service[bench]' (the CPU image leaves it out)."
+        )
     result = run(spec, workers, rounds)
     result["model_parameters"] = count_parameters(DynamicCNN(TrialParams.from_flat(spec.params).model))
     result["machine"] = {

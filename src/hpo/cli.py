@@ -46,6 +46,9 @@ def _setup_logging(verbose: bool) -> None:
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if not verbose:  # boto3 logs where it found each setting at INFO, on every S3 client it makes
+        for name in ("botocore", "boto3", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @click.group(cls=HpoGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -54,7 +54,8 @@ HOW_TO_PROVIDE = (
     "Provide the Fashion-MNIST IDX files in one of three ways: "
     "(1) --data-dir DIR or HPO_DATA_DIR=DIR pointing at train-images-idx3-ubyte[.gz] and friends; "
     f"(2) on Debian/Ubuntu, `apt-get install dataset-fashion-mnist` (installs {DEBIAN_DIR}); "
-    f"(3) network access, so torchvision can download them into {_torchvision_dir()}."
+    f"(3) network access and torchvision (`pip install 'hpo-service[bench]'`), which downloads them into "
+    f"{_torchvision_dir()}."
 )
 
 
