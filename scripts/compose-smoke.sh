@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The real compose stack on this host, CPU variant: `up --scale worker=N` runs the tiny study to its
 # exact budget, `run --rm worker hpo final-train` finalizes it, the dashboard answers on
-# 127.0.0.1:8080, and the study survives `down`/`up`. Checks the results in the database itself.
-# Too heavy for CI (it builds the image, torch included). Usage:
+# 127.0.0.1:8080, `run --rm worker hpo status` works with nothing but a .env, and the study survives
+# `down`/`up`. Checks the results in the database itself. Too heavy for CI (it builds the image,
+# torch included). Usage:
 #   BASE_IMAGE=hpo-standin/python:3.11-slim scripts/compose-smoke.sh [workers]
+# The CPU override builds the lean image (hpo:cpu, PyTorch's CPU-only build); HPO_IMAGE=hpo:latest
+# TORCH_INDEX=https://pypi.org/simple runs the default CUDA image instead. A host that reaches
+# neither index passes TORCH_FIND_LINKS (a page of wheels) and TORCH_PACKAGES (see the Dockerfile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workers=${1:-4}
@@ -23,8 +27,11 @@ fail() { echo "FAIL: $*" >&2; "${compose[@]}" logs --tail 40 >&2 || true; exit 1
 sql() { "${compose[@]}" exec -T -e PGPASSWORD="$POSTGRES_PASSWORD" postgres psql -U "$POSTGRES_USER" -d "$POSTGRES_DB" -At -F ' ' -c "$1"; }
 step() { printf '\n== %s\n' "$*"; }
 
-step "build (BASE_IMAGE=$BASE_IMAGE)"
+step "build (BASE_IMAGE=$BASE_IMAGE, TORCH_INDEX=${TORCH_INDEX:-as the compose files set it})"
 "${compose[@]}" build --quiet
+images=$("${compose[@]}" config --images)
+image=$(grep -m1 '^hpo:' <<<"$images")
+echo "image $image: $(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.2f GB", $1 / 1e9}'), torch $(docker run --rm --entrypoint python3 "$image" -c 'import torch; print(torch.__version__)')"
 "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
 
 step "up --scale worker=$workers"
@@ -80,6 +87,21 @@ pg_ports=$(docker ps --filter "name=${COMPOSE_PROJECT_NAME}-postgres" --format '
 case "$pg_ports" in *"->"*) fail "postgres is published to the host: $pg_ports" ;; esac
 echo "postgres ports: ${pg_ports:-none} (not published to the host)"
 echo "worker runs as: $("${compose[@]}" run --rm --no-deps --entrypoint id worker)"
+
+step "one-off commands: the tools service, and run --rm worker with nothing but .env"
+"${compose[@]}" run --rm tools hpo status | head -3
+# A directory holding the compose files, the studies and a .env, and an environment holding nothing
+# else: what a user has after `cp .env.example .env`.
+bare=$(mktemp -d)
+cp docker-compose.yml docker-compose.cpu.yml "$bare/" && cp -rL studies "$bare/"
+sed -e "s/^POSTGRES_PASSWORD=.*/POSTGRES_PASSWORD=$POSTGRES_PASSWORD/" -e "s/^HPO_STUDY=.*/HPO_STUDY=$HPO_STUDY/" \
+    -e 's/^# COMPOSE_FILE=/COMPOSE_FILE=/' .env.example >"$bare/.env"
+printf 'COMPOSE_PROJECT_NAME=%s\nHPO_IMAGE=%s\n' "$COMPOSE_PROJECT_NAME" "$image" >>"$bare/.env"
+(cd "$bare" && env -i PATH="$PATH" HOME="$HOME" docker compose run --rm worker hpo status) | head -3 \
+  || fail "run --rm worker hpo status with only .env"
+rm -rf "$bare"
+echo "dashboard runs with init: $(docker inspect -f '{{.HostConfig.Init}}' "${COMPOSE_PROJECT_NAME}-dashboard-1")"
+t0=$(date +%s); "${compose[@]}" stop dashboard >/dev/null; echo "dashboard stopped in $(( $(date +%s) - t0 ))s (SIGTERM, not the 10 s kill)"
 
 step "the study survives down/up"
 "${compose[@]}" down
