@@ -6,5 +6,15 @@
 #   bash scripts/gpu-check.sh [--cpu] [--work DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || bash scripts/setup.sh
-exec .venv/bin/python scripts/gpu_check.py "$@"
+# This checkout's .venv; else a Python that already has the stack (a GPU machine without network
+# access, say), running the code from src/; else install the .venv.
+if [ -x .venv/bin/python ]; then
+  python=.venv/bin/python
+elif python3 -c "import torch, optuna, optuna_dashboard, sqlalchemy, click, matplotlib" 2>/dev/null; then
+  python=python3
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+else
+  bash scripts/setup.sh
+  python=.venv/bin/python
+fi
+exec "$python" scripts/gpu_check.py "$@"

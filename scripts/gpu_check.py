@@ -199,19 +199,35 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     env = {**os.environ, "HPO_STORAGE": f"sqlite:///{work / 'runs' / 'hpo.db'}", "HPO_PROGRESS": "log"}
-    env.pop("HPO_DEVICE", None)
+    env.pop("HPO_DEVICE", None)  # on a GPU, workers claim their slots themselves
+    if size.device == "cpu":
+        env["HPO_DEVICE"] = "cpu"
     started = time.perf_counter()
     machine = torch.cuda.get_device_name(0) if size.device == "cuda" else f"CPU fallback, {os.cpu_count()} cores"
     rows = [("machine", f"{machine}; torch {torch.__version__}")]
-    rows += bench(size, env, work)
-    rows.append(bf16(size))
-    rows += [search(size, slots, env, work) for slots in size.slots]
-    rows += final_and_serving(size, env, work)
+    # Each step on its own: one failing step (a first run on a new GPU, say) leaves the others' figures.
+    steps = [
+        ("bench", lambda: bench(size, env, work)),
+        ("bf16 autocast", lambda: [bf16(size)]),
+        *((f"search, {n} trial(s) per GPU", lambda n=n: [search(size, n, env, work)]) for n in size.slots),
+        ("final-train, export, predict", lambda: final_and_serving(size, env, work)),
+    ]
+    failed = 0
+    for name, step in steps:
+        try:
+            rows += step()
+        except (Exception, SystemExit) as e:  # SystemExit: an hpo command that exited non-zero
+            failed += 1
+            rows.append(
+                (name, f"FAILED: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__}")
+            )
+            print(f"gpu-check: {name} failed:\n{e}", file=sys.stderr)
     rows.append(("gpu-check wall time", f"{time.perf_counter() - started:.0f} s"))
     width = max(len(name) for name, _ in rows)
     print(f"| {'check':<{width}} | result |\n|{'-' * (width + 2)}|--------|")
     for name, value in rows:
         print(f"| {name:<{width}} | {value} |")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
