@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,47 +18,15 @@ import pytest
 from conftest import IN_CI, free_port
 from conftest import run_hpo as hpo
 from hpo.artifacts import listed
+from integration.test_postgres import wait_for
+from integration.test_results import RESUME_STUDY
 
 pytestmark = pytest.mark.integration
 
 BUCKET = "hpo-artifacts"
 PNG = b"\x89PNG\r\n\x1a\n"
-STUDY = """
-name = "s3-hosts"
-seed = 5
-[budget]
-n_trials = 2
-epochs = 4
-train_subset = 6000
-val_fraction = 0.05
-[sampler]
-name = "random"
-[pruner]
-name = "none"
-[final]
-epochs = 1
-[space]
-n_conv = 2
-filters = 16
-kernel_size = 3
-n_fc = 1
-fc_size = 64
-dropout = 0.2
-optimizer = "adam"
-lr = 3e-3
-batch_size = 64
-weight_decay = 1e-5
-"""
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+# The resume test's study (one fixed small CNN, 4 epochs, no pruner), with a trial for each host.
+STUDY = RESUME_STUDY.replace('name = "resume"', 'name = "s3-hosts"').replace("n_trials = 1", "n_trials = 2")
 
 
 @pytest.fixture(scope="module")
