@@ -89,7 +89,8 @@ echo "postgres ports: ${pg_ports:-none} (not published to the host)"
 echo "worker runs as: $("${compose[@]}" run --rm --no-deps --entrypoint id worker)"
 
 step "one-off commands: the tools service, and run --rm worker with nothing but .env"
-"${compose[@]}" run --rm tools hpo status | head -3
+tools_out=$("${compose[@]}" run --rm tools hpo status) || fail "run --rm tools hpo status"
+head -7 <<<"$tools_out"
 # A directory holding the compose files, the studies and a .env, and an environment holding nothing
 # else: what a user has after `cp .env.example .env`.
 bare=$(mktemp -d)
@@ -97,8 +98,10 @@ cp docker-compose.yml docker-compose.cpu.yml "$bare/" && cp -rL studies "$bare/"
 sed -e "s/^POSTGRES_PASSWORD=.*/POSTGRES_PASSWORD=$POSTGRES_PASSWORD/" -e "s/^HPO_STUDY=.*/HPO_STUDY=$HPO_STUDY/" \
     -e 's/^# COMPOSE_FILE=/COMPOSE_FILE=/' .env.example >"$bare/.env"
 printf 'COMPOSE_PROJECT_NAME=%s\nHPO_IMAGE=%s\n' "$COMPOSE_PROJECT_NAME" "$image" >>"$bare/.env"
-(cd "$bare" && env -i PATH="$PATH" HOME="$HOME" docker compose run --rm worker hpo status) | head -3 \
-  || fail "run --rm worker hpo status with only .env"
+bare_out=$(cd "$bare" && env -i PATH="$PATH" HOME="$HOME" docker compose run --rm worker hpo status 2>&1) \
+  || fail "run --rm worker hpo status with only .env: $bare_out"
+echo "\$ docker compose run --rm worker hpo status   # in a directory with only .env, compose files, studies"
+grep -v -e "^ Container" -e "level=warning" <<<"$bare_out" | head -7
 rm -rf "$bare"
 echo "dashboard runs with init: $(docker inspect -f '{{.HostConfig.Init}}' "${COMPOSE_PROJECT_NAME}-dashboard-1")"
 t0=$(date +%s); "${compose[@]}" stop dashboard >/dev/null; echo "dashboard stopped in $(( $(date +%s) - t0 ))s (SIGTERM, not the 10 s kill)"
