@@ -6,10 +6,16 @@
 #   bash scripts/gpu-check.sh [--cpu] [--work DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# This checkout's .venv; else a Python that already has the stack (a GPU machine without network
-# access, say), running the code from src/; else install the .venv.
+# This checkout's .venv; else python3 with the bundle from scripts/gpu-bundle.sh (a GPU machine
+# without network access); else a python3 that already has the stack, running the code from src/;
+# else install the .venv.
 if [ -x .venv/bin/python ]; then
   python=.venv/bin/python
+elif [ -d .gpu-bundle/wheels ]; then
+  site=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu-bundle/wheels/*.whl
+  python=python3
+  export PYTHONPATH="$PWD/src:$site${PYTHONPATH:+:$PYTHONPATH}" HPO_DATA_DIR="$PWD/.gpu-bundle/fashion-mnist"
 elif python3 -c "import torch, optuna, optuna_dashboard, sqlalchemy, click, matplotlib" 2>/dev/null; then
   python=python3
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
