@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # README's "Workers on more hosts", run for real on one machine: the compose stack (CPU override)
 # with PostgreSQL published and artifacts on S3 (moto's S3 server on this host stands in for MinIO
-# or AWS), and a worker on a second "host" (a container outside the compose project, reaching the
-# database and S3 by this host's address) started with one command. Checks that both hosts ran
+# or AWS), and workers on two more "hosts", each started with one command: a container outside the
+# compose project and a pip-installed `hpo worker` in an empty directory, both reaching the database
+# and S3 by this host's address. Checks that both hosts ran
 # trials, that the finalizer's files went to the bucket and that the dashboard serves them.
 #   scripts/hosts-smoke.sh        (after scripts/compose-smoke.sh has built the image)
 set -euo pipefail
@@ -33,7 +34,7 @@ step "this host: up -d --scale worker=1, PostgreSQL published on $HPO_DB_PUBLISH
 "${compose[@]}" run --rm create >/dev/null
 "${compose[@]}" up -d --scale worker=1
 
-step "the second host: one command"
+step "two more hosts: one command each (a container, and a pip install in an empty directory)"
 cat >/tmp/hpo-second-host.env <<ENV
 HPO_STORAGE=postgresql+psycopg2://hpo:$POSTGRES_PASSWORD@$HPO_DB_PUBLISH/hpo
 HPO_STUDY=tiny
@@ -44,6 +45,12 @@ AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY
 HPO_DEVICE=cpu
 HPO_THREADS=1
 ENV
+third=$(mktemp -d)
+echo "env \$(cat worker.env) hpo worker      # in an empty directory, in the background"
+hpo_bin="$PWD/.venv/bin/hpo"   # what `pip install 'hpo-service[s3]'` puts on another host's PATH
+# shellcheck disable=SC2046  # one VAR=value word per line of the file, as `env` wants them
+(cd "$third" && env $(cat /tmp/hpo-second-host.env) "$hpo_bin" worker >"$third/worker.log" 2>&1) &
+pip_worker=$!
 echo "docker run --rm --env-file worker.env $image worker"
 docker run --rm --name hpo-second-host --hostname second-host --env-file /tmp/hpo-second-host.env "$image" worker 2>&1 \
   | grep -E "joins study|worker done" || fail "the second host's worker failed"
@@ -51,6 +58,8 @@ for _ in $(seq 300); do
   [ "$("${compose[@]}" ps --status running -q worker | wc -l)" -eq 0 ] && break
   sleep 1
 done
+wait "$pip_worker" || fail "the pip-installed worker exited non-zero: $(cat "$third/worker.log")"
+grep -E "joins study|worker done" "$third/worker.log"
 
 step "trials by host"
 sql "SELECT a.value_json, count(*) FROM trial_user_attributes a JOIN trials t USING (trial_id) WHERE a.key = 'host' GROUP BY 1 ORDER BY 1"
