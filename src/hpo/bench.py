@@ -329,7 +329,7 @@ def measure(spec: BenchSpec, workers: int = 0, rounds: int = 3) -> dict[str, Any
     if importlib.util.find_spec("torchvision") is None:  # the notebook pipeline is torchvision's
         raise HpoError(
             "hpo bench compares against the notebook pipeline, which needs torchvision: "
-            "pip install 'hpo-service[bench]' (the CPU image leaves it out)."
+            "pip install 'hpo-service[bench]'."
         )
     result = run(spec, workers, rounds)
     result["model_parameters"] = count_parameters(DynamicCNN(TrialParams.from_flat(spec.params).model))
