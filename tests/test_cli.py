@@ -151,6 +151,28 @@ def test_a_time_budget_too_short_for_one_trial_and_the_finalizer_creates_no_stud
         ("[final]", "speed_tie = -1", "[final] speed_tie must not be negative (0 turns it off), got -1.0"),
         ("[final]", 'fill = "seed"', "[final] fill 'seed' is not known. Did you mean 'seeds'? Use one of: none, seeds"),
         ("[augment]", "erase = 1.5", "[augment] erase must be a probability in [0, 1], got 1.5"),
+        (
+            "[pruner]",
+            "n_warmup_steps = -1",
+            "[pruner] n_warmup_steps = -1 is out of range: MedianPruner needs an integer of at least 0. Fix the value.",
+        ),
+        (
+            "[pruner]",
+            "interval_steps = 0",
+            "[pruner] interval_steps = 0 is out of range: MedianPruner needs an integer",
+        ),
+        (
+            "[pruner]",
+            'n_min_trials = "2"',
+            '[pruner] n_min_trials = "2" is out of range: MedianPruner needs an integer',
+        ),
+        (
+            "[sampler]",
+            "n_startup_trials = -3",
+            "[sampler] n_startup_trials = -3 is out of range: TPESampler needs an integer of at least 0",
+        ),
+        ("[sampler]", "multivariate = 1", "[sampler] multivariate = 1 is out of range: TPESampler needs true or false"),
+        ("[train]", "warmup_epochs = -1", "[train] warmup_epochs must not be negative, got -1.0"),
     ],
 )
 def test_bad_budget_and_final_settings_name_the_key(run, tmp_path, section, line, text):
@@ -168,6 +190,32 @@ def test_bad_budget_and_final_settings_name_the_key(run, tmp_path, section, line
     bad = tmp_path / "bad.toml"
     bad.write_text(source.replace(f"{section}\n", f"{section}\n{line}\n", 1))
     assert_user_error(run("optimize", "--study", str(bad)), text)
+    assert_user_error(run("create", "--study", str(bad), "--explain"), text)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_pruner_value_of_another_pruner_names_the_option_and_its_range(run, tmp_path):
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[1] / "studies" / "tiny.toml").read_text()
+    pruner = '[pruner]\nname = "hyperband"\nreduction_factor = 1\n'
+    start, end = source.index("[pruner]"), source.index("[augment]")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(source[:start] + pruner + "\n" + source[end:])
+    text = "[pruner] reduction_factor = 1 is out of range: HyperbandPruner needs an integer of at least 2"
+    assert_user_error(run("create", "--study", str(bad), "--explain"), text)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", ["a/b", "../up", ".hidden", "x" * 65, "tab\tname"])
+def test_a_study_name_that_cannot_be_a_file_name_is_refused(run, tmp_path, name):
+    import json
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[1] / "studies" / "tiny.toml").read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(source.replace('name = "tiny"', f"name = {json.dumps(name)}"))
+    assert_user_error(run("create", "--study", str(bad)), "name must be letters, digits, '.', '_' or '-'")
     assert not (tmp_path / "runs").exists()
 
 

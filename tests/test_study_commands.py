@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from optuna.trial import TrialState, create_trial
 
-from hpo import artifacts, config
+from hpo import artifacts, config, optuna_compat
 from hpo import storage as storage_mod
 from hpo import study as study_mod
 from hpo.cli import cli
@@ -117,8 +117,37 @@ def test_extend_raises_the_stored_budget_and_status_shows_it(url):
 def test_extend_to_fewer_trials_than_finished_is_refused_and_changes_nothing(url):
     a_study(url)
     line = one_line_error(hpo("extend", "--study", "tiny", "--storage", url, "--trials", "3"))
-    assert "has 3 finished trials already; extend it to more than that" in line
+    assert "has 3 finished trials already; extend it to at least 4" in line
     assert study_mod.current_budget(study_mod.load(storage_mod.open_storage(url), "tiny")[0]) == 8
+
+
+def test_extend_below_finished_plus_running_is_refused(url):
+    study = a_study(url)  # 3 finished
+    for _ in range(2):
+        study.ask()  # two trials running: they will finish and count
+    line = one_line_error(hpo("extend", "--study", "tiny", "--storage", url, "--trials", "4"))
+    assert "has 3 finished trials and 2 running already; extend it to at least 5" in line
+    assert study_mod.current_budget(study) == 8
+    assert hpo("extend", "--study", "tiny", "--storage", url, "--trials", "5").exit_code == 0
+
+
+def test_a_study_whose_stored_pruner_no_longer_builds_can_be_shown_and_deleted(url):
+    """Settings stored by an older hpo or Optuna that this Optuna refuses: reading commands work,
+    a search says in one line why it cannot run, and delete removes the study."""
+    study = a_study(url)
+    storage = optuna_compat.study_storage(study)
+    raw = storage.get_study_system_attrs(optuna_compat.study_id(study))[study_mod.CONFIG_ATTR]
+    raw["pruner"]["options"]["n_warmup_steps"] = -1  # MedianPruner raises ValueError on it
+    storage.set_study_system_attr(optuna_compat.study_id(study), study_mod.CONFIG_ATTR, raw)
+
+    assert json.loads(hpo("status", "--study", "tiny", "--storage", url, "--json").output)["finished"] == 3
+    assert hpo("studies", "--storage", url).exit_code == 0
+    assert hpo("best", "--study", "tiny", "--storage", url).exit_code == 0
+    line = one_line_error(hpo("create", "--study", "tiny", "--storage", url))
+    assert "stored [pruner] settings" in line and "n_warmup_steps" in line and "hpo status` and `hpo delete`" in line
+    out = hpo("delete", "--study", "tiny", "--storage", url, "--yes")
+    assert out.exit_code == 0 and "deleted study 'tiny'" in out.output, out.output
+    assert not study_mod.exists(storage_mod.open_storage(url), "tiny")
 
 
 def test_delete_removes_the_study_and_its_artifacts_and_nothing_else(url, tmp_path):

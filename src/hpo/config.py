@@ -49,6 +49,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d*)?)\s*(h|m|s)")
 DURATION_HELP = "a duration such as 90s, 10m, 1h or 1h30m"
 
 
+STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 DEFAULT_TRIALS = 50  # [budget] n_trials when a study file gives none
 DEFAULT_EPOCHS = 10  # [budget] epochs likewise
 
@@ -333,14 +334,15 @@ class _Reader:
                 self.fail(f"unknown key {key!r}.{hint} Remove it or fix its spelling.")
 
 
-def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
-    """A study file's tables as a StudyConfig: each section read by its dataclass, then checked."""
+def parse(raw: dict[str, Any], source: str = "<study>", check_options: bool = True) -> StudyConfig:
+    """A study file's tables as a StudyConfig: each section read by its dataclass, then checked
+    (`check_options=False`: the sampler's and pruner's options as they are, see _component)."""
     top = _Reader(raw, "", source)
     name, description, metric, direction, seed = _header(top)
     budget_table = top.table("budget")
     budget = _check_budget(budget_table, budget_table.section(Budget, time_s=_duration(budget_table, "time")))
-    sampler = _component(top.table("sampler"), SAMPLERS, "tpe", "optuna.samplers")
-    pruner = _component(top.table("pruner"), PRUNERS, "median", "optuna.pruners")
+    sampler = _component(top.table("sampler"), SAMPLERS, "tpe", "optuna.samplers", check_options)
+    pruner = _component(top.table("pruner"), PRUNERS, "median", "optuna.pruners", check_options)
     augment_table = top.table("augment")
     augment = _check_augment(augment_table, augment_table.section(Augment))
     train_table = top.table("train")
@@ -370,8 +372,12 @@ def parse(raw: dict[str, Any], source: str = "<study>") -> StudyConfig:
 def _header(top: _Reader) -> tuple[str, str, str, str, int]:
     """The file's top-level keys: name, description, metric, direction (fixed by the metric) and seed."""
     name = top.get("name", str)
-    if not name or any(c.isspace() for c in name):
-        top.fail(f"name must be a non-empty word without spaces, got {name!r}")
+    if not STUDY_NAME.fullmatch(name):
+        # The name becomes part of file paths (runs/NAME/, lock files beside the database).
+        top.fail(
+            f"name must be letters, digits, '.', '_' or '-' (at most 64, not starting with '.'), got {name!r}. "
+            "Rename the study."
+        )
     description = top.get("description", str, "")
     metric = top.get("metric", str, "val_accuracy")
     if metric not in METRICS:
@@ -481,25 +487,120 @@ def _duration(table: _Reader, key: str) -> float | None:
     raise AssertionError("unreachable")
 
 
-def _component(table: _Reader, known: dict[str, str], default: str, module: str) -> Component:
+# What a study file may give each sampler or pruner option: (kind, least, most, also allowed).
+# Optuna checks some of these only when a trial is pruned, and some never; a study whose settings
+# cannot build would stop every command that loads it, so they are checked before anything is stored.
+_OPTION_RULES: dict[str, tuple[str, float | None, float | None, tuple[Any, ...]]] = {
+    "n_startup_trials": ("int", 0, None, ()),
+    "n_warmup_steps": ("int", 0, None, ()),
+    "interval_steps": ("int", 1, None, ()),
+    "n_min_trials": ("int", 1, None, ()),
+    "percentile": ("float", 0.0, 100.0, ()),
+    "min_resource": ("int", 1, None, ("auto",)),
+    "max_resource": ("int", 1, None, ("auto",)),
+    "reduction_factor": ("int", 2, None, ()),
+    "min_early_stopping_rate": ("int", 0, None, ()),
+    "bootstrap_count": ("int", 0, None, ()),
+    "n_ei_candidates": ("int", 1, None, ()),
+    "prior_weight": ("float", 1e-12, None, ()),
+    "qmc_type": ("str", None, None, ("sobol", "halton")),
+}
+_BOOL_OPTIONS = (
+    "multivariate",
+    "constant_liar",
+    "group",
+    "consider_prior",
+    "consider_magic_clip",
+    "consider_endpoints",
+)
+_BOOL_OPTIONS += ("scramble", "warn_independent_sampling", "warn_asynchronous_seeding")
+
+
+def _allowed(rule: tuple[str, float | None, float | None, tuple[Any, ...]]) -> str:
+    kind, least, most, also = rule
+    if kind == "str":
+        return "one of " + ", ".join(repr(v) for v in also)
+    what = "an integer" if kind == "int" else "a number"
+    if least is not None and most is not None:
+        what += f" from {least:g} to {most:g}"
+    elif least is not None:
+        what += " above 0" if kind == "float" and 0 < least < 1e-6 else f" of at least {least:g}"
+    return what + "".join(f" or {v!r}" for v in also)
+
+
+def _option_problem(key: str, value: Any) -> str | None:
+    """Why `value` is not a valid value of option `key`, as the allowed range; None if it is."""
+    if key in _BOOL_OPTIONS:
+        return None if isinstance(value, bool) else "true or false"
+    rule = _OPTION_RULES.get(key)
+    if rule is None:
+        return None
+    kind, least, most, also = rule
+    if value in also and isinstance(value, str):
+        return None
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = (
+        kind == "int"
+        and isinstance(value, int)
+        and numeric
+        or kind == "float"
+        and numeric
+        and math.isfinite(value)
+        or kind == "str"
+        and value in also
+    )
+    if ok and kind != "str":
+        ok = (least is None or value >= least) and (most is None or value <= most)
+    return None if ok else _allowed(rule)
+
+
+def _component(
+    table: _Reader, known: dict[str, str], default: str, module: str, check_options: bool = True
+) -> Component:
+    """A [sampler] or [pruner] table. `check_options=False` (settings already stored in a study) keeps
+    the options as they are, so a study that no longer builds can still be listed, shown and deleted."""
     name = table.get("name", str, default)
     if name not in known:
         table.fail(_not_known("name", name, list(known)))
     options = {k: value for k, value in table.raw.items() if k != "name"}
-    import importlib
-
-    cls = getattr(importlib.import_module(module), known[name])
-    accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "seed")]
-    for key in options:
-        if key not in accepted:
-            table.fail(
-                f"{known[name]} has no option {key!r}.{_did_you_mean(key, accepted)} Options: {', '.join(accepted)}"
-            )
+    if check_options:
+        _check_options(table, known[name], module, options)
     if name == "tpe":
         # Parallel workers need constant_liar or they pile onto the same promising point; multivariate
         # TPE models the parameters jointly. Both are right for this service's parallel workers.
         options = {"multivariate": True, "constant_liar": True, **options}
     return Component(name=name, options=options)
+
+
+def _check_options(table: _Reader, class_name: str, module: str, options: dict[str, Any]) -> None:
+    """Each option is a keyword of the class, of an allowed value, and the class builds with them."""
+    import importlib
+    import warnings
+
+    cls = getattr(importlib.import_module(module), class_name)
+    accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "seed")]
+    for key, value in options.items():
+        if key not in accepted:
+            table.fail(
+                f"{class_name} has no option {key!r}.{_did_you_mean(key, accepted)} Options: {', '.join(accepted)}"
+            )
+        if isinstance(value, (dict, list)):
+            table.fail(f"{key} = {value!r}: {class_name}'s {key} cannot be given in a study file. Remove it.")
+        problem = _option_problem(key, value)
+        if problem is not None:
+            table.fail(f"{key} = {_toml_value(value)} is out of range: {class_name} needs {problem}. Fix the value.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation notices: the option still works
+        for key, value in options.items():  # one at a time first, so the message names the option
+            try:
+                cls(**{key: value})
+            except Exception as e:  # noqa: BLE001: Optuna raises ValueError or TypeError, or others
+                table.fail(f"{key} = {_toml_value(value)} is refused by {class_name}: {e}. Fix the value.")
+        try:
+            cls(**options)
+        except Exception as e:  # noqa: BLE001
+            given = ", ".join(f"{k} = {_toml_value(v)}" for k, v in options.items())
+            table.fail(f"{class_name} refuses these options together ({given}): {e}. Fix one of them.")
 
 
 def _space(table: _Reader) -> dict[str, ParamSpec]:
@@ -592,7 +693,9 @@ def _check_domain(space: dict[str, ParamSpec], table: _Reader) -> None:
 
 
 def from_dict(stored: dict[str, Any], source: str) -> StudyConfig:
-    """Rebuild a config recorded in a study (the inverse of StudyConfig.to_dict)."""
+    """Rebuild a config recorded in a study (the inverse of StudyConfig.to_dict). The sampler's and
+    pruner's options are not checked here: they are built (and their errors reported) only where a
+    search runs, so a study they no longer build for (after an Optuna upgrade) can still be read."""
     raw = dict(stored)
     for key in ("budget", "augment", "train", "final", "checkpoints", "warm_start"):
         if key in stored:  # studies created before a section existed get its defaults
@@ -603,7 +706,7 @@ def from_dict(stored: dict[str, Any], source: str) -> StudyConfig:
         raw["budget"]["time"] = raw["budget"].pop("time_s")
     raw["sampler"] = {"name": stored["sampler"]["name"], **stored["sampler"]["options"]}
     raw["pruner"] = {"name": stored["pruner"]["name"], **stored["pruner"]["options"]}
-    return parse(raw, source=source)
+    return parse(raw, source=source, check_options=False)
 
 
 def summary(cfg: StudyConfig) -> str:

@@ -32,11 +32,26 @@ FINAL_ATTR = "hpo:final"
 
 def make_sampler(cfg: StudyConfig, seed: int | None) -> optuna.samplers.BaseSampler:
     cls = getattr(optuna.samplers, config.SAMPLERS[cfg.sampler.name])
-    return cls(seed=seed, **cfg.sampler.options)
+    return _built(cfg, "sampler", lambda: cls(seed=seed, **cfg.sampler.options))
 
 
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
-    return getattr(optuna.pruners, config.PRUNERS[cfg.pruner.name])(**cfg.pruner.options)
+    cls = getattr(optuna.pruners, config.PRUNERS[cfg.pruner.name])
+    return _built(cfg, "pruner", lambda: cls(**cfg.pruner.options))
+
+
+def _built(cfg: StudyConfig, section: str, build: Any) -> Any:
+    """The sampler or pruner the stored settings describe, or a ConfigError that says what to do
+    (a study file is checked before it is stored; this catches settings a newer Optuna refuses)."""
+    try:
+        return build()
+    except Exception as e:  # noqa: BLE001: Optuna raises ValueError, TypeError or its own errors
+        component = getattr(cfg, section)
+        raise ConfigError(
+            f"study {cfg.name!r}: its stored [{section}] settings ({component.name}, {component.options}) no "
+            f"longer build with Optuna {optuna.__version__} ({type(e).__name__}: {e}). `hpo status` and `hpo "
+            "delete` still work; to search on, create a new study with valid settings."
+        ) from e
 
 
 def _stored_raw(study: optuna.Study) -> dict[str, Any] | None:
@@ -155,9 +170,7 @@ def exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
     return name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
 
 
-def load(
-    storage: optuna.storages.BaseStorage, name: str, sampler_seed: int | None = None
-) -> tuple[optuna.Study, StudyConfig]:
+def load(storage: optuna.storages.BaseStorage, name: str) -> tuple[optuna.Study, StudyConfig]:
     """Open an existing study by name; its settings come from the study, no file needed."""
     try:
         study = optuna.load_study(study_name=name, storage=storage)
@@ -171,8 +184,8 @@ def load(
     stored = _stored_config(study)
     if stored is None:
         raise StorageError(f"study {name!r} was not created by hpo (it has no {CONFIG_ATTR} attribute).")
-    study.sampler = make_sampler(stored, sampler_seed)
-    study.pruner = make_pruner(stored)
+    # No sampler or pruner is built here: only a search needs them (create_or_load builds them), and
+    # a study whose stored settings no longer build must still be shown, extended and deleted.
     return study, stored
 
 
@@ -420,11 +433,16 @@ EXTENDED_ATTR = "hpo:extended"  # each `hpo extend`: when, and the budget before
 def extend(study: optuna.Study, cfg: StudyConfig, n_trials: int | None, time_s: float | None) -> StudyConfig:
     """Raise the stored trial budget and/or give the study a new time budget from now. Workers read the
     budget before every trial, so running ones go on to it, and restarted ones start with it."""
-    finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
-    if n_trials is not None and n_trials <= finished:
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in FINISHED for t in trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    # Running trials will finish and count: a budget below finished + running would end over budget.
+    least = max(finished + 1, finished + running)
+    if n_trials is not None and n_trials < least:
+        now = f"{finished} finished trials" + (f" and {running} running" if running else "")
         raise ConfigError(
-            f"study {study.study_name!r} has {finished} finished trials already; extend it to more "
-            f"than that (--trials {finished + 10}, say), or leave --trials out."
+            f"study {study.study_name!r} has {now} already; extend it to at least {least} "
+            f"(--trials {least + 10}, say), or leave --trials out."
         )
     new = cfg
     if n_trials is not None:
