@@ -594,11 +594,11 @@ def _check_options(table: _Reader, class_name: str, module: str, options: dict[s
         for key, value in options.items():  # one at a time first, so the message names the option
             try:
                 cls(**{key: value})
-            except Exception as e:  # noqa: BLE001: Optuna raises ValueError or TypeError, or others
+            except Exception as e:  # Optuna raises ValueError or TypeError, or others
                 table.fail(f"{key} = {_toml_value(value)} is refused by {class_name}: {e}. Fix the value.")
         try:
             cls(**options)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             given = ", ".join(f"{k} = {_toml_value(v)}" for k, v in options.items())
             table.fail(f"{class_name} refuses these options together ({given}): {e}. Fix one of them.")
 

@@ -45,7 +45,7 @@ def _built(cfg: StudyConfig, section: str, build: Any) -> Any:
     (a study file is checked before it is stored; this catches settings a newer Optuna refuses)."""
     try:
         return build()
-    except Exception as e:  # noqa: BLE001: Optuna raises ValueError, TypeError or its own errors
+    except Exception as e:  # Optuna raises ValueError, TypeError or its own errors
         component = getattr(cfg, section)
         raise ConfigError(
             f"study {cfg.name!r}: its stored [{section}] settings ({component.name}, {component.options}) no "
