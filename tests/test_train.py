@@ -164,3 +164,100 @@ def test_replan_changes_the_epochs_and_the_schedule_ends_at_zero():
     assert asked == [(1, 6), (2, 3), (3, 3)]
     # 64 images at batch 32: 2 steps an epoch; the last of the 6 steps has the cosine's last value.
     assert history[-1].lr == pytest.approx(get_lr(5, 6, PARAMS["lr"], "cosine", 0))
+
+
+def _snapshot_after(params: dict, run: TrainingRun, data: DeviceData, val: DeviceData, epoch: int) -> dict:
+    snapshots: list[dict] = []
+    fit(model_of(params, 5), data, val, run, on_snapshot=snapshots.append)
+    return snapshots[epoch - 1]
+
+
+def test_a_trial_checkpoint_is_loaded_on_the_cpu_whatever_the_trials_device(tmp_path):
+    """The generator and RNG setters take CPU byte tensors only: a checkpoint loaded straight onto a
+    GPU (map_location=device) made every resume on a GPU host crash. The loader keeps all on the CPU."""
+    import optuna
+
+    from hpo import artifacts, attrs, checkpoints
+    from hpo.objective import load_resume_state
+
+    data, val = synthetic(64), synthetic(32, seed=1)
+    run = run_of(PARAMS, TrainSettings(), Augment(), 3, 5)
+    state = _snapshot_after(PARAMS, run, data, val, 1)
+    params = TrialParams.from_flat(PARAMS)
+    store = artifacts.open_store(str(tmp_path / "artifacts"))
+    trial = optuna.create_study().ask()
+    payload = {**state, "format": checkpoints.TRIAL_FORMAT, "params": params.flat(), "seed": 5}
+    artifact_id = artifacts.upload_bytes(store, trial, "checkpoint-epoch1.pt", artifacts.torch_bytes(payload))
+    trial.set_user_attr(attrs.CHECKPOINT, {"artifact_id": artifact_id, "epoch": 1})
+
+    loaded = load_resume_state(store, trial, params, 5)
+    assert loaded is not None and loaded["device"] == "cpu"
+    for key in ("generator", "rng"):
+        assert (loaded[key].device.type, loaded[key].dtype) == ("cpu", torch.uint8), key
+    assert all(t.device.type == "cpu" for t in loaded["model"].values())
+
+
+class _RecordingGenerator:
+    """Stands in for a CUDA generator, which this machine cannot make: records what it is handed."""
+
+    def __init__(self) -> None:
+        self.states: list[torch.Tensor] = []
+        self.seeds: list[int] = []
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.states.append(state)
+
+    def manual_seed(self, seed: int) -> None:
+        self.seeds.append(seed)
+
+
+def test_a_gpu_snapshot_resumes_on_a_gpu_with_cpu_byte_tensors(monkeypatch):
+    from hpo.train import restore_random_state
+
+    handed: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: handed.append(state))
+    cuda_state = torch.arange(16, dtype=torch.uint8)  # a CUDA generator's state: seed and offset
+    resume = {"generator": cuda_state.clone(), "rng": cuda_state.clone(), "device": "cuda", "epoch": 2}
+    generator = _RecordingGenerator()
+    assert restore_random_state(resume, generator, 5, torch.device("cuda:0"))  # type: ignore[arg-type]
+    for state in [*generator.states, *handed]:
+        assert (state.device.type, state.dtype) == ("cpu", torch.uint8)
+        assert torch.equal(state, cuda_state)
+    assert len(generator.states) == len(handed) == 1
+
+
+def test_a_cpu_snapshot_on_a_gpu_reseeds_instead_of_crashing(monkeypatch):
+    from hpo.train import restore_random_state
+
+    data, val = synthetic(64), synthetic(32, seed=1)
+    state = _snapshot_after(PARAMS, run_of(PARAMS, TrainSettings(), Augment(), 3, 5), data, val, 2)
+    seeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeded.append)
+    generator = _RecordingGenerator()
+    assert not restore_random_state(state, generator, 5, torch.device("cuda:0"))  # type: ignore[arg-type]
+    assert generator.states == [] and generator.seeds == seeded and len(seeded) == 1
+
+
+def test_a_snapshot_written_on_a_gpu_resumes_on_the_cpu():
+    """A trial killed on a GPU host and retried on a CPU host: the weights, optimizer and history
+    carry on from the GPU's epoch; the random streams restart from a seed (no bit-exactness across
+    device types), where before the CPU generator refused the 16-byte CUDA state and the retry died."""
+    data, val = synthetic(), synthetic(64, seed=1)
+    run = run_of(PARAMS, TrainSettings(schedule="cosine"), Augment(2, True), 4, 5)
+    state = _snapshot_after(PARAMS, run, data, val, 2)
+    # What the same snapshot holds when written on a GPU: CUDA generator states, tagged "cuda".
+    gpu_state = {**state, "generator": torch.arange(16, dtype=torch.uint8), "rng": torch.arange(16, dtype=torch.uint8)}
+    gpu_state["device"] = "cuda"
+    resumed = fit(model_of(PARAMS, 99), data, val, run, resume=gpu_state)
+    assert [s.epoch for s in resumed] == [1, 2, 3, 4]
+    assert [s.train_loss for s in resumed[:2]] == [row["train_loss"] for row in state["history"]]
+    assert all(math.isfinite(s.train_loss) for s in resumed)
+    # The weights did carry on: epoch 3 starts from epoch 2's model, not from a fresh one.
+    fresh = fit(model_of(PARAMS, 99), data, val, dataclasses_replace(run, epochs=1))
+    assert resumed[2].train_loss < fresh[0].train_loss
+
+
+def dataclasses_replace(run: TrainingRun, **changes) -> TrainingRun:
+    import dataclasses
+
+    return dataclasses.replace(run, **changes)

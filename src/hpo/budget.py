@@ -20,6 +20,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.config import StudyConfig
+from hpo.optuna_compat import study_engine
+from hpo.storage import database_time
 from hpo.trials import FINISHED, best_first, value
 
 log = logging.getLogger(__name__)
@@ -55,24 +57,45 @@ def slack_s(time_s: float) -> float:
 
 @dataclass(frozen=True)
 class Deadline:
-    at: float  # unix seconds
+    """The study's deadline, by the database's clock: every host stops starting trials at the same
+    moment whatever its own clock says (the reaper judges heartbeats by that clock too)."""
+
+    at: float  # unix seconds, database clock
     time_s: float  # the budget it was set from
-    set_at: float  # unix seconds
+    set_at: float  # unix seconds, database clock
+    offset_s: float = 0.0  # this host's clock plus this is the database's (measured when read; not stored)
+
+    def now(self) -> float:
+        """Unix seconds by the database's clock."""
+        return time.time() + self.offset_s
 
     def left(self, now: float | None = None) -> float:
-        return self.at - (time.time() if now is None else now)
+        return self.at - (self.now() if now is None else now)
+
+
+def clock_offset(study: optuna.Study) -> float:
+    """Seconds to add to this host's clock to read the database's (0 for a storage without one)."""
+    engine = study_engine(study)
+    if engine is None:
+        return 0.0
+    before = time.time()
+    database = database_time(engine)
+    return database - (before + time.time()) / 2
 
 
 def set_deadline(study: optuna.Study, time_s: float, now: float | None = None) -> Deadline:
-    now = time.time() if now is None else now
-    deadline = Deadline(at=now + time_s, time_s=time_s, set_at=now)
-    study.set_user_attr(DEADLINE_ATTR, asdict(deadline))
+    """Start the study's clock `time_s` before its deadline: from `now` (this host's unix seconds,
+    such as when the command started), or from this moment."""
+    offset = clock_offset(study)
+    start = (time.time() if now is None else now) + offset
+    deadline = Deadline(at=start + time_s, time_s=time_s, set_at=start, offset_s=offset)
+    study.set_user_attr(DEADLINE_ATTR, {"at": deadline.at, "time_s": time_s, "set_at": start})
     return deadline
 
 
 def get_deadline(study: optuna.Study) -> Deadline | None:
     raw = study.user_attrs.get(DEADLINE_ATTR)
-    return Deadline(**raw) if raw else None
+    return Deadline(raw["at"], raw["time_s"], raw["set_at"], clock_offset(study)) if raw else None
 
 
 # --------------------------------------------------------------------------- costs
@@ -206,7 +229,7 @@ class Plan:
 def plan_trial(
     study: optuna.Study, cfg: StudyConfig, deadline: Deadline, final_threads: int, now: float | None = None
 ) -> Plan:
-    now = time.time() if now is None else now
+    now = deadline.now() if now is None else now
     costs, calibrated = measured(study), calibration(study)
     estimate = trial_estimate(cfg, costs, calibrated)
     reserve = final_reserve(study, cfg, final_threads, costs, calibrated, deadline.time_s)
@@ -252,7 +275,7 @@ def minimum_budget(
 def describe_deadline(deadline: Deadline | None, now: float | None = None) -> dict[str, Any] | None:
     if deadline is None:
         return None
-    now = time.time() if now is None else now
+    now = deadline.now() if now is None else now
     return {
         "time_s": deadline.time_s,
         "deadline": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(deadline.at)),

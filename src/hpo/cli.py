@@ -203,7 +203,7 @@ def optimize(
     from hpo import study as study_mod
     from hpo.devices import threads_per_worker
 
-    started_at = time.time()
+    started_at = _PROCESS_STARTED_AT or time.time()  # the clock covers this process's start-up too
     cfg = config.load(study_arg)
     time_s = _parse_time(time_budget) if time_budget else cfg.budget.time_s
     directory = data.find_data_dir(data_dir)
@@ -216,12 +216,13 @@ def optimize(
         f"artifacts {location}{_time_note(budget.get_deadline(study))}"
     )
     args = launch.worker_args(study_arg, opened.url, directory, location, device)
+    finished_before = study_mod.summary(study, cfg, opened.storage)["finished"]
     try:
         launch.run_workers(study, cfg, opened.storage, workers, threads, args)
     finally:
         click.echo(_format_status(study_mod.summary(study, cfg, opened.storage)))
     if run_final:
-        metrics = final.after_search(study, cfg, opened.storage, directory, device, artifact_store)
+        metrics = final.after_search(study, cfg, opened.storage, directory, device, artifact_store, finished_before)
         _echo_final(metrics, storage_mod.final_dir(cfg.name), cfg.name)
     click.echo(f"wall time {time.time() - started_at:.0f}s")
 
@@ -759,5 +760,10 @@ def export(
         )
 
 
+_PROCESS_STARTED_AT: float | None = None  # set by main(): `hpo` run as a command, not in-process
+
+
 def main() -> None:
+    global _PROCESS_STARTED_AT
+    _PROCESS_STARTED_AT = time.time()
     cli(prog_name="hpo")

@@ -528,8 +528,11 @@ def after_search(
     directory: Path,
     device: str | None,
     artifact_store: Any,
+    finished_before: int | None = None,
 ) -> dict[str, Any]:
-    """`optimize --final`: the finalizer in this process, within what is left of the time budget."""
+    """`optimize --final`: the finalizer in this process, within what is left of the time budget.
+    `finished_before`: the study's finished trials when the command started; if the search added
+    none and the study has a published model, it is kept."""
     from hpo.devices import place
 
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
@@ -537,19 +540,25 @@ def after_search(
             f"--final: study {cfg.name!r} has no COMPLETE trial after the search, so there is nothing "
             "to retrain. Give a longer --time (or more [budget] n_trials) and run again."
         )
+    deadline = budget.get_deadline(study)
+    published = study.user_attrs.get(FINAL_ATTR)
+    if published and finished_before is not None and _finished(study) == finished_before:
+        # Nothing new to retrain from, and inside a spent budget the retrain could only be shorter.
+        left = "" if deadline is None else f" with {max(0.0, deadline.left()):.0f}s of its time budget left"
+        raise HpoError(
+            f"--final: the search finished no new trial{left}, so the published model (test accuracy "
+            f"{100 * published['test_accuracy']:.2f} %) is kept. Give more time (`hpo extend --study "
+            f"{cfg.name} --time 10m`, or --time 10m), or retrain by hand with `hpo final-train`."
+        )
     # A GPU for the finalizer without taking a worker's claim on it (the workers have exited).
     placement = place(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     return final_train(
-        study,
-        cfg,
-        directory,
-        placement,
-        final_dir(cfg.name),
-        None,
-        artifact_store,
-        storage,
-        deadline=budget.get_deadline(study),
+        study, cfg, directory, placement, final_dir(cfg.name), None, artifact_store, storage, deadline=deadline
     )
+
+
+def _finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=trials_mod.FINISHED))
 
 
 def _result_files(

@@ -49,7 +49,24 @@ def prepare(
         budget.set_deadline(study, clock, now=started_at)
         if calibrated is not None and budget.calibration(study) is None:
             study.set_user_attr(budget.CALIBRATION_ATTR, dataclasses.asdict(calibrated))
+    else:
+        refuse_spent_budget(study, cfg)
     return study, cfg
+
+
+def refuse_spent_budget(study: optuna.Study, cfg: StudyConfig) -> None:
+    """A study whose time budget has run out starts no trial, and a finalizer would train only the
+    seconds that are left, replacing the published model with a worse one: refuse, changing nothing."""
+    deadline = budget.get_deadline(study)
+    if deadline is None or deadline.left() > 0:
+        return
+    ended = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(deadline.at))
+    kept = " (the published model stays as it is)" if study.user_attrs.get(study_mod.FINAL_ATTR) else ""
+    raise HpoError(
+        f"study {cfg.name!r}: its time budget of {format_duration(deadline.time_s)} is spent (it ended at "
+        f"{ended}), so nothing was run{kept}. Give it more time: `hpo extend --study {cfg.name} --time 10m`, "
+        "or run again with --time 10m."
+    )
 
 
 def check_time_budget(

@@ -22,7 +22,16 @@ from hpo.errors import HpoError
 from hpo.model import count_parameters
 from hpo.optuna_compat import trial_id
 from hpo.params import TrialParams
-from hpo.train import EpochStats, TrainingDiverged, TrainingRun, evaluate, fit, seconds_per_image, seeded_model
+from hpo.train import (
+    EpochStats,
+    TrainingDiverged,
+    TrainingRun,
+    evaluate,
+    fit,
+    seconds_per_image,
+    seeded_model,
+    snapshot_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +78,17 @@ def history_row(stats: EpochStats) -> dict[str, float]:
     }
 
 
-def load_resume_state(
-    artifact_store, trial: optuna.Trial, params: TrialParams, seed: int, device: torch.device
-) -> dict | None:
-    """The training state a retried trial inherited from the trial that crashed, if it is usable."""
+def load_resume_state(artifact_store, trial: optuna.Trial, params: TrialParams, seed: int) -> dict | None:
+    """The training state a retried trial inherited from the trial that crashed, if it is usable,
+    with every tensor on the CPU."""
     pointer = trial.user_attrs.get(CHECKPOINT_ATTR)
     if artifact_store is None or not pointer:
         return None
     try:
         raw = artifacts.read_bytes(artifact_store, pointer["artifact_id"])
-        state = torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
+        # On the CPU whatever the device: the generator and RNG setters take CPU byte tensors only,
+        # and fit's load_state_dict calls move the weights and optimizer state to the device.
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # a missing or truncated file: train from the start rather than fail
         log.warning(
             "trial %d: cannot read checkpoint %s (%s); starting at epoch 1", trial.number, pointer.get("artifact_id"), e
@@ -161,7 +171,7 @@ class TrialRun:
             trial.set_user_attr(key, value)
         if trial.user_attrs.get(CHECKPOINT_ATTR):
             artifacts.disown_inherited(trial)
-        resume = load_resume_state(self.store, trial, self.params, self.seed, placement.device)
+        resume = load_resume_state(self.store, trial, self.params, self.seed)
         if resume is not None:
             self.replay(resume)
         checkpointing = self.store is not None and cfg.checkpoints.every_epoch
@@ -211,6 +221,8 @@ class TrialRun:
             if stats.epoch not in reported:
                 trial.report(self.value_of(stats), stats.epoch)
         trial.set_user_attr("resumed_from_epoch", resume["epoch"])
+        # Exact only on the device type the snapshot came from (train.restore_random_state).
+        trial.set_user_attr("resumed_exactly", snapshot_device(resume) == self.placement.device.type)
         log.info(
             "trial %d resumes after epoch %d from checkpoint %s",
             trial.number,

@@ -20,6 +20,7 @@ __all__ = [
     "heartbeat_ages",
     "last_heartbeats",
     "stale_trial_ids",
+    "study_engine",
     "study_id",
     "study_storage",
     "trial_id",
@@ -36,6 +37,13 @@ def study_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
     """The storage a loaded study writes through (Optuna's cache in front of our RDBStorage): study
     system attributes have no public setter, and our settings and artifact entries live there."""
     return study._storage
+
+
+def study_engine(study: optuna.Study) -> sqlalchemy.Engine | None:
+    """The SQLAlchemy engine under a loaded study's storage (None for other storages): the time
+    budget reads the database's clock through it. Optuna wraps an RDBStorage in a private cache."""
+    storage = getattr(study._storage, "_backend", study._storage)
+    return getattr(storage, "engine", None)
 
 
 def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:

@@ -123,6 +123,17 @@ def connection_error(e: BaseException) -> BaseException | None:
     return None
 
 
+def database_time(engine: Engine) -> float:
+    """Unix seconds by the database server's clock, the one clock every host of a study shares
+    (heartbeats are stamped with it). SQLite's is this host's own."""
+    if engine.dialect.name == "sqlite":
+        query = "SELECT (julianday('now') - 2440587.5) * 86400.0"
+    else:
+        query = "SELECT EXTRACT(EPOCH FROM clock_timestamp())"
+    with engine.connect() as conn:
+        return float(conn.exec_driver_sql(query).scalar_one())
+
+
 def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 

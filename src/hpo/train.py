@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from hpo.data import DeviceData
 from hpo.devices import autocast_dtype
 from hpo.model import DynamicCNN, ModelSpec
 from hpo.params import OptimizerSettings, TrialParams
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -155,10 +158,10 @@ def fit(
     history: list[EpochStats] = []
     step = 0
     if resume is not None:
+        # Weights and optimizer state move to this device (load_state_dict copies them there).
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        generator.set_state(resume["generator"])
-        _set_rng_state(resume["rng"], device)
+        restore_random_state(resume, generator, run.seed, device)
         step = resume["step"]
         history = [EpochStats(**s) for s in resume["history"]]
     forward = torch.compile(model) if settings.compile else model
@@ -201,6 +204,7 @@ def _snapshot(
         "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(),
         "rng": _rng_state(generator.device),
+        "device": generator.device.type,  # random states of one device type mean nothing on another
         "history": [dataclasses.asdict(s) for s in history],
     }
 
@@ -252,6 +256,40 @@ def seconds_per_image(
     started = time.perf_counter()
     fit(model, sample, None, run)
     return (time.perf_counter() - started) / max(1, len(sample))
+
+
+def snapshot_device(resume: dict[str, Any]) -> str:
+    """The device type a snapshot's random states belong to (snapshots before the "device" key: a
+    CUDA generator's state is 16 bytes, seed and offset; a CPU one's is the 5,056-byte Mersenne Twister)."""
+    return resume.get("device") or ("cuda" if resume["generator"].numel() == 16 else "cpu")
+
+
+def restore_random_state(resume: dict[str, Any], generator: torch.Generator, seed: int, device: torch.device) -> bool:
+    """Put back the batch generator and the dropout RNG a snapshot saved, so the run goes on exactly
+    as if never stopped; True if it did. Both setters take CPU byte tensors only, whatever the device.
+
+    A snapshot from another device type (a trial killed on a GPU host and retried on a CPU one, or
+    the other way round) has states that mean nothing here: the streams restart from a seed derived
+    from the trial's and the epoch, so the retry is reproducible but not bit-identical."""
+    if snapshot_device(resume) == device.type:
+        generator.set_state(resume["generator"].to("cpu", torch.uint8))
+        _set_rng_state(resume["rng"].to("cpu", torch.uint8), device)
+        return True
+    fresh = (seed * 1_000_003 + int(resume["epoch"])) % 2**31
+    generator.manual_seed(fresh)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(fresh)
+    else:
+        torch.manual_seed(fresh)
+    log.warning(
+        "resuming on %s from a snapshot taken on %s after epoch %d: weights and optimizer carry on; batch "
+        "order and dropout restart from seed %d, so this retry is not bit-identical to an unbroken run",
+        device.type,
+        snapshot_device(resume),
+        resume["epoch"],
+        fresh,
+    )
+    return False
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
