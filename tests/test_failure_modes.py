@@ -345,3 +345,40 @@ def test_compose_keeps_postgres_private_and_the_dashboard_on_loopback():
     assert (REPO / ".env.example").exists() and ".env" in (REPO / ".dockerignore").read_text().split()
     dockerfile = (REPO / "Dockerfile").read_text()
     assert re.search(r"^USER hpo$", dockerfile, re.M) and "PASSWORD" not in dockerfile
+
+
+@pytest.mark.parametrize(
+    "variable, value, command, text",
+    [
+        ("HPO_MAX_RETRY", "abc", ("status", "--study", "tiny"), "HPO_MAX_RETRY='abc' is not an integer of at least 0"),
+        ("HPO_HEARTBEAT_INTERVAL", "0", ("status", "--study", "tiny"), "HPO_HEARTBEAT_INTERVAL='0' is not an integer"),
+        ("HPO_GRACE_PERIOD", "-5", ("studies",), "HPO_GRACE_PERIOD='-5' is not an integer of at least 1 seconds"),
+        ("HPO_DB_WAIT", "soon", ("studies",), "HPO_DB_WAIT='soon' is not a number of at least 0 seconds"),
+        ("HPO_TRIALS_PER_GPU", "two", ("worker", "--study", "tiny"), "HPO_TRIALS_PER_GPU='two': 'two' is not a valid"),
+        ("HPO_THREADS", "abc", ("worker", "--study", "tiny"), "HPO_THREADS='abc': 'abc' is not a valid integer"),
+        ("HPO_SAMPLER_SEED", "x", ("worker", "--study", "tiny"), "HPO_SAMPLER_SEED='x': 'x' is not a valid integer"),
+    ],
+)
+def test_a_bad_numeric_environment_variable_is_one_line_naming_it(
+    run, tmp_path, monkeypatch, variable, value, command, text
+):
+    monkeypatch.setenv(variable, value)
+    result = run(*command)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
+    assert text in result.output
+    assert not (tmp_path / "runs").exists()  # nothing stored
+
+
+def test_gpu_count_override_that_is_not_a_number_is_named():
+    from hpo.devices import gpu_count
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HPO_GPU_COUNT", "many")
+        with pytest.raises(HpoError, match=r"HPO_GPU_COUNT='many' is not an integer of at least 0"):
+            gpu_count()
+
+
+def test_export_without_onnx_names_the_distribution_to_install():
+    source = (REPO / "src" / "hpo" / "inference.py").read_text()
+    assert "pip install 'hpo-service[onnx]'" in source and "'hpo[onnx]'" not in source

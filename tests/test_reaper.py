@@ -44,7 +44,7 @@ def wait_until_stale(study: optuna.Study, store, trial_id: int) -> None:
 def test_a_silent_trial_is_reaped_only_after_it_stays_silent_while_watched(shared):
     study, store = shared
     dead = running_trial(study, store)
-    reaper = study_mod.Reaper(study, store, SETTINGS)
+    reaper = study_mod.Reaper(study, store)
     wait_until_stale(study, store, dead)
     assert reaper() == []  # seen stale once: a suspect, not yet dead
     assert store.get_trial(dead).state == TrialState.RUNNING
@@ -64,7 +64,7 @@ def test_a_silent_trial_is_reaped_only_after_it_stays_silent_while_watched(share
 def test_a_heartbeat_after_an_outage_clears_the_suspicion(shared):
     study, store = shared
     live = running_trial(study, store)
-    reaper = study_mod.Reaper(study, store, SETTINGS)
+    reaper = study_mod.Reaper(study, store)
     wait_until_stale(study, store, live)
     assert reaper() == []
     store.record_heartbeat(live)  # the worker reaches the database again
@@ -75,7 +75,7 @@ def test_a_heartbeat_after_an_outage_clears_the_suspicion(shared):
 def test_what_was_watched_across_this_process_s_own_outage_does_not_count(shared):
     study, store = shared
     trial = running_trial(study, store)
-    reaper = study_mod.Reaper(study, store, SETTINGS)
+    reaper = study_mod.Reaper(study, store)
     wait_until_stale(study, store, trial)
     assert reaper() == []
     time.sleep(reaper.confirm_s)
@@ -87,7 +87,7 @@ def test_what_was_watched_across_this_process_s_own_outage_does_not_count(shared
 
 def test_retries_stop_at_max_retry_and_the_reason_says_so(shared):
     study, store = shared
-    reaper = study_mod.Reaper(study, store, SETTINGS)
+    reaper = study_mod.Reaper(study, store)
     first = current = running_trial(study, store)
     for attempt in range(2):
         wait_until_stale(study, store, current)
@@ -101,3 +101,105 @@ def test_retries_stop_at_max_retry_and_the_reason_says_so(shared):
     assert len(reasons) == 2 and reasons[0].endswith("re-queued")
     assert reasons[1].endswith("not re-queued: this configuration has run 2 times"), reasons
     assert study.get_trials(states=(TrialState.WAITING,)) == [] and store.get_trial(first).state == TrialState.FAIL
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_reaped_and_retried(shared):
+    """Optuna's stale query skips a RUNNING trial with no heartbeat row, so a worker that died between
+    ask() and its first beat left it RUNNING for ever (holding a budget slot). The reaper watches it
+    stay silent for the grace period plus two intervals, then fails and re-queues it."""
+    study, store = shared
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
+    reaper = study_mod.Reaper(study, store)
+    assert reaper() == []  # first seen: watched, not failed
+    wait = reaper.grace_s + reaper.confirm_s
+    time.sleep(wait / 2)
+    assert reaper() == [] and store.get_trial(trial._trial_id).state == TrialState.RUNNING
+    time.sleep(wait / 2 + 0.2)
+    assert reaper() == [trial._trial_id]
+    failed = store.get_trial(trial._trial_id)
+    assert failed.state == TrialState.FAIL and "no heartbeat ever" in failed.user_attrs["fail_reason"]
+    assert failed.user_attrs["fail_reason"].endswith("re-queued")
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.system_attrs["failed_trial"] for t in waiting] == [trial.number]
+
+
+def test_a_live_trial_that_sends_its_first_heartbeat_is_never_taken_for_silent(shared):
+    study, store = shared
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
+    reaper = study_mod.Reaper(study, store)
+    reaper()
+    store.record_heartbeat(trial._trial_id)  # the first beat comes: it is a normal running trial now
+    time.sleep(reaper.grace_s + reaper.confirm_s + 0.2)
+    store.record_heartbeat(trial._trial_id)
+    assert reaper() == [] and store.get_trial(trial._trial_id).state == TrialState.RUNNING
+
+
+def test_a_fail_whose_requeue_was_lost_gets_its_copy_once(shared):
+    """The FAIL committed, then the worker died (or lost the database) before queuing the copy: the
+    reason says re-queued but no copy exists. A reaper queues it, once, however often it looks."""
+    study, store = shared
+    trial_id = running_trial(study, store)
+    number = store.get_trial(trial_id).number
+    store.set_trial_user_attr(trial_id, "fail_reason", "worker stopped by SIGTERM; re-queued")
+    store.set_trial_system_attr(trial_id, study_mod.REQUEUE_ATTR, True)
+    store.set_trial_state_values(trial_id, TrialState.FAIL)  # ... and the process is gone here
+    unmarked = running_trial(study, store)  # a failure that is not retried: left alone
+    study_mod.fail(study, unmarked, "error in the worker: boom", retry=False)
+    assert [t.number for t in study_mod.lost_requeues(study)] == [number]
+
+    reaper = study_mod.Reaper(study, store)
+    lock = storage_mod.SlotLock(store, study.study_name)
+    assert reaper.repair(lock) == []  # seen once: the failing worker may still be queuing it
+    time.sleep(reaper.confirm_s + 0.2)
+    assert reaper.repair(lock) == [number]
+    for _ in range(2):
+        time.sleep(reaper.confirm_s + 0.2)
+        assert reaper.repair(lock) == [] and study_mod.lost_requeues(study) == []
+    copies = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.system_attrs["retry_history"] for t in copies] == [[number]]
+    assert study_mod.REQUEUE_ATTR not in copies[0].system_attrs  # the mark stays with the failed trial
+
+
+def test_repair_waits_while_another_process_holds_the_study_lock(shared):
+    study, store = shared
+    trial_id = running_trial(study, store)
+    store.set_trial_user_attr(trial_id, "fail_reason", "worker stopped by SIGTERM; re-queued")
+    store.set_trial_system_attr(trial_id, study_mod.REQUEUE_ATTR, True)
+    store.set_trial_state_values(trial_id, TrialState.FAIL)
+    reaper = study_mod.Reaper(study, store)
+    reaper.repair()
+    time.sleep(reaper.confirm_s + 0.2)
+    with storage_mod.SlotLock(store, study.study_name):  # another worker counting slots
+        assert reaper.repair(storage_mod.SlotLock(store, study.study_name)) == []
+    assert len(reaper.repair(storage_mod.SlotLock(store, study.study_name))) == 1
+
+
+def test_telling_a_trial_that_was_reaped_meanwhile_drops_the_result_instead_of_crashing(shared):
+    """A worker paused past the grace period comes back to a trial a reaper failed: Optuna raises
+    ValueError("Cannot tell a FAIL trial"), which must read as 'finished elsewhere'."""
+    from hpo import worker as worker_mod
+
+    study, store = shared
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
+    study_mod.fail(study, trial._trial_id, "stale heartbeat; re-queued", retry=True)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        worker_mod.tell(study, trial, values=0.9)
+    assert store.get_trial(trial._trial_id).state == TrialState.FAIL
+
+
+def test_a_study_keeps_the_heartbeat_settings_it_was_created_with(tmp_path, caplog):
+    """A host started with another HPO_GRACE_PERIOD judges the study's trials by the study's settings,
+    so it cannot reap another host's live trial between that host's heartbeats."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    first = storage_mod.open_storage(url, StorageSettings(heartbeat_interval=10, grace_period=30, max_retry=2))
+    study_mod.create_or_load(first, config.load("tiny"))
+    other = storage_mod.open_storage(url, StorageSettings(heartbeat_interval=1, grace_period=2, max_retry=5))
+    assert (other.heartbeat_interval, other.grace_period, other.max_retry) == (1, 2, 5)
+    with caplog.at_level("WARNING"):
+        study, _ = study_mod.create_or_load(other, config.load("tiny"))
+    assert (other.heartbeat_interval, other.grace_period, other.max_retry) == (10, 30, 2)
+    assert "judges its trials by its own heartbeat settings (heartbeat every 10s, grace period 30s" in caplog.text
+    assert study_mod.Reaper(study, other).grace_s == 30
+    reader = storage_mod.open_storage(url, StorageSettings(heartbeat_interval=3, grace_period=4))
+    study_mod.load(reader, "tiny")  # status, delete: the same judgement of which trials are live
+    assert (reader.heartbeat_interval, reader.grace_period) == (10, 30)

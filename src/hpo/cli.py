@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -31,6 +32,15 @@ class HpoGroup(click.Group):
             if (ctx.obj or {}).get("debug"):
                 raise
             raise click.ClickException(str(e)) from e
+        except click.BadParameter as e:
+            # A bad HPO_* variable is not a typo on the command line: name the variable, in one line.
+            source = e.ctx.get_parameter_source(e.param.name) if e.ctx and e.param and e.param.name else None
+            envvar = e.param.envvar if e.param is not None else None
+            if source == click.core.ParameterSource.ENVIRONMENT and isinstance(envvar, str):
+                raise click.ClickException(
+                    f"{envvar}={os.environ.get(envvar, '')!r}: {e.message} Fix it, or unset it."
+                ) from e
+            raise
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -78,6 +78,34 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def env_int(name: str, default: int, least: int, unit: str = "") -> int:
+    """An integer from environment variable `name` (unset or empty: `default`), or a ConfigError
+    naming the variable, what it holds and what it must be."""
+    return int(_env_number(name, default, least, unit, integer=True))
+
+
+def env_float(name: str, default: float, least: float, unit: str = "") -> float:
+    return _env_number(name, default, least, unit, integer=False)
+
+
+def _env_number(name: str, default: float, least: float, unit: str, integer: bool) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+        ok = math.isfinite(value) and value >= least
+    except ValueError:
+        ok = False
+    if not ok:
+        what = "an integer" if integer else "a number"
+        raise ConfigError(
+            f"{name}={raw!r} is not {what} of at least {least:g}{' ' + unit if unit else ''}. "
+            f"Fix it, or unset it for the default ({default:g})."
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """One search dimension: a numeric range, a list of choices, or a fixed value."""
@@ -512,8 +540,10 @@ _BOOL_OPTIONS = (
     "consider_prior",
     "consider_magic_clip",
     "consider_endpoints",
+    "scramble",
+    "warn_independent_sampling",
+    "warn_asynchronous_seeding",
 )
-_BOOL_OPTIONS += ("scramble", "warn_independent_sampling", "warn_asynchronous_seeding")
 
 
 def _allowed(rule: tuple[str, float | None, float | None, tuple[Any, ...]]) -> str:

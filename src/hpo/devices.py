@@ -17,6 +17,7 @@ from typing import IO
 import torch
 
 from hpo import attrs
+from hpo.config import env_int
 from hpo.errors import HpoError
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def lock_dir() -> Path:
 
 def trials_per_gpu(explicit: int | None = None) -> int:
     """Slots per GPU: --trials-per-gpu, then HPO_TRIALS_PER_GPU, then 1 (no GPU measurement yet says more)."""
-    value = explicit if explicit is not None else int(os.environ.get("HPO_TRIALS_PER_GPU", 1))
+    value = explicit if explicit is not None else env_int("HPO_TRIALS_PER_GPU", 1, least=1)
     if value < 1:
         raise HpoError(
             f"trials per GPU must be at least 1, got {value}. Set --trials-per-gpu or HPO_TRIALS_PER_GPU to 1 or more."
@@ -91,8 +92,8 @@ def trials_per_gpu(explicit: int | None = None) -> int:
 
 def gpu_count() -> int:
     """GPUs to claim slots on: HPO_GPU_COUNT if set (tests and dry runs on machines without one), else CUDA's."""
-    fake = os.environ.get("HPO_GPU_COUNT")
-    return int(fake) if fake else torch.cuda.device_count()
+    fake = env_int("HPO_GPU_COUNT", -1, least=0)
+    return fake if fake >= 0 else torch.cuda.device_count()
 
 
 def _try_claim(path: Path) -> bool:
@@ -174,7 +175,7 @@ def place(device: str | None = None, threads: int | None = None, claim: bool = F
         dev = torch.device("cuda", 0)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise HpoError(f"--device {wanted} asks for CUDA, but torch sees no GPU here. Use --device cpu.")
-    n_threads = threads or int(os.environ.get("HPO_THREADS", 0)) or cpu_count()
+    n_threads = threads or env_int("HPO_THREADS", 0, least=1) or cpu_count()
     torch.set_num_threads(n_threads)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

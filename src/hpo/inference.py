@@ -168,7 +168,7 @@ def export(model: nn.Module, meta: dict[str, Any], fmt: str, out: Path) -> None:
         try:
             import onnx
         except ImportError as e:
-            raise HpoError("--format onnx needs the onnx packages: pip install 'hpo[onnx]'") from e
+            raise HpoError("--format onnx needs the onnx packages: pip install 'hpo-service[onnx]'") from e
         batch = torch.export.Dim("batch", min=1, max=65536)
         for name in ("onnxscript", "onnx_ir"):  # they log every optimisation pass at INFO
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -19,6 +19,7 @@ __all__ = [
     "ArtifactStore",
     "heartbeat_ages",
     "last_heartbeats",
+    "running_without_heartbeat",
     "stale_trial_ids",
     "study_engine",
     "study_id",
@@ -79,6 +80,26 @@ def last_heartbeats(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -
     assert now is not None
     now = now.replace(tzinfo=None)
     return {tid: (beat, max(0.0, (now - beat).total_seconds())) for tid, beat in rows}
+
+
+def running_without_heartbeat(storage: optuna.storages.RDBStorage, study: optuna.Study) -> list[int]:
+    """RUNNING trials of the study that have no heartbeat row at all. Optuna's stale query skips
+    them, so a worker that died between `ask()` and its first heartbeat would leave its trial
+    RUNNING for ever; this reads Optuna's `trials` and `trial_heartbeats` tables for them."""
+    trials = sqlalchemy.table(
+        "trials",
+        sqlalchemy.column("trial_id", sqlalchemy.Integer),
+        sqlalchemy.column("study_id", sqlalchemy.Integer),
+        sqlalchemy.column("state", sqlalchemy.String),
+    )
+    beats = sqlalchemy.table("trial_heartbeats", sqlalchemy.column("trial_id", sqlalchemy.Integer))
+    query = sqlalchemy.select(trials.c.trial_id).where(
+        trials.c.study_id == study_id(study),
+        trials.c.state == "RUNNING",
+        ~sqlalchemy.exists().where(beats.c.trial_id == trials.c.trial_id),
+    )
+    with storage.engine.connect() as conn:
+        return [row[0] for row in conn.execute(query)]
 
 
 def heartbeat_ages(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> dict[int, float]:

@@ -28,6 +28,7 @@ import sqlalchemy
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 
+from hpo.config import env_float, env_int
 from hpo.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -68,15 +69,14 @@ class StorageSettings:
 
     @classmethod
     def from_env(cls) -> StorageSettings:
-        def env(name: str, default: float) -> float:
-            return float(os.environ.get(name, default))
-
+        """The settings from HPO_HEARTBEAT_INTERVAL, HPO_GRACE_PERIOD, HPO_MAX_RETRY and HPO_DB_WAIT.
+        A study keeps the first three from the process that created it (hpo.study.adopt_liveness)."""
         defaults = cls()
         return cls(
-            heartbeat_interval=int(env("HPO_HEARTBEAT_INTERVAL", defaults.heartbeat_interval)),
-            grace_period=int(env("HPO_GRACE_PERIOD", defaults.grace_period)),
-            max_retry=int(env("HPO_MAX_RETRY", defaults.max_retry)),
-            wait_s=env("HPO_DB_WAIT", defaults.wait_s),
+            heartbeat_interval=env_int("HPO_HEARTBEAT_INTERVAL", defaults.heartbeat_interval, least=1, unit="seconds"),
+            grace_period=env_int("HPO_GRACE_PERIOD", defaults.grace_period, least=1, unit="seconds"),
+            max_retry=env_int("HPO_MAX_RETRY", defaults.max_retry, least=0),
+            wait_s=env_float("HPO_DB_WAIT", defaults.wait_s, least=0.0, unit="seconds"),
         )
 
 
@@ -177,6 +177,7 @@ class Storage(optuna.storages.RDBStorage):
 
     ride_out_s: float = 0.0
     last_error_at: float = -1e9
+    max_retry: int = StorageSettings.max_retry  # re-runs of a dead worker's trial (open_storage sets it)
 
     _beats_failing_since: float | None = None
 
@@ -391,6 +392,7 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> Storage:
                 )
             if backend == "sqlite":
                 _make_sqlite_concurrent(storage.engine)
+            storage.max_retry = settings.max_retry
             return storage
         except sqlalchemy.exc.OperationalError as e:
             reason = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
@@ -440,6 +442,26 @@ class SlotLock:
         self._conn = self.engine.connect()
         self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
         self._conn.commit()
+
+    def try_acquire(self) -> bool:
+        """Take the lock only if it is free now; True if taken (then `release` it)."""
+        if self.path is not None:
+            self._file = open(self.path, "a")
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._file.close()
+                self._file = None
+                return False
+            return True
+        conn = self.engine.connect()
+        taken = bool(conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}).scalar())
+        conn.commit()
+        if not taken:
+            conn.close()
+            return False
+        self._conn = conn
+        return True
 
     def __enter__(self) -> SlotLock:
         self.acquire()

@@ -18,8 +18,16 @@ from hpo import artifacts as artifacts_mod
 from hpo import attrs, budget, config
 from hpo.config import StudyConfig
 from hpo.errors import ConfigError, StorageError
-from hpo.optuna_compat import heartbeat_ages, last_heartbeats, stale_trial_ids, study_id, study_storage, trial_id
-from hpo.storage import Storage, StorageSettings, creation_lock
+from hpo.optuna_compat import (
+    heartbeat_ages,
+    last_heartbeats,
+    running_without_heartbeat,
+    stale_trial_ids,
+    study_id,
+    study_storage,
+    trial_id,
+)
+from hpo.storage import SlotLock, Storage, StorageSettings, creation_lock
 from hpo.trials import FINISHED, best_first, value
 
 log = logging.getLogger(__name__)
@@ -98,6 +106,8 @@ def create_or_load(
                 study.enqueue_trial(params, user_attrs={WARM_START_ATTR: origin}, skip_if_exists=True)
             if first:
                 log.info("study %r: %d warm-start configuration(s) queued as its first trials", cfg.name, len(first))
+        if isinstance(storage, Storage):
+            adopt_liveness(study, storage, record=True)
         stored = _stored_config(study)
         if stored is None:
             _record_config(study, cfg)
@@ -184,6 +194,8 @@ def load(storage: optuna.storages.BaseStorage, name: str) -> tuple[optuna.Study,
     stored = _stored_config(study)
     if stored is None:
         raise StorageError(f"study {name!r} was not created by hpo (it has no {CONFIG_ATTR} attribute).")
+    if isinstance(storage, Storage):
+        adopt_liveness(study, storage)
     # No sampler or pruner is built here: only a search needs them (create_or_load builds them), and
     # a study whose stored settings no longer build must still be shown, extended and deleted.
     return study, stored
@@ -199,6 +211,7 @@ def requeue(study: optuna.Study, failed: optuna.trial.FrozenTrial) -> bool:
     before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     clean = copy.deepcopy(failed)
     clean.user_attrs = {k: v for k, v in failed.user_attrs.items() if k != attrs.REASON}
+    clean.system_attrs = {k: v for k, v in failed.system_attrs.items() if k != REQUEUE_ATTR}
     callback(study, clean)
     return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) > before
 
@@ -209,12 +222,21 @@ def retry_note(trial: optuna.trial.FrozenTrial, max_retry: int) -> str:
     return "re-queued" if runs <= max_retry else f"not re-queued: this configuration has run {runs} times"
 
 
+REQUEUE_ATTR = "hpo:requeue"  # trial system attribute: set before FAIL when a copy is due (see fail)
+
+
 def fail(study: optuna.Study, trial_id: int, reason: str, retry: bool) -> bool:
     """Fail a RUNNING trial with `reason` and, if `retry`, queue its copy. Whoever fails it first does
-    both; False: it was finished already (by its worker, or by another reaper)."""
+    both; False: it was finished already (by its worker, or by another reaper).
+
+    The FAIL and the copy are two writes. A trial whose copy is due is marked before its FAIL, so
+    that if the process dies or loses the database between them, a reaper sees a marked FAIL with no
+    copy and queues the copy itself (Reaper.repair)."""
     storage = study_storage(study)
     try:
         storage.set_trial_user_attr(trial_id, attrs.REASON, reason)
+        due = retry and reason.endswith("re-queued")
+        storage.set_trial_system_attr(trial_id, REQUEUE_ATTR, due)
         if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
             return False
     except optuna.exceptions.UpdateFinishedTrialError:
@@ -225,6 +247,61 @@ def fail(study: optuna.Study, trial_id: int, reason: str, retry: bool) -> bool:
     return True
 
 
+def copy_of(trials: list[optuna.trial.FrozenTrial], number: int) -> optuna.trial.FrozenTrial | None:
+    """The retry queued for trial `number`, if there is one (the copy's retry_history ends with it)."""
+    return next((t for t in trials if t.system_attrs.get("retry_history", [])[-1:] == [number]), None)
+
+
+def lost_requeues(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """FAIL trials marked for a retry that has no copy: the failing process died (or lost the
+    database) between the FAIL and the copy."""
+    trials = study.get_trials(deepcopy=False)
+    return [
+        t
+        for t in trials
+        if t.state == TrialState.FAIL and t.system_attrs.get(REQUEUE_ATTR) and copy_of(trials, t.number) is None
+    ]
+
+
+LIVENESS_ATTR = "hpo:liveness"  # study system attribute: the heartbeat settings every host judges trials by
+
+
+def adopt_liveness(study: optuna.Study, storage: Storage, record: bool = False) -> None:
+    """Judge this study's trials by the heartbeat settings stored in it, not this process's own:
+    a host started with another HPO_GRACE_PERIOD would otherwise reap other hosts' live trials.
+    `record`: store this process's settings if the study has none yet (it was just created, or
+    created by an hpo without them)."""
+    ours = {
+        "heartbeat_interval": storage.heartbeat_interval,
+        "grace_period": storage.grace_period,
+        "max_retry": storage.max_retry,
+    }
+    stored = study_storage(study).get_study_system_attrs(study_id(study)).get(LIVENESS_ATTR)
+    if stored is None:
+        if record:
+            study_storage(study).set_study_system_attr(study_id(study), LIVENESS_ATTR, ours)
+        return
+    if stored != ours:
+        log.warning(
+            "study %r judges its trials by its own heartbeat settings (heartbeat every %ss, grace period "
+            "%ss, %s retries), set when it was created; this process's HPO_HEARTBEAT_INTERVAL, "
+            "HPO_GRACE_PERIOD or HPO_MAX_RETRY (%ss, %ss, %s) are ignored for it",
+            study.study_name,
+            stored["heartbeat_interval"],
+            stored["grace_period"],
+            stored["max_retry"],
+            ours["heartbeat_interval"],
+            ours["grace_period"],
+            ours["max_retry"],
+        )
+    storage.heartbeat_interval = stored["heartbeat_interval"]
+    storage.grace_period = stored["grace_period"]
+    storage.max_retry = stored["max_retry"]
+    storage.heartbeat_stale_trial_callback = optuna.storages.RetryHeartbeatStaleTrialCallback(
+        max_retry=stored["max_retry"]
+    )
+
+
 class Reaper:
     """Fails the trials whose worker is gone and re-queues them, without ever taking a live one.
 
@@ -233,15 +310,30 @@ class Reaper:
     trial counts as dead only when it is stale by the database's clock and its last heartbeat
     stays unchanged while this process watches for `confirm_s` (two heartbeat intervals and a
     second), with the database reachable all along. A live worker writes a heartbeat in that time.
+
+    Two more kinds of dead trial have no stale heartbeat to find:
+    - a RUNNING trial with no heartbeat at all (its worker died between creating it and its first
+      beat, which a live worker sends at once): dead once this process has watched it stay so for
+      the grace period and `confirm_s`;
+    - a FAIL marked for a retry whose copy never came (Reaper.repair).
+
+    The settings come from the storage, which took them from the study (adopt_liveness).
     """
 
-    def __init__(self, study: optuna.Study, storage: Storage, settings: StorageSettings):
+    def __init__(self, study: optuna.Study, storage: Storage):
         self.study, self.storage = study, storage  # the RDBStorage itself, not Optuna's cache over it
-        self.confirm_s = 2 * settings.heartbeat_interval + 1
-        self.grace_s = settings.grace_period
-        self.max_retry = settings.max_retry
         self._suspects: dict[int, tuple[Any, float]] = {}  # trial id -> (last heartbeat, first seen stale)
+        self._silent: dict[int, float] = {}  # trial id -> first seen RUNNING without any heartbeat
+        self._orphans: dict[int, float] = {}  # trial number -> first seen FAIL without its due copy
         self._lock = threading.Lock()
+
+    @property
+    def confirm_s(self) -> float:
+        return 2 * (self.storage.heartbeat_interval or StorageSettings.heartbeat_interval) + 1
+
+    @property
+    def grace_s(self) -> float:
+        return self.storage.grace_period or StorageSettings.grace_period
 
     def __call__(self) -> list[int]:
         """Reap what has been confirmed dead; returns the ids of the trials this call failed."""
@@ -252,8 +344,10 @@ class Reaper:
             try:
                 stale = stale_trial_ids(storage, self.study)
                 beats = last_heartbeats(storage, stale)
+                silent = running_without_heartbeat(storage, self.study)
             except Exception:
                 self._suspects.clear()  # what was watched across an outage proves nothing
+                self._silent.clear()
                 raise
             now = time.monotonic()
             outage = storage.last_error_at
@@ -264,21 +358,60 @@ class Reaper:
             }
             for tid, (beat, _) in beats.items():
                 self._suspects.setdefault(tid, (beat, now))
+            self._silent = {tid: seen for tid, seen in self._silent.items() if tid in silent and seen > outage}
+            for tid in silent:
+                self._silent.setdefault(tid, now)
             dead = [tid for tid, (_, seen) in self._suspects.items() if now - seen >= self.confirm_s]
+            never = [tid for tid, seen in self._silent.items() if now - seen >= self.grace_s + self.confirm_s]
             failed = []
-            for tid in dead:
-                del self._suspects[tid]
+            for tid in dead + never:
                 trial = storage.get_trial(tid)
-                age = beats[tid][1]
-                reason = (
-                    f"stale heartbeat: its worker (host {trial.user_attrs.get(attrs.HOST, '?')}, pid "
-                    f"{trial.user_attrs.get(attrs.PID, '?')}) sent none for {age:.0f}s, over the "
-                    f"{self.grace_s}s grace period; {retry_note(trial, self.max_retry)}"
-                )
+                host, pid = trial.user_attrs.get(attrs.HOST, "?"), trial.user_attrs.get(attrs.PID, "?")
+                who = f"its worker (host {host}, pid {pid})"
+                if tid in self._suspects:
+                    del self._suspects[tid]
+                    age = beats[tid][1]
+                    why = f"stale heartbeat: {who} sent none for {age:.0f}s, over the {self.grace_s}s grace period"
+                else:
+                    del self._silent[tid]
+                    why = (
+                        f"no heartbeat ever: {who} died before its first one; watched for "
+                        f"{self.grace_s + self.confirm_s:.0f}s"
+                    )
+                reason = f"{why}; {retry_note(trial, storage.max_retry)}"
                 if fail(self.study, tid, reason, retry=True):
                     log.warning("trial %d failed: %s", trial.number, reason)
                     failed.append(tid)
             return failed
+
+    def repair(self, lock: SlotLock | None = None) -> list[int]:
+        """Queue the copies that FAIL trials marked for a retry never got, once this process has seen
+        them missing for `confirm_s` (the failing process writes its copy milliseconds after the FAIL).
+        With `lock` (the study's SlotLock), only while it can be had at once, so that two reapers do
+        not both queue one; returns the numbers of the trials whose copy it queued."""
+        with self._lock:
+            now = time.monotonic()
+            orphans = {t.number: t for t in lost_requeues(self.study)}
+            outage = self.storage.last_error_at
+            self._orphans = {n: seen for n, seen in self._orphans.items() if n in orphans and seen > outage}
+            for number in orphans:
+                self._orphans.setdefault(number, now)
+            due = [n for n, seen in self._orphans.items() if now - seen >= self.confirm_s]
+            if not due or (lock is not None and not lock.try_acquire()):
+                return []
+            try:
+                repaired = []
+                for number in due:
+                    if copy_of(self.study.get_trials(deepcopy=False), number) is None and requeue(
+                        self.study, orphans[number]
+                    ):
+                        log.warning("trial %d: queued the retry its failing worker did not live to queue", number)
+                        repaired.append(number)
+                    del self._orphans[number]
+                return repaired
+            finally:
+                if lock is not None:
+                    lock.release()
 
 
 def _by_state(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:

@@ -50,6 +50,10 @@ class Shutdown(KeyboardInterrupt):
 
 
 def _raise_shutdown(signum: int, _frame: FrameType | None) -> None:
+    # Once: Ctrl-C sends the terminal's SIGINT and then `hpo optimize`'s SIGTERM to each local
+    # worker, and a second Shutdown raised inside the first one's fail-and-requeue would cut it short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise Shutdown(signum)
 
 
@@ -74,11 +78,7 @@ TRIAL_FAILURES = (OverBudget, TrainingDiverged, OutOfMemory)
 
 
 def run_trial(
-    study: optuna.Study,
-    storage: Storage,
-    objective: Callable[[optuna.Trial], float],
-    settings: StorageSettings,
-    reaper: Reaper,
+    study: optuna.Study, storage: Storage, objective: Callable[[optuna.Trial], float], reaper: Reaper
 ) -> None:
     """Ask for a trial, run it with a heartbeat, and tell its outcome: Optuna's ask-and-tell, with
     the failure handling a shared study needs.
@@ -93,7 +93,8 @@ def run_trial(
         warnings.simplefilter("ignore", UserWarning)
         trial = study.ask()
     try:
-        with Heartbeat(storage, trial_id(trial), settings.heartbeat_interval, also=reaper):
+        interval = storage.heartbeat_interval or StorageSettings.heartbeat_interval
+        with Heartbeat(storage, trial_id(trial), interval, also=reaper):
             try:
                 value = objective(trial)
             except optuna.TrialPruned:
@@ -113,7 +114,7 @@ def run_trial(
         if fail(
             study,
             trial_id(trial),
-            f"worker stopped by {e.signal.name}; {retry_note(storage.get_trial(trial_id(trial)), settings.max_retry)}",
+            f"worker stopped by {e.signal.name}; {retry_note(storage.get_trial(trial_id(trial)), storage.max_retry)}",
             retry=True,
         ):
             log.warning("trial %d failed and re-queued: worker stopped by %s", trial.number, e.signal.name)
@@ -126,11 +127,19 @@ def run_trial(
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, **outcome) -> None:
-    """study.tell, repeated across a lost connection (a repeat finds the trial finished by the first try)."""
+    """study.tell, repeated across a lost connection (a repeat finds the trial finished by the first try).
+
+    A trial that a reaper failed meanwhile (this worker was paused past the grace period) makes
+    Optuna raise ValueError("Cannot tell a FAIL trial"); that is UpdateFinishedTrialError here, which
+    run_trial handles: the result is dropped, the retry is queued already."""
     try:
         study.tell(trial, **outcome)
     except Exception as e:
         if connection_error(e) is None:
+            if study_storage(study).get_trial(trial_id(trial)).state.is_finished():
+                raise optuna.exceptions.UpdateFinishedTrialError(
+                    f"trial {trial.number} was finished elsewhere before its result came"
+                ) from e
             raise
         log.warning("database unreachable while finishing trial %d (%s); trying again", trial.number, first_line(e))
         study_storage(study).get_trial(trial_id(trial))  # rides out the outage
@@ -186,8 +195,7 @@ def _run(
 ) -> None:
     n_trials = cfg.budget.n_trials  # re-read before every trial: `hpo extend` may raise it
     lock = SlotLock(storage, cfg.name)
-    settings = StorageSettings.from_env()
-    reaper = Reaper(study, storage, settings)
+    reaper = Reaper(study, storage)
 
     def claim(trial: optuna.Trial) -> bool:
         """Called by the objective first: is this trial within the budget? Then let others ask."""
@@ -204,6 +212,7 @@ def _run(
     waiting_logged = False
     while True:
         reaper()
+        reaper.repair(lock)
         # Count and ask under the lock: a slot seen free here is still free when the trial is created.
         lock.acquire()
         try:
@@ -225,7 +234,7 @@ def _run(
             full = states["WAITING"] == 0 and finished + states["RUNNING"] >= n_trials
             if not full:
                 waiting_logged = False
-                run_trial(study, storage, objective, settings, reaper)
+                run_trial(study, storage, objective, reaper)
                 result.trials_run += 1
         finally:
             lock.release()
