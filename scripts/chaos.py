@@ -11,10 +11,14 @@ shortly before that, every `--every` seconds one fault hits, in a seeded order t
     pause     SIGSTOP of such a worker past the grace period, then SIGCONT
     db        PostgreSQL stopped for 3-10 s, then started again
     nan       a trial whose loss becomes NaN (SGD at lr 1e6), queued with enqueue_trial
+    noheart   a process that joins the study, creates a trial and dies before its first heartbeat
+    requeue   a process that fails a trial for a retry and dies between the FAIL and the copy
+              (what a connection dropped at that moment leaves)
 
 At the end it prints one table of checks and exits 1 if any fails: no trial RUNNING or WAITING, no
-FAIL without a reason, no configuration run more than 1 + max_retry times, no trial retried twice,
-no duplicate finished copies, and every worker that was not killed exited 0.
+FAIL without a reason, no FAIL whose reason says re-queued without its copy (a lost retry), no
+configuration run more than 1 + max_retry times, no trial retried twice, no duplicate finished
+copies, and every worker that was not killed exited 0.
 """
 
 from __future__ import annotations
@@ -53,7 +57,29 @@ def chaos_study(seed: int, seconds: float) -> str:
 
 
 NAN_TRIAL = {"n_conv": 1, "filters_0": 8, "fc_size": 16, "optimizer": "sgd", "lr": 1e6}
-KINDS = ("kill", "pause", "db", "nan")
+KINDS = ("kill", "pause", "db", "nan", "noheart", "requeue")
+
+# The two faults that need a process to die at one exact line: it runs hpo's own code up to there.
+_DIE_AFTER_ASK = """
+import os, signal, sys
+from hpo import storage, study
+opened = storage.open_storage(sys.argv[1])
+chaotic, _ = study.load(opened, "chaos")
+trial = chaotic.ask()
+print(trial.number, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # before any heartbeat, as a worker killed right after ask()
+"""
+_DIE_BEFORE_REQUEUE = """
+import os, sys
+from hpo import storage, study
+opened = storage.open_storage(sys.argv[1])
+chaotic, _ = study.load(opened, "chaos")
+trial = chaotic.ask()
+opened.record_heartbeat(trial._trial_id)
+print(trial.number, flush=True)
+study.requeue = lambda *args: os._exit(137)  # the process ends between the FAIL and the copy
+study.fail(chaotic, trial._trial_id, "worker stopped by SIGTERM; re-queued", retry=True)
+"""
 
 
 class Chaos:
@@ -126,6 +152,18 @@ class Chaos:
             self.restart_db(down)
             self.faults[kind] += 1
             return f"database stopped for {down:.0f}s and started" if self.own_db else "database restarted"
+        if kind in ("noheart", "requeue"):
+            script = _DIE_AFTER_ASK if kind == "noheart" else _DIE_BEFORE_REQUEUE
+            env = {**os.environ, "HPO_HEARTBEAT_INTERVAL": str(HEARTBEAT_S), "HPO_GRACE_PERIOD": str(GRACE_S)}
+            env["HPO_MAX_RETRY"] = str(MAX_RETRY)
+            done = subprocess.run(
+                [sys.executable, "-c", script, self.url], env=env, capture_output=True, text=True, timeout=120
+            )
+            if not done.stdout.strip():  # the database was down, say: nothing was created
+                return f"could not reach the study ({done.stderr.strip().splitlines()[-1:]}); skipped"
+            self.faults[kind] += 1
+            what = "before its first heartbeat" if kind == "noheart" else "between its FAIL and its copy"
+            return f"trial {done.stdout.strip()}: its process died {what} (exit {done.returncode})"
         study = self.study()
         if study is None:
             return "study not reachable; skipped"
@@ -156,6 +194,9 @@ def check(study: optuna.Study, chaos: Chaos) -> list[tuple[str, str, bool]]:
     codes = {p.pid: p.returncode for p in chaos.procs}
     bad_exit = {pid: code for pid, code in codes.items() if pid not in chaos.killed and code != 0}
     reasons = collections.Counter(t.user_attrs.get("fail_reason", "").split(":")[0] for t in failed)
+    lost = [
+        t.number for t in failed if t.user_attrs.get("fail_reason", "").endswith("re-queued") and not copies[t.number]
+    ]
     finished = states["COMPLETE"] + states["PRUNED"]
     return [
         (
@@ -166,6 +207,7 @@ def check(study: optuna.Study, chaos: Chaos) -> list[tuple[str, str, bool]]:
         ),
         ("RUNNING or WAITING", str(states["RUNNING"] + states["WAITING"]), states["RUNNING"] + states["WAITING"] == 0),
         ("FAIL without a reason", str(no_reason or 0), not no_reason),
+        ("lost retries (FAIL says re-queued, no copy)", str(lost or 0), not lost),
         ("FAIL reasons", ", ".join(f"{r or '(none)'} x{k}" for r, k in sorted(reasons.items())) or "none", True),
         (f"configurations run more than 1 + {MAX_RETRY} times", str(too_many or 0), not too_many),
         ("trials retried more than once", str(twice or 0), not twice),

@@ -20,7 +20,7 @@ def test_a_short_chaos_run_leaves_a_clean_study(tmp_path, postgres, real_data_di
             sys.executable,
             str(REPO / "scripts" / "chaos.py"),
             "--minutes",
-            "2.5",
+            "3",
             "--every",
             "12",
             "--seed",
@@ -36,5 +36,7 @@ def test_a_short_chaos_run_leaves_a_clean_study(tmp_path, postgres, real_data_di
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "all checks passed" in run.stdout
-    injected = dict(re.findall(r"(kill|pause|db|nan) x(\d+)", run.stdout))
-    assert all(int(injected[k]) >= 1 for k in ("kill", "pause", "db", "nan")), run.stdout
+    injected = dict(re.findall(r"(kill|pause|db|nan|noheart|requeue) x(\d+)", run.stdout))
+    assert all(int(injected[k]) >= 1 for k in ("kill", "pause", "db", "nan", "noheart", "requeue")), run.stdout
+    assert re.search(r"ok\s+lost retries \(FAIL says re-queued, no copy\)\s+0", run.stdout), run.stdout
+    assert re.search(r"ok\s+RUNNING or WAITING\s+0", run.stdout), run.stdout

@@ -51,8 +51,12 @@ def test_wrong_credentials_exit_at_once_without_printing_the_password(postgres, 
     assert "not-the-password" not in out and "hpo:***@" in out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, "ctrl-c"])
 def test_a_signal_to_optimize_stops_every_worker_and_leaves_nothing_running(tmp_path, real_data_dir, sig):
+    """SIGINT or SIGTERM to `hpo optimize`; "ctrl-c": SIGINT to its whole process group, as a
+    terminal sends it, so each worker gets the terminal's SIGINT and then the parent's SIGTERM."""
+    group = sig == "ctrl-c"
+    sig = signal.SIGINT if group else sig
     study = tmp_path / "long.toml"
     study.write_text(study_file(tmp_path, n_trials=20, epochs=8, subset=4000).read_text().replace('"pg"', '"long"'))
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
@@ -67,6 +71,7 @@ def test_a_signal_to_optimize_stops_every_worker_and_leaves_nothing_running(tmp_
         "--data-dir",
         str(real_data_dir),
         cwd=tmp_path,
+        start_new_session=group,  # its own process group, like a foreground job of a shell
     )
 
     def running() -> list:
@@ -78,7 +83,10 @@ def test_a_signal_to_optimize_stops_every_worker_and_leaves_nothing_running(tmp_
 
     wait_for(running, 120, "a running trial", interval=0.5)
     sent = time.monotonic()
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
     assert time.monotonic() - sent < 20
     assert proc.returncode == 1, out

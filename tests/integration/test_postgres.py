@@ -68,7 +68,9 @@ class Workers:
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
 
-    def start(self, n: int = 1) -> None:
+    def start(self, n: int = 1, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> None:
+        """`n` more workers; `env` adds to (or overrides) their environment, `prefix` goes before the
+        command (faketime, say)."""
         env = {
             **os.environ,
             "HPO_HEARTBEAT_INTERVAL": "1",
@@ -76,6 +78,7 @@ class Workers:
             "HPO_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
             "HPO_STORAGE": self.url,
+            **(env or {}),
         }
         for _ in range(n):
             log = self.tmp_path / f"worker-{len(self.procs)}.log"
@@ -83,6 +86,7 @@ class Workers:
             self.procs.append(
                 subprocess.Popen(
                     [
+                        *prefix,
                         sys.executable,
                         "-m",
                         "hpo",
