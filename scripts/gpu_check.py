@@ -2,7 +2,8 @@
 
 On a CUDA machine: `hpo bench` on the GPU against the notebook pipeline and the CPU engine, bf16
 autocast, a short `cnn` search at 1, 2, 4 and 8 trials per GPU (trials/min, GPU utilisation and
-memory), a final-train with its test accuracy, an export and a predict on the GPU. Without CUDA
+memory), a final-train with its test accuracy, an export and a predict on the GPU, and a trial
+SIGKILLed after its first checkpoint that resumes there on the GPU. Without CUDA
 it runs the same steps on the CPU at a toy size, so that CI keeps the script from rotting; its
 figures then say nothing about GPUs.
 """
@@ -162,6 +163,61 @@ def search(size: Size, slots: int, env: dict[str, str], work: Path) -> tuple[str
     return f"search, {slots} trial(s) per GPU", f"{figure}; {gpu.describe()}".rstrip("; ")
 
 
+def resume(size: Size, env: dict[str, str], work: Path) -> tuple[str, str]:
+    """A worker SIGKILLed after its first checkpoint on the device; a second worker reaps its trial,
+    and the retry must resume from that epoch on the same device (train.restore_random_state)."""
+    import signal
+
+    import optuna
+
+    cfg = config.load("cnn")
+    cfg = dataclasses.replace(
+        cfg,
+        name="gpu-check-resume",
+        budget=dataclasses.replace(cfg.budget, n_trials=1, epochs=3, train_subset=size.train_subset, time_s=None),
+        sampler=Component("random"),
+        pruner=Component("none"),
+        warm_start=config.WarmStart(),
+    )
+    path = work / "gpu-check-resume.toml"
+    path.write_text(config.to_toml(cfg))
+    env = {**env, "HPO_HEARTBEAT_INTERVAL": "1", "HPO_GRACE_PERIOD": "3", "HPO_ARTIFACTS": str(work / "artifacts")}
+    command = [*HPO, "worker", "--study", str(path)]
+    log = (work / "resume-worker-a.log").open("w")
+    first = subprocess.Popen(command, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    killed = None
+    while killed is None:
+        if time.monotonic() > deadline or first.poll() is not None:
+            first.kill()
+            raise SystemExit(
+                f"no checkpoint before the worker ended:\n{(work / 'resume-worker-a.log').read_text()[-2000:]}"
+            )
+        time.sleep(0.5)
+        try:
+            running = optuna.load_study(study_name=cfg.name, storage=env["HPO_STORAGE"]).get_trials(
+                states=(optuna.trial.TrialState.RUNNING,)
+            )
+        except KeyError:
+            continue
+        killed = next((t for t in running if t.user_attrs.get("checkpoint")), None)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    hpo("worker", "--study", str(path), env=env, cwd=work, timeout=600)
+    trials = optuna.load_study(study_name=cfg.name, storage=env["HPO_STORAGE"]).trials
+    retry = next(t for t in trials if t.system_attrs.get("retry_history", [])[-1:] == [killed.number])
+    saved = killed.user_attrs["checkpoint"]["epoch"]
+    resumed = retry.user_attrs.get("resumed_from_epoch")
+    if retry.state != optuna.trial.TrialState.COMPLETE or resumed is None or resumed < saved:
+        raise SystemExit(f"the retry did not resume: {retry.state.name}, resumed_from_epoch {resumed}, saved {saved}")
+    return (
+        "resume after SIGKILL",
+        f"trial {killed.number} killed after its epoch-{saved} checkpoint on {killed.user_attrs['device']}; retry "
+        f"{retry.number} resumed from epoch {resumed} on {retry.user_attrs['device']} "
+        f"(exact: {retry.user_attrs.get('resumed_exactly')}), value {retry.value:.4f}",
+    )
+
+
 def final_and_serving(size: Size, env: dict[str, str], work: Path) -> list[tuple[str, str]]:
     study = str(work / "gpu-check-1.toml")
     started = time.perf_counter()
@@ -211,6 +267,7 @@ def main() -> None:
         ("bf16 autocast", lambda: [bf16(size)]),
         *((f"search, {n} trial(s) per GPU", lambda n=n: [search(size, n, env, work)]) for n in size.slots),
         ("final-train, export, predict", lambda: final_and_serving(size, env, work)),
+        ("resume after SIGKILL", lambda: [resume(size, env, work)]),
     ]
     failed = 0
     for name, step in steps:

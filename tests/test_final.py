@@ -131,12 +131,32 @@ def test_timed_replan_fits_the_epochs_to_the_measured_ones_in_the_first_half_onl
     def epochs(*seconds):
         return [EpochStats(i + 1, 1.0, 0.5, None, None, 0.1, s) for i, s in enumerate(seconds)]
 
-    # 600 s budget, 300 s left: slack 12 s and the test pass (10,000 images at 10 s per 60,000) come off.
+    # 600 s budget, 300 s left: slack 12 s and the measured test passes (7 s) come off.
     deadline = budget.Deadline(at=time.time() + 300, time_s=600, set_at=time.time() - 300)
-    replan = timed_replan(deadline, 60_000, epochs=36, most=48)
-    left = 300 - 12 - 10 * budget.TEST_IMAGES / 60_000
+    replan = timed_replan(deadline, 7.0, epochs=36, most=48)
+    left = 300 - 12 - 7
     assert replan(epochs(10.0, 10.0), 20) == 2 + int(left // (1.05 * 10.0))  # up to [final] epochs (36)
-    assert replan(epochs(30.0, 10.0, 30.0), 20) == 3 + int((300 - 12 - 30 / 6) // (1.05 * 30.0))  # the median epoch
+    assert replan(epochs(30.0, 10.0, 30.0), 20) == 3 + int(left // (1.05 * 30.0))  # the median epoch
     assert replan(epochs(*[10.0] * 11), 20) == 20  # past halfway: left alone
     grown = replan(epochs(2.0, 2.0), 20)
     assert 36 < grown <= 48  # time to spare grows it up to max_epochs
+
+
+def test_the_test_passes_are_timed_for_every_member_and_view():
+    """The finalizer scores each member twice (in the ensemble and alone) with each TTA view, in fp32;
+    the time it keeps free for that is measured, not taken as a sixth of an epoch."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from hpo import space
+    from hpo.data import DeviceData
+    from hpo.final import test_pass_seconds, test_passes
+
+    cfg = config.load("tiny")  # flip TTA
+    plain = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, tta="none"))
+    assert (test_passes(plain, 1), test_passes(cfg, 1), test_passes(cfg, 2)) == (2, 4, 8)
+    trial = SimpleNamespace(params=space.middle(cfg.space).flat())
+    images = torch.randint(0, 255, (1024, 28, 28), dtype=torch.uint8)
+    data = DeviceData(images, torch.arange(1024) % 10, torch.device("cpu"))
+    assert test_pass_seconds([trial], cfg, data) > 0  # type: ignore[list-item]

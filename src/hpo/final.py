@@ -201,32 +201,52 @@ def member_seed(cfg: StudyConfig, index: int) -> int:
 SHRINK_MARGIN, GROW_MARGIN = 1.05, 1.2
 
 
+def test_pass_seconds(chosen: list[optuna.trial.FrozenTrial], cfg: StudyConfig, train_all: DeviceData) -> float:
+    """Seconds `score` will take on the test split: every member's fp32 forward passes (one per TTA
+    view) twice, once in the ensemble and once alone, timed on 1,024 training images with the first
+    member's model (the test split is not read before it is scored)."""
+    params = TrialParams.from_flat(chosen[0].params)
+    model = seeded_model(params.model, 0, train_all.device)
+    sample = DeviceData(train_all.x[:1024], train_all.y[:1024], train_all.device)
+    evaluate(model, DeviceData(sample.x[:64], sample.y[:64], sample.device), cfg.train.eval_batch_size, fast=False)
+    started = time.perf_counter()
+    evaluate(model, sample, cfg.train.eval_batch_size, fast=False)
+    per_image = (time.perf_counter() - started) / max(1, len(sample))
+    return per_image * budget.TEST_IMAGES * test_passes(cfg, len(chosen))
+
+
+def test_passes(cfg: StudyConfig, members: int) -> int:
+    """Forward passes `score` makes per test image: each member with each TTA view, in the ensemble
+    and again alone (one member: the ensemble is the member, scored twice all the same)."""
+    return 2 * (2 if cfg.final.tta == "flip" else 1) * members
+
+
 def fitted_epochs(
     trial: optuna.trial.FrozenTrial,
     cfg: StudyConfig,
     train_all: DeviceData,
     epochs: int,
     deadline: budget.Deadline,
+    test_s: float,
     most: int | None = None,
 ) -> int:
-    """The epochs of the first member that end before `deadline`: all of them unless time is short,
-    else as many as fit (at least one), from this machine's measured speed for that configuration.
-    With `most` above `epochs`, time left over grows them up to `most`."""
+    """The epochs of the first member that end before `deadline`, `test_s` for the test passes kept
+    free: all of them unless time is short, else as many as fit (at least one), from this machine's
+    measured speed for that configuration. With `most` above `epochs`, time left over grows them up to `most`."""
     # 60 steps after 10: 12 after 2 read 17.8 s per epoch for a model that then trained at 14.6 s.
     params = TrialParams.from_flat(trial.params)
     per_epoch = seconds_per_image(params, train_all, cfg.train, cfg.augment, steps=60, warmup=10) * len(train_all)
-    fitted = _epochs_that_fit(per_epoch, _time_left(deadline, per_epoch, len(train_all)), epochs, most)
+    fitted = _epochs_that_fit(per_epoch, _time_left(deadline, test_s), epochs, most)
     log.info(
-        f"final-train: {per_epoch:.1f}s per epoch measured, {deadline.left():.0f}s left: {fitted} of "
-        f"{most or epochs} epochs fit"
+        f"final-train: {per_epoch:.1f}s per epoch measured, {deadline.left():.0f}s left ({test_s:.0f}s of "
+        f"them for the test passes): {fitted} of {most or epochs} epochs fit"
     )
     return fitted
 
 
-def _time_left(deadline: budget.Deadline, per_epoch: float, images: int) -> float:
-    """Seconds left for training epochs: the deadline less the slack and the test passes (members x
-    views at a third of a trained image each)."""
-    return deadline.left() - budget.slack_s(deadline.time_s) - per_epoch * budget.TEST_IMAGES / images
+def _time_left(deadline: budget.Deadline, test_s: float) -> float:
+    """Seconds left for training epochs: the deadline less the slack and the measured test passes."""
+    return deadline.left() - budget.slack_s(deadline.time_s) - test_s
 
 
 def _epochs_that_fit(per_epoch: float, left: float, epochs: int, most: int | None, done: int = 0) -> int:
@@ -238,7 +258,7 @@ def _epochs_that_fit(per_epoch: float, left: float, epochs: int, most: int | Non
     return max(done or 1, fitted)
 
 
-def timed_replan(deadline: budget.Deadline, images: int, epochs: int, most: int | None) -> Replan:
+def timed_replan(deadline: budget.Deadline, test_s: float, epochs: int, most: int | None) -> Replan:
     """Re-fit the first member's epochs to the epochs it has timed itself, through its first half.
 
     The 60-step timing before training is read under whatever else loads the machine at that moment:
@@ -252,7 +272,7 @@ def timed_replan(deadline: budget.Deadline, images: int, epochs: int, most: int 
         if done >= total or 2 * done > total:
             return total
         per_epoch = statistics.median(s.seconds for s in history)
-        new = _epochs_that_fit(per_epoch, _time_left(deadline, per_epoch, images), epochs, most, done)
+        new = _epochs_that_fit(per_epoch, _time_left(deadline, test_s), epochs, most, done)
         if new != total:
             log.info(f"final-train: {per_epoch:.1f}s per epoch trained after epoch {done}: {new} epochs fit")
         return new
@@ -275,15 +295,21 @@ def train_members(
     shrunk: list[str] = []
     replan = None
     requested = epochs
+    test_s = 0.0
     if deadline is not None:
         # Time the search left over goes to a lone model's epochs, up to [final] max_epochs; an
         # ensemble spends it on its members instead.
         grow = len(chosen) == 1 and cfg.final.max_epochs is not None and epochs == cfg.final.epochs
         most = cfg.final.max_epochs if grow else None
-        epochs = fitted_epochs(chosen[0], cfg, train_all, epochs, deadline, most=most)
-        replan = timed_replan(deadline, len(train_all), requested, most)
+        test_s = test_pass_seconds(chosen, cfg, train_all)
+        epochs = fitted_epochs(chosen[0], cfg, train_all, epochs, deadline, test_s, most=most)
+        replan = timed_replan(deadline, test_s, requested, most)
     for index, trial in enumerate(chosen):
-        if members and deadline is not None and (late := _would_end_late(members, trial, index, deadline)):
+        if (
+            members
+            and deadline is not None
+            and (late := _would_end_late(members, trial, index, deadline, test_s, len(chosen)))
+        ):
             shrunk.append(
                 f"ensemble shrank from {len(chosen)} to {len(members)} member(s) to end within the time budget: {late}"
             )
@@ -301,13 +327,19 @@ def train_members(
 
 
 def _would_end_late(
-    members: list[Member], trial: optuna.trial.FrozenTrial, index: int, deadline: budget.Deadline
+    members: list[Member],
+    trial: optuna.trial.FrozenTrial,
+    index: int,
+    deadline: budget.Deadline,
+    test_s: float,
+    chosen: int,
 ) -> str | None:
     """Why member `index` would end past the deadline: the first member's measured time, scaled by
-    the trials' relative cost per image; None if it fits."""
+    the trials' relative cost per image, plus the test passes of an ensemble of `index + 1` (`test_s`
+    is for all `chosen`); None if it fits."""
     first, this = budget.trial_cost(members[0].trial), budget.trial_cost(trial)
     ratio = this.per_image_s() / first.per_image_s() if first and this else 1.0
-    needed = members[0].train_s * ratio + budget.slack_s(deadline.time_s)
+    needed = members[0].train_s * ratio + budget.slack_s(deadline.time_s) + test_s * (index + 1) / chosen
     if deadline.left() >= needed:
         return None
     return (

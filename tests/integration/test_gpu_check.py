@@ -32,3 +32,9 @@ def test_gpu_check_runs_every_step_and_prints_one_table(tmp_path, real_data_dir)
     assert 50 < accuracy <= 100, rows  # one epoch on the real training set: far above chance (10 %)
     assert "same class for 100.00%" in rows["export (torchscript, checked on the test split)"], rows
     assert re.fullmatch(r".+ \(0\.\d{3}\); label .+", rows["predict on cpu"]), rows
+    resumed = re.fullmatch(
+        r"trial (\d+) killed after its epoch-(\d+) checkpoint on cpu; retry (\d+) resumed from epoch (\d+) on cpu "
+        r"\(exact: True\), value [\d.]+",
+        rows["resume after SIGKILL"],
+    )
+    assert resumed and int(resumed.group(4)) >= int(resumed.group(2)) >= 1, rows
