@@ -88,7 +88,10 @@ def test_final_reserve_counts_every_member_on_the_whole_training_set():
     costs = budget.measured(study)
     reserve = budget.final_reserve(study, cfg, 1, costs, None)
     per_image = [c.per_image_s() for c in costs]  # the two best trials are the members
-    expected = sum(p * (budget.DATASET_IMAGES + 2 * budget.EVAL_SHARE * budget.TEST_IMAGES) for p in per_image)
+    expected = sum(
+        p * (budget.DATASET_IMAGES + budget.test_passes("flip") * budget.FP32_EVAL_SHARE * budget.TEST_IMAGES)
+        for p in per_image
+    )
     assert reserve == pytest.approx(expected)
     # With more cores than the trials had, the finalizer is expected faster, never slower.
     assert budget.final_reserve(study, cfg, 4, costs, None) < reserve
@@ -100,7 +103,9 @@ def test_final_reserve_leaves_out_members_the_gap_would_leave_out():
     study = study_with([1.0, 2.0])  # values 0.50 and 0.51: 0.01 apart, beyond the gap
     costs = budget.measured(study)
     best = max(costs, key=lambda c: c.epoch_s)  # the second trial is the better one
-    expected = best.per_image_s() * (budget.DATASET_IMAGES + 2 * budget.EVAL_SHARE * budget.TEST_IMAGES)
+    expected = best.per_image_s() * (
+        budget.DATASET_IMAGES + budget.test_passes("flip") * budget.FP32_EVAL_SHARE * budget.TEST_IMAGES
+    )
     assert budget.final_reserve(study, cfg, 1, costs, None) == pytest.approx(expected)
     # With one trial complete, the second member's place is still open: a typical trial fills it.
     one = study_with([1.0])
@@ -114,7 +119,9 @@ def test_final_reserve_with_fill_seeds_counts_the_best_trial_for_every_empty_pla
     study = study_with([1.0, 2.0])  # 0.01 apart: the gap keeps the better one alone
     costs = budget.measured(study)
     best = max(costs, key=lambda c: c.epoch_s)
-    one = best.per_image_s() * (budget.DATASET_IMAGES + 2 * budget.EVAL_SHARE * budget.TEST_IMAGES)
+    one = best.per_image_s() * (
+        budget.DATASET_IMAGES + budget.test_passes("flip") * budget.FP32_EVAL_SHARE * budget.TEST_IMAGES
+    )
     assert budget.final_reserve(study, cfg, 1, costs, None) == pytest.approx(3 * one)
 
 
@@ -174,5 +181,5 @@ def test_minimum_budget_is_the_shortest_in_which_the_planner_starts_a_trial():
                 decided_at=1010.0, estimate_s=estimate, reserve_s=reserve + budget.slack_s(time_s), deadline=deadline.at
             )
             # The finalizer's share, after giving way to the first trial, must still hold one epoch of one member.
-            holds_an_epoch = reserve >= min(full, budget.member_estimate(cost, 1, 1))
+            holds_an_epoch = reserve >= min(full, budget.member_estimate(cost, 1, 1, tta=cfg.final.tta))
             assert (plan.fits and holds_an_epoch) is fits, (calibrated, time_s, plan)

@@ -160,3 +160,32 @@ def test_the_test_passes_are_timed_for_every_member_and_view():
     images = torch.randint(0, 255, (1024, 28, 28), dtype=torch.uint8)
     data = DeviceData(images, torch.arange(1024) % 10, torch.device("cpu"))
     assert test_pass_seconds([trial], cfg, data) > 0  # type: ignore[list-item]
+
+
+def test_the_note_does_not_call_a_speed_tie_lead_the_best_trial():
+    from hpo.final import note
+
+    lead = create_trial(
+        value=0.868, params={"lr": 0.01}, distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 0.1)}
+    )
+    lead.number = 0
+    metrics = {
+        "best_trial": 3,
+        "best_trial_value": 0.871,
+        "lead_trial": 0,
+        "lead_trial_value": 0.868,
+        "test_accuracy": 0.93,
+        "test_ci95": [0.925, 0.935],
+        "ensemble": {"requested": 1, "trained": 1, "tta": "flip", "shrunk": None, "gain_over_best_member": 0.0},
+        "members": [{"trial": 0, "value": 0.868, "seed": 1, "test_accuracy": 0.93, "ci95": [0.925, 0.935]}],
+        "per_class_accuracy": {"Shirt": 0.8, "Bag": 0.99},
+        "epochs": 30,
+        "train_images": 60000,
+        "test_images": 10000,
+        "git_revision": None,
+    }
+    text = note(config.load("tiny"), lead, metrics)
+    assert "Trial 0, within [final] speed_tie of the search's best (trial 3, val_accuracy 0.8710)" in text
+    assert "the best of the search" not in text and "| validation val_accuracy of trial 0 | 0.8680 |" in text
+    metrics.update(best_trial=0, best_trial_value=0.868)
+    assert "Trial 0, the best of the search" in note(config.load("tiny"), lead, metrics)

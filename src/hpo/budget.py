@@ -161,10 +161,25 @@ def thread_factor(trial_threads: int, final_threads: int) -> float:
     return trial_threads / final_threads / THREAD_EFFICIENCY
 
 
-def member_estimate(cost: EpochCost, epochs: int, final_threads: int, train_images: int = DATASET_IMAGES) -> float:
-    """Seconds one finalizer member takes: `epochs` on `train_images`, then the test split, with TTA."""
+# The finalizer scores the test split in fp32 (the precision of an exported model): on a 2-core AMD
+# EPYC (AVX2 only) an fp32 forward pass took 0.38-0.56 of a bf16 training step per image, for the
+# cnn-quick warm start and the space's middle CNN (3 repeats each), where EVAL_SHARE (1/3) held for
+# bf16 validation. 0.6 stays above every reading.
+FP32_EVAL_SHARE = 0.6
+
+
+def test_passes(tta: str) -> int:
+    """Forward passes the finalizer makes per test image and member: each TTA view, in the ensemble
+    and again alone (hpo.final.score)."""
+    return 2 * (2 if tta == "flip" else 1)
+
+
+def member_estimate(
+    cost: EpochCost, epochs: int, final_threads: int, train_images: int = DATASET_IMAGES, tta: str = "flip"
+) -> float:
+    """Seconds one finalizer member takes: `epochs` on `train_images`, then its test passes."""
     per_image = cost.per_image_s() * min(1.0, thread_factor(cost.threads, final_threads))
-    return per_image * (epochs * train_images + 2 * EVAL_SHARE * TEST_IMAGES)
+    return per_image * (epochs * train_images + test_passes(tta) * FP32_EVAL_SHARE * TEST_IMAGES)
 
 
 def final_reserve(
@@ -199,7 +214,7 @@ def final_reserve(
     members += [typical] * padding
     if cfg.final.fill == "seeds":  # the places the gap leaves empty go to the best trial again
         members += [trial_cost(complete[0]) if complete else typical] * (cfg.final.ensemble - len(members))
-    each = [member_estimate(c, cfg.final.epochs, final_threads) for c in members if c is not None]
+    each = [member_estimate(c, cfg.final.epochs, final_threads, tta=cfg.final.tta) for c in members if c is not None]
     return sum(each) if time_s is None else min(sum(each), cfg.final.max_share * time_s)
 
 
@@ -258,8 +273,8 @@ def minimum_budget(
     `cost` is one trial epoch: measured, or (`calibrated`) the calibration, which the planner doubles.
     """
     trial = trial_estimate(cfg, [] if calibrated else [cost], cost if calibrated else None)
-    full = member_estimate(cost, cfg.final.epochs, final_threads) * cfg.final.ensemble
-    one_epoch = member_estimate(cost, 1, final_threads)
+    full = member_estimate(cost, cfg.final.epochs, final_threads, tta=cfg.final.tta) * cfg.final.ensemble
+    one_epoch = member_estimate(cost, 1, final_threads, tta=cfg.final.tta)
 
     def enough(time_s: float) -> bool:
         reserve = yielded_reserve(min(full, cfg.final.max_share * time_s), trial, time_s - start_s, time_s)

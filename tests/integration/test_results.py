@@ -99,7 +99,7 @@ def test_dashboard_shows_the_plots_and_the_note_in_chromium(final_trained, tmp_p
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{images[name]}", timeout=30) as response:
                 assert response.read()[:8] == PNG
         _, note = page_text(browser, f"{base}/note", tmp_path / "chromium", until="Final-trained")
-        assert "Final-trained: test accuracy" in note and "Best params" in note, note[:3000]
+        assert "Final-trained: test accuracy" in note and "Params of the first member" in note, note[:3000]
 
         shot = tmp_path / "dashboard.png"
         subprocess.run(
