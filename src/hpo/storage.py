@@ -1,8 +1,9 @@
 """Storage URLs: one RDBStorage code path for the embedded SQLite file and for PostgreSQL.
 
-SQLite is only safe for several local worker processes with three settings: WAL (readers, such as
-the dashboard, never block writers), a long busy timeout, and BEGIN IMMEDIATE so that a transaction
-takes the write lock up front instead of failing when it tries to upgrade a read lock.
+SQLite is only safe for several local worker processes with three settings: WAL, a long busy
+timeout, and BEGIN IMMEDIATE so that a transaction takes the write lock up front instead of failing
+when it tries to upgrade a read lock. Every transaction takes that lock, the dashboard's reads
+included, so they take turns: fine on one machine, and PostgreSQL is the storage for many.
 """
 
 from __future__ import annotations
