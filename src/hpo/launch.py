@@ -100,9 +100,10 @@ def check_time_budget(
     final_threads = threads if (device or "").startswith("cuda") else cpu_count()
     needed = budget.minimum_budget(cfg, cost, final_threads, calibrated=calibrated is not None)
     if time_s < needed:
+        source = "calibrated on this machine" if calibrated is not None else "the slowest the study measured, any host"
         raise HpoError(
             f"--time {format_duration(time_s)} is shorter than one trial plus the finalizer, about "
-            f"{format_duration(needed)} on this machine ({cost.epoch_s:.1f}s per trial epoch, measured). "
+            f"{format_duration(needed)} ({cost.epoch_s:.1f}s per trial epoch, {source}). "
             f"Give at least --time {format_duration(math.ceil(needed / 60) * 60)}, or lower [budget] "
             "epochs or [final] epochs in the study file."
         )
