@@ -259,13 +259,16 @@ class Heartbeat:
 
     def _beat(self) -> None:
         while True:
+            started = time.monotonic()
             self.storage.record_heartbeat(self.trial_id)
             if self.also is not None and self.storage.beating:
                 try:
                     self.also()
                 except Exception as e:  # the next beat tries again; the trial must not die of it
                     log.warning("reaping dead trials failed (%s)", first_line(connection_error(e) or e))
-            if self._stop.wait(self.interval):
+            # Beats keep their schedule however long the reaping took (slow queries after an outage
+            # would otherwise space them past what other hosts' reapers confirm a death by).
+            if self._stop.wait(max(0.0, self.interval - (time.monotonic() - started))):
                 return
 
     def __enter__(self) -> Heartbeat:

@@ -82,7 +82,9 @@ def test_workers_with_other_heartbeat_settings_never_reap_each_others_live_trial
     worker is started with a 1 s beat and a 2 s grace period. Judged by its own numbers it would
     reap the first worker's live trials between their heartbeats; judged by the study's, never."""
     study = tmp_path / "pg.toml"
-    study.write_text(STUDY.format(n_trials=4, epochs=6, subset=4000))
+    # No pruning: every trial runs its epochs, long past the 10 s heartbeat of the first worker.
+    source = STUDY.format(n_trials=4, epochs=6, subset=4000)
+    study.write_text(source.replace('name = "median"\nn_startup_trials = 2\nn_warmup_steps = 1', 'name = "none"'))
     workers = Workers(tmp_path, pg_url, study, real_data_dir)
     try:
         workers.start(1, env={"HPO_HEARTBEAT_INTERVAL": "10", "HPO_GRACE_PERIOD": "30"})
@@ -101,4 +103,6 @@ def test_workers_with_other_heartbeat_settings_never_reap_each_others_live_trial
     by_pid = {t.user_attrs["pid"] for t in trials}
     assert len(by_pid) == 2, out
     assert "judges its trials by its own heartbeat settings (heartbeat every 10s, grace period 30s" in out
-    assert max(t.duration.total_seconds() for t in trials if t.duration) > 12, "trials too short to tell"
+    # A 2 s grace period plus 3 s of watching: a trial beating every 10 s would be reaped after ~5 s.
+    first = workers.procs[0].pid
+    assert max(t.duration.total_seconds() for t in trials if t.user_attrs["pid"] == first) > 8, "too short to tell"
