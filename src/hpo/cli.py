@@ -226,7 +226,7 @@ def optimize(
         f"artifacts {location}{_time_note(budget.get_deadline(study))}"
     )
     args = launch.worker_args(study_arg, opened.url, directory, location, device)
-    finished_before = study_mod.summary(study, cfg, opened.storage)["finished"]
+    finished_before = study_mod.finished_count(study)
     try:
         launch.run_workers(study, cfg, opened.storage, workers, threads, args)
     finally:

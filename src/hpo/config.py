@@ -566,22 +566,12 @@ def _option_problem(key: str, value: Any) -> str | None:
     if rule is None:
         return None
     kind, least, most, also = rule
-    if value in also and isinstance(value, str):
-        return None
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = (
-        kind == "int"
-        and isinstance(value, int)
-        and numeric
-        or kind == "float"
-        and numeric
-        and math.isfinite(value)
-        or kind == "str"
-        and value in also
-    )
-    if ok and kind != "str":
-        ok = (least is None or value >= least) and (most is None or value <= most)
-    return None if ok else _allowed(rule)
+    if kind == "str" or (isinstance(value, str) and value in also):
+        return None if value in also else _allowed(rule)
+    if isinstance(value, bool) or not isinstance(value, int if kind == "int" else (int, float)):
+        return _allowed(rule)
+    in_range = math.isfinite(value) and (least is None or value >= least) and (most is None or value <= most)
+    return None if in_range else _allowed(rule)
 
 
 def _component(

@@ -30,12 +30,11 @@ from hpo.data import CLASSES, DeviceData
 from hpo.devices import Placement
 from hpo.errors import HpoError
 from hpo.model import Ensemble, count_parameters
-from hpo.objective import derive_seed
 from hpo.params import TrialParams
 from hpo.progress import Progress
 from hpo.storage import SlotLock, final_dir
-from hpo.study import FINAL_ATTR
-from hpo.train import EpochStats, Replan, TrainingRun, evaluate, fit, seconds_per_image, seeded_model
+from hpo.study import FINAL_ATTR, finished_count
+from hpo.train import EpochStats, Replan, TrainingRun, derive_seed, evaluate, fit, seconds_per_image, seeded_model
 
 log = logging.getLogger(__name__)
 
@@ -580,7 +579,7 @@ def after_search(
         )
     deadline = budget.get_deadline(study)
     published = study.user_attrs.get(FINAL_ATTR)
-    if published and finished_before is not None and _finished(study) == finished_before:
+    if published and finished_before is not None and finished_count(study) == finished_before:
         # Nothing new to retrain from, and inside a spent budget the retrain could only be shorter.
         left = "" if deadline is None else f" with {max(0.0, deadline.left()):.0f}s of its time budget left"
         raise HpoError(
@@ -593,10 +592,6 @@ def after_search(
     return final_train(
         study, cfg, directory, placement, final_dir(cfg.name), None, artifact_store, storage, deadline=deadline
     )
-
-
-def _finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=trials_mod.FINISHED))
 
 
 def _result_files(

@@ -20,9 +20,9 @@ from hpo import budget, progress
 from hpo import study as study_mod
 from hpo.config import StudyConfig, format_duration
 from hpo.errors import HpoError
-from hpo.objective import derive_seed
 from hpo.session import Opened
 from hpo.storage import RUNS_DIR
+from hpo.train import derive_seed
 from hpo.trials import FINISHED
 
 KILL_AFTER_S = 30  # a worker that ignores SIGTERM this long is killed

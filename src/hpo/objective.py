@@ -10,7 +10,6 @@ import os
 import time
 from collections.abc import Callable
 
-import numpy as np
 import optuna
 import torch
 
@@ -26,6 +25,7 @@ from hpo.train import (
     EpochStats,
     TrainingDiverged,
     TrainingRun,
+    derive_seed,
     evaluate,
     fit,
     seconds_per_image,
@@ -45,11 +45,6 @@ class OverBudget(Exception):
 
 class OutOfMemory(Exception):
     """The configuration does not fit in the device's memory; the trial fails, the worker goes on."""
-
-
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed that depends on every part, so nearby trials get unrelated streams."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0] >> 1)
 
 
 def trial_seed(study_seed: int, trial: optuna.Trial) -> int:

@@ -425,6 +425,11 @@ def counts(study: optuna.Study) -> dict[str, int]:
     return _by_state(study.get_trials(deepcopy=False))
 
 
+def finished_count(study: optuna.Study) -> int:
+    """COMPLETE and PRUNED trials: what the trial budget counts."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
 STATUS_SCHEMA = "hpo-status/1"
 
 

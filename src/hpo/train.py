@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,6 +55,11 @@ class Evaluation:
     accuracy: float
     predictions: torch.Tensor  # (N,) class indices, on the CPU
     confidence: torch.Tensor  # (N,) softmax probability of the predicted class, on the CPU
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed that depends on every part, so nearby trials get unrelated streams."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0] >> 1)
 
 
 def get_lr(step: int, total: int, peak: float, schedule: str, warmup: int) -> float:
@@ -275,7 +281,7 @@ def restore_random_state(resume: dict[str, Any], generator: torch.Generator, see
         generator.set_state(resume["generator"].to("cpu", torch.uint8))
         _set_rng_state(resume["rng"].to("cpu", torch.uint8), device)
         return True
-    fresh = (seed * 1_000_003 + int(resume["epoch"])) % 2**31
+    fresh = derive_seed(seed, int(resume["epoch"]))
     generator.manual_seed(fresh)
     if device.type == "cuda":
         torch.cuda.manual_seed(fresh)
