@@ -160,6 +160,21 @@ def test_a_fail_whose_requeue_was_lost_gets_its_copy_once(shared):
     assert study_mod.REQUEUE_ATTR not in copies[0].system_attrs  # the mark stays with the failed trial
 
 
+def test_a_worker_leaving_on_the_time_budget_queues_a_copy_owed_even_if_only_just_seen(shared):
+    """The last workers leave at the deadline: nobody would come back for a copy that went missing
+    seconds before, so the leaving worker waits out the confirmation once and queues it."""
+    study, store = shared
+    trial_id = running_trial(study, store)
+    number = store.get_trial(trial_id).number
+    store.set_trial_user_attr(trial_id, "fail_reason", "worker stopped by SIGTERM; re-queued")
+    store.set_trial_system_attr(trial_id, study_mod.REQUEUE_ATTR, True)
+    store.set_trial_state_values(trial_id, TrialState.FAIL)
+    reaper = study_mod.Reaper(study, store)
+    assert reaper.settle() == [number] and study_mod.lost_requeues(study) == []
+    assert reaper.settle() == []  # nothing owed: no wait
+    assert [t.system_attrs["retry_history"] for t in study.get_trials(states=(TrialState.WAITING,))] == [[number]]
+
+
 def test_repair_waits_while_another_process_holds_the_study_lock(shared):
     study, store = shared
     trial_id = running_trial(study, store)

@@ -413,6 +413,17 @@ class Reaper:
                 if lock is not None:
                     lock.release()
 
+    def settle(self) -> list[int]:
+        """Before a worker leaves a study that others are leaving too: queue the copies still owed,
+        waiting out `confirm_s` for the ones only just seen, since no process may come back to do it.
+        The caller holds the study's lock. Returns the numbers of the trials whose copy it queued."""
+        repaired = self.repair()
+        give_up = time.monotonic() + self.confirm_s + 1
+        while lost_requeues(self.study) and time.monotonic() < give_up:
+            time.sleep(0.5)
+            repaired += self.repair()
+        return repaired
+
 
 def _by_state(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
     by_state = {s.name: 0 for s in TrialState}

@@ -227,6 +227,7 @@ def _run(
                 plan = plans[0] = budget.plan_trial(study, cfg, deadline, final_threads)
                 if not plan.fits:
                     result.reason = f"time budget: {plan.describe()}, so no trial starts"
+                    reaper.settle()  # a copy owed now is failed below with the reason, not lost
                     fail_waiting(
                         study, f"over budget: the time ran out before this retry could start ({plan.describe()})"
                     )
