@@ -47,3 +47,100 @@ def test_sampled_params_stay_inside_the_declared_space():
         assert all(params[f"filters_{i}"] in cfg.space["filters"].choices for i in range(params["n_conv"]))
         assert 1e-4 <= params["lr"] <= 1e-1
         assert params["optimizer"] in ("adam", "sgd", "rmsprop")
+
+
+WIDE = """
+name = "wide"
+[space]
+n_conv       = { low = 2, high = 3 }
+filters      = { choices = [16, 32] }
+growth       = { choices = [1.0, 2.0] }
+kernel_size  = 3
+residual     = { choices = [false, true] }
+pool         = "avg"
+n_fc         = 1
+fc_size      = 64
+dropout      = { low = 0.0, high = 0.3 }
+optimizer    = { choices = ["adam", "sgd"] }
+lr           = { adam = { low = 1e-4, high = 3e-3, log = true }, sgd = { low = 1e-2, high = 0.3, log = true } }
+batch_size   = 128
+weight_decay = 1e-4
+"""
+
+
+def wide(text: str = WIDE) -> config.StudyConfig:
+    import tomllib
+
+    return config.parse(tomllib.loads(text), "wide.toml")
+
+
+def test_each_optimizer_samples_its_own_learning_rate_range_under_its_own_name():
+    cfg = wide()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        params = space.suggest(trial, cfg.space)
+        name = params.optimizer.name
+        seen.add(name)
+        assert [k for k in trial.params if k.startswith("lr")] == [f"lr_{name}"]
+        low, high = (1e-4, 3e-3) if name == "adam" else (1e-2, 0.3)
+        assert low <= params.optimizer.lr <= high
+        assert params.flat() == trial.params  # what Optuna stores rebuilds the same run
+        assert params.model.filters in {
+            (16, 16),
+            (16, 32),
+            (16, 16, 16),
+            (16, 32, 64),
+            (32, 32),
+            (32, 64),
+            (32, 32, 32),
+            (32, 64, 128),
+        }
+        assert "filters_1" not in trial.params and params.model.pool == "avg"
+    assert seen == {"adam", "sgd"}
+
+
+def test_a_per_optimizer_lr_must_cover_every_optimizer_it_may_meet():
+    text = WIDE.replace('["adam", "sgd"]', '["adam", "sgd", "rmsprop"]')
+    with pytest.raises(config.ConfigError, match="none for rmsprop"):
+        wide(text)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("growth = 5.0", "growth must be a width factor from 1 to 4"),
+        ('pool = "max"', "pool must be one of flatten, avg"),
+        ('residual = "yes"', "residual must be true or false"),
+    ],
+)
+def test_bad_model_family_values_are_refused_in_one_line(line, message):
+    key = line.split(" ")[0]
+    text = "\n".join(row for row in WIDE.splitlines() if not row.startswith(key + " ")) + "\n" + line + "\n"
+    with pytest.raises(config.ConfigError, match=message):
+        wide(text)
+
+
+def test_the_new_keys_round_trip_through_the_stored_form():
+    cfg = wide()
+    again = config.from_dict(cfg.to_dict(), "stored")
+    assert again.space == cfg.space
+    assert config.parse(__import__("tomllib").loads(config.to_toml(cfg)), "explained").space == cfg.space
+
+
+def test_warm_start_points_are_checked_against_per_optimizer_ranges():
+    cfg = wide()
+    good = {"n_conv": 2, "filters_0": 16, "growth": 2.0, "optimizer": "sgd", "lr_sgd": 0.1}
+    assert config.space_problems(cfg.space, good) == []
+    assert config.space_problems(cfg.space, {**good, "lr_sgd": 1e-3}) == [
+        "lr_sgd = 0.001, but the space allows from 0.01 to 0.3"
+    ]
+    assert "name it lr_sgd" in config.space_problems(cfg.space, {"optimizer": "sgd", "lr": 0.1})[0]
+    assert "filters_1 is not a parameter" in config.space_problems(cfg.space, {**good, "filters_1": 32})[0]
+
+
+def test_the_middle_of_a_wide_space_builds():
+    params = space.middle(wide().space)
+    assert params.model.residual is True and params.optimizer.name == "sgd"
+    assert 1e-2 <= params.optimizer.lr <= 0.3

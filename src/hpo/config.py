@@ -32,6 +32,13 @@ SPACE_KEYS = (
     "batch_size",  # images per step
     "weight_decay",  # L2 coefficient
 )
+# Optional: a space without them has plain conv blocks, one width per block and a flattening head.
+OPTIONAL_SPACE_KEYS = (
+    "growth",  # width factor per block: filters sets the first block's width, each next one is growth times wider
+    "residual",  # true: each conv block is a residual basic block (two convs and a shortcut)
+    "pool",  # flatten | avg: the head flattens the last feature map or averages it over its pixels
+)
+POOLS = ("flatten", "avg")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -116,6 +123,14 @@ class ParamSpec:
     log: bool = False
     step: float | int | None = None
     choices: tuple[Any, ...] | None = None
+    # lr only: one range per optimizer, sampled under its own name (lr_adam, lr_sgd, lr_rmsprop)
+    by_optimizer: tuple[tuple[str, ParamSpec], ...] | None = None
+
+    def for_optimizer(self, optimizer: str) -> ParamSpec:
+        """The range that applies with `optimizer`: its own, or the shared one."""
+        if self.by_optimizer is None:
+            return self
+        return dict(self.by_optimizer)[optimizer]
 
     @property
     def span(self) -> tuple[float, float]:
@@ -225,6 +240,8 @@ class StudyConfig:
 
 
 def _spec_to_raw(spec: ParamSpec) -> Any:
+    if spec.by_optimizer is not None:
+        return {name: _spec_to_raw(sub) for name, sub in spec.by_optimizer}
     if spec.choices is not None:
         return {"choices": list(spec.choices)}
     if spec.low == spec.high and not spec.log and spec.step is None:
@@ -486,12 +503,22 @@ def space_problems(space: dict[str, ParamSpec], params: dict[str, Any]) -> list[
     n_conv = params.get(
         "n_conv", space["n_conv"].span[1] if space["n_conv"].choices is None else max(space["n_conv"].choices)
     )
+    per = dict(space["lr"].by_optimizer or ())
     for key, value in params.items():
         name = "filters" if key.startswith("filters_") and key[8:].isdigit() else key
-        if name not in space or name == "filters" and int(key[8:]) >= n_conv:
+        if key.startswith("lr_") and key[3:] in per:
+            name, spec = "lr", per[key[3:]]
+        else:
+            spec = space.get(name, ParamSpec(name))
+        widths = n_conv if "growth" not in space else 1  # growth derives every width after the first
+        if per and key == "lr":
+            own = f"lr_{params.get('optimizer', 'adam')}"
+            problems.append(f"lr: this space gives each optimizer its own range; name it {own}")
+        elif name == "lr" and key != "lr" and params.get("optimizer", key[3:]) != key[3:]:
+            problems.append(f"{key} is the range of {key[3:]}, but optimizer = {params['optimizer']!r}")
+        elif name not in space or name == "filters" and int(key[8:]) >= widths:
             problems.append(f"{key} is not a parameter of this space")
-        elif not _holds(space[name], value):
-            spec = space[name]
+        elif not _holds(spec, value):
             allowed = (
                 f"one of {list(spec.choices)}"
                 if spec.choices is not None
@@ -625,22 +652,35 @@ def _check_options(table: _Reader, class_name: str, module: str, options: dict[s
 
 def _space(table: _Reader) -> dict[str, ParamSpec]:
     space: dict[str, ParamSpec] = {}
+    known = SPACE_KEYS + OPTIONAL_SPACE_KEYS
     for key in table.raw:
-        if key not in SPACE_KEYS:
-            table.fail(
-                f"unknown parameter {key!r}.{_did_you_mean(key, SPACE_KEYS)} Parameters: {', '.join(SPACE_KEYS)}"
-            )
-    for key in SPACE_KEYS:
+        if key not in known:
+            table.fail(f"unknown parameter {key!r}.{_did_you_mean(key, known)} Parameters: {', '.join(known)}")
+    for key in known:
         if key not in table.raw:
+            if key in OPTIONAL_SPACE_KEYS:
+                continue
             table.fail(f"missing parameter {key!r}; give a range, a choice list or a fixed value")
-        space[key] = _param(key, table.raw[key], table)
+        raw = table.raw[key]
+        if key == "lr" and isinstance(raw, dict) and raw and set(raw) <= set(OPTIMIZERS):
+            space[key] = _per_optimizer(raw, table)
+        else:
+            space[key] = _param(key, raw, table)
     _check_domain(space, table)
     return space
 
 
+def _per_optimizer(raw: dict[str, Any], table: _Reader) -> ParamSpec:
+    """lr = { adam = { low = ..., high = ... }, sgd = ... }: each optimizer's own range."""
+    subs = tuple((name, _param(f"lr_{name}", raw[name], table)) for name in OPTIMIZERS if name in raw)
+    return ParamSpec("lr", by_optimizer=subs)
+
+
 def _param(key: str, raw: Any, table: _Reader) -> ParamSpec:
     where = f"{key}"
-    if isinstance(raw, (int, float, str)) and not isinstance(raw, bool):
+    if isinstance(raw, bool):
+        return ParamSpec(key, choices=(raw,))
+    if isinstance(raw, (int, float, str)):
         return ParamSpec(key, choices=(raw,)) if isinstance(raw, str) else ParamSpec(key, low=raw, high=raw)
     if not isinstance(raw, dict):
         table.fail(
@@ -684,11 +724,15 @@ def _param(key: str, raw: Any, table: _Reader) -> ParamSpec:
 
 def _values(spec: ParamSpec) -> list[Any]:
     """The extremes a parameter can take, for range checks."""
+    if spec.by_optimizer is not None:
+        return [value for _, sub in spec.by_optimizer for value in _values(sub)]
     return list(spec.choices) if spec.choices is not None else [spec.low, spec.high]
 
 
 def _check_domain(space: dict[str, ParamSpec], table: _Reader) -> None:
     def need(key: str, ok: Any, what: str) -> None:
+        if key not in space:
+            return
         bad = [value for value in _values(space[key]) if not ok(value)]
         if bad:
             table.fail(f"{key} must be {what}, got {bad[0]!r}")
@@ -710,6 +754,17 @@ def _check_domain(space: dict[str, ParamSpec], table: _Reader) -> None:
     )
     need("batch_size", lambda value: integer(value) and 1 <= value <= 65536, "a positive integer")
     need("weight_decay", lambda value: isinstance(value, (int, float)) and 0 <= value < 1, "in [0, 1)")
+    need("growth", lambda value: isinstance(value, (int, float)) and 1 <= value <= 4, "a width factor from 1 to 4")
+    need("residual", lambda value: isinstance(value, bool), "true or false")
+    need("pool", lambda value: value in POOLS, f"one of {', '.join(POOLS)}")
+    per = space["lr"].by_optimizer
+    if per is not None:
+        missing = [name for name in _values(space["optimizer"]) if name not in dict(per)]
+        if missing:
+            table.fail(
+                f"lr gives a range per optimizer but none for {', '.join(missing)}: add "
+                f"{missing[0]} = {{ low = ..., high = ..., log = true }} to lr, or drop it from optimizer"
+            )
 
 
 def from_dict(stored: dict[str, Any], source: str) -> StudyConfig:

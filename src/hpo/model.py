@@ -1,4 +1,9 @@
-"""DynamicCNN: a conv stack and an MLP head, built from plain values (never from a trial)."""
+"""DynamicCNN: a conv stack and an MLP head, built from plain values (never from a trial).
+
+Each conv block is one conv (plain) or a residual basic block (two convs and a shortcut, as in
+ResNet), then a 2x2 max-pool. The head flattens the last feature map, or averages it over space
+(`pool = "avg"`, the pooled head of ResNets and wide ResNets), before the fully connected layers.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ class ModelSpec:
     n_fc: int = 1  # hidden fully connected layers before the classifier
     fc_size: int = 128  # units per hidden FC layer
     dropout: float = 0.0  # after every hidden FC layer
+    residual: bool = False  # each block: conv-BN-ReLU-conv-BN plus a shortcut, then ReLU
+    pool: str = "flatten"  # head input: "flatten" the last feature map, or "avg" over its pixels
     in_channels: int = 1
     image_size: int = 28  # pixels per side
     num_classes: int = 10
@@ -30,26 +37,58 @@ class ModelSpec:
         return d
 
 
+POOLS = ("flatten", "avg")
+
+
+class ResidualBlock(nn.Module):
+    """ResNet's basic block: two convs, each with BatchNorm, and a shortcut (a 1x1 conv when the
+    width changes) added before the last ReLU."""
+
+    def __init__(self, channels: int, width: int, kernel_size: int):
+        super().__init__()
+        pad = kernel_size // 2
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, kernel_size, padding=pad, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, kernel_size, padding=pad, bias=False),
+            nn.BatchNorm2d(width),
+        )
+        self.shortcut: nn.Module = (
+            nn.Identity()
+            if channels == width
+            else nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
 class DynamicCNN(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
+        if spec.pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {spec.pool!r}")
         self.spec = spec
         blocks: list[nn.Module] = []
         channels, size = spec.in_channels, spec.image_size
         for width in spec.filters:
-            blocks += [
-                # No conv bias: BatchNorm's shift makes it redundant.
-                nn.Conv2d(channels, width, spec.kernel_size, padding=spec.kernel_size // 2, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
-            ]
+            if spec.residual:
+                blocks.append(ResidualBlock(channels, width, spec.kernel_size))
+            else:
+                blocks += [
+                    # No conv bias: BatchNorm's shift makes it redundant.
+                    nn.Conv2d(channels, width, spec.kernel_size, padding=spec.kernel_size // 2, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                ]
+            blocks.append(nn.MaxPool2d(2))
             channels, size = width, size // 2
         if size < 1:
             raise ValueError(f"{len(spec.filters)} conv blocks shrink a {spec.image_size}px image below 1px")
         self.features = nn.Sequential(*blocks)
-        head: list[nn.Module] = [nn.Flatten()]
-        width = channels * size * size
+        head: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()] if spec.pool == "avg" else [nn.Flatten()]
+        width = channels if spec.pool == "avg" else channels * size * size
         for _ in range(spec.n_fc):
             head += [nn.Linear(width, spec.fc_size), nn.ReLU(inplace=True), nn.Dropout(spec.dropout)]
             width = spec.fc_size

@@ -26,10 +26,19 @@ def _suggest(trial: optuna.Trial, name: str, spec: ParamSpec) -> Any:
 
 def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> TrialParams:
     params: dict[str, Any] = {"n_conv": _suggest(trial, "n_conv", space["n_conv"])}
-    # One width per conv block; deeper blocks only exist (and are only sampled) when n_conv says so.
-    for i in range(params["n_conv"]):
-        params[f"filters_{i}"] = _suggest(trial, f"filters_{i}", space["filters"])
-    for name in ("kernel_size", "n_fc", "fc_size", "dropout", "optimizer", "lr", "batch_size", "weight_decay"):
+    if "growth" in space:  # the first block's width and a factor per block: two dimensions, not n_conv
+        params["filters_0"] = _suggest(trial, "filters_0", space["filters"])
+        params["growth"] = _suggest(trial, "growth", space["growth"])
+    else:  # one width per conv block; deeper blocks only exist (and are only sampled) when n_conv says so
+        for i in range(params["n_conv"]):
+            params[f"filters_{i}"] = _suggest(trial, f"filters_{i}", space["filters"])
+    for name in ("kernel_size", "residual", "pool", "n_fc", "fc_size", "dropout", "optimizer"):
+        if name in space:
+            params[name] = _suggest(trial, name, space[name])
+    # A range per optimizer is sampled under its own name, so TPE models each optimizer's apart.
+    lr_name = "lr" if space["lr"].by_optimizer is None else f"lr_{params['optimizer']}"
+    params[lr_name] = _suggest(trial, lr_name, space["lr"].for_optimizer(params["optimizer"]))
+    for name in ("batch_size", "weight_decay"):
         params[name] = _suggest(trial, name, space[name])
     return TrialParams.from_flat(params)
 
@@ -46,7 +55,10 @@ def middle(space: dict[str, ParamSpec]) -> TrialParams:
     """The configuration in the middle of every range (geometric for log ranges): a typical trial,
     timed to estimate what trials cost before any has run."""
     params: dict[str, Any] = {"n_conv": _middle(space["n_conv"])}
-    for i in range(params["n_conv"]):
+    widths = 1 if "growth" in space else params["n_conv"]
+    for i in range(widths):
         params[f"filters_{i}"] = _middle(space["filters"])
-    params.update({name: _middle(space[name]) for name in space if name not in ("n_conv", "filters")})
+    params.update({name: _middle(space[name]) for name in space if name not in ("n_conv", "filters", "lr")})
+    lr_name = "lr" if space["lr"].by_optimizer is None else f"lr_{params['optimizer']}"
+    params[lr_name] = _middle(space["lr"].for_optimizer(params["optimizer"]))
     return TrialParams.from_flat(params)
