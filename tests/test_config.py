@@ -181,3 +181,12 @@ def test_the_explained_settings_are_a_study_file_that_reads_back_the_same(name):
 
     cfg = config.load(name)
     assert config.parse(tomllib.loads(config.to_toml(cfg)), "explained") == cfg
+
+
+def test_successive_halving_is_a_study_file_pruner_with_its_options_checked():
+    raw = raw_tiny()
+    raw["pruner"] = {"name": "successive_halving", "min_resource": 1, "reduction_factor": 3}
+    cfg = config.parse(raw, "sh.toml")
+    assert cfg.pruner.name == "successive_halving" and cfg.pruner.options["reduction_factor"] == 3
+    raw["pruner"]["reduction_factor"] = 1
+    expect_error(raw, "[pruner] reduction_factor = 1 is out of range: SuccessiveHalvingPruner needs an integer")

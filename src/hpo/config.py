@@ -46,6 +46,7 @@ SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "qmc": "QMCSampler"}
 PRUNERS = {
     "median": "MedianPruner",
     "percentile": "PercentilePruner",
+    "successive_halving": "SuccessiveHalvingPruner",
     "hyperband": "HyperbandPruner",
     "none": "NopPruner",
 }
