@@ -129,7 +129,7 @@ def slot_study(size: Size, slots: int, directory: Path) -> Path:
         ),
         sampler=Component("random"),
         pruner=Component("none"),  # every trial trains its epochs, so the rates compare
-        final=dataclasses.replace(cfg.final, epochs=size.final_epochs, ensemble=1, fill="none"),
+        final=dataclasses.replace(cfg.final, epochs=size.final_epochs, ensemble=1),
     )
     path = directory / f"gpu-check-{slots}.toml"
     path.write_text(config.to_toml(cfg))

@@ -7,8 +7,9 @@ from hpo.config import Augment, TrainSettings
 
 
 def test_fixed_baseline_fills_its_time_with_whole_epochs_and_reports_an_interval(fake_data_dir):
-    result = fixed_baseline(3.0, fake_data_dir, "cpu", 1, TrainSettings(), Augment())
+    result = fixed_baseline(3.0, fake_data_dir, "cpu", 1, TrainSettings(), Augment(), tta="flip")
     assert result["params"] == DEFAULT_PARAMS  # two conv blocks of 32/64 filters, FC 512, Adam at 1e-3
+    assert result["tta"] == "flip" and len(result["predictions"]) == 50  # one per test image (the fake set has 50)
     assert result["epochs"] >= 1 and result["epoch_s"] > 0
     low, high = result["test_ci95"]
     assert 0.0 <= low <= result["test_accuracy"] <= high <= 1.0
@@ -29,3 +30,38 @@ def test_bench_without_torchvision_says_which_extra_to_install(monkeypatch):
     )
     with pytest.raises(HpoError, match=r"needs torchvision: pip install 'hpo-service\[bench\]'"):
         bench.measure(spec)
+
+
+def test_the_paired_test_counts_only_the_images_the_two_disagree_on():
+    from hpo.bench import paired
+
+    truth = [0, 1, 2, 3, 4, 5]
+    search = [0, 1, 2, 3, 9, 9]  # right on 0-3
+    fixed = [0, 9, 2, 9, 9, 9]  # right on 0 and 2
+    assert paired(search, fixed, truth) == {"only_search": 2, "only_fixed": 0, "p_value": 0.5}
+
+
+def test_fidelity_retrains_the_finalists_at_the_horizon_and_ranks_them_on_validation(fake_data_dir):
+    import dataclasses
+
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from hpo import config, space
+    from hpo.bench import fidelity
+
+    cfg = config.load("tiny")
+    cfg = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, epochs=1))
+    study = optuna.create_study(direction="maximize")
+    base = space.middle(cfg.space).flat()
+    for i, value in enumerate([0.5, 0.7, 0.6, 0.7]):
+        params = {**base, "fc_size": 16 + i}
+        dists = {k: optuna.distributions.CategoricalDistribution([v]) for k, v in params.items()}
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=value, params=params, distributions=dists))
+    pruned = {**base, "fc_size": 40}
+    dists = {k: optuna.distributions.CategoricalDistribution([v]) for k, v in pruned.items()}
+    study.add_trial(create_trial(state=TrialState.PRUNED, params=pruned, distributions=dists))
+    report = fidelity(study, cfg, fake_data_dir, "cpu", 1, top=3)
+    assert [r["trial"] for r in report["finalists"]] == [1, 3, 2]  # best first, COMPLETE only
+    assert all(0.0 <= r["retrained_value"] <= 1.0 for r in report["finalists"])
+    assert -1.0 <= report["spearman"] <= 1.0 and report["regret"] >= 0.0

@@ -190,3 +190,10 @@ def test_successive_halving_is_a_study_file_pruner_with_its_options_checked():
     assert cfg.pruner.name == "successive_halving" and cfg.pruner.options["reduction_factor"] == 3
     raw["pruner"]["reduction_factor"] = 1
     expect_error(raw, "[pruner] reduction_factor = 1 is out of range: SuccessiveHalvingPruner needs an integer")
+
+
+def test_a_study_stored_by_an_earlier_version_still_loads_without_its_removed_final_knobs():
+    stored = config.load("tiny").to_dict()
+    stored["final"].update(speed_tie=0.005, max_share=0.85, fill="seeds", max_epochs=48, member_gap=0.01)
+    cfg = config.from_dict(stored, "stored")
+    assert cfg == config.load("tiny")  # the knobs are gone, the rest is as it was

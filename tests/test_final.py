@@ -7,6 +7,7 @@ import time
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState, create_trial
 
 from hpo import config
@@ -36,91 +37,77 @@ def study_of(values_and_params: list[tuple[float, dict]]) -> optuna.Study:
     return study
 
 
-def with_gap(gap: float) -> config.StudyConfig:
+def tiny_with(**final) -> config.StudyConfig:
     cfg = config.load("tiny")
-    return dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, member_gap=gap))
+    return dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, **final))
 
 
-def test_members_are_the_best_distinct_complete_trials_by_validation_value():
+def test_the_lead_member_is_the_best_distinct_complete_trial_by_validation_value():
     study = study_of([(0.80, {"lr": 0.1}), (0.90, {"lr": 0.01}), (0.85, {"lr": 0.01}), (0.70, {"lr": 0.2})])
-    chosen, gated = choose_members(study, with_gap(1.0), 3)
-    assert [t.value for t in chosen] == [0.90, 0.80, 0.70] and gated is None  # 0.85 repeats 0.90's params
+    chosen, why = choose_members(study, tiny_with(ensemble=1))
+    assert [t.value for t in chosen] == [0.90]  # the pruned trial's 0.99 at epoch 1 is no final value
+    assert why == "trial 1: the best COMPLETE trial by validation val_accuracy"
 
 
-def test_members_far_below_the_best_are_left_out_and_the_reason_given():
-    study = study_of([(0.930, {"lr": 0.1}), (0.925, {"lr": 0.01}), (0.905, {"lr": 0.2}), (0.90, {"lr": 0.3})])
-    chosen, gated = choose_members(study, with_gap(0.01), 3)
-    assert [t.value for t in chosen] == [0.930, 0.925]
-    assert gated == (
-        "ensemble shrank from 3 to 2 member(s): only 2 of the 3 best distinct trials score within "
-        "member_gap 0.01 of the best val_accuracy 0.9300"
-    )
-    chosen, gated = choose_members(study, with_gap(0.0), 2)
-    assert [t.value for t in chosen] == [0.930] and "from 2 to 1" in gated
+LABELS = torch.arange(100) % 10
 
 
-def test_fill_seeds_gives_the_places_the_gap_leaves_to_the_best_trial_and_says_so():
-    study = study_of([(0.930, {"lr": 0.1}), (0.925, {"lr": 0.01}), (0.905, {"lr": 0.2})])
-    cfg = with_gap(0.01)
-    cfg = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, fill="seeds"))
-    chosen, why = choose_members(study, cfg, 3)
-    assert [t.value for t in chosen] == [0.930, 0.925, 0.930]
-    assert why == (
-        '1 of the 3 member places went to the first member, trial 0, with further seeds ([final] fill = "seeds"): '
-        "only 2 of the 3 best distinct trials score within member_gap 0.01 of the best val_accuracy 0.9300"
-    )
-    # More places than distinct trials is no error with seeds to fill them.
-    chosen, _ = choose_members(study_of([(0.90, {"lr": 0.1})]), cfg, 3)
-    assert [t.number for t in chosen] == [0, 0, 0]
+def outputs(right: set[int], sure: float = 0.6, unsure: set[int] = frozenset()) -> torch.Tensor:
+    """Probabilities over 10 classes for 100 images: `sure` of the right class on `right`, uniform on
+    `unsure`, and `sure` of the next class on the others."""
+    probs = torch.full((100, 10), (1 - sure) / 9)
+    for i in range(100):
+        if i in unsure:
+            probs[i] = 0.1
+        else:
+            probs[i, int(LABELS[i]) if i in right else (int(LABELS[i]) + 1) % 10] = sure
+    return probs
 
 
-def timed_study(rows: list[tuple[float, float]]) -> optuna.Study:
-    """COMPLETE trials of (value, seconds per 1,000-image epoch)."""
+def study_with_outputs(tmp_path, rows: list[tuple[float, torch.Tensor | None]]):
+    """COMPLETE trials of (validation value, validation outputs kept in a real artifact store)."""
+    from hpo import artifacts
+
+    store = artifacts.open_store(str(tmp_path / "artifacts"))
     study = optuna.create_study(direction="maximize")
     dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)}
-    for i, (value, seconds) in enumerate(rows):
-        study.add_trial(
-            create_trial(
-                state=TrialState.COMPLETE,
-                value=value,
-                params={"lr": 0.01 * (i + 1)},
-                distributions=dist,
-                user_attrs={"history": [{"seconds": seconds}], "train_images": 1000, "val_images": 0},
-            )
+    for i, (value, probs) in enumerate(rows):
+        attrs = {}
+        if probs is not None:
+            payload = artifacts.torch_bytes({"probs": probs.half(), "images": 100, "seed": 0})
+            attrs["val_outputs"] = artifacts.upload_bytes(store, study, "val-outputs.pt", payload)
+        trial = create_trial(
+            state=TrialState.COMPLETE, value=value, params={"lr": 0.01 * (i + 1)}, distributions=dist, user_attrs=attrs
         )
-    return study
+        study.add_trial(trial)
+    return study, store
 
 
-def test_within_a_time_budget_the_fastest_trial_tied_with_the_best_leads():
-    study = timed_study([(0.8685, 5.0), (0.8707, 8.0), (0.8500, 1.0)])  # trial 2 is fastest but not tied
-    cfg = config.load("tiny")
-    cfg = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, speed_tie=0.005, member_gap=0.01))
-    chosen, why = choose_members(study, cfg, 1, timed=True)
-    assert [t.number for t in chosen] == [0]
+def test_a_member_joins_only_if_it_raises_the_ensembles_validation_accuracy(tmp_path):
+    # The best is right on images 0-79. One with a subset of its hits, less sure, adds nothing; one
+    # right on 20-99 and unsure on 0-19 mends 80-99, where the best is wrong, and loses nothing.
+    best = outputs(set(range(80)))
+    same = outputs(set(range(78)), sure=0.55)
+    other = outputs(set(range(20, 100)), sure=0.9, unsure=set(range(20)))
+    study, store = study_with_outputs(tmp_path, [(0.80, best), (0.78, same), (0.80 - 1e-3, other)])
+    chosen, why = choose_members(study, tiny_with(ensemble=3), LABELS, store)
+    assert [t.number for t in chosen] == [0, 2]
     assert why == (
-        "trial 0 leads the final run: its val_accuracy 0.8685 is within speed_tie 0.005 of the best, "
-        "trial 1's 0.8707, and it trains 1.60x as fast, so it gets more epochs in the time left"
+        "2 of up to 3 member(s), trials 0, 2: each raised the ensemble's validation accuracy (80.00 -> 100.00 %); "
+        "no other of the 3 best distinct trials raised it further"
     )
-    # Without a time budget epochs are fixed, so speed buys nothing: the best leads.
-    assert [t.number for t in choose_members(study, cfg, 1, timed=False)[0]] == [1]
-    # Off by default.
-    assert [t.number for t in choose_members(study, config.load("tiny"), 1, timed=True)[0]] == [1]
 
 
-def test_an_ensemble_larger_than_the_distinct_trials_is_refused_with_the_count():
-    cfg = config.load("tiny")
-    study = study_of([(0.80, {"lr": 0.1}), (0.90, {"lr": 0.1})])
-    with pytest.raises(
-        HpoError,
-        match=r"ensemble = 2, but study 'tiny' has only 1 distinct COMPLETE trial\(s\). "
-        r"Lower ensemble to at most 1",
-    ):
-        choose_members(study, cfg, 2)
+def test_without_validation_outputs_the_best_trial_stands_alone_and_says_why(tmp_path):
+    study, store = study_with_outputs(tmp_path, [(0.80, None), (0.79, outputs(set(range(50))))])
+    chosen, why = choose_members(study, tiny_with(ensemble=2), LABELS, store)
+    assert [t.number for t in chosen] == [0]
+    assert "it has no validation outputs in the artifact store" in why
 
 
 def test_a_study_without_complete_trials_has_nothing_to_retrain():
     with pytest.raises(HpoError, match="has no COMPLETE trial yet"):
-        choose_members(optuna.create_study(direction="maximize"), config.load("tiny"), 1)
+        choose_members(optuna.create_study(direction="maximize"), config.load("tiny"))
 
 
 def test_timed_replan_fits_the_epochs_to_the_measured_ones_in_the_first_half_only():
@@ -133,13 +120,11 @@ def test_timed_replan_fits_the_epochs_to_the_measured_ones_in_the_first_half_onl
 
     # 600 s budget, 300 s left: slack 12 s and the measured test passes (7 s) come off.
     deadline = budget.Deadline(at=time.time() + 300, time_s=600, set_at=time.time() - 300)
-    replan = timed_replan(deadline, 7.0, epochs=36, most=48)
+    replan = timed_replan(deadline, 7.0, epochs=36)
     left = 300 - 12 - 7
-    assert replan(epochs(10.0, 10.0), 20) == 2 + int(left // (1.05 * 10.0))  # up to [final] epochs (36)
-    assert replan(epochs(30.0, 10.0, 30.0), 20) == 3 + int(left // (1.05 * 30.0))  # the median epoch
-    assert replan(epochs(*[10.0] * 11), 20) == 20  # past halfway: left alone
-    grown = replan(epochs(2.0, 2.0), 20)
-    assert 36 < grown <= 48  # time to spare grows it up to max_epochs
+    assert replan(epochs(30.0, 10.0, 30.0), 36) == 3 + int(left // (1.05 * 30.0))  # the median epoch
+    assert replan(epochs(*[30.0] * 19), 36) == 36  # past halfway: left alone
+    assert replan(epochs(2.0, 2.0), 20) == 20  # time to spare: never grown
 
 
 def test_the_test_passes_are_timed_for_every_member_and_view():
@@ -162,22 +147,31 @@ def test_the_test_passes_are_timed_for_every_member_and_view():
     assert test_pass_seconds([trial], cfg, data) > 0  # type: ignore[list-item]
 
 
-def test_the_note_does_not_call_a_speed_tie_lead_the_best_trial():
+def test_the_note_says_how_the_members_were_chosen_and_that_test_chose_nothing():
     from hpo.final import note
 
     lead = create_trial(
-        value=0.868, params={"lr": 0.01}, distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 0.1)}
+        value=0.871, params={"lr": 0.01}, distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 0.1)}
     )
-    lead.number = 0
+    lead.number = 3
+    chosen_by = "2 of up to 3 member(s), trials 3, 5: each raised the ensemble's validation accuracy (87.10 -> 87.60 %)"
     metrics = {
         "best_trial": 3,
         "best_trial_value": 0.871,
-        "lead_trial": 0,
-        "lead_trial_value": 0.868,
         "test_accuracy": 0.93,
         "test_ci95": [0.925, 0.935],
-        "ensemble": {"requested": 1, "trained": 1, "tta": "flip", "shrunk": None, "gain_over_best_member": 0.0},
-        "members": [{"trial": 0, "value": 0.868, "seed": 1, "test_accuracy": 0.93, "ci95": [0.925, 0.935]}],
+        "ensemble": {
+            "requested": 3,
+            "trained": 2,
+            "tta": "flip",
+            "chosen_by": chosen_by,
+            "shrunk": None,
+            "gain_over_best_member": 0.004,
+        },
+        "members": [
+            {"trial": 3, "value": 0.871, "seed": 1, "test_accuracy": 0.926, "ci95": [0.92, 0.93]},
+            {"trial": 5, "value": 0.866, "seed": 2, "test_accuracy": 0.921, "ci95": [0.92, 0.93]},
+        ],
         "per_class_accuracy": {"Shirt": 0.8, "Bag": 0.99},
         "epochs": 30,
         "train_images": 60000,
@@ -185,7 +179,43 @@ def test_the_note_does_not_call_a_speed_tie_lead_the_best_trial():
         "git_revision": None,
     }
     text = note(config.load("tiny"), lead, metrics)
-    assert "Trial 0, within [final] speed_tie of the search's best (trial 3, val_accuracy 0.8710)" in text
-    assert "the best of the search" not in text and "| validation val_accuracy of trial 0 | 0.8680 |" in text
-    metrics.update(best_trial=0, best_trial_value=0.868)
-    assert "Trial 0, the best of the search" in note(config.load("tiny"), lead, metrics)
+    assert "Trial 3, the best of the search, and 1 more, retrained from scratch" in text
+    assert f"Members chosen on the validation split: {chosen_by}." in text
+    assert "Nothing was chosen by test accuracy." in text
+    assert "| validation val_accuracy of trial 3 | 0.8710 |" in text
+
+
+def test_a_trial_and_the_finalizer_train_the_same_recipe_from_a_study_file(monkeypatch):
+    """Everything but the data and the seed: optimizer settings, schedule, warm-up, label smoothing,
+    augmentation and the horizon, as each code path hands it to the one training loop."""
+    from hpo import final as final_mod
+    from hpo import objective as objective_mod
+    from hpo import space
+    from hpo.data import DeviceData, TrialData
+    from hpo.devices import place
+
+    cfg = config.load("cnn-quick")
+    runs = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(model, train, val, run, *args, **kwargs):
+        runs.append(run)
+        raise Captured
+
+    monkeypatch.setattr(objective_mod, "fit", capture)
+    monkeypatch.setattr(final_mod, "fit", capture)
+    images = torch.randint(0, 255, (64, 28, 28), dtype=torch.uint8)
+    data = DeviceData(images, torch.arange(64) % 10, torch.device("cpu"))
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    with pytest.raises(Captured):
+        objective_mod.TrialRun(cfg, TrialData(data, data), place("cpu", 1), trial).run(None)
+    frozen = create_trial(state=TrialState.COMPLETE, value=0.9, params=trial.params, distributions=trial.distributions)
+    with pytest.raises(Captured):
+        final_mod._train_member(frozen, cfg, data, cfg.final.epochs, 7, "member 1/1")
+    trial_run, final_run = runs
+    assert trial_run.epochs == cfg.budget.epochs == cfg.final.epochs  # the final horizon is the trials' horizon
+    assert dataclasses.replace(trial_run, seed=0) == dataclasses.replace(final_run, seed=0)
+    assert trial_run.optimizer == space.suggest(optuna.trial.FixedTrial(trial.params), cfg.space).optimizer

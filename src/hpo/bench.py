@@ -395,10 +395,18 @@ def describe(result: dict[str, Any]) -> str:
 
 
 def fixed_baseline(
-    time_s: float, data_dir: Path, device: str, threads: int, settings: Any, augment: Any, seed: int = 0
+    time_s: float,
+    data_dir: Path,
+    device: str,
+    threads: int,
+    settings: Any,
+    augment: Any,
+    seed: int = 0,
+    tta: str = "none",
 ) -> dict[str, Any]:
     """The notebook's fixed CNN (DEFAULT_PARAMS) trained from scratch on all 60,000 training images
-    for as many epochs as fit in `time_s`, with the study's [train] settings, then scored once on the test split.
+    for as many epochs as fit in `time_s`, with the study's [train] settings, [augment] and TTA (what
+    the searched model gets), then scored once on the test split.
 
     The epoch count comes from timing 60 training steps after 10 untimed ones (the finalizer's timer;
     that time counts too), so the whole baseline, test pass included, ends within the budget it is
@@ -410,6 +418,7 @@ def fixed_baseline(
     from hpo import data
     from hpo.devices import place
     from hpo.final import accuracy_figures
+    from hpo.model import Ensemble
     from hpo.params import TrialParams
     from hpo.train import TrainingRun, evaluate, fit, seconds_per_image, seeded_model
 
@@ -425,28 +434,107 @@ def fixed_baseline(
     fit(model, train, None, TrainingRun(params.optimizer, settings, augment, epochs, seed))
     test_images, test_labels = data.load_split(data_dir, "test")
     test = data.DeviceData(test_images, test_labels, placement.device)
-    ev = evaluate(model, test, fast=False)
+    ev = evaluate(Ensemble([model], tta), test, fast=False)
     figures = accuracy_figures(ev.predictions, torch.as_tensor(test_labels))
     return {
         "params": DEFAULT_PARAMS,
         "epochs": epochs,
         "epoch_s": round(epoch_s, 2),
+        "tta": tta,
         "test_accuracy": figures["accuracy"],
         "test_ci95": figures["ci95"],
         "wall_time_s": round(time.perf_counter() - started, 1),
         "device": placement.name,
+        "predictions": ev.predictions.tolist(),
     }
 
 
+FIDELITY_TAG = 0x46494445  # "FIDE": the fidelity retrains' seeds, apart from every trial's and the finalizer's
+
+
+def fidelity(study: Any, cfg: Any, data_dir: Path, device: str, threads: int, top: int = 5) -> dict[str, Any]:
+    """The top `top` distinct COMPLETE trials by search value, each retrained with another seed at
+    the final horizon on the trial training split and scored on the validation split: does the
+    search's ranking hold? Spearman's rho between the two columns, and the regret of the pick (the
+    best retrained value less the retrained value of the search's best). Reads no test image."""
+    import json as json_mod
+
+    import optuna
+
+    from hpo import data
+    from hpo.devices import place
+    from hpo.params import TrialParams
+    from hpo.stats import spearman
+    from hpo.train import derive_seed, evaluate, fit, recipe, seeded_model
+    from hpo.trials import value
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    ranked = sorted(complete, key=value, reverse=cfg.direction == "maximize")
+    distinct: dict[str, Any] = {}
+    for trial in ranked:
+        distinct.setdefault(json_mod.dumps(trial.params, sort_keys=True), trial)
+    finalists = list(distinct.values())[:top]
+    placement = place(device, threads)
+    images, labels = data.load_split(data_dir, "train")
+    split = data.trial_data(
+        images, labels, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset
+    )
+    rows = []
+    for trial in finalists:
+        params = TrialParams.from_flat(trial.params)
+        seed = derive_seed(cfg.seed, FIDELITY_TAG, trial.number)
+        model = seeded_model(params.model, seed, placement.device)
+        started = time.perf_counter()
+        fit(model, split.train, None, recipe(cfg, params, seed))
+        ev = evaluate(model, split.val, cfg.train.eval_batch_size)
+        retrained = ev.accuracy if cfg.metric == "val_accuracy" else ev.loss
+        rows.append(
+            {
+                "trial": trial.number,
+                "search_value": value(trial),
+                "retrained_value": retrained,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+    rho = spearman([r["search_value"] for r in rows], [r["retrained_value"] for r in rows])
+    maximize = cfg.direction == "maximize"
+    best_retrained = (max if maximize else min)(r["retrained_value"] for r in rows) if rows else float("nan")
+    regret = abs(best_retrained - rows[0]["retrained_value"]) if rows else float("nan")
+    return {"epochs": cfg.budget.epochs, "finalists": rows, "spearman": rho, "regret": regret}
+
+
+def paired(search_predictions: list[int], fixed_predictions: list[int], truth: list[int]) -> dict[str, Any]:
+    """McNemar's exact test on the same test images: the images only one of the two gets right."""
+    from hpo.stats import mcnemar_exact
+
+    only_search = sum(s == t != f for s, f, t in zip(search_predictions, fixed_predictions, truth))
+    only_fixed = sum(f == t != s for s, f, t in zip(search_predictions, fixed_predictions, truth))
+    return {"only_search": only_search, "only_fixed": only_fixed, "p_value": mcnemar_exact(only_search, only_fixed)}
+
+
 def search_against_fixed(
-    study_file: Path, time_s: float, workers: int, data_dir: Path, device: str | None, threads: int, work_dir: Path
+    study_file: Path,
+    time_s: float,
+    workers: int,
+    data_dir: Path,
+    device: str | None,
+    threads: int,
+    work_dir: Path,
+    fidelity_top: int = 5,
 ) -> dict[str, Any]:
     """`hpo optimize --time T --final` on `study_file` in `work_dir` (its own storage and outputs),
-    then the fixed notebook CNN for the same T: both scored on the same test split."""
+    then the fixed notebook CNN for the same T on the same device and threads, with the study's
+    recipe, augmentation and TTA; both scored on the same test images, with McNemar's paired test.
+    Then the fidelity of the search's ranking (`fidelity_top` finalists retrained; 0: skipped)."""
     import subprocess
     import sys
 
-    from hpo import config
+    import optuna
+    import torch
+
+    from hpo import config, data
+    from hpo.inference import load_model
+    from hpo.train import evaluate
 
     cfg = config.load(study_file)
     shutil.rmtree(work_dir / "runs", ignore_errors=True)  # a fresh study each time: its own scratch storage
@@ -471,10 +559,27 @@ def search_against_fixed(
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise HpoError(f"the search (hpo optimize in {work_dir}) exited {done.returncode}: {last}")
-    searched = json.loads((final_dir(cfg.name, work_dir / "runs") / "metrics.json").read_text())
+    out = final_dir(cfg.name, work_dir / "runs")
+    searched = json.loads((out / "metrics.json").read_text())
     search_wall = time.perf_counter() - started
-    fixed = fixed_baseline(time_s, data_dir, device or "cpu", threads, cfg.train, cfg.augment)
-    return {
+    study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{work_dir / 'runs' / 'hpo.db'}")
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    fixed = fixed_baseline(
+        time_s, data_dir, device or "cpu", threads, cfg.train, cfg.augment, seed=cfg.seed, tta=cfg.final.tta
+    )
+    # The last lines read the test split again, for the paired test only: the searched model as
+    # model.pt holds it, in fp32 (the finalizer's own figure; checked equal below).
+    test_images, test_labels = data.load_split(data_dir, "test")
+    model, _ = load_model(out / "model.pt", cfg.name)
+    test = data.DeviceData(test_images, test_labels, torch.device("cpu"))
+    search_predictions = evaluate(model, test, fast=False).predictions.tolist()
+    truth = [int(y) for y in test_labels]
+    again = sum(p == t for p, t in zip(search_predictions, truth)) / len(truth)
+    if abs(again - searched["test_accuracy"]) > 1e-3:
+        raise HpoError(
+            f"model.pt scores {again:.4f} on the test split, but metrics.json says {searched['test_accuracy']:.4f}"
+        )
+    result = {
         "time_s": time_s,
         "search": {
             "study": cfg.name,
@@ -482,8 +587,16 @@ def search_against_fixed(
             "test_ci95": searched["test_ci95"],
             "members": [m["trial"] for m in searched["members"]],
             "ensemble": searched["ensemble"],
+            "epochs": searched["epochs"],
+            "trials": len(states),
+            "complete": states.count("COMPLETE"),
+            "pruned": states.count("PRUNED"),
             "wall_time_s": round(search_wall, 1),
         },
-        "fixed": fixed,
+        "fixed": {k: v for k, v in fixed.items() if k != "predictions"},
         "difference": searched["test_accuracy"] - fixed["test_accuracy"],
+        "paired": paired(search_predictions, fixed.pop("predictions"), truth),
     }
+    if fidelity_top:
+        result["fidelity"] = fidelity(study, cfg, data_dir, device or "cpu", threads, fidelity_top)
+    return result

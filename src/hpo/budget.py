@@ -4,8 +4,10 @@ trial may start.
 The deadline is a study attribute, so every worker on every host sees the same one. Costs come
 from the epoch times the study has measured (each trial's `history`); before any epoch is
 measured, from a calibration: a few timed training steps of the space's middle configuration.
-Nothing is ever killed at the deadline. The budget only decides what starts: a trial starts when
-its estimate, plus the finalizer's reserve, ends before the deadline.
+Trials train the final horizon unless a pruner stops them, so the budget decides two things, both
+at epoch boundaries: a trial starts when its first epoch, plus the finalizer's reserve, ends
+before the deadline; and a running trial stops (PRUNED, reason "time budget") before an epoch
+that would run into that reserve. Nothing is killed mid-epoch, and the finalizer is never cut.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.config import StudyConfig
 from hpo.optuna_compat import study_engine
 from hpo.storage import database_time
-from hpo.trials import FINISHED, best_first, value
+from hpo.trials import FINISHED, best_first
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +145,17 @@ def calibration(study: optuna.Study) -> EpochCost | None:
     return EpochCost(**raw) if raw else None
 
 
-def trial_estimate(cfg: StudyConfig, costs: list[EpochCost], calibrated: EpochCost | None) -> float:
-    """Seconds a new trial of the study takes, pruning not counted."""
+def trial_estimate(
+    cfg: StudyConfig, costs: list[EpochCost], calibrated: EpochCost | None, epochs: int | None = None
+) -> float:
+    """Seconds a new trial of the study takes for `epochs` (its whole horizon by default)."""
     if costs:
         epoch_s = quantile([c.epoch_s for c in costs], TRIAL_QUANTILE)
     elif calibrated is not None:
         epoch_s = calibrated.epoch_s * CALIBRATION_MARGIN
     else:
         raise ValueError("no measured epoch and no calibration")
-    return epoch_s * cfg.budget.epochs + TRIAL_OVERHEAD_S
+    return epoch_s * (cfg.budget.epochs if epochs is None else epochs) + TRIAL_OVERHEAD_S
 
 
 def thread_factor(trial_threads: int, final_threads: int) -> float:
@@ -183,39 +187,29 @@ def member_estimate(
 
 
 def final_reserve(
-    study: optuna.Study,
-    cfg: StudyConfig,
-    final_threads: int,
-    costs: list[EpochCost],
-    calibrated: EpochCost | None,
-    time_s: float | None = None,
+    study: optuna.Study, cfg: StudyConfig, final_threads: int, costs: list[EpochCost], calibrated: EpochCost | None
 ) -> float:
-    """Seconds kept for the finalizer: its whole ensemble, estimated from the trials most likely to be
-    its members, but at most `[final] max_share` of `time_s` (the search keeps the rest, and the
-    finalizer shrinks its ensemble, then its first member's epochs, to what is left)."""
+    """Seconds kept for the finalizer: its members' runs at the final horizon, each from the epoch
+    times its own trial measured. The members are the best distinct COMPLETE trials, up to
+    `[final] ensemble` (the finalizer may keep fewer, never more); before any trial is complete, one
+    typical member stands in (the 90th percentile of the epochs measured so far, or the calibration)."""
     complete = [t for t in best_first(study, cfg.direction == "maximize") if trial_cost(t) is not None]
-    # The finalizer takes a member beyond the best only within member_gap of it; trials still to
-    # come may be such members, so the places complete trials do not fill yet count as typical ones.
-    close = [t for t in complete[: cfg.final.ensemble] if abs(value(t) - value(complete[0])) <= cfg.final.member_gap]
-    members = [trial_cost(t) for t in close]
-    padding = max(0, cfg.final.ensemble - len(complete))
-    typical = (
-        EpochCost(
-            quantile([c.epoch_s for c in costs], TRIAL_QUANTILE),
-            costs[0].train_images,
-            costs[0].val_images,
-            costs[0].threads,
+    members = [c for t in complete[: cfg.final.ensemble] if (c := trial_cost(t)) is not None]
+    if not members:
+        typical = (
+            EpochCost(
+                quantile([c.epoch_s for c in costs], TRIAL_QUANTILE),
+                costs[0].train_images,
+                costs[0].val_images,
+                costs[0].threads,
+            )
+            if costs
+            else calibrated
         )
-        if costs
-        else calibrated
-    )
-    if typical is None:
-        raise ValueError("no measured epoch and no calibration")
-    members += [typical] * padding
-    if cfg.final.fill == "seeds":  # the places the gap leaves empty go to the best trial again
-        members += [trial_cost(complete[0]) if complete else typical] * (cfg.final.ensemble - len(members))
-    each = [member_estimate(c, cfg.final.epochs, final_threads, tta=cfg.final.tta) for c in members if c is not None]
-    return sum(each) if time_s is None else min(sum(each), cfg.final.max_share * time_s)
+        if typical is None:
+            raise ValueError("no measured epoch and no calibration")
+        members = [typical]
+    return sum(member_estimate(c, cfg.final.epochs, final_threads, tta=cfg.final.tta) for c in members)
 
 
 # --------------------------------------------------------------------------- the decision
@@ -229,6 +223,7 @@ class Plan:
     estimate_s: float  # the trial's estimated duration
     reserve_s: float  # the finalizer's reserve plus the slack
     deadline: float  # unix seconds
+    what: str = "a trial's first epoch"  # what the estimate is of
 
     @property
     def fits(self) -> bool:
@@ -236,55 +231,54 @@ class Plan:
 
     def describe(self) -> str:
         return (
-            f"a trial needs about {self.estimate_s:.0f}s and the finalizer {self.reserve_s:.0f}s, "
+            f"{self.what} needs about {self.estimate_s:.0f}s and the finalizer {self.reserve_s:.0f}s, "
             f"{max(0.0, self.deadline - self.decided_at):.0f}s are left"
         )
+
+
+FIRST_EPOCHS = 1  # a trial starts when this many of its epochs fit: the pruners' first rung
 
 
 def plan_trial(
     study: optuna.Study, cfg: StudyConfig, deadline: Deadline, final_threads: int, now: float | None = None
 ) -> Plan:
+    """May a new trial start: do its first epoch and the finalizer's reserve end before the deadline?"""
     now = deadline.now() if now is None else now
     costs, calibrated = measured(study), calibration(study)
-    estimate = trial_estimate(cfg, costs, calibrated)
-    reserve = final_reserve(study, cfg, final_threads, costs, calibrated, deadline.time_s)
-    if not costs:  # the first round of trials: no epoch measured yet
-        reserve = yielded_reserve(reserve, estimate, deadline.at - now, deadline.time_s)
+    estimate = trial_estimate(cfg, costs, calibrated, epochs=FIRST_EPOCHS)
+    reserve = final_reserve(study, cfg, final_threads, costs, calibrated)
     return Plan(now, estimate, reserve + slack_s(deadline.time_s), deadline.at)
 
 
-def yielded_reserve(reserve: float, estimate: float, room_s: float, time_s: float) -> float:
-    """The finalizer's reserve, giving way to the first round of trials where a machine is too slow
-    for one trial beside it in the `room_s` seconds left: they still start if they can end in time
-    (the finalizer then trains the epochs that are left), instead of the budget being refused on a
-    machine 3x slower than the one the study file was written on. A pinned quick start with the
-    test suite on the same core reached its first trial 12 s after the clock started, with a
-    112 s estimate beside a 466 s reserve: without the yield it started none."""
-    return max(0.0, min(reserve, room_s - estimate - slack_s(time_s) - 1e-3))  # 1 ms: the sum stays below the deadline
+def plan_epoch(
+    study: optuna.Study,
+    cfg: StudyConfig,
+    deadline: Deadline,
+    final_threads: int,
+    epoch_s: float,
+    now: float | None = None,
+) -> Plan:
+    """May a running trial train its next epoch (`epoch_s`: its own slowest so far) before the
+    finalizer's reserve? The reserve is re-read: it grows as better trials complete."""
+    now = deadline.now() if now is None else now
+    reserve = final_reserve(study, cfg, final_threads, measured(study), calibration(study))
+    return Plan(now, epoch_s, reserve + slack_s(deadline.time_s), deadline.at, "its next epoch")
 
 
 def minimum_budget(
     cfg: StudyConfig, cost: EpochCost, final_threads: int, calibrated: bool = False, start_s: float = START_S
 ) -> float:
-    """The shortest budget in which `plan_trial` lets the first trial start `start_s` after the clock
-    does (process start-up, data, calibration) and the finalizer's reserve, given way to that trial,
-    still holds one member's epoch.
+    """The shortest budget in which the first trial, started `start_s` after the clock (process
+    start-up, data, calibration), can train its whole horizon with one final member's run reserved
+    after it: else no trial could complete, and the finalizer would have nothing to retrain.
 
     `cost` is one trial epoch: measured, or (`calibrated`) the calibration, which the planner doubles.
     """
     trial = trial_estimate(cfg, [] if calibrated else [cost], cost if calibrated else None)
-    full = member_estimate(cost, cfg.final.epochs, final_threads, tta=cfg.final.tta) * cfg.final.ensemble
-    one_epoch = member_estimate(cost, 1, final_threads, tta=cfg.final.tta)
-
-    def enough(time_s: float) -> bool:
-        reserve = yielded_reserve(min(full, cfg.final.max_share * time_s), trial, time_s - start_s, time_s)
-        return reserve >= min(full, one_epoch)
-
-    low, high = 1.0, 1e7  # enough() holds from some point on: both sides grow, its left side slower
-    while high - low > 1.0:
-        middle = (low + high) / 2
-        low, high = (low, middle) if enough(middle) else (middle, high)
-    return high
+    member = member_estimate(cost, cfg.final.epochs, final_threads, tta=cfg.final.tta)
+    # slack_s is 2 % of the budget, at least 10 s: solve start + trial + member + slack <= budget.
+    need = start_s + trial + member
+    return max(need + 10.0, need / 0.98)
 
 
 def describe_deadline(deadline: Deadline | None, now: float | None = None) -> dict[str, Any] | None:

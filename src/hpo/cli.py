@@ -597,6 +597,14 @@ def dashboard(study_arg: str | None, storage: str | None, artifacts: str | None,
     help="Instead: run `hpo optimize --time DURATION --final` on --study (default cnn-quick, with --workers "
     "or 2) and train the notebook CNN for the same DURATION; score both on the test split.",
 )
+@click.option(
+    "--fidelity",
+    "fidelity_top",
+    type=click.IntRange(0, 20),
+    default=5,
+    show_default=True,
+    help="With --search: retrain this many finalists with another seed and score them on validation (0: skip).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench(
     study_arg: str | None,
@@ -605,6 +613,7 @@ def bench(
     workers: int,
     rounds: int,
     search_time: str | None,
+    fidelity_top: int,
     as_json: bool,
     **spec_options: Any,
 ) -> None:
@@ -614,7 +623,7 @@ def bench(
 
     if search_time:
         where = spec_options["data_dir"], spec_options["device"], spec_options["threads"]
-        _bench_search(study_arg or "cnn-quick", _parse_time(search_time), workers or 2, *where, as_json)
+        _bench_search(study_arg or "cnn-quick", _parse_time(search_time), workers or 2, *where, fidelity_top, as_json)
         return
     params = dict(bench_mod.DEFAULT_PARAMS)
     if study_arg:
@@ -635,39 +644,67 @@ def _bench_search(
     data_dir: str | None,
     device: str | None,
     threads: int | None,
+    fidelity_top: int,
     as_json: bool,
 ) -> None:
     from hpo import bench as bench_mod
     from hpo import data
-    from hpo.devices import cpu_count
+    from hpo.devices import cpu_count, describe_cpu
     from hpo.final import describe_accuracy
 
     threads = threads or cpu_count()
     work_dir = storage_mod.RUNS_DIR / "bench-search"
     each = config.format_duration(time_s)
     click.echo(
-        f"hpo bench --search: {each} of search + ensemble, then {each} of the fixed notebook CNN; the "
-        f"search's storage and outputs go to {work_dir}/",
+        f"hpo bench --search: {each} of search + final model, then {each} of the fixed notebook CNN"
+        f"{f', then {fidelity_top} finalists retrained for the fidelity report' if fidelity_top else ''}; "
+        f"the search's storage and outputs go to {work_dir}/",
         err=True,
     )
     result = bench_mod.search_against_fixed(
-        config.resolve_path(study_arg), time_s, workers, data.find_data_dir(data_dir), device, threads, work_dir
+        config.resolve_path(study_arg),
+        time_s,
+        workers,
+        data.find_data_dir(data_dir),
+        device,
+        threads,
+        work_dir,
+        fidelity_top,
     )
+    result["cpu"] = describe_cpu()
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    searched, fixed = result["search"], result["fixed"]
+    searched, fixed, pair = result["search"], result["fixed"], result["paired"]
+    click.echo(f"{result['cpu']}, {threads} thread(s), {device or 'cpu'}")
     click.echo(f"at {config.format_duration(time_s)} each, scored once on the 10,000 test images:")
     click.echo(
-        f"  {searched['study']} search + ensemble of {len(searched['members'])} "
-        f"(trials {', '.join(map(str, searched['members']))}): "
+        f"  {searched['study']} search ({searched['trials']} trials: {searched['complete']} complete, "
+        f"{searched['pruned']} pruned) + final model of {len(searched['members'])} member(s) "
+        f"(trials {', '.join(map(str, searched['members']))}, {searched['epochs']} epochs): "
         f"{describe_accuracy(searched['test_accuracy'], searched['test_ci95'])} in {searched['wall_time_s']:.0f}s"
     )
     click.echo(
-        f"  fixed notebook CNN (32/64 filters, FC 512, Adam 1e-3), {fixed['epochs']} epochs: "
+        f"  fixed notebook CNN (32/64 filters, FC 512, Adam 1e-3), {fixed['epochs']} epochs, TTA {fixed['tta']}: "
         f"{describe_accuracy(fixed['test_accuracy'], fixed['test_ci95'])} in {fixed['wall_time_s']:.0f}s"
     )
     click.echo(f"  difference: {100 * result['difference']:+.2f} points")
+    click.echo(
+        f"  paired (McNemar, exact): {pair['only_search']} images only the search's model gets right, "
+        f"{pair['only_fixed']} only the fixed CNN; p = {pair['p_value']:.3g}"
+    )
+    fid = result.get("fidelity")
+    if fid:
+        click.echo(
+            f"fidelity: the top {len(fid['finalists'])} finalists retrained with another seed for "
+            f"{fid['epochs']} epochs on the trial training split, scored on validation:"
+        )
+        for row in fid["finalists"]:
+            click.echo(
+                f"  trial {row['trial']:>4}  search {row['search_value']:.4f}  retrained "
+                f"{row['retrained_value']:.4f}  ({row['seconds']:.0f}s)"
+            )
+        click.echo(f"  Spearman's rho {fid['spearman']:.2f}; regret of the pick {100 * fid['regret']:.2f} points")
 
 
 def _final_model_path(study_arg: str, model_path: str | None) -> tuple[str, Path]:

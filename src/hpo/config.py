@@ -52,7 +52,6 @@ PRUNERS = {
 }
 SEARCH_PATHS_HELP = "studies/NAME.toml in the current directory, then the studies shipped with hpo"
 TTA_MODES = ("none", "flip")
-FILL_MODES = ("none", "seeds")
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)\s*(h|m|s)")
 DURATION_HELP = "a duration such as 90s, 10m, 1h or 1h30m"
 
@@ -182,14 +181,21 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class Final:
-    epochs: int  # epochs of the from-scratch retrain on train + validation
-    ensemble: int = 1  # retrain the K best distinct trials and average their softmax outputs
+    epochs: int  # epochs of the from-scratch retrain on train + validation; the trials' horizon by default
+    ensemble: int = 1  # at most this many members: distinct COMPLETE trials, each joining only if it raises
+    # the ensemble's validation accuracy (hpo.final.choose_members)
     tta: str = "none"  # "flip": also average each test image with its mirror image
-    member_gap: float = 0.01  # a member beyond the best trial must score within this of it (validation metric)
-    max_epochs: int | None = None  # with a time budget, one final model may train up to this many when time is left
-    fill: str = "none"  # "seeds": places member_gap leaves empty go to the best trial with further seeds
-    max_share: float = 0.65  # the most of a time budget the finalizer's reserve takes; the search keeps the rest
-    speed_tie: float = 0.0  # with a time budget: the fastest trial this close to the best leads the final run
+
+
+# [final] keys of earlier versions. Each patched the gap between short, small trials and the long
+# final run; trials now train the final recipe, so a study file that still has one is told why.
+REMOVED_FINAL = {
+    "speed_tie": "the final run now reuses the lead trial's own measured epochs, so no faster stand-in is needed",
+    "max_share": "the finalizer's reserve is now the chosen members' measured cost, not a share of the budget",
+    "max_epochs": "the final run trains the trials' horizon; time the search leaves over is not turned into epochs",
+    "fill": "members are now chosen on validation, so no place is filled with another seed of the best trial",
+    "member_gap": "a member now joins only if it raises the ensemble's validation accuracy",
+}
 
 
 CHECKPOINT_KEEP = ("none", "complete")
@@ -394,6 +400,9 @@ def parse(raw: dict[str, Any], source: str = "<study>", check_options: bool = Tr
     train_table = top.table("train")
     train = _check_train(train_table, train_table.section(TrainSettings))
     final_table = top.table("final")
+    for key, why in REMOVED_FINAL.items():
+        if key in final_table.raw:
+            final_table.fail(f"{key} was removed: {why}. Delete the line.")
     final = _check_final(final_table, final_table.section(Final, defaults={"epochs": budget.epochs}))
     warm_table = top.table("warm_start")
     warm = warm_table.section(WarmStart, keys={"from_study": "from"}, params=tuple(warm_table.get("params", list, [])))
@@ -471,18 +480,8 @@ def _check_final(table: _Reader, final: Final) -> Final:
         table.fail(f"epochs must be at least 1, got {final.epochs}")
     if final.ensemble < 1:
         table.fail(f"ensemble must be at least 1 (one model), got {final.ensemble}")
-    if final.max_epochs is not None and final.max_epochs < final.epochs:
-        table.fail(f"max_epochs ({final.max_epochs}) must be at least epochs ({final.epochs}); or leave it out")
-    if final.member_gap < 0:
-        table.fail(f"member_gap must not be negative (0 keeps only trials that tie the best), got {final.member_gap}")
     if final.tta not in TTA_MODES:
         table.fail(_not_known("tta", final.tta, TTA_MODES))
-    if not 0 < final.max_share < 1:
-        table.fail(f"max_share must be between 0 and 1 (the finalizer's share of a time budget), got {final.max_share}")
-    if final.speed_tie < 0:
-        table.fail(f"speed_tie must not be negative (0 turns it off), got {final.speed_tie}")
-    if final.fill not in FILL_MODES:
-        table.fail(_not_known("fill", final.fill, FILL_MODES))
     return final
 
 
@@ -776,6 +775,8 @@ def from_dict(stored: dict[str, Any], source: str) -> StudyConfig:
     for key in ("budget", "augment", "train", "final", "checkpoints", "warm_start"):
         if key in stored:  # studies created before a section existed get its defaults
             raw[key] = {k: v for k, v in stored[key].items() if v is not None}
+    for key in REMOVED_FINAL:  # a study created by an earlier version: its removed knobs no longer apply
+        raw.get("final", {}).pop(key, None)
     if "from_study" in raw.get("warm_start", {}):
         raw["warm_start"]["from"] = raw["warm_start"].pop("from_study")
     if "budget" in raw and "time_s" in raw["budget"]:

@@ -45,6 +45,20 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def describe_cpu() -> str:
+    """ "AMD EPYC 7B13 (AVX2 only)": the CPU's model and the instructions that decide its bf16
+    speed, as every quoted time must say (AMX, AVX-512 BF16, or AVX2 only)."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    flags = _cpu_flags()
+    kind = "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else "AVX2 only"
+    return f"{model} ({kind})"
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """bf16 where the hardware runs it natively, else None (plain fp32)."""
     if device.type == "cuda":

@@ -4,6 +4,7 @@ train + validation, score the test split once, and publish the model, its figure
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ from hpo.params import TrialParams
 from hpo.progress import Progress
 from hpo.storage import SlotLock, final_dir
 from hpo.study import FINAL_ATTR, finished_count
-from hpo.train import EpochStats, Replan, TrainingRun, derive_seed, evaluate, fit, seconds_per_image, seeded_model
+from hpo.train import EpochStats, Replan, derive_seed, evaluate, fit, recipe, seconds_per_image, seeded_model
 
 log = logging.getLogger(__name__)
 
@@ -104,80 +105,81 @@ def accuracy_figures(predictions: torch.Tensor, truth: torch.Tensor) -> dict[str
     }
 
 
-def choose_members(
-    study: optuna.Study, cfg: StudyConfig, k: int, timed: bool = False
-) -> tuple[list[optuna.trial.FrozenTrial], str | None]:
-    """The `k` members' trials, best first, chosen by validation value (and, when `timed`, speed), and
-    why the ensemble is not the `k` best distinct trials, if it is not.
+CANDIDATES = 10  # distinct COMPLETE trials, best first, that may join an ensemble
 
-    A member beyond the best must score within `[final] member_gap` of it: a clearly weaker model
-    pulls the averaged softmax down (a 60-minute cnn run averaged members at 93.8, 92.1 and 90.1 %
-    into 93.1 %, below its best member), so the ensemble shrinks rather than take one; with
-    `[final] fill = "seeds"` the best trial takes the empty places again, each with its own seed.
-    Within a time budget (`timed`), `[final] speed_tie` puts the fastest of the trials tied with the
-    best first: it trains the most epochs in the time that is left.
-    """
+
+def choose_members(
+    study: optuna.Study, cfg: StudyConfig, val_labels: torch.Tensor | None = None, store: Any = None
+) -> tuple[list[optuna.trial.FrozenTrial], str]:
+    """The members' trials, best first, and a line saying how they were chosen.
+
+    The first is the best COMPLETE trial by validation value. With `[final] ensemble` above 1, the
+    others are chosen greedily (Caruana et al. 2004, without replacement) among the next best
+    distinct COMPLETE trials: the one whose validation outputs raise the averaged ensemble's
+    validation accuracy most joins, until none raises it or the ensemble is full. A trial whose
+    outputs are missing (a study run without an artifact store) cannot join."""
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise HpoError(
             f"study {cfg.name!r} has no COMPLETE trial yet, so there is nothing to retrain. "
             f"Run `hpo optimize --study {cfg.name}` (or workers) until one completes."
         )
-    maximize = cfg.direction == "maximize"
-    ranked = sorted(complete, key=trials_mod.value, reverse=maximize)
+    ranked = sorted(complete, key=trials_mod.value, reverse=cfg.direction == "maximize")
     distinct: dict[str, optuna.trial.FrozenTrial] = {}
     for trial in ranked:
         distinct.setdefault(json.dumps(trial.params, sort_keys=True), trial)
-    seeds = cfg.final.fill == "seeds"
-    if k > len(distinct) and not seeds:
-        raise HpoError(
-            f"[final] ensemble = {k}, but study {cfg.name!r} has only {len(distinct)} distinct "
-            f'COMPLETE trial(s). Lower ensemble to at most {len(distinct)}, add fill = "seeds" to '
-            f"[final], or run more trials."
+    candidates = list(distinct.values())[:CANDIDATES]
+    best, k = candidates[0], cfg.final.ensemble
+    if k == 1 or len(candidates) == 1:
+        return [best], f"trial {best.number}: the best COMPLETE trial by validation {cfg.metric}"
+    outputs = {t.number: p for t in candidates if (p := val_outputs(store, t, val_labels)) is not None}
+    if best.number not in outputs or val_labels is None:
+        return [best], (
+            f"trial {best.number} alone: the best COMPLETE trial by validation {cfg.metric}; it has no "
+            "validation outputs in the artifact store to choose further members on"
         )
-    order, lead = list(distinct.values()), None
-    if timed and cfg.final.speed_tie > 0:
-        order, lead = _fastest_first(order, cfg)
-    best = trials_mod.value(ranked[0])
-    close = [trial for trial in order[:k] if abs(trials_mod.value(trial) - best) <= cfg.final.member_gap + 1e-12]
-    if len(close) == k:
-        return close, lead
+    members, total = [best], outputs[best.number].clone()
+    scores = [_accuracy(total, val_labels)]
+    while len(members) < k:
+        gains = {
+            t.number: _accuracy(total + outputs[t.number], val_labels)
+            for t in candidates
+            if t.number in outputs and t not in members
+        }
+        if not gains or max(gains.values()) <= scores[-1]:
+            break
+        number = max(gains, key=lambda n: gains[n])
+        members.append(next(t for t in candidates if t.number == number))
+        total += outputs[number]
+        scores.append(gains[number])
+    path = " -> ".join(f"{100 * a:.2f}" for a in scores)
     why = (
-        f"only {len(close)} of the {k} best distinct trials score within member_gap {cfg.final.member_gap:g} "
-        f"of the best {cfg.metric} {best:.4f}"
+        f"{len(members)} of up to {k} member(s), trials {', '.join(str(t.number) for t in members)}: each raised "
+        f"the ensemble's validation accuracy ({path} %)"
     )
-    if seeds:
-        members = close + [order[0]] * (k - len(close))
-        change = (
-            f"{k - len(close)} of the {k} member places went to the first member, trial {order[0].number}, "
-            f'with further seeds ([final] fill = "seeds"): {why}'
-        )
-    else:
-        members, change = close, f"ensemble shrank from {k} to {len(close)} member(s): {why}"
-    return members, "; ".join(filter(None, [lead, change]))
+    if len(members) < k:
+        why += f"; no other of the {len(candidates)} best distinct trials raised it further"
+    return members, why
 
 
-def _fastest_first(
-    order: list[optuna.trial.FrozenTrial], cfg: StudyConfig
-) -> tuple[list[optuna.trial.FrozenTrial], str | None]:
-    """`order` (best first) with the fastest trial within `[final] speed_tie` of the best moved to the
-    front, and a note saying so. On 6,000 validation images two trials 0.005 apart are within one
-    standard error of each other; the cheaper one trains more epochs in the time left (a quick start
-    handed over a 48/48/48 CNN at 16 s per final epoch, 0.002 above a 32/64 CNN at 11 s)."""
-    best = trials_mod.value(order[0])
-    tied = [trial for trial in order if abs(trials_mod.value(trial) - best) <= cfg.final.speed_tie + 1e-12]
-    costs = {trial.number: cost.per_image_s() for trial in tied if (cost := budget.trial_cost(trial)) is not None}
-    if order[0].number not in costs or len(costs) < 2:
-        return order, None
-    fastest = min((trial for trial in tied if trial.number in costs), key=lambda trial: costs[trial.number])
-    if fastest is order[0]:
-        return order, None
-    note = (
-        f"trial {fastest.number} leads the final run: its {cfg.metric} {trials_mod.value(fastest):.4f} is within "
-        f"speed_tie {cfg.final.speed_tie:g} of the best, trial {order[0].number}'s {best:.4f}, and it trains "
-        f"{costs[order[0].number] / costs[fastest.number]:.2f}x as fast, so it gets more epochs in the time left"
-    )
-    return [fastest] + [trial for trial in order if trial is not fastest], note
+def _accuracy(summed_probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((summed_probs.argmax(1) == labels).float().mean())
+
+
+def val_outputs(store: Any, trial: optuna.trial.FrozenTrial, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """A COMPLETE trial's validation probabilities (float32), if kept and of the same images."""
+    from hpo.objective import VAL_OUTPUTS_ATTR
+
+    pointer = trial.user_attrs.get(VAL_OUTPUTS_ATTR)
+    if store is None or not pointer or labels is None:
+        return None
+    try:
+        saved = torch.load(io.BytesIO(artifacts.read_bytes(store, pointer)), map_location="cpu", weights_only=True)
+    except Exception as e:  # a missing or damaged file: that trial cannot join
+        log.warning("final-train: trial %d's validation outputs cannot be read (%s)", trial.number, e)
+        return None
+    probs = saved["probs"].float()
+    return probs if probs.shape[0] == len(labels) else None
 
 
 @dataclass
@@ -194,10 +196,7 @@ def member_seed(cfg: StudyConfig, index: int) -> int:
     return derive_seed(cfg.seed, FINAL_SEED_TAG) if index == 0 else derive_seed(cfg.seed, FINAL_SEED_TAG, index)
 
 
-# Growing past [final] epochs is optional, so it keeps a wider margin than shrinking to fit: in a
-# quick start the timed steps read 12.5 s per epoch for epochs that then took 14.2 s, and 29 grown
-# epochs ended 32 s past the deadline.
-SHRINK_MARGIN, GROW_MARGIN = 1.05, 1.2
+SHRINK_MARGIN = 1.05  # an epoch is counted 5 % slower than measured when fitting epochs to the time left
 
 
 def test_pass_seconds(chosen: list[optuna.trial.FrozenTrial], cfg: StudyConfig, train_all: DeviceData) -> float:
@@ -220,25 +219,28 @@ def test_passes(cfg: StudyConfig, members: int) -> int:
     return budget.test_passes(cfg.final.tta) * members
 
 
-def fitted_epochs(
-    trial: optuna.trial.FrozenTrial,
-    cfg: StudyConfig,
-    train_all: DeviceData,
-    epochs: int,
-    deadline: budget.Deadline,
-    test_s: float,
-    most: int | None = None,
-) -> int:
-    """The epochs of the first member that end before `deadline`, `test_s` for the test passes kept
-    free: all of them unless time is short, else as many as fit (at least one), from this machine's
-    measured speed for that configuration. With `most` above `epochs`, time left over grows them up to `most`."""
-    # 60 steps after 10: 12 after 2 read 17.8 s per epoch for a model that then trained at 14.6 s.
+def epoch_seconds(
+    trial: optuna.trial.FrozenTrial, cfg: StudyConfig, train_all: DeviceData, threads: int
+) -> tuple[float, str]:
+    """Seconds one final epoch of `trial` takes here, and where the figure comes from: the trial's
+    own measured epochs, scaled to all the training images and to the finalizer's threads; for a
+    trial with none measured, 60 timed training steps after 10 untimed ones."""
+    cost = budget.trial_cost(trial)
+    if cost is not None:
+        per_image = cost.per_image_s() * min(1.0, budget.thread_factor(cost.threads, threads))
+        return per_image * len(train_all), f"from trial {trial.number}'s {len(trial.user_attrs['history'])} epochs"
     params = TrialParams.from_flat(trial.params)
-    per_epoch = seconds_per_image(params, train_all, cfg.train, cfg.augment, steps=60, warmup=10) * len(train_all)
-    fitted = _epochs_that_fit(per_epoch, _time_left(deadline, test_s), epochs, most)
+    per_image = seconds_per_image(params, train_all, cfg.train, cfg.augment, steps=60, warmup=10)
+    return per_image * len(train_all), "timed over 60 steps"
+
+
+def fitted_epochs(per_epoch: float, deadline: budget.Deadline, test_s: float, epochs: int, source: str) -> int:
+    """The first member's epochs that end before `deadline`, `test_s` for the test passes kept free:
+    all of them unless time is short, else as many as fit (at least one)."""
+    fitted = _epochs_that_fit(per_epoch, _time_left(deadline, test_s), epochs)
     log.info(
-        f"final-train: {per_epoch:.1f}s per epoch measured, {deadline.left():.0f}s left ({test_s:.0f}s of "
-        f"them for the test passes): {fitted} of {most or epochs} epochs fit"
+        f"final-train: {per_epoch:.1f}s per epoch ({source}), {deadline.left():.0f}s left ({test_s:.0f}s of "
+        f"them for the test passes): {fitted} of {epochs} epochs fit"
     )
     return fitted
 
@@ -248,30 +250,22 @@ def _time_left(deadline: budget.Deadline, test_s: float) -> float:
     return deadline.left() - budget.slack_s(deadline.time_s) - test_s
 
 
-def _epochs_that_fit(per_epoch: float, left: float, epochs: int, most: int | None, done: int = 0) -> int:
-    """Epochs in all (`done` of them trained already) that end in `left` seconds more: up to `epochs`
-    with the shrinking margin, then up to `most` with the growing one."""
-    fitted = min(epochs, done + int(left // (SHRINK_MARGIN * per_epoch)))
-    if fitted >= epochs and most is not None and most > epochs:
-        fitted = max(epochs, min(most, done + int(left // (GROW_MARGIN * per_epoch))))
-    return max(done or 1, fitted)
+def _epochs_that_fit(per_epoch: float, left: float, epochs: int, done: int = 0) -> int:
+    """Epochs in all (`done` of them trained already), up to `epochs`, that end in `left` seconds more."""
+    return max(done or 1, min(epochs, done + int(left // (SHRINK_MARGIN * per_epoch))))
 
 
-def timed_replan(deadline: budget.Deadline, test_s: float, epochs: int, most: int | None) -> Replan:
-    """Re-fit the first member's epochs to the epochs it has timed itself, through its first half.
-
-    The 60-step timing before training is read under whatever else loads the machine at that moment:
-    in one quick start it read 20.8 s per epoch for a CNN that then trained at 12 s, and the
-    finalizer fitted 23 epochs where 36 fitted. The median of the real epochs is robust to one slow
-    one; past halfway the schedule is left alone, since stretching it late would raise the learning
-    rate again."""
+def timed_replan(deadline: budget.Deadline, test_s: float, epochs: int) -> Replan:
+    """Re-fit the first member's epochs to the epochs it has timed itself, through its first half, if
+    the time left is short of them (another load on the machine; the epochs are never grown). Past
+    halfway the schedule is left alone, since stretching it late would raise the learning rate again."""
 
     def replan(history: list[EpochStats], total: int) -> int:
         done = len(history)
         if done >= total or 2 * done > total:
             return total
         per_epoch = statistics.median(s.seconds for s in history)
-        new = _epochs_that_fit(per_epoch, _time_left(deadline, test_s), epochs, most, done)
+        new = min(total, _epochs_that_fit(per_epoch, _time_left(deadline, test_s), epochs, done))
         if new != total:
             log.info(f"final-train: {per_epoch:.1f}s per epoch trained after epoch {done}: {new} epochs fit")
         return new
@@ -285,24 +279,22 @@ def train_members(
     train_all: DeviceData,
     epochs: int,
     deadline: budget.Deadline | None,
+    threads: int = 1,
 ) -> tuple[list[Member], int, str | None]:
-    """Retrain each chosen trial from scratch, one after another. With a deadline, the first member
-    trains the epochs that fit (all of them unless time is short; re-fitted to its own epoch times as
-    it trains) and the ensemble stops before a member that would end past it. Returns the members,
-    their epochs and what shrank, if anything."""
+    """Retrain each chosen trial from scratch, one after another, with the recipe its trial trained
+    with. With a deadline, the first member trains the epochs that fit (all of them unless time is
+    short, from its trial's measured epochs) and the ensemble stops before a member that would end
+    past it. Returns the members, their epochs and what shrank, if anything."""
     members: list[Member] = []
     shrunk: list[str] = []
     replan = None
     requested = epochs
     test_s = 0.0
     if deadline is not None:
-        # Time the search left over goes to a lone model's epochs, up to [final] max_epochs; an
-        # ensemble spends it on its members instead.
-        grow = len(chosen) == 1 and cfg.final.max_epochs is not None and epochs == cfg.final.epochs
-        most = cfg.final.max_epochs if grow else None
         test_s = test_pass_seconds(chosen, cfg, train_all)
-        epochs = fitted_epochs(chosen[0], cfg, train_all, epochs, deadline, test_s, most=most)
-        replan = timed_replan(deadline, test_s, requested, most)
+        per_epoch, source = epoch_seconds(chosen[0], cfg, train_all, threads)
+        epochs = fitted_epochs(per_epoch, deadline, test_s, epochs, source)
+        replan = timed_replan(deadline, test_s, requested)
     for index, trial in enumerate(chosen):
         if (
             members
@@ -318,8 +310,6 @@ def train_members(
         epochs, replan = len(members[0].history), None  # the other members train as long as the first did
     if epochs < requested:
         shrunk.insert(0, f"epochs shrank from {requested} to {epochs} to end within the time budget")
-    elif epochs > requested:
-        log.info("final-train: epochs grew from %d to %d to use the time the search left", requested, epochs)
     for line in shrunk:
         log.warning("final-train: %s", line)
     return members, epochs, "; ".join(shrunk) or None
@@ -379,8 +369,14 @@ def _train_member(
             bar.resize(new)
             return new
 
-        run = TrainingRun(params.optimizer, cfg.train, cfg.augment, epochs, seed)
-        history = fit(model, train_all, None, run, on_epoch, replan=replan_shown if replan is not None else None)
+        history = fit(
+            model,
+            train_all,
+            None,
+            recipe(cfg, params, seed, epochs),
+            on_epoch,
+            replan=replan_shown if replan is not None else None,
+        )
     return Member(trial, seed, model, history, time.perf_counter() - started)
 
 
@@ -402,31 +398,24 @@ def final_train(
     _check_writable(out_dir)
     if (out_dir / "model.pt").exists():
         checkpoints.load_final(out_dir / "model.pt", cfg.name)  # never overwrite another study's model
-    chosen, gated = choose_members(study, cfg, cfg.final.ensemble, timed=deadline is not None)
-    if gated:
-        log.info("final-train: %s", gated)
     epochs = epochs or cfg.final.epochs
     started = time.perf_counter()
     images, labels = data_mod.load_split(data_dir, "train")
+    _, val_idx = data_mod.stratified_split(labels, cfg.budget.val_fraction, cfg.seed)  # the trials' validation split
+    chosen, chosen_by = choose_members(study, cfg, torch.as_tensor(labels[val_idx], dtype=torch.int64), artifact_store)
+    log.info("final-train: %s", chosen_by)
     train_all = DeviceData(images, labels, placement.device)
-    members, epochs, shrunk = train_members(chosen, cfg, train_all, epochs, deadline)
-    shrunk = "; ".join(s for s in (gated, shrunk) if s) or None
+    members, epochs, shrunk = train_members(chosen, cfg, train_all, epochs, deadline, placement.threads)
     train_seconds = time.perf_counter() - started
 
     # The only read of the test split in the whole project.
     test_images, test_labels = data_mod.load_split(data_dir, "test")
     test = DeviceData(test_images, test_labels, placement.device)
     metrics, ev = score(cfg, members, test)
-    # "best" is the search's best by validation; the first member can be another trial ([final] speed_tie).
-    search_best = trials_mod.best_first(study, cfg.direction == "maximize")[0]
     metrics.update(
-        best_trial=search_best.number,
-        best_trial_value=search_best.value,
-        lead_trial=members[0].trial.number,
-        lead_trial_value=members[0].trial.value,
         epochs=epochs,
         train_images=len(train_all),
-        ensemble={**metrics["ensemble"], "shrunk": shrunk},
+        ensemble={**metrics["ensemble"], "chosen_by": chosen_by, "shrunk": shrunk},
         wall_time_s=round(time.perf_counter() - started, 2),
         train_time_s=round(train_seconds, 2),
         device=placement.describe(),
@@ -636,7 +625,7 @@ def describe_accuracy(accuracy: float, ci95: list[float]) -> str:
 
 def note(cfg: StudyConfig, best: optuna.trial.FrozenTrial, metrics: dict[str, Any]) -> str:
     """The study's dashboard note: the final result first, so a final-trained study is obvious."""
-    val, test = metrics.get("lead_trial_value", metrics["best_trial_value"]), metrics["test_accuracy"]
+    val, test = metrics["best_trial_value"], metrics["test_accuracy"]
     ens = metrics["ensemble"]
     params = "\n".join(
         f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in best.params.items()
@@ -658,20 +647,21 @@ def note(cfg: StudyConfig, best: optuna.trial.FrozenTrial, metrics: dict[str, An
         rows.append(f"| gap, test minus validation | {100 * (test - val):+.2f} points |")
     rows.append(f"| weakest class | {worst[0]} ({worst[1]:.4f}) |")
     table = "\n".join(rows)
+    chosen_by = ens.get("chosen_by") or f"the best trial by validation {cfg.metric}"
     policy = (
-        f"The {ens['requested']} best distinct trial(s) by validation score, each retrained with its own seed; "
-        f"softmax outputs averaged{', each image also with its mirror image' if ens['tta'] == 'flip' else ''}. "
-        "The policy comes from the study file; nothing was chosen by test accuracy."
+        f"Members chosen on the validation split: {chosen_by}. Each is retrained with its own seed and the "
+        f"recipe its trial trained with; softmax outputs averaged"
+        f"{', each image also with its mirror image' if ens['tta'] == 'flip' else ''}. "
+        "Nothing was chosen by test accuracy."
     )
     if ens["shrunk"]:
         policy += f" The {ens['shrunk']}."
     others = "" if ens["trained"] == 1 else f", and {ens['trained'] - 1} more"
-    searched_best = metrics.get("best_trial", best.number)
-    which = (
-        "the best of the search"
-        if searched_best == best.number
-        else f"within [final] speed_tie of the search's best (trial {searched_best}, "
-        f"{cfg.metric} {metrics['best_trial_value']:.4f}) and faster to train"
+    which = "the best of the search"
+    subset = (
+        f"{cfg.budget.train_subset:,} images of the trial training split"
+        if cfg.budget.train_subset
+        else ("the trial training split")
     )
     return f"""## Final-trained: test accuracy {describe_accuracy(test, metrics["test_ci95"])}
 
@@ -683,8 +673,8 @@ Trial {best.number}, {which}{others}, retrained from scratch by `hpo final-train
 |---|---|
 {table}
 
-Trials train on the study's `train_subset` for {cfg.budget.epochs} epochs; the final run trains longer on
-more images, so its test accuracy can exceed the trial's validation score.
+Trials train the same recipe for {cfg.budget.epochs} epochs on {subset}, unless a pruner or the time
+budget stops them; the final run adds the validation images to its training data.
 
 ### Params of the first member (trial {best.number})
 

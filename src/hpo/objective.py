@@ -24,10 +24,11 @@ from hpo.params import TrialParams
 from hpo.train import (
     EpochStats,
     TrainingDiverged,
-    TrainingRun,
     derive_seed,
     evaluate,
     fit,
+    probabilities,
+    recipe,
     seconds_per_image,
     seeded_model,
     snapshot_device,
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 REASON_ATTR = attrs.REASON
 CHECKPOINT_ATTR = attrs.CHECKPOINT
+VAL_OUTPUTS_ATTR = "val_outputs"  # trial: artifact id of a COMPLETE trial's validation probabilities
+VAL_OUTPUTS_FILE = "val-outputs.pt"
 
 
 class OverBudget(Exception):
@@ -120,9 +123,15 @@ def make_objective(
     claim: Callable[[optuna.Trial], bool],
     artifact_store=None,
     plan: Callable[[], budget.Plan | None] = lambda: None,
+    epoch_plan: Callable[[float], budget.Plan | None] = lambda _epoch_s: None,
 ) -> Callable[[optuna.Trial], float]:
     """`claim(trial)` says whether the trial holds one of the budget's slots; it is asked first.
     `plan()` is the time-budget decision that let this trial start, recorded on it (None: no time budget).
+    `epoch_plan(epoch_s)` says, before each further epoch, whether one of `epoch_s` still fits
+    before the finalizer's reserve (None: no time budget); a trial it stops is PRUNED.
+
+    A COMPLETE trial leaves its validation outputs in the artifact store (`val_outputs`): the
+    finalizer chooses ensemble members on them.
 
     With an artifact store, each trial keeps a checkpoint of its last epoch there while it runs,
     and a trial retried after its worker died resumes from its predecessor's checkpoint.
@@ -132,7 +141,7 @@ def make_objective(
         if not claim(trial):
             trial.set_user_attr(REASON_ATTR, "over budget: another worker took the last slot")
             raise OverBudget(f"trial {trial.number} is beyond the budget of {cfg.budget.n_trials}")
-        return TrialRun(cfg, data, placement, trial, artifact_store).run(plan())
+        return TrialRun(cfg, data, placement, trial, artifact_store, epoch_plan).run(plan())
 
     return objective
 
@@ -142,9 +151,16 @@ class TrialRun:
     history, its live checkpoint) and the report, prune and checkpoint steps that use it."""
 
     def __init__(
-        self, cfg: StudyConfig, data: TrialData, placement: Placement, trial: optuna.Trial, artifact_store=None
+        self,
+        cfg: StudyConfig,
+        data: TrialData,
+        placement: Placement,
+        trial: optuna.Trial,
+        artifact_store=None,
+        epoch_plan: Callable[[float], budget.Plan | None] = lambda _epoch_s: None,
     ):
         self.cfg, self.data, self.placement, self.trial, self.store = cfg, data, placement, trial, artifact_store
+        self.epoch_plan = epoch_plan
         self.params = space.suggest(trial, cfg.space)
         self.seed = trial_seed(cfg.seed, trial)
         self.history: list[dict[str, float]] = []
@@ -171,7 +187,7 @@ class TrialRun:
             self.replay(resume)
         checkpointing = self.store is not None and cfg.checkpoints.every_epoch
         try:
-            run = TrainingRun(self.params.optimizer, cfg.train, cfg.augment, cfg.budget.epochs, self.seed)
+            run = recipe(cfg, self.params, self.seed)
             history_stats = fit(
                 model,
                 self.data.train,
@@ -199,8 +215,23 @@ class TrialRun:
             raise OutOfMemory(reason) from e
         if cfg.checkpoints.keep == "none":
             self.drop_checkpoint()
+        self.keep_val_outputs(model)
         trial.set_user_attr("wall_time_s", round(time.perf_counter() - self.started, 2))
         return self.value_of(history_stats[-1])
+
+    def keep_val_outputs(self, model: torch.nn.Module) -> None:
+        """The trained model's class probabilities on the validation split, in the artifact store,
+        for the finalizer's choice of ensemble members (float16: 120 kB for 6,000 images)."""
+        if self.store is None:
+            return
+        probs = probabilities(model, self.data.val, self.cfg.train.eval_batch_size)
+        payload = artifacts.torch_bytes({"probs": probs.half(), "images": len(self.data.val), "seed": self.cfg.seed})
+        try:
+            pointer = artifacts.upload_bytes(self.store, self.trial, VAL_OUTPUTS_FILE, payload)
+        except HpoError as e:  # without them the finalizer falls back on the trial's value alone
+            log.warning("trial %d: validation outputs not kept: %s", self.trial.number, e)
+            return
+        self.trial.set_user_attr(VAL_OUTPUTS_ATTR, pointer)
 
     def value_of(self, stats: EpochStats) -> float:
         val_loss, val_accuracy = validated(stats)
@@ -269,7 +300,18 @@ class TrialRun:
         )
         trial.report(value, stats.epoch)
         # Pruning after the last epoch saves nothing and hides a full-fidelity value from the sampler.
-        if stats.epoch < cfg.budget.epochs and trial.should_prune():
-            trial.set_user_attr("wall_time_s", round(time.perf_counter() - self.started, 2))
-            self.drop_checkpoint()
-            raise optuna.TrialPruned(f"val {cfg.metric} {value:.4f} at epoch {stats.epoch}")
+        if stats.epoch >= cfg.budget.epochs:
+            return
+        if trial.should_prune():
+            self.stop(f"val {cfg.metric} {value:.4f} at epoch {stats.epoch}")
+        slowest = max(row["seconds"] for row in self.history)
+        plan = self.epoch_plan(slowest)
+        if plan is not None and not plan.fits:
+            reason = f"time budget: {plan.describe()}, so it stops after epoch {stats.epoch}"
+            trial.set_user_attr(REASON_ATTR, reason)
+            self.stop(reason)
+
+    def stop(self, why: str) -> None:
+        self.trial.set_user_attr("wall_time_s", round(time.perf_counter() - self.started, 2))
+        self.drop_checkpoint()
+        raise optuna.TrialPruned(why)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpo.config import Augment, TrainSettings
+from hpo.config import Augment, StudyConfig, TrainSettings
 from hpo.data import DeviceData
 from hpo.devices import autocast_dtype
 from hpo.model import DynamicCNN, ModelSpec
@@ -55,6 +55,13 @@ class Evaluation:
     accuracy: float
     predictions: torch.Tensor  # (N,) class indices, on the CPU
     confidence: torch.Tensor  # (N,) softmax probability of the predicted class, on the CPU
+
+
+def recipe(cfg: StudyConfig, params: TrialParams, seed: int, epochs: int | None = None) -> TrainingRun:
+    """How a configuration is trained, by a trial and by the finalizer alike: the study's [train]
+    schedule and settings, its [augment], and the trials' horizon (the finalizer's [final] epochs,
+    the same by default). Only the data differ: the trial training split, or all training images."""
+    return TrainingRun(params.optimizer, cfg.train, cfg.augment, cfg.budget.epochs if epochs is None else epochs, seed)
 
 
 def derive_seed(*parts: int) -> int:
@@ -121,6 +128,12 @@ def evaluate(model: nn.Module, data: DeviceData, batch_size: int = 2048, fast: b
         predictions=predictions.cpu(),
         confidence=torch.cat(confs).cpu(),
     )
+
+
+@torch.inference_mode()
+def probabilities(model: nn.Module, data: DeviceData, batch_size: int = 2048) -> torch.Tensor:
+    """(N, classes) softmax outputs on `data`, float32 on the CPU: what an ensemble averages."""
+    return torch.cat([logits_of(model, x).float().softmax(1).cpu() for x, _ in data.batches(batch_size)])
 
 
 OnEpoch = Callable[[EpochStats], None]

@@ -205,10 +205,15 @@ def _run(
             lock.release()
 
     plans: list[budget.Plan | None] = [None]  # the latest decision, read by the objective it let start
-    objective = make_objective(cfg, data, placement, claim, artifact_store, plan=lambda: plans[0])
-    ensure_calibrated(study, cfg, data, placement)
     # The finalizer has the whole machine: all its cores, or this worker's GPU.
     final_threads = placement.threads if placement.device.type == "cuda" else cpu_count()
+
+    def epoch_plan(epoch_s: float) -> budget.Plan | None:
+        deadline = budget.get_deadline(study)
+        return None if deadline is None else budget.plan_epoch(study, cfg, deadline, final_threads, epoch_s)
+
+    objective = make_objective(cfg, data, placement, claim, artifact_store, lambda: plans[0], epoch_plan)
+    ensure_calibrated(study, cfg, data, placement)
     waiting_logged = False
     while True:
         reaper()

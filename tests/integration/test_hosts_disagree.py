@@ -55,7 +55,7 @@ def test_hosts_with_skewed_clocks_stop_at_the_same_database_deadline(tmp_path, p
     ended_s = time.monotonic() - created
     assert codes == [0, 0], workers.output()
     out = workers.output()
-    assert out.count("time budget: a trial needs about") == 2, out  # both stopped for the budget
+    assert out.count("time budget: a trial's first epoch needs about") == 2, out  # both stopped for the budget
     trials = load(pg_url).trials
     deadline = load(pg_url).user_attrs["hpo:deadline"]
     pids = {t.user_attrs["pid"] for t in trials}

@@ -56,7 +56,7 @@ def test_time_budget_ends_the_search_cleanly_and_keeps_the_finalizer_inside_it(t
         assert plan["decided_at"] + plan["estimate_s"] + plan["reserve_s"] <= plan["deadline"], (t.number, plan)
         assert t.datetime_start.timestamp() >= plan["decided_at"] - 1.0
     # Each worker stopped because the next trial would not have fit, and said so.
-    assert result.stderr.count("time budget: a trial needs about") == 2, result.stderr[-3000:]
+    assert result.stderr.count("time budget: a trial's first epoch needs about") == 2, result.stderr[-3000:]
 
     metrics = json.loads((tmp_path / "runs/timed/final/metrics.json").read_text())
     ensemble = metrics["ensemble"]
