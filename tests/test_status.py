@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
@@ -68,3 +69,37 @@ def test_summary_of_an_empty_study(tmp_path):
     s = summary(study, cfg, store)
     assert s["finished"] == 0 and s["best"] is None and s["eta_s"] is None and s["mean_trial_s"] is None
     assert s["epochs"] == {"trained": 0, "saved_by_pruning": 0, "saved_share": 0.0}
+
+
+def test_a_timed_study_leads_with_the_time_left_and_the_trials_run(tmp_path):
+    """The clock, not the trial cap, ends a timed search: "finished 2/200" read as a failure."""
+    from hpo import budget
+    from hpo.cli import _format_status
+
+    store = open_storage(f"sqlite:///{tmp_path / 'hpo.db'}")
+    study, cfg = create_or_load(store, config.load("tiny"))
+    budget.set_deadline(study, 600, now=time.time() - 65)  # started 65 s ago: 8m55s left
+    study.add_trial(
+        FrozenTrial(
+            number=0,
+            trial_id=0,
+            state=TrialState.PRUNED,
+            value=None,
+            values=None,
+            datetime_start=datetime.datetime(2026, 1, 1),
+            datetime_complete=datetime.datetime(2026, 1, 1, 0, 0, 9),
+            params={"x": 0.5},
+            distributions={"x": FloatDistribution(0, 1)},
+            user_attrs={},
+            system_attrs={},
+            intermediate_values={1: 0.3},
+        )
+    )
+    study.ask()
+    s = summary(study, cfg, store)
+    assert s["started"] == 2
+    first = _format_status(s).splitlines()[0]
+    assert first.startswith("study tiny: 8m5") and first.endswith(
+        "of 10m00s left, 2 trials run (0 complete, 1 pruned, 1 running)"
+    ), first
+    assert "finished 1 (the clock ends this search; 8 is only a cap)" in _format_status(s)

@@ -343,9 +343,18 @@ def _status_tail(summary: dict[str, Any]) -> list[str]:
 
 
 def _format_status(summary: dict[str, Any]) -> str:
-    lines = [
+    clock, states = summary.get("time_budget"), summary["states"]
+    lines = []
+    if clock:  # the clock, not the count, ends a timed search: say so first
+        left = f"{config.format_duration(clock['left_s'])} of {config.format_duration(clock['time_s'])} left"
+        lines.append(
+            f"study {summary['study']}: {left if clock['left_s'] else 'time budget spent'}, "
+            f"{summary['started']} trials run ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
+            f"{states['RUNNING']} running)"
+        )
+    lines += [
         f"study {summary['study']}  ({summary['direction']} {summary['metric']}, budget {summary['n_trials']} "
-        f"finished trials of {summary['epochs_per_trial']} epochs)",
+        f"finished trials of {summary['epochs_per_trial']} epochs{', or the time' if clock else ''})",
         "",
         "  state       trials",
     ]
@@ -360,9 +369,12 @@ def _format_status(summary: dict[str, Any]) -> str:
         changes += [f"time {config.format_duration(extension['time_s'])} from then"] if extension["time_s"] else []
         lines.append(f"  extended {when}: {', '.join(changes)}")
     epochs = summary["epochs"]
+    finished = f"{summary['finished']}" + (
+        f" (the clock ends this search; {summary['n_trials']} is only a cap)" if clock else f"/{summary['n_trials']}"
+    )
     lines += [
         "",
-        f"  finished {summary['finished']}/{summary['n_trials']}, pruned share {summary['pruned_share']:.0%}, "
+        f"  finished {finished}, pruned share {summary['pruned_share']:.0%}, "
         f"{epochs['saved_by_pruning']} epochs saved by pruning ({epochs['saved_share']:.0%} of "
         f"{epochs['trained'] + epochs['saved_by_pruning']})",
     ]

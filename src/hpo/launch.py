@@ -196,7 +196,10 @@ def _watch(
     kill_at = None
     # Trials finished before this run are counted, not announced again.
     reported = {t.number for t in study.get_trials(deepcopy=False) if t.state in FINISHED}
-    with progress.Progress(cfg.budget.n_trials, f"study {cfg.name}", "trials", initial=len(reported)) as bar:
+    deadline = budget.get_deadline(study)
+    # A time-budgeted search is ended by the clock, not the count: its bar is the time, the trials beside it.
+    total, unit = (round(deadline.time_s), "s") if deadline else (cfg.budget.n_trials, "trials")
+    with progress.Progress(total, f"study {cfg.name}", unit, initial=0 if deadline else len(reported)) as bar:
         while any(child.poll() is None for child in children):
             if stopped_by and kill_at is None:
                 kill_at = time.monotonic() + KILL_AFTER_S
@@ -229,9 +232,14 @@ def update_bar(bar: progress.Progress, study: optuna.Study, cfg: StudyConfig, st
                 else f"trial {trial.number} {trial.state.name.lower()}"
             )
     best = summary["best"]
-    bar.set(
-        summary["finished"],
-        best="-" if best is None else f"{best['value']:.4f}",
-        pruned=summary["states"]["PRUNED"],
-        running=len(summary["running"]),
-    )
+    figures = {
+        "best": "-" if best is None else f"{best['value']:.4f}",
+        "pruned": summary["states"]["PRUNED"],
+        "running": len(summary["running"]),
+    }
+    clock = summary["time_budget"]
+    if clock is None:
+        bar.set(summary["finished"], **figures)
+        return
+    left = clock["left_s"]
+    bar.set(round(clock["time_s"] - left), left=format_duration(left), trials=summary["started"], **figures)

@@ -484,6 +484,7 @@ def summary(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBS
         "n_trials": cfg.budget.n_trials,
         "epochs_per_trial": cfg.budget.epochs,
         "finished": finished,
+        "started": sum(trial.state != TrialState.WAITING for trial in trials),
         "remaining": remaining,
         "states": by_state,
         "pruned_share": by_state["PRUNED"] / finished if finished else 0.0,
