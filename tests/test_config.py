@@ -20,18 +20,22 @@ def raw_tiny() -> dict:
 def test_shipped_studies_parse_and_round_trip(name):
     cfg = config.load(name)
     assert cfg.name == name
-    assert set(cfg.space) == set(config.SPACE_KEYS)
+    assert set(config.SPACE_KEYS) <= set(cfg.space) <= set(config.SPACE_KEYS + config.OPTIONAL_SPACE_KEYS)
     assert config.from_dict(cfg.to_dict(), source="stored") == cfg
 
 
 def test_cnn_study_covers_the_mission_space():
     cfg = config.load("cnn")
     s = cfg.space
-    assert (s["n_conv"].low, s["n_conv"].high) == (1, 4)
+    assert (s["n_conv"].low, s["n_conv"].high) == (2, 4)
+    assert len(s["filters"].choices) > 1 and len(s["growth"].choices) > 1  # widths per block
     assert set(s["kernel_size"].choices) == {3, 5}
     assert (s["n_fc"].low, s["n_fc"].high) == (1, 3)
     assert set(s["optimizer"].choices) == {"adam", "sgd", "rmsprop"}
-    assert s["lr"].log and s["weight_decay"].log
+    assert set(s["residual"].choices) == {False, True} and set(s["pool"].choices) == {"flatten", "avg"}
+    lr = dict(s["lr"].by_optimizer)  # a range per optimizer: SGD's rates are 10-100x Adam's
+    assert set(lr) == {"adam", "sgd", "rmsprop"} and all(r.log for r in lr.values())
+    assert lr["sgd"].low > lr["adam"].low and s["weight_decay"].log
     assert cfg.sampler.name == "tpe" and cfg.sampler.options["multivariate"] is True
     assert cfg.sampler.options["constant_liar"] is True
     assert cfg.pruner.name == "median" and cfg.pruner.options["n_warmup_steps"] >= 1

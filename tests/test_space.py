@@ -5,6 +5,22 @@ import pytest
 
 from hpo import config, space
 
+# A space with one width per block (no growth) and one shared learning-rate range.
+PER_BLOCK = """
+name = "per-block"
+[space]
+n_conv       = { low = 1, high = 4 }
+filters      = { choices = [32, 48, 64, 96, 128] }
+kernel_size  = { choices = [3, 5] }
+n_fc         = { low = 1, high = 3 }
+fc_size      = { low = 64, high = 1024, log = true }
+dropout      = { low = 0.0, high = 0.6 }
+optimizer    = { choices = ["adam", "sgd", "rmsprop"] }
+lr           = { low = 1e-4, high = 1e-1, log = true }
+batch_size   = { choices = [64, 128, 256, 512] }
+weight_decay = { low = 1e-6, high = 1e-2, log = true }
+"""
+
 FULL = dict(
     n_conv=3,
     filters_0=32,
@@ -21,32 +37,43 @@ FULL = dict(
 )
 
 
+def per_block() -> dict:
+    import tomllib
+
+    return config.parse(tomllib.loads(PER_BLOCK), "per-block.toml").space
+
+
 def test_suggest_reads_every_parameter_through_the_trial():
-    params = space.suggest(optuna.trial.FixedTrial(FULL), config.load("cnn").space).flat()
+    params = space.suggest(optuna.trial.FixedTrial(FULL), per_block()).flat()
     assert params == FULL
 
 
 def test_filters_exist_only_for_built_blocks():
     fixed = {**FULL, "n_conv": 1}
-    params = space.suggest(optuna.trial.FixedTrial(fixed), config.load("cnn").space).flat()
+    params = space.suggest(optuna.trial.FixedTrial(fixed), per_block()).flat()
     assert [k for k in params if k.startswith("filters_")] == ["filters_0"]
 
 
 def test_missing_value_for_a_deeper_block_is_an_error():
     fixed = {k: v for k, v in FULL.items() if k != "filters_2"}
     with pytest.raises(ValueError):
-        space.suggest(optuna.trial.FixedTrial(fixed), config.load("cnn").space)
+        space.suggest(optuna.trial.FixedTrial(fixed), per_block())
 
 
-def test_sampled_params_stay_inside_the_declared_space():
+def test_sampled_params_of_the_cnn_study_stay_inside_its_space_and_build():
+    from hpo.model import DynamicCNN
+
     cfg = config.load("cnn")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(30):
-        params = space.suggest(study.ask(), cfg.space).flat()
-        assert 1 <= params["n_conv"] <= 4
-        assert all(params[f"filters_{i}"] in cfg.space["filters"].choices for i in range(params["n_conv"]))
-        assert 1e-4 <= params["lr"] <= 1e-1
-        assert params["optimizer"] in ("adam", "sgd", "rmsprop")
+        trial = study.ask()
+        params = space.suggest(trial, cfg.space)
+        assert params.flat() == trial.params
+        assert 2 <= len(params.model.filters) <= 4 and params.model.filters[0] in cfg.space["filters"].choices
+        lr = cfg.space["lr"].for_optimizer(params.optimizer.name)
+        assert lr.low <= params.optimizer.lr <= lr.high
+        assert params.optimizer.name in ("adam", "sgd", "rmsprop")
+        DynamicCNN(params.model)  # every point of the space builds
 
 
 WIDE = """

@@ -28,13 +28,67 @@ CONFIGS = {
     # the warm start of the shipped studies: 2 plain blocks, flattened into a 256-unit layer
     "plain-32-64": {**BASE, **ADAM, "n_conv": 2, "filters_0": 32, "growth": 2.0, "fc_size": 256, "dropout": 0.3},
     "plain-32-64-128-avg": {**BASE, **ADAM, "n_conv": 3, "filters_0": 32, "growth": 2.0, "fc_size": 128, "pool": "avg"},
-    "res-32-64-avg": {**BASE, **ADAM, "n_conv": 2, "filters_0": 32, "growth": 2.0, "fc_size": 128, "residual": True, "pool": "avg"},
+    "res-32-64-avg": {
+        **BASE,
+        **ADAM,
+        "n_conv": 2,
+        "filters_0": 32,
+        "growth": 2.0,
+        "fc_size": 128,
+        "residual": True,
+        "pool": "avg",
+    },
     "res-32-64-flat": {**BASE, **ADAM, "n_conv": 2, "filters_0": 32, "growth": 2.0, "fc_size": 256, "residual": True},
-    "res-24-48-96-avg": {**BASE, **ADAM, "n_conv": 3, "filters_0": 24, "growth": 2.0, "fc_size": 128, "residual": True, "pool": "avg"},
-    "res-32-64-128-avg": {**BASE, **ADAM, "n_conv": 3, "filters_0": 32, "growth": 2.0, "fc_size": 128, "residual": True, "pool": "avg"},
-    "res-16-32-avg": {**BASE, **ADAM, "n_conv": 2, "filters_0": 16, "growth": 2.0, "fc_size": 128, "residual": True, "pool": "avg"},
-    "res-16-32-64-avg": {**BASE, **ADAM, "n_conv": 3, "filters_0": 16, "growth": 2.0, "fc_size": 128, "residual": True, "pool": "avg"},
-    "res-32-64-128-avg-sgd": {**BASE, **SGD, "n_conv": 3, "filters_0": 32, "growth": 2.0, "fc_size": 128, "residual": True, "pool": "avg"},
+    "res-24-48-96-avg": {
+        **BASE,
+        **ADAM,
+        "n_conv": 3,
+        "filters_0": 24,
+        "growth": 2.0,
+        "fc_size": 128,
+        "residual": True,
+        "pool": "avg",
+    },
+    "res-32-64-128-avg": {
+        **BASE,
+        **ADAM,
+        "n_conv": 3,
+        "filters_0": 32,
+        "growth": 2.0,
+        "fc_size": 128,
+        "residual": True,
+        "pool": "avg",
+    },
+    "res-16-32-avg": {
+        **BASE,
+        **ADAM,
+        "n_conv": 2,
+        "filters_0": 16,
+        "growth": 2.0,
+        "fc_size": 128,
+        "residual": True,
+        "pool": "avg",
+    },
+    "res-16-32-64-avg": {
+        **BASE,
+        **ADAM,
+        "n_conv": 3,
+        "filters_0": 16,
+        "growth": 2.0,
+        "fc_size": 128,
+        "residual": True,
+        "pool": "avg",
+    },
+    "res-32-64-128-avg-sgd": {
+        **BASE,
+        **SGD,
+        "n_conv": 3,
+        "filters_0": 32,
+        "growth": 2.0,
+        "fc_size": 128,
+        "residual": True,
+        "pool": "avg",
+    },
 }
 RECIPE = TrainSettings(warmup_epochs=0.3, label_smoothing=0.1)
 AUGMENT = Augment(2, True, 0.0)
@@ -46,15 +100,20 @@ def probe_split(device: torch.device) -> data.TrialData:
     inner_train, inner_val = data.stratified_split(labels[study_train], 6000 / len(study_train), 7)
     keep, held = study_train[inner_train], study_train[inner_val]
     assert not set(held.tolist()) & set(_study_val.tolist())
-    return data.TrialData(data.DeviceData(images[keep], labels[keep], device), data.DeviceData(images[held], labels[held], device))
+    return data.TrialData(
+        data.DeviceData(images[keep], labels[keep], device), data.DeviceData(images[held], labels[held], device)
+    )
 
 
 def main() -> None:
     epochs, threads, names = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
     placement = place("cpu", threads)
     split = probe_split(placement.device)
-    print(f"probe split: {len(split.train)} train, {len(split.val)} held out of the study's training part; "
-          f"{epochs} epochs, {threads} thread(s)", flush=True)
+    print(
+        f"probe split: {len(split.train)} train, {len(split.val)} held out of the study's training part; "
+        f"{epochs} epochs, {threads} thread(s)",
+        flush=True,
+    )
     for name in names:
         params = TrialParams.from_flat(CONFIGS[name])
         model = seeded_model(params.model, 1, placement.device)
@@ -63,12 +122,16 @@ def main() -> None:
         def on_epoch(stats, name=name):
             print(f"{name} epoch {stats.epoch} val {stats.val_accuracy:.4f} ({stats.seconds:.1f}s)", flush=True)
 
-        history = fit(model, split.train, split.val, TrainingRun(params.optimizer, RECIPE, AUGMENT, epochs, 1), on_epoch)
+        history = fit(
+            model, split.train, split.val, TrainingRun(params.optimizer, RECIPE, AUGMENT, epochs, 1), on_epoch
+        )
         n = sum(p.numel() for p in model.parameters())
         best = max(s.val_accuracy for s in history)
-        print(f"SUMMARY {name} params {n} epochs {epochs} last {history[-1].val_accuracy:.4f} best {best:.4f} "
-              f"median_epoch_s {np.median([s.seconds for s in history]):.1f} total_s {time.perf_counter() - started:.0f}",
-              flush=True)
+        print(
+            f"SUMMARY {name} params {n} epochs {epochs} last {history[-1].val_accuracy:.4f} best {best:.4f} "
+            f"median_epoch_s {np.median([s.seconds for s in history]):.1f} total_s {time.perf_counter() - started:.0f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
