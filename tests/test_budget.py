@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
