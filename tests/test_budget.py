@@ -147,3 +147,20 @@ def test_minimum_budget_is_the_shortest_in_which_a_first_trial_completes_and_a_m
         member = budget.member_estimate(cost, cfg.final.epochs, 1, tta=cfg.final.tta)
         for time_s, fits in ((needed, True), (needed - 2.0, False)):
             assert (10.0 + whole + member + budget.slack_s(time_s) <= time_s) is fits, (calibrated, time_s)
+    # A warm start's calibration is of the first trial itself: once, not doubled.
+    import dataclasses
+
+    warm = dataclasses.replace(cfg, warm_start=dataclasses.replace(cfg.warm_start, params=({"n_conv": 1},)))
+    once = budget.minimum_budget(warm, cost, 1, calibrated=True, start_s=10.0)
+    assert once == budget.minimum_budget(warm, cost, 1, calibrated=False, start_s=10.0)
+    assert once < budget.minimum_budget(cfg, cost, 1, calibrated=True, start_s=10.0)
+
+
+def test_the_calibrated_first_trial_is_the_warm_start_completed_from_the_middle_of_the_space():
+    from hpo import space
+
+    cfg = config.load("cnn-quick")
+    first = space.first(cfg.space, cfg.warm_start.params)
+    assert first.model.filters == (32, 64) and first.optimizer.name == "adam" and first.optimizer.lr == 2e-3
+    assert first.model.kernel_size == 3 and first.model.residual is False
+    assert space.first(cfg.space) == space.middle(cfg.space)

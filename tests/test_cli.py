@@ -126,7 +126,7 @@ def test_a_time_budget_too_short_for_one_trial_and_the_finalizer_creates_no_stud
 
     result = run("optimize", "--study", "tiny", "--time", "2s", "--data-dir", str(fake_data_dir))
     assert_user_error(result, "--time 2s is shorter than one trial plus the finalizer, about ")
-    assert "per trial epoch, calibrated on this machine). Give at least --time " in result.output
+    assert "per trial epoch, the first trial, calibrated on this machine). Give at least --time " in result.output
     assert optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'runs' / 'hpo.db'}") == []
 
 

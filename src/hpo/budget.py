@@ -272,9 +272,12 @@ def minimum_budget(
     start-up, data, calibration), can train its whole horizon with one final member's run reserved
     after it: else no trial could complete, and the finalizer would have nothing to retrain.
 
-    `cost` is one trial epoch: measured, or (`calibrated`) the calibration, which the planner doubles.
+    `cost` is one trial epoch: measured, or (`calibrated`) the calibration of a study without a warm
+    start, whose first trial is any point of the space, so it counts double as in the planner. A
+    warm start's calibration is of the first trial itself and counts once.
     """
-    trial = trial_estimate(cfg, [] if calibrated else [cost], cost if calibrated else None)
+    doubled = calibrated and not cfg.warm_start.params
+    trial = trial_estimate(cfg, [] if doubled else [cost], cost if doubled else None)
     member = member_estimate(cost, cfg.final.epochs, final_threads, tta=cfg.final.tta)
     # slack_s is 2 % of the budget, at least 10 s: solve start + trial + member + slack <= budget.
     need = start_s + trial + member

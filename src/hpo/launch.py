@@ -100,7 +100,11 @@ def check_time_budget(
     final_threads = threads if (device or "").startswith("cuda") else cpu_count()
     needed = budget.minimum_budget(cfg, cost, final_threads, calibrated=calibrated is not None)
     if time_s < needed:
-        source = "calibrated on this machine" if calibrated is not None else "the slowest the study measured, any host"
+        source = (
+            "the first trial, calibrated on this machine"
+            if calibrated is not None
+            else "the slowest the study measured, any host"
+        )
         raise HpoError(
             f"--time {format_duration(time_s)} is shorter than one trial plus the finalizer, about "
             f"{format_duration(needed)} ({cost.epoch_s:.1f}s per trial epoch, {source}). "

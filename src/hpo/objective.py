@@ -104,9 +104,10 @@ def load_resume_state(artifact_store, trial: optuna.Trial, params: TrialParams, 
 
 
 def calibrate(cfg: StudyConfig, data: TrialData, placement: Placement) -> budget.EpochCost:
-    """What a trial epoch costs before any has run: the space's middle configuration, timed for a
-    few training steps and one validation pass on up to 2,048 images, scaled to the trial's data."""
-    params = space.middle(cfg.space)
+    """What a trial epoch costs before any has run: the study's first trial (its warm start, with
+    the middle of the space for what the warm start leaves out), timed for a few training steps and
+    one validation pass on up to 2,048 images, scaled to the trial's data."""
+    params = space.first(cfg.space, cfg.warm_start.params)
     train_s = seconds_per_image(params, data.train, cfg.train, cfg.augment)
     held = DeviceData(data.val.x[:2048], data.val.y[:2048], placement.device)
     started = time.perf_counter()

@@ -51,6 +51,21 @@ def _middle(spec: ParamSpec) -> Any:
     return round(value) if spec.is_int else value
 
 
+def first(space: dict[str, ParamSpec], warm: tuple[dict[str, Any], ...] = ()) -> TrialParams:
+    """The study's first trial as far as it is known: its first warm-start point, completed with
+    the middle of the space (the middle alone without a warm start)."""
+    flat = middle(space).flat()
+    if not warm:
+        return TrialParams.from_flat(flat)
+    flat.update(warm[0])
+    if "growth" not in space:
+        for i in range(int(flat["n_conv"])):
+            flat.setdefault(f"filters_{i}", _middle(space["filters"]))
+    if space["lr"].by_optimizer is not None:
+        flat.setdefault(f"lr_{flat['optimizer']}", _middle(space["lr"].for_optimizer(flat["optimizer"])))
+    return TrialParams.from_flat(flat)
+
+
 def middle(space: dict[str, ParamSpec]) -> TrialParams:
     """The configuration in the middle of every range (geometric for log ranges): a typical trial,
     timed to estimate what trials cost before any has run."""

@@ -88,6 +88,6 @@ def test_a_full_horizon_study_with_two_workers_prunes_and_ends_with_the_exact_bu
     assert metrics["epochs"] == 4  # the finalizer trains the trials' horizon
     members = metrics["members"]
     assert 1 <= len(members) <= 2 and members[0]["trial"] == study.best_trial.number
-    assert metrics["ensemble"]["chosen_by"].startswith(
-        ("trial ", f"{len(members)} of up to 2 member(s)")
-    ), metrics["ensemble"]
+    assert metrics["ensemble"]["chosen_by"].startswith(("trial ", f"{len(members)} of up to 2 member(s)")), metrics[
+        "ensemble"
+    ]
