@@ -102,10 +102,34 @@ def test_final_reserve_counts_at_most_the_ensemble_and_one_typical_member_before
     each = budget.DATASET_IMAGES + budget.test_passes("flip") * budget.FP32_EVAL_SHARE * budget.TEST_IMAGES
     expected = sum(c.per_image_s() * each for c in costs[1:])
     assert budget.final_reserve(study, cfg, 1, costs, None) == pytest.approx(expected)
-    # Nothing complete yet: one typical member (the 90th percentile of the epochs measured), not two.
-    running = optuna.create_study(direction="maximize")
-    typical = budget.final_reserve(running, cfg, 1, costs, None)
-    assert typical == pytest.approx(costs[2].per_image_s() * each)
+    # Nothing complete yet and nothing reported: one typical member (the 90th percentile of the epochs
+    # measured), not two.
+    empty = optuna.create_study(direction="maximize")
+    assert budget.final_reserve(empty, cfg, 1, costs, None) == pytest.approx(costs[2].per_image_s() * each)
+
+
+def test_before_any_trial_completes_the_leading_trial_stands_in_for_the_member():
+    """A quick start lost its only full-horizon trial: slow configurations pruned after one epoch
+    made the typical member 338 s where the warm start's own final run needed about 205, so the
+    clock stopped the warm start after 5 of 7 epochs and nothing completed."""
+    cfg = config.load("tiny")
+    study = optuna.create_study(direction="maximize")
+    attrs = {budget.TRAIN_IMAGES_ATTR: 1000, budget.VAL_IMAGES_ATTR: 300, "threads": 1}
+
+    def add(state, values, seconds):
+        history = [{"epoch": e, "seconds": seconds} for e in values]
+        study.add_trial(
+            create_trial(state=state, params={}, intermediate_values=values, user_attrs={**attrs, "history": history})
+        )
+
+    add(TrialState.PRUNED, {1: 0.60}, 30.0)  # slow and weak
+    add(TrialState.PRUNED, {1: 0.70}, 25.0)
+    add(TrialState.RUNNING, {1: 0.80, 2: 0.85}, 10.0)  # the warm start, leading
+    costs = budget.measured(study)
+    each = budget.DATASET_IMAGES + budget.test_passes("flip") * budget.FP32_EVAL_SHARE * budget.TEST_IMAGES
+    lead = next(c for c in costs if c.epoch_s == 10.0)
+    assert budget.final_reserve(study, cfg, 1, costs, None) == pytest.approx(lead.per_image_s() * each)
+    assert budget.leading_trial(study, maximize=True).intermediate_values == {1: 0.80, 2: 0.85}
 
 
 def test_a_trial_starts_when_its_first_epoch_fits_and_stops_before_an_epoch_that_would_not():

@@ -191,25 +191,43 @@ def final_reserve(
 ) -> float:
     """Seconds kept for the finalizer: its members' runs at the final horizon, each from the epoch
     times its own trial measured. The members are the best distinct COMPLETE trials, up to
-    `[final] ensemble` (the finalizer may keep fewer, never more); before any trial is complete, one
-    typical member stands in (the 90th percentile of the epochs measured so far, or the calibration)."""
+    `[final] ensemble` (the finalizer may keep fewer, never more). Before any trial is complete,
+    the leading trial stands in: the one with the best value at its latest epoch, which is the
+    likeliest to complete and be retrained (a typical epoch, the 90th percentile of those measured,
+    or the calibration, before any epoch)."""
     complete = [t for t in best_first(study, cfg.direction == "maximize") if trial_cost(t) is not None]
     members = [c for t in complete[: cfg.final.ensemble] if (c := trial_cost(t)) is not None]
     if not members:
-        typical = (
-            EpochCost(
+        lead = leading_trial(study, cfg.direction == "maximize")
+        stand_in = trial_cost(lead) if lead is not None else None
+        if stand_in is None and costs:
+            stand_in = EpochCost(
                 quantile([c.epoch_s for c in costs], TRIAL_QUANTILE),
                 costs[0].train_images,
                 costs[0].val_images,
                 costs[0].threads,
             )
-            if costs
-            else calibrated
-        )
-        if typical is None:
+        stand_in = stand_in or calibrated
+        if stand_in is None:
             raise ValueError("no measured epoch and no calibration")
-        members = [typical]
+        members = [stand_in]
     return sum(member_estimate(c, cfg.final.epochs, final_threads, tta=cfg.final.tta) for c in members)
+
+
+def leading_trial(study: optuna.Study, maximize: bool) -> FrozenTrial | None:
+    """The RUNNING or PRUNED trial with the best value at its latest reported epoch."""
+    reported = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.PRUNED))
+        if t.intermediate_values
+    ]
+    if not reported:
+        return None
+
+    def latest(t: FrozenTrial) -> float:
+        return t.intermediate_values[max(t.intermediate_values)]
+
+    return max(reported, key=latest) if maximize else min(reported, key=latest)
 
 
 # --------------------------------------------------------------------------- the decision
