@@ -61,8 +61,9 @@ def test_time_budget_ends_the_search_cleanly_and_keeps_the_finalizer_inside_it(t
     metrics = json.loads((tmp_path / "runs/timed/final/metrics.json").read_text())
     ensemble = metrics["ensemble"]
     assert 1 <= ensemble["trained"] <= 2 and ensemble["tta"] == "flip"
-    if ensemble["trained"] < 2:  # a slow machine: the finalizer shrank the ensemble to what fitted, and said so
-        assert "ensemble shrank from 2 to 1 member(s) to end within the time budget" in result.stdout
+    if ensemble["trained"] < 2:  # no second member raised validation accuracy, or it did not fit, and it says so
+        shrank = "ensemble shrank from 2 to 1 member(s) to end within the time budget" in result.stdout
+        assert shrank or ensemble["chosen_by"].startswith("trial ") or "raised it further" in ensemble["chosen_by"]
     assert f"test accuracy {100 * metrics['test_accuracy']:.2f} % (95 % CI " in result.stdout
     status = json.loads(hpo("status", "--study", "timed", "--json", cwd=tmp_path).stdout)
     assert status["time_budget"]["time_s"] == 180 and status["final"]["test_ci95"] == metrics["test_ci95"]
