@@ -453,10 +453,12 @@ FIDELITY_TAG = 0x46494445  # "FIDE": the fidelity retrains' seeds, apart from ev
 
 
 def fidelity(study: Any, cfg: Any, data_dir: Path, device: str, threads: int, top: int = 5) -> dict[str, Any]:
-    """The top `top` distinct COMPLETE trials by search value, each retrained with another seed at
-    the final horizon on the trial training split and scored on the validation split: does the
-    search's ranking hold? Spearman's rho between the two columns, and the regret of the pick (the
-    best retrained value less the retrained value of the search's best). Reads no test image."""
+    """The top `top` distinct finished trials by the value the search holds for them (a COMPLETE
+    trial's value at the final horizon; a pruned one's at the epoch it stopped), each retrained
+    with another seed for the whole horizon on the trial training split and scored on the
+    validation split: does the search's ranking hold? Spearman's rho between the two columns, and
+    the regret of the pick (the best retrained value less the retrained value of the trial the
+    finalizer took, the best COMPLETE one). Reads no test image."""
     import json as json_mod
 
     import optuna
@@ -468,12 +470,32 @@ def fidelity(study: Any, cfg: Any, data_dir: Path, device: str, threads: int, to
     from hpo.train import derive_seed, evaluate, fit, recipe, seeded_model
     from hpo.trials import value
 
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    ranked = sorted(complete, key=value, reverse=cfg.direction == "maximize")
+    maximize = cfg.direction == "maximize"
+    finished = study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    )
+
+    def held(trial: Any) -> float:
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            return value(trial)
+        return trial.intermediate_values[max(trial.intermediate_values)]
+
+    def reached(trial: Any) -> int:
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            return cfg.budget.epochs
+        return max(trial.intermediate_values)
+
+    ranked = sorted(
+        (t for t in finished if t.state == optuna.trial.TrialState.COMPLETE or t.intermediate_values),
+        key=held,
+        reverse=maximize,
+    )
     distinct: dict[str, Any] = {}
     for trial in ranked:
         distinct.setdefault(json_mod.dumps(trial.params, sort_keys=True), trial)
     finalists = list(distinct.values())[:top]
+    complete = [t for t in finalists if t.state == optuna.trial.TrialState.COMPLETE]
+    pick = complete[0].number if complete else None
     placement = place(device, threads)
     images, labels = data.load_split(data_dir, "train")
     split = data.trial_data(
@@ -491,16 +513,23 @@ def fidelity(study: Any, cfg: Any, data_dir: Path, device: str, threads: int, to
         rows.append(
             {
                 "trial": trial.number,
-                "search_value": value(trial),
+                "state": trial.state.name,
+                "search_epochs": reached(trial),
+                "search_value": held(trial),
                 "retrained_value": retrained,
                 "seconds": round(time.perf_counter() - started, 1),
             }
         )
     rho = spearman([r["search_value"] for r in rows], [r["retrained_value"] for r in rows])
-    maximize = cfg.direction == "maximize"
     best_retrained = (max if maximize else min)(r["retrained_value"] for r in rows) if rows else float("nan")
-    regret = abs(best_retrained - rows[0]["retrained_value"]) if rows else float("nan")
-    return {"epochs": cfg.budget.epochs, "finalists": rows, "spearman": rho, "regret": regret}
+    picked = next((r["retrained_value"] for r in rows if r["trial"] == pick), float("nan"))
+    return {
+        "epochs": cfg.budget.epochs,
+        "finalists": rows,
+        "pick": pick,
+        "spearman": rho,
+        "regret": abs(best_retrained - picked),
+    }
 
 
 def paired(search_predictions: list[int], fixed_predictions: list[int], truth: list[int]) -> dict[str, Any]:

@@ -708,13 +708,14 @@ def _bench_search(
     fid = result.get("fidelity")
     if fid:
         click.echo(
-            f"fidelity: the top {len(fid['finalists'])} finalists retrained with another seed for "
-            f"{fid['epochs']} epochs on the trial training split, scored on validation:"
+            f"fidelity: the top {len(fid['finalists'])} trials by the search's value, retrained with another seed "
+            f"for the whole {fid['epochs']} epochs on the trial training split, scored on validation:"
         )
         for row in fid["finalists"]:
+            picked = "  <- the finalizer's pick" if row["trial"] == fid["pick"] else ""
             click.echo(
-                f"  trial {row['trial']:>4}  search {row['search_value']:.4f}  retrained "
-                f"{row['retrained_value']:.4f}  ({row['seconds']:.0f}s)"
+                f"  trial {row['trial']:>4}  {row['state'].lower():<8} search {row['search_value']:.4f} at epoch "
+                f"{row['search_epochs']}  retrained {row['retrained_value']:.4f}  ({row['seconds']:.0f}s){picked}"
             )
         click.echo(f"  Spearman's rho {fid['spearman']:.2f}; regret of the pick {100 * fid['regret']:.2f} points")
 
