@@ -38,10 +38,11 @@ EVAL_SHARE = 1 / 3  # an evaluated image costs about a third of a trained one (n
 TRIAL_QUANTILE = 0.9  # a new trial is assumed as slow per epoch as the 90th percentile so far
 CALIBRATION_MARGIN = 2.0  # before any real epoch: configurations vary, so double the middle one's time
 TRIAL_OVERHEAD_S = 3.0  # model build, attributes and the last report of one trial
-# Trials share the machine between workers; the finalizer has it alone. Two 1-thread trials measured
-# 0.00047 s per image where the 2-thread finalizer then took 0.00024 (0.51x): the machine's total
-# throughput barely changed. 0.9 keeps the reserve about 10 % on the safe side.
-THREAD_EFFICIENCY = 0.9
+# Trials share the machine between workers; the finalizer has it alone. On a 2-core AMD EPYC two
+# 1-thread trials measured 0.00047 s per image where the 2-thread finalizer then took 0.00024 (an
+# efficiency of 0.98 per added thread); on a 2-core Intel Xeon (AVX2 only) a quick start's trials
+# took 0.00080 and its finalizer's first epoch 0.00053 (0.75). The lower one plans the reserve.
+THREAD_EFFICIENCY = 0.75
 DATASET_IMAGES = 60_000  # the official training set the finalizer trains on
 TEST_IMAGES = 10_000
 
