@@ -134,6 +134,7 @@ STATUS_SCHEMA = {
     "n_trials": int,
     "epochs_per_trial": int,
     "finished": int,
+    "started": int,
     "remaining": int,
     "states": dict,
     "pruned_share": float,
@@ -157,7 +158,7 @@ def test_status_json_schema_and_table(final_trained):
     assert status["schema"] == "hpo-status/1"
     assert set(status["states"]) == {s.name for s in optuna.trial.TrialState}
     assert all(isinstance(n, int) for n in status["states"].values())
-    assert status["finished"] == status["states"]["COMPLETE"] + status["states"]["PRUNED"] == 8
+    assert status["finished"] == status["states"]["COMPLETE"] + status["states"]["PRUNED"] == 8 == status["started"]
     assert status["remaining"] == 0 and status["eta_s"] == 0 and status["running"] == []
     assert set(status["epochs"]) == {"trained", "saved_by_pruning", "saved_share"}
     assert status["epochs"]["saved_by_pruning"] == sum(
