@@ -188,3 +188,42 @@ def test_the_calibrated_first_trial_is_the_warm_start_completed_from_the_middle_
     assert first.model.filters == (32, 64) and first.optimizer.name == "adam" and first.optimizer.lr == 2e-3
     assert first.model.kernel_size == 3 and first.model.residual is False
     assert space.first(cfg.space) == space.middle(cfg.space)
+
+
+def test_while_nothing_is_complete_the_leading_trial_runs_on_if_its_epochs_and_one_final_epoch_fit():
+    """Stopping the only finalist in sight leaves the finalizer nothing to retrain (a quick start
+    lost its warm start one epoch short of the horizon that way)."""
+    import dataclasses
+
+    cfg = config.load("tiny")
+    cfg = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, epochs=3))  # the horizon, as shipped
+    study = optuna.create_study(direction="maximize")
+    attrs = {budget.TRAIN_IMAGES_ATTR: 1000, budget.VAL_IMAGES_ATTR: 300, "threads": 1}
+    history = [{"epoch": 1, "seconds": 10.0}, {"epoch": 2, "seconds": 10.0}]
+    study.add_trial(
+        create_trial(
+            state=TrialState.PRUNED,
+            params={},
+            intermediate_values={1: 0.5},
+            user_attrs={**attrs, "history": history[:1]},
+        )
+    )
+    lead = study.ask()
+    for step, value in ((1, 0.7), (2, 0.8)):
+        lead.report(value, step)
+    lead.set_user_attr("history", history)
+    for key, value in attrs.items():
+        lead.set_user_attr(key, value)
+    deadline = budget.Deadline(at=1600.0, time_s=600.0, set_at=1000.0)
+    cost = budget.trial_cost(study.get_trials()[1])
+    one = budget.member_estimate(cost, 1, 1, tta=cfg.final.tta) + budget.slack_s(600.0)
+    # One epoch left: it may end as late as one final epoch before the deadline.
+    assert budget.plan_epoch(study, cfg, deadline, 1, 10.0, now=1600.0 - one - 10.1, number=lead.number).fits
+    late = budget.plan_epoch(study, cfg, deadline, 1, 10.0, now=1600.0 - one - 9.9, number=lead.number)
+    assert not late.fits and late.describe().startswith("its remaining epochs needs about 10s")
+    # Another trial gets no such leave: the whole reserve applies to it.
+    other = budget.plan_epoch(study, cfg, deadline, 1, 10.0, now=1600.0 - one - 10.1, number=lead.number + 1)
+    assert not other.fits
+    # Once a trial is COMPLETE, the leader is a trial like any other.
+    study.tell(lead, 0.8)
+    assert not budget.plan_epoch(study, cfg, deadline, 1, 10.0, now=1600.0 - one - 10.1, number=lead.number).fits

@@ -124,12 +124,13 @@ def make_objective(
     claim: Callable[[optuna.Trial], bool],
     artifact_store=None,
     plan: Callable[[], budget.Plan | None] = lambda: None,
-    epoch_plan: Callable[[float], budget.Plan | None] = lambda _epoch_s: None,
+    epoch_plan: Callable[[float, int, int], budget.Plan | None] = lambda _s, _n, _left: None,
 ) -> Callable[[optuna.Trial], float]:
     """`claim(trial)` says whether the trial holds one of the budget's slots; it is asked first.
     `plan()` is the time-budget decision that let this trial start, recorded on it (None: no time budget).
-    `epoch_plan(epoch_s)` says, before each further epoch, whether one of `epoch_s` still fits
-    before the finalizer's reserve (None: no time budget); a trial it stops is PRUNED.
+    `epoch_plan(epoch_s, trial number, epochs left)` says, before each further epoch, whether one of
+    `epoch_s` still fits before the finalizer's reserve (None: no time budget); a trial it stops is
+    PRUNED.
 
     A COMPLETE trial leaves its validation outputs in the artifact store (`val_outputs`): the
     finalizer chooses ensemble members on them.
@@ -158,7 +159,7 @@ class TrialRun:
         placement: Placement,
         trial: optuna.Trial,
         artifact_store=None,
-        epoch_plan: Callable[[float], budget.Plan | None] = lambda _epoch_s: None,
+        epoch_plan: Callable[[float, int, int], budget.Plan | None] = lambda _s, _n, _left: None,
     ):
         self.cfg, self.data, self.placement, self.trial, self.store = cfg, data, placement, trial, artifact_store
         self.epoch_plan = epoch_plan
@@ -306,7 +307,7 @@ class TrialRun:
         if trial.should_prune():
             self.stop(f"val {cfg.metric} {value:.4f} at epoch {stats.epoch}")
         slowest = max(row["seconds"] for row in self.history)
-        plan = self.epoch_plan(slowest)
+        plan = self.epoch_plan(slowest, trial.number, cfg.budget.epochs - stats.epoch)
         if plan is not None and not plan.fits:
             reason = f"time budget: {plan.describe()}, so it stops after epoch {stats.epoch}"
             trial.set_user_attr(REASON_ATTR, reason)

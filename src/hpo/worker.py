@@ -208,9 +208,11 @@ def _run(
     # The finalizer has the whole machine: all its cores, or this worker's GPU.
     final_threads = placement.threads if placement.device.type == "cuda" else cpu_count()
 
-    def epoch_plan(epoch_s: float) -> budget.Plan | None:
+    def epoch_plan(epoch_s: float, number: int, epochs_left: int) -> budget.Plan | None:
         deadline = budget.get_deadline(study)
-        return None if deadline is None else budget.plan_epoch(study, cfg, deadline, final_threads, epoch_s)
+        if deadline is None:
+            return None
+        return budget.plan_epoch(study, cfg, deadline, final_threads, epoch_s, number=number, epochs_left=epochs_left)
 
     objective = make_objective(cfg, data, placement, claim, artifact_store, lambda: plans[0], epoch_plan)
     ensure_calibrated(study, cfg, data, placement)
