@@ -24,71 +24,33 @@ from hpo.train import TrainingRun, fit, seeded_model
 BASE = {"kernel_size": 3, "n_fc": 1, "dropout": 0.2, "batch_size": 128, "weight_decay": 5e-4}
 ADAM = {"optimizer": "adam", "lr": 2e-3}
 SGD = {"optimizer": "sgd", "lr": 0.05}
+
+
+def residual(first: int, n_conv: int, optimizer: dict = ADAM) -> dict:
+    """A residual point with a pooled head and FC 128, doubling its width per block from `first`."""
+    return {**BASE, **optimizer, "n_conv": n_conv, "filters_0": first, "growth": 2.0, "fc_size": 128,
+            "residual": True, "pool": "avg"}  # fmt: skip
+
+
 CONFIGS = {
     # the warm start of the shipped studies: 2 plain blocks, flattened into a 256-unit layer
     "plain-32-64": {**BASE, **ADAM, "n_conv": 2, "filters_0": 32, "growth": 2.0, "fc_size": 256, "dropout": 0.3},
-    "plain-32-64-128-avg": {**BASE, **ADAM, "n_conv": 3, "filters_0": 32, "growth": 2.0, "fc_size": 128, "pool": "avg"},
-    "res-32-64-avg": {
-        **BASE,
-        **ADAM,
-        "n_conv": 2,
-        "filters_0": 32,
-        "growth": 2.0,
-        "fc_size": 128,
-        "residual": True,
-        "pool": "avg",
-    },
-    "res-32-64-flat": {**BASE, **ADAM, "n_conv": 2, "filters_0": 32, "growth": 2.0, "fc_size": 256, "residual": True},
-    "res-24-48-96-avg": {
-        **BASE,
-        **ADAM,
-        "n_conv": 3,
-        "filters_0": 24,
-        "growth": 2.0,
-        "fc_size": 128,
-        "residual": True,
-        "pool": "avg",
-    },
-    "res-32-64-128-avg": {
+    "plain-32-64-128-avg": {
         **BASE,
         **ADAM,
         "n_conv": 3,
         "filters_0": 32,
         "growth": 2.0,
         "fc_size": 128,
-        "residual": True,
         "pool": "avg",
-    },
-    "res-16-32-avg": {
-        **BASE,
-        **ADAM,
-        "n_conv": 2,
-        "filters_0": 16,
-        "growth": 2.0,
-        "fc_size": 128,
-        "residual": True,
-        "pool": "avg",
-    },
-    "res-16-32-64-avg": {
-        **BASE,
-        **ADAM,
-        "n_conv": 3,
-        "filters_0": 16,
-        "growth": 2.0,
-        "fc_size": 128,
-        "residual": True,
-        "pool": "avg",
-    },
-    "res-32-64-128-avg-sgd": {
-        **BASE,
-        **SGD,
-        "n_conv": 3,
-        "filters_0": 32,
-        "growth": 2.0,
-        "fc_size": 128,
-        "residual": True,
-        "pool": "avg",
-    },
+    },  # fmt: skip
+    "res-32-64-avg": residual(32, 2),
+    "res-32-64-flat": {**residual(32, 2), "fc_size": 256, "pool": "flatten"},
+    "res-24-48-96-avg": residual(24, 3),
+    "res-32-64-128-avg": residual(32, 3),
+    "res-16-32-avg": residual(16, 2),
+    "res-16-32-64-avg": residual(16, 3),
+    "res-32-64-128-avg-sgd": residual(32, 3, SGD),
 }
 RECIPE = TrainSettings(warmup_epochs=0.3, label_smoothing=0.1)
 AUGMENT = Augment(2, True, 0.0)
