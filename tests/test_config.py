@@ -196,6 +196,15 @@ def test_successive_halving_is_a_study_file_pruner_with_its_options_checked():
     expect_error(raw, "[pruner] reduction_factor = 1 is out of range: SuccessiveHalvingPruner needs an integer")
 
 
+def test_a_percentile_pruner_builds_with_its_required_percentile_and_says_so_without_it():
+    raw = raw_tiny()
+    raw["pruner"] = {"name": "percentile", "percentile": 25.0, "n_startup_trials": 1, "n_warmup_steps": 2}
+    cfg = config.parse(raw)
+    assert cfg.pruner.options == {"percentile": 25.0, "n_startup_trials": 1, "n_warmup_steps": 2}
+    del raw["pruner"]["percentile"]
+    expect_error(raw, "[pruner] PercentilePruner needs percentile: add it, e.g. percentile = ... under [pruner].")
+
+
 def test_a_study_stored_by_an_earlier_version_still_loads_without_its_removed_final_knobs():
     stored = config.load("tiny").to_dict()
     stored["final"].update(speed_tie=0.005, max_share=0.85, fill="seeds", max_epochs=48, member_gap=0.01)

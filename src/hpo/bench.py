@@ -541,6 +541,31 @@ def paired(search_predictions: list[int], fixed_predictions: list[int], truth: l
     return {"only_search": only_search, "only_fixed": only_fixed, "p_value": mcnemar_exact(only_search, only_fixed)}
 
 
+def optimize_in(
+    work_dir: Path, study_file: Path, time_s: float, workers: int, data_dir: Path, device: str | None, final: bool
+) -> Any:
+    """`hpo optimize --time T [--final]` on `study_file` in a child process, in `work_dir` with a fresh
+    SQLite storage of its own (work_dir/runs/hpo.db); returns the finished Optuna study."""
+    import subprocess
+    import sys
+
+    import optuna
+
+    from hpo import config
+
+    name = config.load(study_file).name
+    shutil.rmtree(work_dir / "runs", ignore_errors=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "hpo", "optimize", "--study", str(study_file.resolve())]
+    args += ["--workers", str(workers), "--time", f"{time_s:g}s", "--data-dir", str(data_dir)]
+    args += (["--final"] if final else []) + (["--device", device] if device else [])
+    done = subprocess.run(args, cwd=work_dir, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise HpoError(f"the search (hpo optimize in {work_dir}) exited {done.returncode}: {last}")
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{work_dir / 'runs' / 'hpo.db'}")
+
+
 def search_against_fixed(
     study_file: Path,
     time_s: float,
@@ -555,10 +580,6 @@ def search_against_fixed(
     then the fixed notebook CNN for the same T on the same device and threads, with the study's
     recipe, augmentation and TTA; both scored on the same test images, with McNemar's paired test.
     Then the fidelity of the search's ranking (`fidelity_top` finalists retrained; 0: skipped)."""
-    import subprocess
-    import sys
-
-    import optuna
     import torch
 
     from hpo import config, data
@@ -566,32 +587,11 @@ def search_against_fixed(
     from hpo.train import evaluate
 
     cfg = config.load(study_file)
-    shutil.rmtree(work_dir / "runs", ignore_errors=True)  # a fresh study each time: its own scratch storage
-    work_dir.mkdir(parents=True, exist_ok=True)
-    args = [
-        sys.executable,
-        "-m",
-        "hpo",
-        "optimize",
-        "--study",
-        str(study_file.resolve()),
-        "--workers",
-        str(workers),
-        "--time",
-        f"{time_s:g}s",
-        "--final",
-        "--data-dir",
-        str(data_dir),
-    ] + (["--device", device] if device else [])
     started = time.perf_counter()
-    done = subprocess.run(args, cwd=work_dir, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise HpoError(f"the search (hpo optimize in {work_dir}) exited {done.returncode}: {last}")
+    study = optimize_in(work_dir, study_file, time_s, workers, data_dir, device, final=True)
     out = final_dir(cfg.name, work_dir / "runs")
     searched = json.loads((out / "metrics.json").read_text())
     search_wall = time.perf_counter() - started
-    study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{work_dir / 'runs' / 'hpo.db'}")
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
     fixed = fixed_baseline(
         time_s, data_dir, device or "cpu", threads, cfg.train, cfg.augment, seed=cfg.seed, tta=cfg.final.tta

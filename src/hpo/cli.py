@@ -585,7 +585,7 @@ def dashboard(study_arg: str | None, storage: str | None, artifacts: str | None,
 @count_option(
     "--epochs", 0, 0, "Also train this many epochs both ways on the trial split and compare validation accuracy."
 )
-@count_option("--repeats", 1, 3, "Seeds for the --epochs accuracy check; the mean is compared.")
+@count_option("--repeats", 1, 3, "Seeds: of the --epochs accuracy check, or per pruner with --pruners.")
 @count_option("--num-workers", 0, 0, "DataLoader workers of the seed pipeline.")
 @count_option(
     "--workers", 0, 0, "Also run this many engine processes at once (cores/N threads each, then all cores each)."
@@ -617,6 +617,12 @@ def dashboard(study_arg: str | None, storage: str | None, artifacts: str | None,
     show_default=True,
     help="With --search: retrain this many finalists with another seed and score them on validation (0: skip).",
 )
+@click.option(
+    "--pruners",
+    metavar="A,B",
+    help="With --search: instead, run the search for DURATION once per pruner and seed (--repeats) and "
+    "compare their best validation values, e.g. median,successive_halving,hyperband.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench(
     study_arg: str | None,
@@ -626,6 +632,7 @@ def bench(
     rounds: int,
     search_time: str | None,
     fidelity_top: int,
+    pruners: str | None,
     as_json: bool,
     **spec_options: Any,
 ) -> None:
@@ -633,6 +640,12 @@ def bench(
     (or, with --search, the searched ensemble against the fixed notebook CNN at the same time budget)."""
     from hpo import bench as bench_mod
 
+    if pruners:
+        if not search_time:
+            raise HpoError("--pruners needs --search DURATION, the time each pruner's search gets, e.g. --search 10m.")
+        where = spec_options["data_dir"], spec_options["device"], spec_options["repeats"]
+        _bench_pruners(study_arg or "cnn-quick", _parse_time(search_time), workers or 2, pruners, *where, as_json)
+        return
     if search_time:
         where = spec_options["data_dir"], spec_options["device"], spec_options["threads"]
         _bench_search(study_arg or "cnn-quick", _parse_time(search_time), workers or 2, *where, fidelity_top, as_json)
@@ -718,6 +731,62 @@ def _bench_search(
                 f"{row['search_epochs']}  retrained {row['retrained_value']:.4f}  ({row['seconds']:.0f}s){picked}"
             )
         click.echo(f"  Spearman's rho {fid['spearman']:.2f}; regret of the pick {100 * fid['regret']:.2f} points")
+
+
+def _bench_pruners(
+    study_arg: str,
+    time_s: float,
+    workers: int,
+    pruners_text: str,
+    data_dir: str | None,
+    device: str | None,
+    seeds: int,
+    as_json: bool,
+) -> None:
+    from hpo import data, pruner_bench
+    from hpo.devices import describe_cpu
+
+    pruners = pruner_bench.parse_pruners(pruners_text)
+    study_file = config.resolve_path(study_arg)
+    work_dir = storage_mod.RUNS_DIR / "bench-pruners"
+    each = config.format_duration(time_s)
+    click.echo(
+        f"hpo bench --pruners: {len(pruners)} pruners x {seeds} seed(s), {each} of search each "
+        f"(about {config.format_duration(time_s * len(pruners) * seeds)}); the studies go to {work_dir}/",
+        err=True,
+    )
+    result = pruner_bench.compare(
+        study_file, pruners, time_s, workers, seeds, data.find_data_dir(data_dir), device, work_dir
+    )
+    result["cpu"] = describe_cpu()
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['cpu']}, {workers} worker(s), {device or 'the default device'}")
+    click.echo(
+        f"{result['study']}: {each} of search per run, best {result['metric']} at the final horizon "
+        "(validation; the test split is not read):"
+    )
+    for run in result["runs"]:
+        best = "no COMPLETE trial"
+        if run["best_value"] is not None:
+            best = f"best {run['best_value']:.4f} (trial {run['best_trial']})"
+        click.echo(
+            f"  {run['pruner']:<19} seed {run['seed']:>3}  {best}; {run['trials']} trials ({run['complete']} complete, "
+            f"{run['pruned']} pruned, {run['failed']} failed), {run['epochs']} epochs, {run['wall_time_s']:.0f}s"
+        )
+    first = result["pruners"][0]["pruner"]
+    for row in result["pruners"]:
+        mean = "-" if row["mean_best"] is None else f"{row['mean_best']:.4f}"
+        versus = ""
+        if row["vs_first"] is not None:
+            versus = f"; {100 * row['vs_first']:+.2f} points against {first}, seed by seed"
+        click.echo(
+            f"  {row['pruner']:<19} mean best {mean} over {len(row['best_values'])} run(s), "
+            f"{row['mean_trials']:.1f} trials, {row['mean_complete']:.1f} complete, "
+            f"{row['mean_epochs']:.0f} epochs{versus}"
+        )
+    click.echo(f"options: {json.dumps(result['options'])}")
 
 
 def _final_model_path(study_arg: str, model_path: str | None) -> tuple[str, Path]:

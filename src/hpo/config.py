@@ -636,11 +636,20 @@ def _check_options(table: _Reader, class_name: str, module: str, options: dict[s
         problem = _option_problem(key, value)
         if problem is not None:
             table.fail(f"{key} = {_toml_value(value)} is out of range: {class_name} needs {problem}. Fix the value.")
+    required = [
+        name
+        for name, p in inspect.signature(cls).parameters.items()
+        if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD and name != "self"
+    ]
+    missing = [name for name in required if name not in options]
+    if missing:
+        table.fail(f"{class_name} needs {', '.join(missing)}: add it, e.g. {missing[0]} = ... under [{table.where}].")
+    base = {name: options[name] for name in required}  # PercentilePruner cannot build without its percentile
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation notices: the option still works
         for key, value in options.items():  # one at a time first, so the message names the option
             try:
-                cls(**{key: value})
+                cls(**{**base, key: value})
             except Exception as e:  # Optuna raises ValueError or TypeError, or others
                 table.fail(f"{key} = {_toml_value(value)} is refused by {class_name}: {e}. Fix the value.")
         try:

@@ -359,8 +359,9 @@ def test_trial_killed_in_epoch_3_resumes_at_epoch_3_from_its_checkpoint(tmp_path
         if e in killed.intermediate_values
     )
     assert [h["epoch"] for h in retried.user_attrs["history"]] == [1, 2, 3, 4]
-    # The retry's checkpoint is gone with it; the failed trial keeps the one the retry started from.
-    assert listed(retried.system_attrs) == []
+    # The retry's checkpoint is gone with it (its validation outputs stay, for the ensemble); the
+    # failed trial keeps the checkpoint the retry started from.
+    assert [m["filename"] for m in listed(retried.system_attrs)] == ["val-outputs.pt"]
     assert [m["filename"] for m in listed(killed.system_attrs)] == ["checkpoint-epoch2.pt"]
 
     # And the resumed run is the run that was never interrupted: same seed, same values, to the bit.
@@ -420,8 +421,11 @@ def test_progress_bars_on_a_terminal_and_log_lines_in_a_pipe(tmp_path, real_data
         ["final-train", "--study", "tiny", "--data-dir", str(real_data_dir)], tmp_path, sized=False
     )
     assert code == 0, screen
-    assert re.search(r"final-train member 2/2: +1/1 epochs \|.*loss=[\d.]+, acc=[\d.]+", screen), screen[-2000:]
+    # The ensemble is chosen on validation outputs, so it may hold one member or two.
+    assert re.search(r"final-train(?: member \d/2)?: +1/1 epochs \|.*loss=[\d.]+, acc=[\d.]+", screen), screen[-2000:]
 
     piped = hpo("final-train", "--study", "tiny", "--data-dir", str(real_data_dir), cwd=tmp_path)
-    assert re.search(r"INFO +hpo\[\d+\] final-train member 1/2 epoch 1/1  loss [\d.]+  train_acc [\d.]+", piped.stderr)
+    assert re.search(
+        r"INFO +hpo\[\d+\] final-train(?: member 1/2)? epoch 1/1  loss [\d.]+  train_acc [\d.]+", piped.stderr
+    ), piped.stderr
     assert "|" not in piped.stderr.replace("||", "")

@@ -1,0 +1,108 @@
+"""`hpo bench --search T --pruners A,B`: each pruner's study variant, the bad-input lines, the summary."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from hpo import config, pruner_bench
+from hpo.errors import HpoError
+from hpo.study import make_pruner
+
+
+@pytest.mark.parametrize("pruner", list(config.PRUNERS))
+def test_each_pruners_variant_is_a_study_file_optuna_accepts(pruner):
+    cfg = config.load("cnn-quick")
+    study_cfg = pruner_bench.variant(cfg, pruner, 1)
+    # Written out and read back with the options checked against Optuna's real constructor.
+    again = config.parse(tomllib.loads(config.to_toml(study_cfg)))
+    assert again.name == f"cnn-quick-{pruner.replace('_', '-')}-2" and again.seed == cfg.seed + 1
+    assert again.pruner.name == pruner and again.space == cfg.space
+    assert again.budget.n_trials == pruner_bench.UNCAPPED_TRIALS  # the clock ends each run
+    assert again.budget.epochs == cfg.budget.epochs and again.budget.time_s == cfg.budget.time_s
+    assert again.warm_start == cfg.warm_start and again.final == cfg.final
+    built = make_pruner(again)
+    assert type(built).__name__ == config.PRUNERS[pruner]
+
+
+def test_the_study_files_own_pruner_keeps_its_options_and_others_fit_its_horizon():
+    cfg = config.load("cnn-quick")  # successive halving, 6 epochs
+    assert pruner_bench.horizon_options("successive_halving", cfg) == cfg.pruner.options
+    assert pruner_bench.horizon_options("hyperband", cfg)["max_resource"] == 6
+    assert pruner_bench.horizon_options("median", cfg)["n_warmup_steps"] == 2
+    tiny = config.load("tiny")  # median in its file, 3 epochs
+    assert pruner_bench.horizon_options("median", tiny) == tiny.pruner.options
+    assert pruner_bench.horizon_options("percentile", tiny)["n_warmup_steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("median,bogus", "'bogus' is not a pruner"),
+        ("median", "at least two different pruners"),
+        ("median,median", "at least two different pruners"),
+        (" , ", "at least two different pruners"),
+    ],
+)
+def test_bad_pruner_lists_get_one_line_naming_the_fix(text, says):
+    with pytest.raises(HpoError) as caught:
+        pruner_bench.parse_pruners(text)
+    message = str(caught.value)
+    assert says in message and "--pruners median,successive_halving" in message and "\n" not in message
+
+
+def test_pruners_parse_in_order():
+    assert pruner_bench.parse_pruners("successive_halving, median,hyperband") == [
+        "successive_halving",
+        "median",
+        "hyperband",
+    ]
+
+
+def _run(pruner, seed, best, trials=10):
+    return {
+        "pruner": pruner,
+        "seed": seed,
+        "best_value": best,
+        "best_trial": None if best is None else 0,
+        "trials": trials,
+        "complete": 0 if best is None else 2,
+        "pruned": trials - 2,
+        "failed": 0,
+        "epochs": 3 * trials,
+        "wall_time_s": 60.0,
+    }
+
+
+def test_the_summary_pairs_each_pruner_with_the_first_on_the_same_seed():
+    runs = [
+        _run("median", 0, 0.90),
+        _run("hyperband", 0, 0.92, 14),
+        _run("median", 1, 0.91),
+        _run("hyperband", 1, 0.90),
+    ]
+    median, hyperband = pruner_bench.summarize(runs, ["median", "hyperband"], "maximize")
+    assert median["mean_best"] == pytest.approx(0.905) and median["vs_first"] is None
+    assert hyperband["best_values"] == [0.92, 0.90] and hyperband["mean_trials"] == 12
+    assert hyperband["vs_first"] == pytest.approx(((0.92 - 0.90) + (0.90 - 0.91)) / 2)
+    # Minimizing, a lower value is the better one, so the sign turns.
+    _, lower = pruner_bench.summarize([_run("median", 0, 0.40), _run("none", 0, 0.30)], ["median", "none"], "minimize")
+    assert lower["vs_first"] == pytest.approx(0.10)
+
+
+def test_a_run_without_a_complete_trial_is_counted_not_averaged():
+    runs = [_run("median", 0, 0.90), _run("none", 0, None), _run("median", 1, 0.80), _run("none", 1, 0.85)]
+    _, none = pruner_bench.summarize(runs, ["median", "none"], "maximize")
+    assert none["best_values"] == [0.85] and none["runs_without_a_complete_trial"] == 1
+    assert none["vs_first"] == pytest.approx(0.05)  # seed 1 only: seed 0 has nothing to pair
+
+
+def test_pruners_without_search_is_refused_in_one_line():
+    from click.testing import CliRunner
+
+    from hpo.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench", "--pruners", "median,none"])
+    assert result.exit_code != 0
+    assert "--pruners needs --search DURATION" in result.output
