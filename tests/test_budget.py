@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
@@ -172,8 +174,6 @@ def test_minimum_budget_is_the_shortest_in_which_a_first_trial_completes_and_a_m
         for time_s, fits in ((needed, True), (needed - 2.0, False)):
             assert (10.0 + whole + member + budget.slack_s(time_s) <= time_s) is fits, (calibrated, time_s)
     # A warm start's calibration is of the first trial itself: once, not doubled.
-    import dataclasses
-
     warm = dataclasses.replace(cfg, warm_start=dataclasses.replace(cfg.warm_start, params=({"n_conv": 1},)))
     once = budget.minimum_budget(warm, cost, 1, calibrated=True, start_s=10.0)
     assert once == budget.minimum_budget(warm, cost, 1, calibrated=False, start_s=10.0)
@@ -193,8 +193,6 @@ def test_the_calibrated_first_trial_is_the_warm_start_completed_from_the_middle_
 def test_while_nothing_is_complete_the_leading_trial_runs_on_if_its_epochs_and_one_final_epoch_fit():
     """Stopping the only finalist in sight leaves the finalizer nothing to retrain (a quick start
     lost its warm start one epoch short of the horizon that way)."""
-    import dataclasses
-
     cfg = config.load("tiny")
     cfg = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, epochs=3))  # the horizon, as shipped
     study = optuna.create_study(direction="maximize")
@@ -227,3 +225,21 @@ def test_while_nothing_is_complete_the_leading_trial_runs_on_if_its_epochs_and_o
     # Once a trial is COMPLETE, the leader is a trial like any other.
     study.tell(lead, 0.8)
     assert not budget.plan_epoch(study, cfg, deadline, 1, 10.0, now=1600.0 - one - 10.1, number=lead.number).fits
+
+
+def test_fit_horizon_is_the_longest_horizon_whose_first_trial_and_final_run_fit():
+    cfg = config.load("cnn-quick")  # 6 epochs, the final run trains the horizon
+    cost = EpochCost(epoch_s=60.0, train_images=54000, val_images=6000, threads=1)
+    needs = {e: budget.minimum_budget(config.with_horizon(cfg, e), cost, 2) for e in range(1, 7)}
+    assert needs[6] > 600.0 >= needs[5]  # the AMD EPYC's reading: 6 epochs do not fit 10 minutes, 5 do
+    fitted = budget.fit_horizon(cfg, cost, 2, 600.0)
+    assert fitted is not None and fitted.budget.epochs == 5 and fitted.final.epochs == 5
+    assert fitted.space == cfg.space and fitted.pruner == cfg.pruner
+    assert budget.fit_horizon(cfg, cost, 2, needs[1] - 1.0) is None  # not even one epoch: refused as before
+
+
+def test_a_final_run_set_apart_from_the_horizon_is_only_capped_by_the_fitted_one():
+    cfg = config.load("tiny")  # 3 trial epochs, 1 final epoch
+    assert config.with_horizon(cfg, 2).final.epochs == 1
+    longer = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, epochs=5))
+    assert config.with_horizon(longer, 2).final.epochs == 2

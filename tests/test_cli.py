@@ -265,3 +265,28 @@ def test_predicting_needs_neither_the_dashboard_nor_matplotlib():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_study_that_fits_its_epochs_is_created_at_the_longest_horizon_the_time_holds(tmp_path, fake_data_dir):
+    import time
+
+    from hpo import budget, config, launch, session
+    from hpo.devices import cpu_count
+    from hpo.study import create_or_load
+
+    source = config.resolve_path("tiny").read_text().replace('name = "tiny"', 'name = "fit"')
+    path = tmp_path / "fit.toml"
+    path.write_text(source.replace("epochs = 3", "epochs = 5000\nfit_epochs = true"))
+    cfg = config.load(str(path))  # 5,000 epochs cannot fit a minute; a few of the fake data set's do
+    opened = session.open_storage(f"sqlite:///{tmp_path / 'hpo.db'}")
+    study, stored = launch.prepare(cfg, opened, 60.0, True, fake_data_dir, "cpu", 1, time.time())
+    epochs = stored.budget.epochs
+    assert 1 <= epochs < 5000 and stored.final.epochs == 1  # the final run was set apart: 1 epoch
+    cost = budget.calibration(study)
+    assert cost is not None
+    # The longest that fits: one epoch more would not have (the final run takes every core).
+    cores = cpu_count()
+    assert budget.minimum_budget(stored, cost, cores, calibrated=True) <= 60.0
+    assert budget.minimum_budget(config.with_horizon(cfg, epochs + 1), cost, cores, calibrated=True) > 60.0
+    # A worker that reads the file gets the stored, fitted horizon.
+    assert create_or_load(opened.storage, cfg)[1].budget.epochs == epochs

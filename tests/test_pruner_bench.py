@@ -64,6 +64,7 @@ def _run(pruner, seed, best, trials=10):
     return {
         "pruner": pruner,
         "seed": seed,
+        "horizon": 6,
         "best_value": best,
         "best_trial": None if best is None else 0,
         "trials": trials,

@@ -317,6 +317,20 @@ def minimum_budget(
     return max(need + 10.0, need / 0.98)
 
 
+def fit_horizon(
+    cfg: StudyConfig, cost: EpochCost, final_threads: int, time_s: float, calibrated: bool = False
+) -> StudyConfig | None:
+    """The study at the longest horizon below `[budget] epochs` whose first trial and final run fit
+    `time_s` (`minimum_budget`), for `[budget] fit_epochs`; None when not even one epoch fits."""
+    from hpo.config import with_horizon
+
+    for epochs in range(cfg.budget.epochs - 1, 0, -1):
+        fitted = with_horizon(cfg, epochs)
+        if minimum_budget(fitted, cost, final_threads, calibrated=calibrated) <= time_s:
+            return fitted
+    return None
+
+
 def describe_deadline(deadline: Deadline | None, now: float | None = None) -> dict[str, Any] | None:
     if deadline is None:
         return None

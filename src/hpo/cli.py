@@ -772,7 +772,8 @@ def _bench_pruners(
         if run["best_value"] is not None:
             best = f"best {run['best_value']:.4f} (trial {run['best_trial']})"
         click.echo(
-            f"  {run['pruner']:<19} seed {run['seed']:>3}  {best}; {run['trials']} trials ({run['complete']} complete, "
+            f"  {run['pruner']:<19} seed {run['seed']:>3}  {best} at {run['horizon']} epochs; "
+            f"{run['trials']} trials ({run['complete']} complete, "
             f"{run['pruned']} pruned, {run['failed']} failed), {run['epochs']} epochs, {run['wall_time_s']:.0f}s"
         )
     first = result["pruners"][0]["pruner"]

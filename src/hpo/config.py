@@ -13,7 +13,7 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,9 @@ class Budget:
     train_subset: int = 0  # images of the training part each trial trains on; 0 = all of it
     val_fraction: float = 0.1  # share of the official training set held out for validation
     time_s: float | None = None  # wall-clock budget of search plus finalizer, seconds; None = no limit
+    # With a time budget, a new study whose first trial and final run do not fit it on the machine
+    # that creates it trains the longest horizon up to `epochs` that fits (hpo.budget.fit_horizon).
+    fit_epochs: bool = False
 
 
 @dataclass(frozen=True)
@@ -793,6 +796,12 @@ def from_dict(stored: dict[str, Any], source: str) -> StudyConfig:
     raw["sampler"] = {"name": stored["sampler"]["name"], **stored["sampler"]["options"]}
     raw["pruner"] = {"name": stored["pruner"]["name"], **stored["pruner"]["options"]}
     return parse(raw, source=source, check_options=False)
+
+
+def with_horizon(cfg: StudyConfig, epochs: int) -> StudyConfig:
+    """The study with a horizon of `epochs`; a final run that trained the horizon trains the new one."""
+    final_epochs = epochs if cfg.final.epochs == cfg.budget.epochs else min(cfg.final.epochs, epochs)
+    return replace(cfg, budget=replace(cfg.budget, epochs=epochs), final=replace(cfg.final, epochs=final_epochs))
 
 
 def summary(cfg: StudyConfig) -> str:

@@ -4,6 +4,7 @@ workers, forward signals to them, watch them and show their progress."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import signal
@@ -25,6 +26,8 @@ from hpo.storage import RUNS_DIR
 from hpo.train import derive_seed
 from hpo.trials import FINISHED
 
+log = logging.getLogger(__name__)
+
 KILL_AFTER_S = 30  # a worker that ignores SIGTERM this long is killed
 
 
@@ -43,7 +46,9 @@ def prepare(
     `--time` restarts the clock (`restart_clock`); a file's time starts it when the study is created.
     A budget that cannot hold one trial plus the finalizer is refused before the study is touched."""
     clock = time_s if restart_clock or not study_mod.exists(opened.storage, cfg.name) else None
-    calibrated = check_time_budget(cfg, clock, opened.storage, directory, device, threads) if clock else None
+    calibrated = None
+    if clock:
+        cfg, calibrated = check_time_budget(cfg, clock, opened.storage, directory, device, threads)
     study, cfg = study_mod.create_or_load(opened.storage, cfg)
     if clock is not None:
         budget.set_deadline(study, clock, now=started_at)
@@ -71,10 +76,12 @@ def refuse_spent_budget(study: optuna.Study, cfg: StudyConfig) -> None:
 
 def check_time_budget(
     cfg: StudyConfig, time_s: float, storage: Any, directory: Path, device: str | None, threads: int
-) -> budget.EpochCost | None:
-    """Refuse a budget that cannot hold one trial plus the finalizer, measured on this machine.
+) -> tuple[StudyConfig, budget.EpochCost | None]:
+    """Refuse a budget that cannot hold one trial plus the finalizer, measured on this machine; a new
+    study with `[budget] fit_epochs` gets the longest horizon that fits instead, and says so.
 
-    Returns the calibration it measured (None when the study had measured epochs to go by)."""
+    Returns the study's settings (the fitted ones, or `cfg`) and the calibration it measured (None
+    when the study had measured epochs to go by)."""
     import torch
 
     from hpo import data
@@ -99,6 +106,21 @@ def check_time_budget(
         cost = calibrated = calibrate(cfg, trial_data, placement)
     final_threads = threads if (device or "").startswith("cuda") else cpu_count()
     needed = budget.minimum_budget(cfg, cost, final_threads, calibrated=calibrated is not None)
+    if time_s < needed and cfg.budget.fit_epochs and calibrated is not None:  # a new study only
+        fitted = budget.fit_horizon(cfg, cost, final_threads, time_s, calibrated=True)
+        if fitted is not None:
+            log.warning(
+                "study %r: %d epochs of one trial plus the finalizer need about %s here (%.1fs per trial epoch, "
+                "calibrated on this machine), more than --time %s: it trains a %d-epoch horizon instead "
+                "([budget] fit_epochs; give more time for more epochs)",
+                cfg.name,
+                cfg.budget.epochs,
+                format_duration(needed),
+                cost.epoch_s,
+                format_duration(time_s),
+                fitted.budget.epochs,
+            )
+            return fitted, calibrated
     if time_s < needed:
         source = (
             "the first trial, calibrated on this machine"
@@ -111,7 +133,7 @@ def check_time_budget(
             f"Give at least --time {format_duration(math.ceil(needed / 60) * 60)}, or lower [budget] "
             "epochs or [final] epochs in the study file."
         )
-    return calibrated
+    return cfg, calibrated
 
 
 def worker_args(study_arg: str, url: str, directory: Path, artifacts: str, device: str | None) -> list[str]:

@@ -20,6 +20,7 @@ from hpo import config
 from hpo.bench import optimize_in
 from hpo.config import Component, StudyConfig
 from hpo.errors import HpoError
+from hpo.study import CONFIG_ATTR
 
 
 def horizon_options(name: str, cfg: StudyConfig) -> dict[str, Any]:
@@ -74,9 +75,11 @@ def record(study: Any, pruner: str, seed: int, wall_s: float) -> dict[str, Any]:
     states = [t.state.name for t in trials]
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     best = study.best_trial if complete else None
+    stored = config.from_dict(study.system_attrs[CONFIG_ATTR], study.study_name)
     return {
         "pruner": pruner,
         "seed": seed,
+        "horizon": stored.budget.epochs,  # [budget] fit_epochs may have fitted it to the time on this machine
         "best_value": best.value if best else None,
         "best_trial": best.number if best else None,
         "trials": len(trials),

@@ -122,9 +122,12 @@ def create_or_load(
             "or restore the original space."
         )
     if stored is not cfg and stored.to_dict() != cfg.to_dict():
-        log.warning(
-            "study %r exists with other settings than the file; using the settings stored in the study", cfg.name
-        )
+        if stored.budget.fit_epochs and config.with_horizon(cfg, stored.budget.epochs).to_dict() == stored.to_dict():
+            log.info("study %r: a %d-epoch horizon, fitted to its time budget", cfg.name, stored.budget.epochs)
+        else:
+            log.warning(
+                "study %r exists with other settings than the file; using the settings stored in the study", cfg.name
+            )
     study.sampler = make_sampler(stored, sampler_seed)
     study.pruner = make_pruner(stored)
     return study, stored

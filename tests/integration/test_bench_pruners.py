@@ -1,0 +1,54 @@
+"""`hpo bench --search T --pruners A,B` with real workers on the real data: each pruner's search runs
+for the whole time in a storage of its own, and the comparison reads validation only."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from conftest import run_hpo as hpo
+from hpo import config
+from hpo.study import CONFIG_ATTR
+
+pytestmark = pytest.mark.integration
+
+
+def test_each_pruner_searches_for_the_same_time_and_is_compared_on_validation(tmp_path, real_data_dir):
+    # tiny needs at least 2 minutes for one trial plus its finalizer (the minimum-budget check).
+    result = hpo(
+        "bench",
+        "--search",
+        "2m",
+        "--pruners",
+        "median,successive_halving",
+        "--repeats",
+        "1",
+        "--study",
+        "tiny",
+        "--data-dir",
+        str(real_data_dir),
+        "--json",
+        cwd=tmp_path,
+        timeout=900,
+    )
+    report = json.loads(result.stdout)
+    assert [r["pruner"] for r in report["runs"]] == ["median", "successive_halving"]
+    assert report["options"]["median"] == config.load("tiny").pruner.options  # the study file's own
+    for run in report["runs"]:
+        name = f"tiny-{run['pruner'].replace('_', '-')}-1"
+        where = tmp_path / "runs" / "bench-pruners" / name
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{where / 'runs' / 'hpo.db'}")
+        stored = config.from_dict(study.system_attrs[CONFIG_ATTR], name)
+        assert stored.pruner.name == run["pruner"] and stored.seed == 0 and run["horizon"] == 3
+        trials = study.get_trials(deepcopy=False)
+        # tiny's cap of 8 trials is lifted, so the clock ended the run, with every trial finished.
+        assert run["trials"] == len(trials) > 8, run
+        assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+        assert run["pruned"] >= 1 and run["complete"] >= 1
+        assert run["best_value"] == pytest.approx(max(t.value for t in trials if t.state.name == "COMPLETE"))
+        assert not (where / "runs" / name / "final").exists()  # no final model: the test split is not read
+    medians = [row for row in report["pruners"] if row["pruner"] == "median"]
+    assert medians[0]["vs_first"] is None and report["pruners"][1]["vs_first"] is not None
+    assert report["cpu"].endswith(("(AMX)", "(AVX-512 BF16)", "(AVX2 only)"))  # named beside the times
