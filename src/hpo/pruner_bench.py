@@ -20,7 +20,7 @@ from hpo import config
 from hpo.bench import optimize_in
 from hpo.config import Component, StudyConfig
 from hpo.errors import HpoError
-from hpo.study import CONFIG_ATTR
+from hpo.study import stored_config
 
 
 def horizon_options(name: str, cfg: StudyConfig) -> dict[str, Any]:
@@ -75,7 +75,8 @@ def record(study: Any, pruner: str, seed: int, wall_s: float) -> dict[str, Any]:
     states = [t.state.name for t in trials]
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     best = study.best_trial if complete else None
-    stored = config.from_dict(study.system_attrs[CONFIG_ATTR], study.study_name)
+    stored = stored_config(study)
+    assert stored is not None, "hpo optimize records the settings when it creates the study"
     return {
         "pruner": pruner,
         "seed": seed,

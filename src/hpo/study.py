@@ -70,7 +70,8 @@ def _stored_raw(study: optuna.Study) -> dict[str, Any] | None:
     return system.get(CONFIG_ATTR, storage.get_study_user_attrs(study_id(study)).get(CONFIG_ATTR))
 
 
-def _stored_config(study: optuna.Study) -> StudyConfig | None:
+def stored_config(study: optuna.Study) -> StudyConfig | None:
+    """The settings the study runs with (None: not an hpo study)."""
     stored = _stored_raw(study)
     return None if stored is None else config.from_dict(stored, source=f"study {study.study_name!r}")
 
@@ -108,7 +109,7 @@ def create_or_load(
                 log.info("study %r: %d warm-start configuration(s) queued as its first trials", cfg.name, len(first))
         if isinstance(storage, Storage):
             adopt_liveness(study, storage, record=True)
-        stored = _stored_config(study)
+        stored = stored_config(study)
         if stored is None:
             _record_config(study, cfg)
             stored = cfg
@@ -149,7 +150,7 @@ def warm_start_trials(storage: optuna.storages.BaseStorage, cfg: StudyConfig) ->
             f"[warm_start] from = {source!r}: no such study in this storage (it holds: "
             f"{', '.join(names) or 'none'}). Name one of them, or remove [warm_start] from."
         ) from None
-    theirs = _stored_config(other)
+    theirs = stored_config(other)
     metric = theirs.metric if theirs is not None else None
     if (metric, other.direction.name.lower()) != (cfg.metric, cfg.direction):
         raise ConfigError(
@@ -194,7 +195,7 @@ def load(storage: optuna.storages.BaseStorage, name: str) -> tuple[optuna.Study,
             f"no study named {name!r} in this storage.{hint} Run `hpo optimize --study "
             f"{name}` or `hpo worker --study {name}` first, or pass the right --storage."
         ) from e
-    stored = _stored_config(study)
+    stored = stored_config(study)
     if stored is None:
         raise StorageError(f"study {name!r} was not created by hpo (it has no {CONFIG_ATTR} attribute).")
     if isinstance(storage, Storage):
@@ -530,7 +531,7 @@ def listing(storage: Storage) -> dict[str, Any]:
         optuna.get_all_study_summaries(storage, include_best_trial=False), key=lambda summary: summary.study_name
     ):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        stored = _stored_config(study)
+        stored = stored_config(study)
         trials = study.get_trials(deepcopy=False)
         by_state = _by_state(trials)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
