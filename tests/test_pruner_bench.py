@@ -107,3 +107,25 @@ def test_pruners_without_search_is_refused_in_one_line():
     result = CliRunner().invoke(cli, ["bench", "--pruners", "median,none"])
     assert result.exit_code != 0
     assert "--pruners needs --search DURATION" in result.output
+
+
+def test_the_printed_report_names_the_cpu_each_run_and_the_paired_difference(monkeypatch, fake_data_dir):
+    from click.testing import CliRunner
+
+    from hpo.cli import cli
+
+    runs = [_run("median", 0, 0.90), _run("successive_halving", 0, 0.91, 14)]
+    result = {
+        "study": "tiny",
+        "metric": "val_accuracy",
+        "options": {"median": {}, "successive_halving": {}},
+        "runs": runs,
+        "pruners": pruner_bench.summarize(runs, ["median", "successive_halving"], "maximize"),
+    }
+    monkeypatch.setattr(pruner_bench, "compare", lambda *args: dict(result))
+    args = ["bench", "--search", "1m", "--pruners", "median,successive_halving", "--study", "tiny"]
+    printed = CliRunner().invoke(cli, [*args, "--data-dir", str(fake_data_dir)])
+    assert printed.exit_code == 0, printed.output
+    assert "(AVX2 only)" in printed.output or "(AMX)" in printed.output or "(AVX-512 BF16)" in printed.output
+    assert "median              seed   0  best 0.9000 (trial 0) at 6 epochs; 10 trials" in printed.output
+    assert "+1.00 points against median, seed by seed" in printed.output
