@@ -21,7 +21,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.config import StudyConfig
+from hpo.config import StudyConfig, with_horizon
 from hpo.optuna_compat import study_engine
 from hpo.storage import database_time
 from hpo.trials import FINISHED, best_first
@@ -322,8 +322,6 @@ def fit_horizon(
 ) -> StudyConfig | None:
     """The study at the longest horizon below `[budget] epochs` whose first trial and final run fit
     `time_s` (`minimum_budget`), for `[budget] fit_epochs`; None when not even one epoch fits."""
-    from hpo.config import with_horizon
-
     for epochs in range(cfg.budget.epochs - 1, 0, -1):
         fitted = with_horizon(cfg, epochs)
         if minimum_budget(fitted, cost, final_threads, calibrated=calibrated) <= time_s:
