@@ -61,8 +61,10 @@ def test_fidelity_retrains_the_finalists_at_the_horizon_and_ranks_them_on_valida
     pruned = {**base, "fc_size": 40}
     dists = {k: optuna.distributions.CategoricalDistribution([v]) for k, v in pruned.items()}
     study.add_trial(create_trial(state=TrialState.PRUNED, params=pruned, distributions=dists))
-    report = fidelity(study, cfg, fake_data_dir, "cpu", 1, top=3)
+    seen: list[int] = []
+    report = fidelity(study, cfg, fake_data_dir, "cpu", 1, top=3, on_row=lambda row: seen.append(row["trial"]))
     # Best first by the value the search holds; the pruned trial (no intermediate value) has none to rank by.
     assert [r["trial"] for r in report["finalists"]] == [1, 3, 2] and report["pick"] == 1
+    assert seen == [1, 3, 2]  # each row reported as its retrain ended, so a stopped run keeps what it measured
     assert all(0.0 <= r["retrained_value"] <= 1.0 for r in report["finalists"])
     assert -1.0 <= report["spearman"] <= 1.0 and report["regret"] >= 0.0

@@ -15,17 +15,21 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import logging
 import multiprocessing
 import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from hpo.errors import DataError, HpoError
 from hpo.storage import final_dir
+
+log = logging.getLogger(__name__)
 
 # The notebook CNN the issue measured: two conv blocks of 32 and 64 filters, a 3136 -> 512 -> 10 head.
 DEFAULT_PARAMS: dict[str, Any] = {
@@ -452,13 +456,22 @@ def fixed_baseline(
 FIDELITY_TAG = 0x46494445  # "FIDE": the fidelity retrains' seeds, apart from every trial's and the finalizer's
 
 
-def fidelity(study: Any, cfg: Any, data_dir: Path, device: str, threads: int, top: int = 5) -> dict[str, Any]:
+def fidelity(
+    study: Any,
+    cfg: Any,
+    data_dir: Path,
+    device: str,
+    threads: int,
+    top: int = 5,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """The top `top` distinct finished trials by the value the search holds for them (a COMPLETE
     trial's value at the final horizon; a pruned one's at the epoch it stopped), each retrained
     with another seed for the whole horizon on the trial training split and scored on the
     validation split: does the search's ranking hold? Spearman's rho between the two columns, and
     the regret of the pick (the best retrained value less the retrained value of the trial the
-    finalizer took, the best COMPLETE one). Reads no test image."""
+    finalizer took, the best COMPLETE one). Reads no test image. `on_row` gets each row as its
+    retrain ends (a retrain takes the whole horizon)."""
     import json as json_mod
 
     import optuna
@@ -520,6 +533,8 @@ def fidelity(study: Any, cfg: Any, data_dir: Path, device: str, threads: int, to
                 "seconds": round(time.perf_counter() - started, 1),
             }
         )
+        if on_row:
+            on_row(rows[-1])
     rho = spearman([r["search_value"] for r in rows], [r["retrained_value"] for r in rows])
     best_retrained = (max if maximize else min)(r["retrained_value"] for r in rows) if rows else float("nan")
     picked = next((r["retrained_value"] for r in rows if r["trial"] == pick), float("nan"))
@@ -587,12 +602,39 @@ def search_against_fixed(
     from hpo.train import evaluate
 
     cfg = config.load(study_file)
+    # Each stage's figures are kept as they come, so a run stopped part-way (the fidelity report takes
+    # `fidelity_top` whole horizons) still holds what it measured.
+    partial = work_dir / "bench-search.json"
+    partial.unlink(missing_ok=True)
     started = time.perf_counter()
     study = optimize_in(work_dir, study_file, time_s, workers, data_dir, device, final=True)
     out = final_dir(cfg.name, work_dir / "runs")
     searched = json.loads((out / "metrics.json").read_text())
-    search_wall = time.perf_counter() - started
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    result: dict[str, Any] = {
+        "time_s": time_s,
+        "search": {
+            "study": cfg.name,
+            "test_accuracy": searched["test_accuracy"],
+            "test_ci95": searched["test_ci95"],
+            "members": [m["trial"] for m in searched["members"]],
+            "ensemble": searched["ensemble"],
+            "epochs": searched["epochs"],
+            "trials": len(states),
+            "complete": states.count("COMPLETE"),
+            "pruned": states.count("PRUNED"),
+            "wall_time_s": round(time.perf_counter() - started, 1),
+        },
+    }
+
+    def keep(line: str) -> None:
+        partial.write_text(json.dumps(result, indent=2))
+        log.info("%s (kept in %s)", line, partial)
+
+    keep(
+        f"search: {searched['test_accuracy']:.4f} test accuracy, {len(states)} trials, "
+        f"{result['search']['wall_time_s']:.0f}s; now the fixed CNN for {time_s:g}s"
+    )
     fixed = fixed_baseline(
         time_s, data_dir, device or "cpu", threads, cfg.train, cfg.augment, seed=cfg.seed, tta=cfg.final.tta
     )
@@ -608,24 +650,26 @@ def search_against_fixed(
         raise HpoError(
             f"model.pt scores {again:.4f} on the test split, but metrics.json says {searched['test_accuracy']:.4f}"
         )
-    result = {
-        "time_s": time_s,
-        "search": {
-            "study": cfg.name,
-            "test_accuracy": searched["test_accuracy"],
-            "test_ci95": searched["test_ci95"],
-            "members": [m["trial"] for m in searched["members"]],
-            "ensemble": searched["ensemble"],
-            "epochs": searched["epochs"],
-            "trials": len(states),
-            "complete": states.count("COMPLETE"),
-            "pruned": states.count("PRUNED"),
-            "wall_time_s": round(search_wall, 1),
-        },
-        "fixed": {k: v for k, v in fixed.items() if k != "predictions"},
-        "difference": searched["test_accuracy"] - fixed["test_accuracy"],
-        "paired": paired(search_predictions, fixed.pop("predictions"), truth),
-    }
+    result["fixed"] = {k: v for k, v in fixed.items() if k != "predictions"}
+    result["difference"] = searched["test_accuracy"] - fixed["test_accuracy"]
+    result["paired"] = paired(search_predictions, fixed.pop("predictions"), truth)
+    keep(
+        f"fixed CNN: {fixed['test_accuracy']:.4f} after {fixed['epochs']} epochs; McNemar p = "
+        f"{result['paired']['p_value']:.3g}"
+        + (f"; now {fidelity_top} fidelity retrains of {cfg.budget.epochs} epochs each" if fidelity_top else "")
+    )
     if fidelity_top:
-        result["fidelity"] = fidelity(study, cfg, data_dir, device or "cpu", threads, fidelity_top)
+        rows: list[dict[str, Any]] = []
+
+        def row_done(row: dict[str, Any]) -> None:
+            rows.append(row)
+            result["fidelity_so_far"] = rows
+            keep(
+                f"fidelity {len(rows)}/{fidelity_top}: trial {row['trial']} search {row['search_value']:.4f}, "
+                f"retrained {row['retrained_value']:.4f}"
+            )
+
+        result["fidelity"] = fidelity(study, cfg, data_dir, device or "cpu", threads, fidelity_top, row_done)
+        result.pop("fidelity_so_far")
+        partial.write_text(json.dumps(result, indent=2))
     return result

@@ -683,7 +683,8 @@ def _bench_search(
     click.echo(
         f"hpo bench --search: {each} of search + final model, then {each} of the fixed notebook CNN"
         f"{f', then {fidelity_top} finalists retrained for the fidelity report' if fidelity_top else ''}; "
-        f"the search's storage and outputs go to {work_dir}/",
+        f"the search's storage and outputs go to {work_dir}/, and each stage's figures to "
+        f"{work_dir / 'bench-search.json'} as it ends",
         err=True,
     )
     result = bench_mod.search_against_fixed(
