@@ -599,6 +599,7 @@ def search_against_fixed(
 
     from hpo import config, data
     from hpo.inference import load_model
+    from hpo.study import stored_config
     from hpo.train import evaluate
 
     cfg = config.load(study_file)
@@ -608,6 +609,9 @@ def search_against_fixed(
     partial.unlink(missing_ok=True)
     started = time.perf_counter()
     study = optimize_in(work_dir, study_file, time_s, workers, data_dir, device, final=True)
+    # The settings the study ran with: a study file with `fit_epochs` may have trained a shorter
+    # horizon than it names, and the fidelity retrains train the study's.
+    cfg = stored_config(study) or cfg
     out = final_dir(cfg.name, work_dir / "runs")
     searched = json.loads((out / "metrics.json").read_text())
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
