@@ -103,3 +103,18 @@ def test_a_timed_study_leads_with_the_time_left_and_the_trials_run(tmp_path):
         "of 10m00s left, 2 trials run (0 complete, 1 pruned, 1 running)"
     ), first
     assert "finished 1 (the clock ends this search; 8 is only a cap)" in _format_status(s)
+
+
+def test_a_timed_study_whose_trial_cap_outlasts_its_clock_gives_no_eta_past_the_deadline():
+    """A 60-minute cnn run said "ETA 10h05m for 197 remaining trial(s)" with 45 minutes left."""
+    from hpo.cli import _status_tail
+
+    def tail(eta_s: float | None, left_s: float) -> str:
+        clock = {"time_s": 3600, "left_s": left_s, "deadline": "2026-12-03T18:38:09Z"}
+        s = {"remaining": 197, "running": [{}, {}], "mean_trial_s": 370.0, "eta_s": eta_s, "time_budget": clock}
+        return "\n".join(_status_tail({**s, "final": None}))
+
+    late = tail(36_450.0, 2_741.0)
+    assert "ETA" not in late and "the clock ends this search before its 197 remaining trial(s)" in late, late
+    assert "2 worker(s) at 6m10s per trial" in late and "45m41s left" in late
+    assert "ETA 30m00s for 197 remaining trial(s)" in tail(1_800.0, 2_741.0)  # a cap the clock lets it reach

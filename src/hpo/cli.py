@@ -321,9 +321,13 @@ def _status_tail(summary: dict[str, Any]) -> list[str]:
             if summary["running"]
             else "no worker is running"
         )
-        lines.append(
-            f"  ETA {config.format_duration(summary['eta_s'])} for {summary['remaining']} remaining trial(s) ({how})"
-        )
+        clock = summary.get("time_budget")
+        if clock and summary["eta_s"] is not None and summary["eta_s"] > clock["left_s"]:
+            # An ETA past the deadline reads as hours to go; the clock ends the search first.
+            lines.append(f"  the clock ends this search before its {summary['remaining']} remaining trial(s) ({how})")
+        else:
+            eta = config.format_duration(summary["eta_s"])
+            lines.append(f"  ETA {eta} for {summary['remaining']} remaining trial(s) ({how})")
     if summary.get("time_budget"):
         clock = summary["time_budget"]
         lines.append(
