@@ -663,17 +663,16 @@ def search_against_fixed(
         + (f"; now {fidelity_top} fidelity retrains of {cfg.budget.epochs} epochs each" if fidelity_top else "")
     )
     if fidelity_top:
-        rows: list[dict[str, Any]] = []
+        rows: list[dict[str, Any]] = result.setdefault("fidelity_so_far", [])
 
         def row_done(row: dict[str, Any]) -> None:
             rows.append(row)
-            result["fidelity_so_far"] = rows
             keep(
                 f"fidelity {len(rows)}/{fidelity_top}: trial {row['trial']} search {row['search_value']:.4f}, "
                 f"retrained {row['retrained_value']:.4f}"
             )
 
         result["fidelity"] = fidelity(study, cfg, data_dir, device or "cpu", threads, fidelity_top, row_done)
-        result.pop("fidelity_so_far")
-        partial.write_text(json.dumps(result, indent=2))
+        del result["fidelity_so_far"]
+        keep(f"fidelity: Spearman's rho {result['fidelity']['spearman']:.2f}")
     return result

@@ -314,22 +314,21 @@ def final_train(
 def _status_tail(summary: dict[str, Any]) -> list[str]:
     """The ETA, the time budget and the final result, when the study has them."""
     lines: list[str] = []
-    timed_out = bool(summary.get("time_budget")) and summary["time_budget"]["left_s"] == 0
+    clock = summary.get("time_budget")
+    timed_out = clock is not None and clock["left_s"] == 0
     if summary["remaining"] and not timed_out:
         how = (
             f"{len(summary['running'])} worker(s) at {config.format_duration(summary['mean_trial_s'])} per trial"
             if summary["running"]
             else "no worker is running"
         )
-        clock = summary.get("time_budget")
         if clock and summary["eta_s"] is not None and summary["eta_s"] > clock["left_s"]:
             # An ETA past the deadline reads as hours to go; the clock ends the search first.
             lines.append(f"  the clock ends this search before its {summary['remaining']} remaining trial(s) ({how})")
         else:
             eta = config.format_duration(summary["eta_s"])
             lines.append(f"  ETA {eta} for {summary['remaining']} remaining trial(s) ({how})")
-    if summary.get("time_budget"):
-        clock = summary["time_budget"]
+    if clock:
         lines.append(
             f"  time budget {config.format_duration(clock['time_s'])}: deadline {clock['deadline']}, "
             + (f"{config.format_duration(clock['left_s'])} left" if clock["left_s"] else "over: no new trial starts")
