@@ -10,7 +10,7 @@ import pytest
 import torch
 from optuna.trial import TrialState, create_trial
 
-from hpo import config
+from hpo import attrs, config
 from hpo.errors import HpoError
 from hpo.final import choose_members, wilson_interval
 
@@ -47,6 +47,32 @@ def test_the_lead_member_is_the_best_distinct_complete_trial_by_validation_value
     chosen, why = choose_members(study, tiny_with(ensemble=1))
     assert [t.value for t in chosen] == [0.90]  # the pruned trial's 0.99 at epoch 1 is no final value
     assert why == "trial 1: the best COMPLETE trial by validation val_accuracy"
+
+
+def test_a_lead_member_that_is_the_warm_start_says_the_search_found_nothing_better():
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)}
+
+    def study_led_by(warm_value: float) -> optuna.Study:
+        study = optuna.create_study(direction="maximize")
+        origin = {attrs.WARM_START: "[warm_start] params[0]"}
+        study.add_trial(create_trial(value=warm_value, params={"lr": 2e-3}, distributions=dist, user_attrs=origin))
+        study.add_trial(create_trial(value=0.85, params={"lr": 0.1}, distributions=dist))
+        pruned = create_trial(
+            state=TrialState.PRUNED, params={"lr": 0.5}, distributions=dist, intermediate_values={1: 0.7}
+        )
+        study.add_trial(pruned)
+        study.add_trial(create_trial(state=TrialState.FAIL, params={"lr": 0.3}, distributions=dist))
+        return study
+
+    chosen, why = choose_members(study_led_by(0.90), tiny_with(ensemble=1))
+    assert [t.number for t in chosen] == [0]
+    assert why == (
+        "trial 0: the best COMPLETE trial by validation val_accuracy; trial 0 is the warm start the study file "
+        "names ([warm_start] params[0]): no configuration of the search's own 2 finished trial(s) (1 complete, "
+        "1 pruned) scored above it on validation"
+    )
+    chosen, why = choose_members(study_led_by(0.80), tiny_with(ensemble=1))
+    assert [t.number for t in chosen] == [1] and why == "trial 1: the best COMPLETE trial by validation val_accuracy"
 
 
 LABELS = torch.arange(100) % 10

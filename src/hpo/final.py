@@ -23,7 +23,7 @@ import torch
 from optuna_dashboard import save_note
 
 import hpo
-from hpo import artifacts, budget, checkpoints, plots
+from hpo import artifacts, attrs, budget, checkpoints, plots
 from hpo import data as data_mod
 from hpo import trials as trials_mod
 from hpo.config import StudyConfig
@@ -105,6 +105,7 @@ def accuracy_figures(predictions: torch.Tensor, truth: torch.Tensor) -> dict[str
     }
 
 
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 CANDIDATES = 10  # distinct COMPLETE trials, best first, that may join an ensemble
 
 
@@ -130,12 +131,13 @@ def choose_members(
         distinct.setdefault(json.dumps(trial.params, sort_keys=True), trial)
     candidates = list(distinct.values())[:CANDIDATES]
     best, k = candidates[0], cfg.final.ensemble
+    lead = warm_start_lead(study, best)
     if k == 1 or len(candidates) == 1:
-        return [best], f"trial {best.number}: the best COMPLETE trial by validation {cfg.metric}"
+        return [best], f"trial {best.number}: the best COMPLETE trial by validation {cfg.metric}{lead}"
     outputs = {t.number: p for t in candidates if (p := val_outputs(store, t, val_labels)) is not None}
     if best.number not in outputs or val_labels is None:
         return [best], (
-            f"trial {best.number} alone: the best COMPLETE trial by validation {cfg.metric}; it has no "
+            f"trial {best.number} alone: the best COMPLETE trial by validation {cfg.metric}{lead}; it has no "
             "validation outputs in the artifact store to choose further members on"
         )
     members, total = [best], outputs[best.number].clone()
@@ -159,7 +161,23 @@ def choose_members(
     )
     if len(members) < k:
         why += f"; no other of the {len(candidates)} best distinct trials raised it further"
-    return members, why
+    return members, why + lead
+
+
+def warm_start_lead(study: optuna.Study, best: optuna.trial.FrozenTrial) -> str:
+    """ "; trial 0 is the study file's warm start ...": said when the lead member is a configuration the
+    user wrote rather than one the search found, with how many of the search's own trials it beat,
+    so that a short search which found nothing better says so instead of looking like a result."""
+    origin = best.user_attrs.get(attrs.WARM_START)
+    if origin is None:
+        return ""
+    searched = [t for t in study.get_trials(deepcopy=False, states=FINISHED) if attrs.WARM_START not in t.user_attrs]
+    complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in searched)
+    return (
+        f"; trial {best.number} is the warm start the study file names ({origin}): no configuration of the "
+        f"search's own {len(searched)} finished trial(s) ({complete} complete, {len(searched) - complete} "
+        "pruned) scored above it on validation"
+    )
 
 
 def _accuracy(summed_probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -657,7 +675,11 @@ def note(cfg: StudyConfig, best: optuna.trial.FrozenTrial, metrics: dict[str, An
     if ens["shrunk"]:
         policy += f" The {ens['shrunk']}."
     others = "" if ens["trained"] == 1 else f", and {ens['trained'] - 1} more"
-    which = "the best of the search"
+    which = (
+        "the warm start the study file names, which no trial of the search beat on validation"
+        if attrs.WARM_START in best.user_attrs
+        else "the best of the search"
+    )
     subset = (
         f"{cfg.budget.train_subset:,} images of the trial training split"
         if cfg.budget.train_subset
