@@ -243,3 +243,25 @@ def test_a_final_run_set_apart_from_the_horizon_is_only_capped_by_the_fitted_one
     assert config.with_horizon(cfg, 2).final.epochs == 1
     longer = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, epochs=5))
     assert config.with_horizon(longer, 2).final.epochs == 2
+
+
+def test_the_outlook_counts_whole_trials_in_the_time_left_beside_the_finalizers_reserve():
+    cfg = config.load("tiny")  # 3 epochs, ensemble 2
+    calibrated = EpochCost(epoch_s=1.0, train_images=1000, val_images=300, threads=1)
+    fresh = optuna.create_study(direction="maximize")
+    fresh.set_user_attr(budget.CALIBRATION_ATTR, dataclasses.asdict(calibrated))
+    # Nothing measured yet: the calibration as it is (not doubled), and [final] ensemble members reserved.
+    trial_s = 1.0 * 3 + budget.TRIAL_OVERHEAD_S
+    reserve = 2 * budget.member_estimate(calibrated, cfg.final.epochs, 1)
+    left = 600.0
+    whole = 2 * (left - reserve - budget.slack_s(left)) / trial_s
+    line = budget.outlook(fresh, cfg, 2, 1, left)
+    assert line.startswith(f"the 10m00s left hold about {whole:.1f} whole trial(s) of 3 epochs (about 6s each)")
+    assert whole > 100
+    assert "across 2 worker(s)" in line and f"besides the finalizer's {config.format_duration(reserve)}" in line
+    # A budget that the reserve fills holds none, and says so rather than a negative count.
+    assert "about 0.0 whole trial(s)" in budget.outlook(fresh, cfg, 2, 1, reserve)
+    # Measured epochs replace the calibration; a study with neither has no outlook.
+    measured = study_with([5.0, 5.0])
+    assert "(about 18s each)" in budget.outlook(measured, cfg, 2, 1, left)
+    assert budget.outlook(optuna.create_study(), cfg, 2, 1, left) is None

@@ -21,7 +21,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.config import StudyConfig, with_horizon
+from hpo.config import StudyConfig, format_duration, with_horizon
 from hpo.optuna_compat import study_engine
 from hpo.storage import database_time
 from hpo.trials import FINISHED, best_first
@@ -296,6 +296,28 @@ def plan_epoch(
         return Plan(now, epoch_s * epochs_left, reserve, deadline.at, "its remaining epochs")
     reserve = final_reserve(study, cfg, final_threads, costs, calibration(study))
     return Plan(now, epoch_s, reserve + slack_s(deadline.time_s), deadline.at, "its next epoch")
+
+
+def outlook(study: optuna.Study, cfg: StudyConfig, workers: int, final_threads: int, left_s: float) -> str | None:
+    """What `left_s` holds, in one line for the start of a timed search: how many whole trials' worth
+    of training the workers have before the finalizer's reserve (its members at the final horizon;
+    before any trial completes, `[final] ensemble` of the calibrated or typical one). A budget that
+    holds two whole trials reads as that before it is spent, not after. None before any epoch is
+    measured or calibrated."""
+    costs, calibrated = measured(study), calibration(study)
+    if not costs and calibrated is None:
+        return None
+    # The calibration as it is, not doubled as the planner's caution doubles it: an outlook, not a bound.
+    trial_s = trial_estimate(cfg, costs or ([calibrated] if calibrated else []), None)
+    reserve = final_reserve(study, cfg, final_threads, costs, calibrated)
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        reserve *= cfg.final.ensemble
+    whole = max(0.0, workers * (left_s - reserve - slack_s(left_s)) / trial_s)
+    return (
+        f"the {format_duration(left_s)} left hold about {whole:.1f} whole trial(s) of {cfg.budget.epochs} epochs "
+        f"(about {format_duration(trial_s)} each) across {workers} worker(s), besides the finalizer's "
+        f"{format_duration(reserve)}; pruning stops most trials early, so the search sees more configurations"
+    )
 
 
 def minimum_budget(

@@ -225,6 +225,8 @@ def optimize(
         f"study {cfg.name!r}: {workers} workers x {threads} thread(s), storage {storage_mod.mask(opened.url)}, "
         f"artifacts {location}{_time_note(budget.get_deadline(study))}"
     )
+    if (line := launch.outlook(study, cfg, workers, threads, device)) is not None:
+        log.info(line)
     args = launch.worker_args(study_arg, opened.url, directory, location, device)
     finished_before = study_mod.finished_count(study)
     try:

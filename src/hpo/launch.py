@@ -85,7 +85,7 @@ def check_time_budget(
     import torch
 
     from hpo import data
-    from hpo.devices import cpu_count, place
+    from hpo.devices import place
     from hpo.objective import calibrate
 
     costs: list[budget.EpochCost] = []
@@ -104,7 +104,7 @@ def check_time_budget(
             images, labels, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset
         )
         cost = calibrated = calibrate(cfg, trial_data, placement)
-    final_threads = threads if (device or "").startswith("cuda") else cpu_count()
+    final_threads = finalizer_threads(device, threads)
     needed = budget.minimum_budget(cfg, cost, final_threads, calibrated=calibrated is not None)
     if time_s < needed and cfg.budget.fit_epochs and calibrated is not None:  # a new study only
         fitted = budget.fit_horizon(cfg, cost, final_threads, time_s, calibrated=True)
@@ -134,6 +134,22 @@ def check_time_budget(
             "epochs or [final] epochs in the study file."
         )
     return cfg, calibrated
+
+
+def finalizer_threads(device: str | None, threads: int) -> int:
+    """The finalizer has the machine alone: every core on a CPU, a worker's threads beside a GPU."""
+    from hpo.devices import cpu_count
+
+    return threads if (device or "").startswith("cuda") else cpu_count()
+
+
+def outlook(study: optuna.Study, cfg: StudyConfig, workers: int, threads: int, device: str | None) -> str | None:
+    """The line that says what a timed study's time left holds (budget.outlook); None without a clock."""
+    deadline = budget.get_deadline(study)
+    if deadline is None or deadline.left() <= 0:
+        return None
+    line = budget.outlook(study, cfg, workers, finalizer_threads(device, threads), deadline.left())
+    return None if line is None else f"study {cfg.name!r}: {line}"
 
 
 def worker_args(study_arg: str, url: str, directory: Path, artifacts: str, device: str | None) -> list[str]:
