@@ -238,6 +238,28 @@ def test_fit_horizon_is_the_longest_horizon_whose_first_trial_and_final_run_fit(
     assert budget.fit_horizon(cfg, cost, 2, needs[1] - 1.0) is None  # not even one epoch: refused as before
 
 
+def test_a_faster_machine_fits_a_longer_horizon_where_the_time_holds_the_finalists_and_one_trial_more():
+    grows = config.load("cnn-quick")  # 6 epochs up to max_epochs 200, one final member
+    assert grows.budget.max_epochs == 200
+    cfg = dataclasses.replace(grows, budget=dataclasses.replace(grows.budget, max_epochs=None))
+    fast = EpochCost(epoch_s=15.0, train_images=54000, val_images=6000, threads=1)  # 4x the EPYC's speed
+    fitted = budget.fit_horizon(grows, fast, 2, 600.0, workers=2)
+    epochs = fitted.budget.epochs
+    assert 6 < epochs < 200 and fitted.final.epochs == epochs
+    # The longest such horizon: it holds ensemble + 1 = 2 whole trials across the 2 workers, one more does not.
+    assert budget.search_holds(fitted, fast, 2, 600.0, 2) >= 2
+    assert budget.search_holds(config.with_horizon(grows, epochs + 1), fast, 2, 600.0, 2) < 2
+    # Twice the budget, a longer horizon; one worker, a shorter one; without max_epochs, the file's 6.
+    assert budget.fit_horizon(grows, fast, 2, 1200.0, workers=2).budget.epochs > epochs
+    assert budget.fit_horizon(grows, fast, 2, 600.0, workers=1).budget.epochs < epochs
+    assert budget.fit_horizon(cfg, fast, 2, 600.0, workers=2) == cfg
+    # The cap holds, and a slow machine still shrinks the horizon (the EPYC's reading above).
+    capped = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, max_epochs=8))
+    assert budget.fit_horizon(capped, fast, 2, 600.0, workers=2).budget.epochs == 8
+    slow = EpochCost(epoch_s=60.0, train_images=54000, val_images=6000, threads=1)
+    assert budget.fit_horizon(grows, slow, 2, 600.0, workers=2).budget.epochs == 5
+
+
 def test_a_final_run_set_apart_from_the_horizon_is_only_capped_by_the_fitted_one():
     cfg = config.load("tiny")  # 3 trial epochs, 1 final epoch
     assert config.with_horizon(cfg, 2).final.epochs == 1

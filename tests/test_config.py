@@ -120,6 +120,16 @@ def test_n_trials_below_one():
     expect_error(raw, "n_trials must be at least 1, got 0")
 
 
+def test_max_epochs_is_at_least_the_horizon_and_only_with_a_fitted_one():
+    raw = raw_tiny()
+    raw["budget"].update(fit_epochs=True, max_epochs=2)
+    expect_error(raw, "[budget] max_epochs must be at least epochs (3), got 2")
+    raw["budget"].update(fit_epochs=False, max_epochs=30)
+    expect_error(raw, "max_epochs needs fit_epochs = true")
+    raw["budget"].update(fit_epochs=True)
+    assert config.parse(raw).budget.max_epochs == 30
+
+
 def test_unknown_sampler_and_pruner():
     raw = raw_tiny()
     raw["sampler"]["name"] = "tpee"

@@ -312,7 +312,7 @@ def outlook(study: optuna.Study, cfg: StudyConfig, workers: int, final_threads: 
     reserve = final_reserve(study, cfg, final_threads, costs, calibrated)
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         reserve *= cfg.final.ensemble
-    whole = max(0.0, workers * (left_s - reserve - slack_s(left_s)) / trial_s)
+    whole = whole_trials(trial_s, reserve, workers, left_s)
     return (
         f"the {format_duration(left_s)} left hold about {whole:.1f} whole trial(s) of {cfg.budget.epochs} epochs "
         f"(about {format_duration(trial_s)} each) across {workers} worker(s), besides the finalizer's "
@@ -339,12 +339,40 @@ def minimum_budget(
     return max(need + 10.0, need / 0.98)
 
 
+def whole_trials(trial_s: float, reserve_s: float, workers: int, left_s: float) -> float:
+    """Whole trials of `trial_s` the workers can train in `left_s` besides the finalizer's
+    `reserve_s` and the slack."""
+    return max(0.0, workers * (left_s - reserve_s - slack_s(left_s)) / trial_s)
+
+
+def search_holds(
+    cfg: StudyConfig, cost: EpochCost, final_threads: int, time_s: float, workers: int, calibrated: bool = False
+) -> float:
+    """Whole trials a new study's budget holds at its horizon besides all `[final] ensemble`
+    members, the trial counted as `minimum_budget` counts the first one."""
+    doubled = calibrated and not cfg.warm_start.params
+    trial = trial_estimate(cfg, [] if doubled else [cost], cost if doubled else None)
+    reserve = cfg.final.ensemble * member_estimate(cost, cfg.final.epochs, final_threads, tta=cfg.final.tta)
+    return whole_trials(trial, reserve, workers, time_s - START_S)
+
+
 def fit_horizon(
-    cfg: StudyConfig, cost: EpochCost, final_threads: int, time_s: float, calibrated: bool = False
+    cfg: StudyConfig, cost: EpochCost, final_threads: int, time_s: float, workers: int = 1, calibrated: bool = False
 ) -> StudyConfig | None:
-    """The study at the longest horizon below `[budget] epochs` whose first trial and final run fit
-    `time_s` (`minimum_budget`), for `[budget] fit_epochs`; None when not even one epoch fits."""
-    for epochs in range(cfg.budget.epochs - 1, 0, -1):
+    """The horizon of a new study with `[budget] fit_epochs` fitted to `time_s` on this machine.
+
+    Longer than `[budget] epochs`, up to `max_epochs`: the longest at which the time holds the
+    finalizer's `[final] ensemble` members and `ensemble + 1` whole trials across the workers (the
+    finalists the finalizer chooses among, and one trial's worth more to screen the others), so a
+    faster machine or a longer budget trains longer, not only more. Else `epochs` while one trial
+    and one final member fit (`minimum_budget`); else the longest shorter horizon that does. None
+    when not even one epoch fits."""
+    for epochs in range(cfg.budget.max_epochs or cfg.budget.epochs, cfg.budget.epochs, -1):
+        fitted = with_horizon(cfg, epochs)
+        holds = search_holds(fitted, cost, final_threads, time_s, workers, calibrated=calibrated)
+        if holds >= cfg.final.ensemble + 1 and minimum_budget(fitted, cost, final_threads, calibrated) <= time_s:
+            return fitted
+    for epochs in range(cfg.budget.epochs, 0, -1):
         fitted = with_horizon(cfg, epochs)
         if minimum_budget(fitted, cost, final_threads, calibrated=calibrated) <= time_s:
             return fitted

@@ -220,7 +220,9 @@ def optimize(
     opened = session.open_storage(storage)
     location, artifact_store = opened.artifact_store(artifacts)  # fail here, not in every worker
     threads = threads_per_worker(workers)
-    study, cfg = launch.prepare(cfg, opened, time_s, time_budget is not None, directory, device, threads, started_at)
+    study, cfg = launch.prepare(
+        cfg, opened, time_s, time_budget is not None, directory, device, threads, started_at, workers
+    )
     log.info(
         f"study {cfg.name!r}: {workers} workers x {threads} thread(s), storage {storage_mod.mask(opened.url)}, "
         f"artifacts {location}{_time_note(budget.get_deadline(study))}"

@@ -151,9 +151,12 @@ class Budget:
     train_subset: int = 0  # images of the training part each trial trains on; 0 = all of it
     val_fraction: float = 0.1  # share of the official training set held out for validation
     time_s: float | None = None  # wall-clock budget of search plus finalizer, seconds; None = no limit
-    # With a time budget, a new study whose first trial and final run do not fit it on the machine
-    # that creates it trains the longest horizon up to `epochs` that fits (hpo.budget.fit_horizon).
+    # With a time budget, a new study's horizon is fitted to it on the machine that creates it
+    # (hpo.budget.fit_horizon): longer than `epochs`, up to `max_epochs`, where the time holds the
+    # finalizer's members and one whole trial more than that across the workers; shorter than
+    # `epochs` where not even one trial and one final member fit.
     fit_epochs: bool = False
+    max_epochs: int | None = None  # the longest fitted horizon; None: `epochs` (no longer horizon)
 
 
 @dataclass(frozen=True)
@@ -455,6 +458,10 @@ def _check_budget(table: _Reader, budget: Budget) -> Budget:
         table.fail(f"train_subset must be 0 (all) or a positive number of images, got {budget.train_subset}")
     if not 0.0 < budget.val_fraction < 0.5:
         table.fail(f"val_fraction must be between 0 and 0.5, got {budget.val_fraction}")
+    if budget.max_epochs is not None and budget.max_epochs < budget.epochs:
+        table.fail(f"max_epochs must be at least epochs ({budget.epochs}), got {budget.max_epochs}")
+    if budget.max_epochs is not None and not budget.fit_epochs:
+        table.fail("max_epochs needs fit_epochs = true: only a horizon fitted to a time budget grows. Add it")
     return budget
 
 

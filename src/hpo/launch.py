@@ -40,6 +40,7 @@ def prepare(
     device: str | None,
     threads: int,
     started_at: float,
+    workers: int = 1,
 ) -> tuple[optuna.Study, StudyConfig]:
     """Create (or load) the study once, so the workers only ever load it, and start its clock.
 
@@ -48,7 +49,7 @@ def prepare(
     clock = time_s if restart_clock or not study_mod.exists(opened.storage, cfg.name) else None
     calibrated = None
     if clock:
-        cfg, calibrated = check_time_budget(cfg, clock, opened.storage, directory, device, threads)
+        cfg, calibrated = check_time_budget(cfg, clock, opened.storage, directory, device, threads, workers)
     study, cfg = study_mod.create_or_load(opened.storage, cfg)
     if clock is not None:
         budget.set_deadline(study, clock, now=started_at)
@@ -75,10 +76,11 @@ def refuse_spent_budget(study: optuna.Study, cfg: StudyConfig) -> None:
 
 
 def check_time_budget(
-    cfg: StudyConfig, time_s: float, storage: Any, directory: Path, device: str | None, threads: int
+    cfg: StudyConfig, time_s: float, storage: Any, directory: Path, device: str | None, threads: int, workers: int = 1
 ) -> tuple[StudyConfig, budget.EpochCost | None]:
     """Refuse a budget that cannot hold one trial plus the finalizer, measured on this machine; a new
-    study with `[budget] fit_epochs` gets the longest horizon that fits instead, and says so.
+    study with `[budget] fit_epochs` gets the horizon fitted to the time instead (budget.fit_horizon),
+    and says so.
 
     Returns the study's settings (the fitted ones, or `cfg`) and the calibration it measured (None
     when the study had measured epochs to go by)."""
@@ -106,20 +108,10 @@ def check_time_budget(
         cost = calibrated = calibrate(cfg, trial_data, placement)
     final_threads = finalizer_threads(device, threads)
     needed = budget.minimum_budget(cfg, cost, final_threads, calibrated=calibrated is not None)
-    if time_s < needed and cfg.budget.fit_epochs and calibrated is not None:  # a new study only
-        fitted = budget.fit_horizon(cfg, cost, final_threads, time_s, calibrated=True)
-        if fitted is not None:
-            log.warning(
-                "study %r: %d epochs of one trial plus the finalizer need about %s here (%.1fs per trial epoch, "
-                "calibrated on this machine), more than --time %s: it trains a %d-epoch horizon instead "
-                "([budget] fit_epochs; give more time for more epochs)",
-                cfg.name,
-                cfg.budget.epochs,
-                format_duration(needed),
-                cost.epoch_s,
-                format_duration(time_s),
-                fitted.budget.epochs,
-            )
+    if cfg.budget.fit_epochs and calibrated is not None:  # a new study only
+        fitted = budget.fit_horizon(cfg, cost, final_threads, time_s, workers, calibrated=True)
+        if fitted is not None and fitted.budget.epochs != cfg.budget.epochs:
+            _say_fitted(cfg, fitted, cost, final_threads, time_s, workers, needed)
             return fitted, calibrated
     if time_s < needed:
         source = (
@@ -150,6 +142,46 @@ def outlook(study: optuna.Study, cfg: StudyConfig, workers: int, threads: int, d
         return None
     line = budget.outlook(study, cfg, workers, finalizer_threads(device, threads), deadline.left())
     return None if line is None else f"study {cfg.name!r}: {line}"
+
+
+def _say_fitted(
+    cfg: StudyConfig,
+    fitted: StudyConfig,
+    cost: budget.EpochCost,
+    final_threads: int,
+    time_s: float,
+    workers: int,
+    needed: float,
+) -> None:
+    epochs = fitted.budget.epochs
+    if epochs > cfg.budget.epochs:
+        holds = budget.search_holds(fitted, cost, final_threads, time_s, workers, calibrated=True)
+        log.info(
+            "study %r: --time %s holds a %d-epoch horizon here (%.1fs per trial epoch, calibrated on this machine): "
+            "%.1f whole trials across %d worker(s) besides the finalizer's %d member(s) "
+            "([budget] fit_epochs: the file's %d epochs, up to max_epochs %d)",
+            cfg.name,
+            format_duration(time_s),
+            epochs,
+            cost.epoch_s,
+            holds,
+            workers,
+            cfg.final.ensemble,
+            cfg.budget.epochs,
+            cfg.budget.max_epochs,
+        )
+        return
+    log.warning(
+        "study %r: %d epochs of one trial plus the finalizer need about %s here (%.1fs per trial epoch, "
+        "calibrated on this machine), more than --time %s: it trains a %d-epoch horizon instead "
+        "([budget] fit_epochs; give more time for more epochs)",
+        cfg.name,
+        cfg.budget.epochs,
+        format_duration(needed),
+        cost.epoch_s,
+        format_duration(time_s),
+        epochs,
+    )
 
 
 def worker_args(study_arg: str, url: str, directory: Path, artifacts: str, device: str | None) -> list[str]:
