@@ -15,6 +15,18 @@ def test_fixed_baseline_fills_its_time_with_whole_epochs_and_reports_an_interval
     assert 0.0 <= low <= result["test_accuracy"] <= high <= 1.0
 
 
+def test_a_fixed_baseline_whose_timer_read_fast_refits_its_epochs_to_its_budget(fake_data_dir, monkeypatch):
+    """The baseline is held to its budget as the search's finalizer is: a timer that read a fast spell
+    (here, 10,000x too fast: about a million epochs planned for 3 s) is corrected from its own epochs."""
+    from hpo import train
+
+    real = train.seconds_per_image
+    monkeypatch.setattr(train, "seconds_per_image", lambda *a, **k: real(*a, **k) / 10_000)
+    result = fixed_baseline(3.0, fake_data_dir, "cpu", 1, TrainSettings(), Augment())
+    assert result["epochs"] >= 1
+    assert result["wall_time_s"] < 60.0, result  # never a million epochs: re-fitted after the first
+
+
 def test_bench_without_torchvision_says_which_extra_to_install(monkeypatch):
     import importlib.util
 
