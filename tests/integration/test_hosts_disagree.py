@@ -86,7 +86,7 @@ def test_workers_with_other_heartbeat_settings_never_reap_each_others_live_trial
     reap the first worker's live trials between their heartbeats; judged by the study's, never."""
     study = tmp_path / "pg.toml"
     # No pruning: every trial runs its epochs, long past the 10 s heartbeat of the first worker.
-    source = STUDY.format(n_trials=4, epochs=15, subset=4000)  # about 1 s an epoch on a fast 2-core CPU
+    source = STUDY.format(n_trials=4, epochs=30, subset=4000)  # 0.5-1 s an epoch on 2 cores: trials of 15 s and more
     study.write_text(source.replace('name = "median"\nn_startup_trials = 2\nn_warmup_steps = 1', 'name = "none"'))
     workers = Workers(tmp_path, pg_url, study, real_data_dir)
     try:
