@@ -105,7 +105,6 @@ def accuracy_figures(predictions: torch.Tensor, truth: torch.Tensor) -> dict[str
     }
 
 
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 CANDIDATES = 10  # distinct COMPLETE trials, best first, that may join an ensemble
 
 
@@ -171,7 +170,9 @@ def warm_start_lead(study: optuna.Study, best: optuna.trial.FrozenTrial) -> str:
     origin = best.user_attrs.get(attrs.WARM_START)
     if origin is None:
         return ""
-    searched = [t for t in study.get_trials(deepcopy=False, states=FINISHED) if attrs.WARM_START not in t.user_attrs]
+    searched = [
+        t for t in study.get_trials(deepcopy=False, states=trials_mod.FINISHED) if attrs.WARM_START not in t.user_attrs
+    ]
     complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in searched)
     return (
         f"; trial {best.number} is the warm start the study file names ({origin}): no configuration of the "
