@@ -270,7 +270,7 @@ def test_predicting_needs_neither_the_dashboard_nor_matplotlib():
 def test_a_study_that_fits_its_epochs_is_created_at_the_longest_horizon_the_time_holds(tmp_path, fake_data_dir):
     import time
 
-    from hpo import budget, config, launch, session
+    from hpo import budget, config, launch, session, sources
     from hpo.devices import cpu_count
     from hpo.study import create_or_load
 
@@ -279,7 +279,8 @@ def test_a_study_that_fits_its_epochs_is_created_at_the_longest_horizon_the_time
     path.write_text(source.replace("epochs = 3", "epochs = 5000\nfit_epochs = true"))
     cfg = config.load(str(path))  # 5,000 epochs cannot fit a minute; a few of the fake data set's do
     opened = session.open_storage(f"sqlite:///{tmp_path / 'hpo.db'}")
-    study, stored = launch.prepare(cfg, opened, 60.0, True, fake_data_dir, "cpu", 1, time.time())
+    dataset = sources.fashion_mnist(fake_data_dir)
+    study, stored = launch.prepare(cfg, opened, 60.0, True, dataset, "cpu", 1, time.time())
     epochs = stored.budget.epochs
     assert 1 <= epochs < 5000 and stored.final.epochs == 1  # the final run was set apart: 1 epoch
     cost = budget.calibration(study)

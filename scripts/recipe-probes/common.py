@@ -1,13 +1,13 @@
 """What every recipe probe shares: the trial split on 2 CPU threads, the probed CNN and its recipe."""
 
-from hpo import data
+from hpo import data, sources
 from hpo.config import TrainSettings
 from hpo.devices import place
 from hpo.params import TrialParams
 
 PLACEMENT = place("cpu", 2)
-_images, _labels = data.load_split(data.find_data_dir(), "train")
-SPLIT = data.trial_data(_images, _labels, 0.1, 0, PLACEMENT.device, 0)  # 54,000 train / 6,000 validation
+_DATASET = sources.fashion_mnist(data.find_data_dir())
+SPLIT = data.trial_data(_DATASET, 0.1, 0, PLACEMENT.device, 0)  # 54,000 train / 6,000 validation
 PARAMS = TrialParams.from_flat(
     {
         "n_conv": 2,

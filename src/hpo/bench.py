@@ -119,7 +119,7 @@ def _torchvision_root(data_dir: Path) -> Path:
 def _run_engine(spec: BenchSpec) -> PipelineResult:
     import torch
 
-    from hpo import data
+    from hpo import data, sources
     from hpo.config import Augment, TrainSettings
     from hpo.devices import place
     from hpo.params import TrialParams
@@ -127,12 +127,10 @@ def _run_engine(spec: BenchSpec) -> PipelineResult:
 
     placement = place(spec.device, spec.threads)
     params = TrialParams.from_flat({**spec.params, "batch_size": spec.batch_size})
-    images, labels = data.load_split(Path(spec.data_dir), "train")
-    trial = data.trial_data(images, labels, 0.1, spec.seed, placement.device)
+    trial = data.trial_data(sources.fashion_mnist(Path(spec.data_dir)), 0.1, spec.seed, placement.device)
     augment = Augment(crop_padding=spec.crop_padding, hflip=True)
     run = TrainingRun(params.optimizer, TrainSettings(schedule="constant", compile=spec.compile), augment, 1, spec.seed)
-    timed = data.DeviceData(trial.train.x[: spec.images], trial.train.y[: spec.images], placement.device)
-    warm = data.DeviceData(trial.train.x[:1024], trial.train.y[:1024], placement.device)
+    timed, warm = trial.train.head(spec.images), trial.train.head(1024)
     warm_started = time.perf_counter()
     fit(seeded_model(params.model, spec.seed, placement.device), warm, None, run)
     warmup_s = time.perf_counter() - warm_started
@@ -481,7 +479,7 @@ def fidelity(
 
     import optuna
 
-    from hpo import data
+    from hpo import data, sources
     from hpo.devices import place
     from hpo.params import TrialParams
     from hpo.stats import spearman
@@ -515,15 +513,13 @@ def fidelity(
     complete = [t for t in finalists if t.state == optuna.trial.TrialState.COMPLETE]
     pick = complete[0].number if complete else None
     placement = place(device, threads)
-    images, labels = data.load_split(data_dir, "train")
-    split = data.trial_data(
-        images, labels, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset
-    )
+    dataset = sources.load(cfg.data, data_dir, cfg.seed, cfg.budget.val_fraction)
+    split = data.trial_data(dataset, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset)
     rows = []
     for trial in finalists:
         params = TrialParams.from_flat(trial.params)
         seed = derive_seed(cfg.seed, FIDELITY_TAG, trial.number)
-        model = seeded_model(params.model, seed, placement.device)
+        model = seeded_model(params.model.shaped(split.train.shape), seed, placement.device)
         started = time.perf_counter()
         fit(model, split.train, None, recipe(cfg, params, seed))
         ev = evaluate(model, split.val, cfg.train.eval_batch_size)
@@ -608,6 +604,11 @@ def search_against_fixed(
     from hpo.train import evaluate
 
     cfg = config.load(study_file)
+    if cfg.data.source != "fashion-mnist":
+        raise HpoError(
+            f"hpo bench --search compares a search with the notebook's fixed Fashion-MNIST CNN, but study "
+            f"{cfg.name!r} trains on [data] source {cfg.data.source!r}. Give it a Fashion-MNIST study."
+        )
     # Each stage's figures are kept as they come, so a run stopped part-way (the fidelity report takes
     # `fidelity_top` whole horizons) still holds what it measured.
     partial = work_dir / "bench-search.json"

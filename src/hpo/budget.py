@@ -33,6 +33,8 @@ CALIBRATION_ATTR = "hpo:calibration"  # study: {"epoch_s": ..., "train_images": 
 PLAN_ATTR = "budget"  # trial: the estimate that let it start (see Plan)
 TRAIN_IMAGES_ATTR = "train_images"  # trial: images per training epoch
 VAL_IMAGES_ATTR = "val_images"  # trial: images per validation pass
+POOL_IMAGES_ATTR = "pool_images"  # trial: the data set's training pool, which the finalizer trains on
+TEST_IMAGES_ATTR = "test_images"  # trial: the data set's test split, which the finalizer scores
 
 EVAL_SHARE = 1 / 3  # an evaluated image costs about a third of a trained one (no backward pass)
 TRIAL_QUANTILE = 0.9  # a new trial is assumed as slow per epoch as the 90th percentile so far
@@ -116,6 +118,8 @@ class EpochCost:
     train_images: int
     val_images: int
     threads: int  # CPU threads the process had (1 on a GPU is fine: the ratio is what counts)
+    pool_images: int = DATASET_IMAGES  # what the finalizer trains on: the data set's whole pool
+    test_images: int = TEST_IMAGES  # and scores
 
     def per_image_s(self) -> float:
         """Seconds per trained image, validation counted at EVAL_SHARE of a trained one."""
@@ -132,6 +136,8 @@ def trial_cost(trial: FrozenTrial) -> EpochCost | None:
         int(trial.user_attrs[TRAIN_IMAGES_ATTR]),
         int(trial.user_attrs.get(VAL_IMAGES_ATTR, 0)),
         int(trial.user_attrs.get("threads", 1)),
+        int(trial.user_attrs.get(POOL_IMAGES_ATTR, DATASET_IMAGES)),
+        int(trial.user_attrs.get(TEST_IMAGES_ATTR, TEST_IMAGES)),
     )
 
 
@@ -183,12 +189,10 @@ def test_passes(tta: str) -> int:
     return 2 * (2 if tta == "flip" else 1)
 
 
-def member_estimate(
-    cost: EpochCost, epochs: int, final_threads: int, train_images: int = DATASET_IMAGES, tta: str = "flip"
-) -> float:
-    """Seconds one finalizer member takes: `epochs` on `train_images`, then its test passes."""
+def member_estimate(cost: EpochCost, epochs: int, final_threads: int, tta: str = "flip") -> float:
+    """Seconds one finalizer member takes: `epochs` on the data set's whole pool, then its test passes."""
     per_image = cost.per_image_s() * min(1.0, thread_factor(cost.threads, final_threads))
-    return per_image * (epochs * train_images + test_passes(tta) * FP32_EVAL_SHARE * TEST_IMAGES)
+    return per_image * (epochs * cost.pool_images + test_passes(tta) * FP32_EVAL_SHARE * cost.test_images)
 
 
 def final_reserve(
@@ -211,6 +215,8 @@ def final_reserve(
                 costs[0].train_images,
                 costs[0].val_images,
                 costs[0].threads,
+                costs[0].pool_images,
+                costs[0].test_images,
             )
         stand_in = stand_in or calibrated
         if stand_in is None:

@@ -90,7 +90,8 @@ data_option = click.option(
     "--data-dir",
     envvar="HPO_DATA_DIR",
     type=click.Path(file_okay=False),
-    help="Directory with the Fashion-MNIST IDX files [env HPO_DATA_DIR].",
+    help="This host's copy of the study's data: the directory [data] path names (for Fashion-MNIST, the one "
+    "with its IDX files) [env HPO_DATA_DIR].",
 )
 artifacts_option = click.option(
     "--artifacts",
@@ -209,19 +210,19 @@ def optimize(
     On a terminal it shows a progress bar and sends the workers' logs to runs/STUDY/logs/; in a
     pipe or a CI log the workers' log lines come through as they are.
     """
-    from hpo import budget, data, final, launch
+    from hpo import budget, final, launch, sources
     from hpo import study as study_mod
     from hpo.devices import threads_per_worker
 
     started_at = _PROCESS_STARTED_AT or time.time()  # the clock covers this process's start-up too
     cfg = config.load(study_arg)
     time_s = _parse_time(time_budget) if time_budget else cfg.budget.time_s
-    directory = data.find_data_dir(data_dir)
+    dataset = sources.open_for(cfg, data_dir)  # bad data stops here, before anything is stored
     opened = session.open_storage(storage)
     location, artifact_store = opened.artifact_store(artifacts)  # fail here, not in every worker
     threads = threads_per_worker(workers)
     study, cfg = launch.prepare(
-        cfg, opened, time_s, time_budget is not None, directory, device, threads, started_at, workers
+        cfg, opened, time_s, time_budget is not None, dataset, device, threads, started_at, workers
     )
     log.info(
         f"study {cfg.name!r}: {workers} workers x {threads} thread(s), storage {storage_mod.mask(opened.url)}, "
@@ -229,14 +230,14 @@ def optimize(
     )
     if (line := launch.outlook(study, cfg, workers, threads, device)) is not None:
         log.info(line)
-    args = launch.worker_args(study_arg, opened.url, directory, location, device)
+    args = launch.worker_args(study_arg, opened.url, Path(dataset.origin), location, device)
     finished_before = study_mod.finished_count(study)
     try:
         launch.run_workers(study, cfg, opened.storage, workers, threads, args)
     finally:
         click.echo(_format_status(study_mod.summary(study, cfg, opened.storage)))
     if run_final:
-        metrics = final.after_search(study, cfg, opened.storage, directory, device, artifact_store, finished_before)
+        metrics = final.after_search(study, cfg, opened.storage, dataset, device, artifact_store, finished_before)
         _echo_final(metrics, storage_mod.final_dir(cfg.name), cfg.name)
     click.echo(f"wall time {time.time() - started_at:.0f}s")
 
@@ -298,20 +299,20 @@ def final_train(
     epochs: int | None,
 ) -> None:
     """Retrain the best trial(s) on train + validation and score the test split once."""
-    from hpo import budget, data, final
+    from hpo import budget, final, sources
     from hpo.devices import place
 
     opened = session.open_study(study_arg, storage)
     study, cfg = opened.study, opened.config
     _, artifact_store = opened.artifact_store(artifacts)
     placement = place(device)
-    directory = data.find_data_dir(data_dir)
+    dataset = sources.open_for(cfg, data_dir)
     out_dir = Path(out) if out else storage_mod.final_dir(cfg.name)
     deadline = budget.get_deadline(study)
     # Inside a running job's budget the ensemble shrinks to fit; once the job's time is over, a
     # final-train asked for by hand trains the whole ensemble.
     live = deadline if deadline is not None and deadline.left() > 0 else None
-    metrics = final.final_train(study, cfg, directory, placement, out_dir, epochs, artifact_store, opened.storage, live)
+    metrics = final.final_train(study, cfg, dataset, placement, out_dir, epochs, artifact_store, opened.storage, live)
     _echo_final(metrics, out_dir, cfg.name)
 
 
@@ -833,8 +834,8 @@ def predict(
     from hpo.devices import place
 
     name, path = _final_model_path(study_arg, model_path)
-    model, _ = inference.load_model(path, name, place(device).device)
-    results = inference.predict_files(model, [Path(p) for p in images], top)
+    model, meta = inference.load_model(path, name, place(device).device)
+    results = inference.predict_files(model, [Path(p) for p in images], top, info=meta["data"])
     for result in results:
         if result.error:
             click.echo(f"{result.path}: cannot predict: {result.error}", err=True)
@@ -872,20 +873,21 @@ def export(
     study_arg: str, model_path: str | None, fmt: str, out: str | None, check: bool, data_dir: str | None
 ) -> None:
     """Write the final model as a self-contained TorchScript or ONNX file (normalisation and class names inside)."""
-    from hpo import data, inference
+    from hpo import inference, sources
 
     name, path = _final_model_path(study_arg, model_path)
     model, meta = inference.load_model(path, name)
+    info = meta["data"]
     target = Path(out) if out else path.with_suffix(inference.EXPORT_FORMATS[fmt])
     inference.export(model, meta, fmt, target)
     click.echo(
-        f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, {fmt}): input float32 (N, 1, 28, 28) in "
-        f"[0, 1], output log-probabilities (N, 10); class names in its metadata"
+        f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, {fmt}): input {inference.input_text(info)}, "
+        f"output log-probabilities (N, {len(info['classes'])}); class names and normalisation in its metadata"
     )
     if not check:
         return
-    images, _ = data.load_split(data.find_data_dir(data_dir), "test")
-    result = inference.check_export(model, target, fmt, images)
+    images = sources.test_images(info, data_dir)
+    result = inference.check_export(model, target, fmt, images, info)
     click.echo(
         f"check on the {result.images:,} test images: max |output difference| {result.max_diff:.2e}, "
         f"same class for {result.agree:.2%}"

@@ -205,6 +205,25 @@ REMOVED_FINAL = {
 
 
 CHECKPOINT_KEEP = ("none", "complete")
+DATA_SOURCES = ("fashion-mnist", "idx", "csv", "folder")
+FOLDER_IMAGE_SIZE = 32  # [data] image_size of a folder when the file gives none
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The [data] section: which labelled images a study trains on (hpo.sources reads them).
+
+    `path` is a directory; `--data-dir` or HPO_DATA_DIR replaces it per host, so the study names the
+    data set and each host says where its copy lies."""
+
+    source: str = "fashion-mnist"  # fashion-mnist | idx | csv | folder
+    path: str = ""  # the directory; "" with fashion-mnist: Debian's package or the download cache
+    train: str = ""  # csv: the training file's name in `path` (Kaggle's layout: label, then the pixels)
+    test: str = ""  # csv: the test file's name; "" = hold the test split out of the training file
+    image_size: int | None = None  # folder: the side in pixels every image is resized to (default 32)
+    channels: int | None = None  # folder: 1 (grey) or 3 (colour); None = as the images are, all alike
+    classes: tuple[str, ...] = ()  # names of labels 0, 1, ... (idx, csv); a folder's names and order
+    test_fraction: float = 0.1  # held out once, stratified and seeded, when the source has no test files
 
 
 @dataclass(frozen=True)
@@ -240,12 +259,14 @@ class StudyConfig:
     description: str = ""
     checkpoints: Checkpoints = Checkpoints()
     warm_start: WarmStart = WarmStart()
+    data: DataSettings = DataSettings()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form, stored in the study so later commands need no file."""
         raw = dataclasses.asdict(self)
         raw["space"] = {k: _spec_to_raw(v) for k, v in self.space.items()}
         raw["warm_start"]["params"] = [dict(p) for p in self.warm_start.params]
+        raw["data"]["classes"] = list(self.data.classes)
         return raw
 
     def space_dict(self) -> dict[str, Any]:
@@ -418,7 +439,9 @@ def parse(raw: dict[str, Any], source: str = "<study>", check_options: bool = Tr
     checkpoints = checkpoint_table.section(Checkpoints)
     if checkpoints.keep not in CHECKPOINT_KEEP:
         checkpoint_table.fail(_not_known("keep", checkpoints.keep, CHECKPOINT_KEEP))
-    space = _space(top.table("space"))
+    data_table = top.table("data")
+    data = _check_data(data_table, data_table.section(DataSettings, classes=_classes(data_table)))
+    space = _space(top.table("space"), data)
     for i, params in enumerate(warm.params):
         problems = space_problems(space, params) if isinstance(params, dict) else ["not a table"]
         if problems:
@@ -427,7 +450,46 @@ def parse(raw: dict[str, Any], source: str = "<study>", check_options: bool = Tr
             )
     top.done(tuple(final_table.name for final_table in dataclasses.fields(StudyConfig)))
     parts = (name, direction, metric, seed, budget, sampler, pruner, augment, train, final, space, description)
-    return StudyConfig(*parts, checkpoints=checkpoints, warm_start=warm)
+    return StudyConfig(*parts, checkpoints=checkpoints, warm_start=warm, data=data)
+
+
+def _classes(table: _Reader) -> tuple[str, ...]:
+    classes = table.get("classes", list, [])
+    if not all(isinstance(c, str) and c for c in classes):
+        table.fail(f"classes must be a list of non-empty names, got {classes!r}")
+    if len(set(classes)) != len(classes):
+        table.fail(f"classes must name each class once, got {classes!r}")
+    return tuple(classes)
+
+
+def _check_data(table: _Reader, data: DataSettings) -> DataSettings:
+    if data.source not in DATA_SOURCES:
+        table.fail(_not_known("source", data.source, DATA_SOURCES))
+    given: dict[str, Any] = {"path": data.path, "train": data.train, "test": data.test}
+    given.update(image_size=data.image_size, channels=data.channels, classes=data.classes)
+    allowed = {
+        "fashion-mnist": ("path",),
+        "idx": ("path", "classes"),
+        "csv": ("path", "train", "test", "classes"),
+        "folder": ("path", "image_size", "channels", "classes"),
+    }[data.source]
+    for key, value in given.items():
+        if value not in ("", None, ()) and key not in allowed:
+            table.fail(f"{key} does not apply to source {data.source!r} (it takes {', '.join(allowed)}). Remove it")
+    if data.source != "fashion-mnist" and not data.path:
+        table.fail(f"source {data.source!r} needs path: the directory that holds the data (--data-dir overrides it)")
+    if data.source == "csv" and not data.train:
+        table.fail('source "csv" needs train: the training file\'s name in path, e.g. train = "train.csv"')
+    if data.source == "folder":
+        size = FOLDER_IMAGE_SIZE if data.image_size is None else data.image_size
+        if not 4 <= size <= 512:
+            table.fail(f"image_size must be from 4 to 512 pixels, got {size}")
+        if data.channels not in (None, 1, 3):
+            table.fail(f"channels must be 1 (grey) or 3 (colour), got {data.channels}")
+        data = replace(data, image_size=size)
+    if not 0.0 < data.test_fraction < 0.5:
+        table.fail(f"test_fraction must be between 0 and 0.5, got {data.test_fraction}")
+    return data
 
 
 def _header(top: _Reader) -> tuple[str, str, str, str, int]:
@@ -669,7 +731,7 @@ def _check_options(table: _Reader, class_name: str, module: str, options: dict[s
             table.fail(f"{class_name} refuses these options together ({given}): {e}. Fix one of them.")
 
 
-def _space(table: _Reader) -> dict[str, ParamSpec]:
+def _space(table: _Reader, data: DataSettings = DataSettings()) -> dict[str, ParamSpec]:
     space: dict[str, ParamSpec] = {}
     known = SPACE_KEYS + OPTIONAL_SPACE_KEYS
     for key in table.raw:
@@ -686,6 +748,10 @@ def _space(table: _Reader) -> dict[str, ParamSpec]:
         else:
             space[key] = _param(key, raw, table)
     _check_domain(space, table)
+    side = data.image_size or 28  # idx and csv images are checked against it when they are read
+    deepest = max(_values(space["n_conv"]))
+    if isinstance(deepest, int) and side >> deepest < 1:
+        table.fail(f"n_conv {deepest} halves a {side}px image {deepest} times, below 1px. Lower n_conv")
     return space
 
 
@@ -791,7 +857,7 @@ def from_dict(stored: dict[str, Any], source: str) -> StudyConfig:
     pruner's options are not checked here: they are built (and their errors reported) only where a
     search runs, so a study they no longer build for (after an Optuna upgrade) can still be read."""
     raw = dict(stored)
-    for key in ("budget", "augment", "train", "final", "checkpoints", "warm_start"):
+    for key in ("budget", "augment", "train", "final", "checkpoints", "warm_start", "data"):
         if key in stored:  # studies created before a section existed get its defaults
             raw[key] = {k: v for k, v in stored[key].items() if v is not None}
     for key in REMOVED_FINAL:  # a study created by an earlier version: its removed knobs no longer apply
@@ -853,6 +919,7 @@ def to_toml(cfg: StudyConfig) -> str:
         "train": raw["train"],
         "final": raw["final"],
         "checkpoints": raw["checkpoints"],
+        "data": {k: v for k, v in raw["data"].items() if v not in ("", None, [])},
     }
     for title, table in sections.items():
         lines += ["", f"[{title}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]

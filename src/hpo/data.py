@@ -12,12 +12,17 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from hpo.config import Augment
 from hpo.errors import DataError
+from hpo.model import InputShape
+
+if TYPE_CHECKING:
+    from hpo.sources import DataSet, Labelled
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FILES = {
@@ -145,15 +150,40 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 
 class DeviceData:
-    """A labelled image set living on one device as uint8; batches are index slices."""
+    """A labelled image set living on one device as uint8 (N, C, H, W); batches are index slices,
+    normalised with the data set's per-channel statistics."""
 
-    def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, device: torch.device):
-        self.x = torch.as_tensor(images, dtype=torch.uint8).reshape(-1, 1, 28, 28).to(device)
+    def __init__(
+        self,
+        images: np.ndarray | torch.Tensor,
+        labels: np.ndarray | torch.Tensor,
+        device: torch.device,
+        mean: tuple[float, ...] = (MEAN,),
+        std: tuple[float, ...] = (STD,),
+        num_classes: int = len(CLASSES),
+    ):
+        x = torch.as_tensor(images, dtype=torch.uint8)
+        self.x = (x.unsqueeze(1) if x.dim() == 3 else x).to(device)  # (N, H, W) grey images get their channel
         self.y = torch.as_tensor(labels, dtype=torch.int64).to(device)
         self.device = device
+        self.mean, self.std, self.num_classes = tuple(mean), tuple(std), num_classes
+        self._mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+        self._std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.y)
+
+    @property
+    def shape(self) -> InputShape:
+        """What a model for these images takes and gives: channels, side and classes."""
+        return InputShape(int(self.x.shape[1]), int(self.x.shape[2]), self.num_classes)
+
+    def head(self, n: int) -> DeviceData:
+        """The first `n` images, with the same statistics."""
+        return self.take(slice(0, n))
+
+    def take(self, index: slice | torch.Tensor) -> DeviceData:
+        return DeviceData(self.x[index], self.y[index], self.device, self.mean, self.std, self.num_classes)
 
     def batches(
         self,
@@ -174,11 +204,15 @@ class DeviceData:
                 x, y = self.x[idx], self.y[idx]
             if augment is not None and generator is not None:
                 x = augment_batch(x, augment, generator)
-            yield normalize(x), y
+            yield self.normalize(x), y
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        # channels_last matches the model's layout (2x faster convs on CPU, measured in `hpo bench`).
+        return ((x.float() / 255.0 - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    # channels_last matches the model's layout (2x faster convs on CPU, measured in `hpo bench`).
+    """Fashion-MNIST's normalisation of a uint8 (N, 1, H, W) batch (the notebook baseline's)."""
     return ((x.float() / 255.0 - MEAN) / STD).contiguous(memory_format=torch.channels_last)
 
 
@@ -194,7 +228,7 @@ def augment_batch(x: torch.Tensor, augment: Augment, generator: torch.Generator)
         rows = torch.arange(h, device=x.device).view(1, h, 1) + oy
         cols = torch.arange(w, device=x.device).view(1, 1, w) + ox
         batch = torch.arange(b, device=x.device).view(b, 1, 1)
-        x = padded[batch, 0, rows, cols].unsqueeze(1)
+        x = padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) from the split indexing
     if augment.hflip:
         flip = torch.rand(b, device=x.device, generator=generator) < 0.5
         x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
@@ -241,20 +275,33 @@ def random_erase(
 
 @dataclass
 class TrialData:
-    """What one worker loads once: the train and validation parts of the official training set."""
+    """What one worker loads once: the train and validation parts of the data set's pool, and the
+    sizes of the finalizer's work (its whole pool and test split), for the time budget."""
 
     train: DeviceData
     val: DeviceData
+    pool_images: int = 60_000
+    test_images: int = 10_000
 
 
 def trial_data(
-    images: np.ndarray, labels: np.ndarray, val_fraction: float, seed: int, device: torch.device, train_subset: int = 0
+    dataset: DataSet, val_fraction: float, seed: int, device: torch.device, train_subset: int = 0
 ) -> TrialData:
-    """Split the official training set (from `load_split(dir, "train")`) and move it to the device."""
+    """Split the data set's pool (never its test split) and move both parts to the device."""
+    images, labels = dataset.train.images, dataset.train.labels
     train_idx, val_idx = stratified_split(labels, val_fraction, seed)
     if train_subset and train_subset < len(train_idx):
         _, keep = stratified_split(labels[train_idx], train_subset / len(train_idx), seed + 1)
         train_idx = train_idx[keep]
+    stats = (dataset.mean, dataset.std, len(dataset.classes))
     return TrialData(
-        DeviceData(images[train_idx], labels[train_idx], device), DeviceData(images[val_idx], labels[val_idx], device)
+        DeviceData(images[train_idx], labels[train_idx], device, *stats),
+        DeviceData(images[val_idx], labels[val_idx], device, *stats),
+        len(dataset.train),
+        len(dataset.test),
     )
+
+
+def device_data(part: Labelled, dataset: DataSet, device: torch.device) -> DeviceData:
+    """One split of `dataset` (its pool or its test split) on the device."""
+    return DeviceData(part.images, part.labels, device, dataset.mean, dataset.std, len(dataset.classes))

@@ -16,7 +16,7 @@ class StudyFileNotFound(ConfigError):
 
 
 class DataError(HpoError):
-    """The Fashion-MNIST files are missing, unreadable or malformed."""
+    """The study's data is missing, unreadable or malformed, or differs from the study's own."""
 
 
 class StorageError(HpoError):

@@ -23,14 +23,13 @@ import torch
 from optuna_dashboard import save_note
 
 import hpo
-from hpo import artifacts, attrs, budget, checkpoints, plots
-from hpo import data as data_mod
+from hpo import artifacts, attrs, budget, checkpoints, plots, sources
 from hpo import trials as trials_mod
 from hpo.config import StudyConfig
-from hpo.data import CLASSES, DeviceData
+from hpo.data import DeviceData, device_data, stratified_split
 from hpo.devices import Placement
 from hpo.errors import HpoError
-from hpo.model import Ensemble, count_parameters
+from hpo.model import Ensemble, InputShape, count_parameters
 from hpo.params import TrialParams
 from hpo.progress import Progress
 from hpo.storage import SlotLock, final_dir
@@ -218,18 +217,23 @@ def member_seed(cfg: StudyConfig, index: int) -> int:
 SHRINK_MARGIN = 1.05  # an epoch is counted 5 % slower than measured when fitting epochs to the time left
 
 
-def test_pass_seconds(chosen: list[optuna.trial.FrozenTrial], cfg: StudyConfig, train_all: DeviceData) -> float:
+def test_pass_seconds(
+    chosen: list[optuna.trial.FrozenTrial],
+    cfg: StudyConfig,
+    train_all: DeviceData,
+    test_images: int = budget.TEST_IMAGES,
+) -> float:
     """Seconds `score` will take on the test split: every member's fp32 forward passes (one per TTA
     view) twice, once in the ensemble and once alone, timed on 1,024 training images with the first
     member's model (the test split is not read before it is scored)."""
     params = TrialParams.from_flat(chosen[0].params)
-    model = seeded_model(params.model, 0, train_all.device)
-    sample = DeviceData(train_all.x[:1024], train_all.y[:1024], train_all.device)
-    evaluate(model, DeviceData(sample.x[:64], sample.y[:64], sample.device), cfg.train.eval_batch_size, fast=False)
+    model = seeded_model(params.model.shaped(train_all.shape), 0, train_all.device)
+    sample = train_all.head(1024)
+    evaluate(model, sample.head(64), cfg.train.eval_batch_size, fast=False)
     started = time.perf_counter()
     evaluate(model, sample, cfg.train.eval_batch_size, fast=False)
     per_image = (time.perf_counter() - started) / max(1, len(sample))
-    return per_image * budget.TEST_IMAGES * test_passes(cfg, len(chosen))
+    return per_image * test_images * test_passes(cfg, len(chosen))
 
 
 def test_passes(cfg: StudyConfig, members: int) -> int:
@@ -299,6 +303,7 @@ def train_members(
     epochs: int,
     deadline: budget.Deadline | None,
     threads: int = 1,
+    test_images: int = budget.TEST_IMAGES,
 ) -> tuple[list[Member], int, str | None]:
     """Retrain each chosen trial from scratch, one after another, with the recipe its trial trained
     with. With a deadline, the first member trains the epochs that fit (all of them unless time is
@@ -310,7 +315,7 @@ def train_members(
     requested = epochs
     test_s = 0.0
     if deadline is not None:
-        test_s = test_pass_seconds(chosen, cfg, train_all)
+        test_s = test_pass_seconds(chosen, cfg, train_all, test_images)
         per_epoch, source = epoch_seconds(chosen[0], cfg, train_all, threads)
         epochs = fitted_epochs(per_epoch, deadline, test_s, epochs, source)
         replan = timed_replan(deadline, test_s, requested)
@@ -372,7 +377,7 @@ def _train_member(
     desc = "final-train" if which == "member 1/1" else f"final-train {which}"
     started = time.perf_counter()
     params = TrialParams.from_flat(trial.params)
-    model = seeded_model(params.model, seed, train_all.device)
+    model = seeded_model(params.model.shaped(train_all.shape), seed, train_all.device)
     with Progress(epochs, desc, "epochs") as bar:
 
         def on_epoch(stats: EpochStats) -> None:
@@ -402,7 +407,7 @@ def _train_member(
 def final_train(
     study: optuna.Study,
     cfg: StudyConfig,
-    data_dir: Path,
+    dataset: sources.DataSet,
     placement: Placement,
     out_dir: Path,
     epochs: int | None = None,
@@ -419,18 +424,21 @@ def final_train(
         checkpoints.load_final(out_dir / "model.pt", cfg.name)  # never overwrite another study's model
     epochs = epochs or cfg.final.epochs
     started = time.perf_counter()
-    images, labels = data_mod.load_split(data_dir, "train")
-    _, val_idx = data_mod.stratified_split(labels, cfg.budget.val_fraction, cfg.seed)  # the trials' validation split
+    sources.check(study, dataset)  # never scored on other data than the trials saw
+    labels = dataset.train.labels
+    _, val_idx = stratified_split(labels, cfg.budget.val_fraction, cfg.seed)  # the trials' validation split
     chosen, chosen_by = choose_members(study, cfg, torch.as_tensor(labels[val_idx], dtype=torch.int64), artifact_store)
     log.info("final-train: %s", chosen_by)
-    train_all = DeviceData(images, labels, placement.device)
-    members, epochs, shrunk = train_members(chosen, cfg, train_all, epochs, deadline, placement.threads)
+    train_all = device_data(dataset.train, dataset, placement.device)
+    members, epochs, shrunk = train_members(
+        chosen, cfg, train_all, epochs, deadline, placement.threads, len(dataset.test)
+    )
     train_seconds = time.perf_counter() - started
 
     # The only read of the test split in the whole project.
-    test_images, test_labels = data_mod.load_split(data_dir, "test")
-    test = DeviceData(test_images, test_labels, placement.device)
-    metrics, ev = score(cfg, members, test)
+    test_images = dataset.test.images
+    test = device_data(dataset.test, dataset, placement.device)
+    metrics, ev = score(cfg, members, test, dataset.classes)
     metrics.update(
         epochs=epochs,
         train_images=len(train_all),
@@ -442,7 +450,7 @@ def final_train(
         git_revision=git_revision(),
     )
     files = _result_files(
-        cfg, metrics, _checkpoint(cfg, members, ev.accuracy), ev, test.y.cpu(), test_images, members[0]
+        cfg, metrics, _checkpoint(cfg, members, ev.accuracy, dataset), ev, test.y.cpu(), test_images, members[0]
     )
     for name, payload in files.items():
         checkpoints.write_atomic(out_dir / name, payload)
@@ -486,7 +494,9 @@ def _record(
         save_note(study, note(cfg, best, metrics))
 
 
-def score(cfg: StudyConfig, members: list[Member], test: DeviceData) -> tuple[dict[str, Any], Any]:
+def score(
+    cfg: StudyConfig, members: list[Member], test: DeviceData, classes: tuple[str, ...]
+) -> tuple[dict[str, Any], Any]:
     """The ensemble's test figures (the headline), each member's own, and the per-class accuracy.
 
     fp32, the precision of `hpo export`'s files: the figure reported is the figure an export gets."""
@@ -520,7 +530,7 @@ def score(cfg: StudyConfig, members: list[Member], test: DeviceData) -> tuple[di
         "test_loss": ev.loss,
         "test_images": len(test),
         "per_class_accuracy": {
-            name: float((ev.predictions[truth == i] == i).float().mean()) for i, name in enumerate(CLASSES)
+            name: float((ev.predictions[truth == i] == i).float().mean()) for i, name in enumerate(classes)
         },
         "ensemble": {
             "requested": cfg.final.ensemble,
@@ -542,21 +552,26 @@ def score(cfg: StudyConfig, members: list[Member], test: DeviceData) -> tuple[di
     return metrics, ev
 
 
-def _checkpoint(cfg: StudyConfig, members: list[Member], test_accuracy: float) -> dict[str, Any]:
+def _checkpoint(
+    cfg: StudyConfig, members: list[Member], test_accuracy: float, dataset: sources.DataSet
+) -> dict[str, Any]:
     """model.pt: every member's weights and spec (checkpoints.FINAL_FORMAT)."""
     best = members[0]
+    shape = InputShape(dataset.channels, dataset.image_size, len(dataset.classes))
     return {
         "format": checkpoints.FINAL_FORMAT,
         "study": cfg.name,
         "trial": best.trial.number,
         "params": best.trial.params,
         "tta": cfg.final.tta,
+        # What the model takes and gives, and how to read its data set again (hpo export checks on its test split).
+        "data": {**dataset.info(), "settings": cfg.to_dict()["data"], "seed": cfg.seed},
         "members": [
             {
                 "trial": m.trial.number,
                 "params": m.trial.params,
                 "seed": m.seed,
-                "model_spec": TrialParams.from_flat(m.trial.params).model.to_dict(),
+                "model_spec": TrialParams.from_flat(m.trial.params).model.shaped(shape).to_dict(),
                 "state_dict": {k: v.detach().cpu() for k, v in m.model.state_dict().items()},
             }
             for m in members
@@ -570,7 +585,7 @@ def after_search(
     study: optuna.Study,
     cfg: StudyConfig,
     storage: optuna.storages.RDBStorage,
-    directory: Path,
+    dataset: sources.DataSet,
     device: str | None,
     artifact_store: Any,
     finished_before: int | None = None,
@@ -598,7 +613,7 @@ def after_search(
     # A GPU for the finalizer without taking a worker's claim on it (the workers have exited).
     placement = place(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     return final_train(
-        study, cfg, directory, placement, final_dir(cfg.name), None, artifact_store, storage, deadline=deadline
+        study, cfg, dataset, placement, final_dir(cfg.name), None, artifact_store, storage, deadline=deadline
     )
 
 
@@ -612,19 +627,20 @@ def _result_files(
     best: Member,
 ) -> dict[str, bytes]:
     truth_np, pred_np = truth.numpy(), ev.predictions.numpy()
-    counts = plots.confusion_matrix(truth_np, pred_np, CLASSES)
+    classes = checkpoint["data"]["classes"]
+    counts = plots.confusion_matrix(truth_np, pred_np, classes)
     metrics["confusion_matrix"] = counts.tolist()
     what = "final model" if len(metrics["members"]) == 1 else f"ensemble of {len(metrics['members'])}"
     return {
         "model.pt": artifacts.torch_bytes(checkpoint),
         "metrics.json": json.dumps(metrics, indent=2).encode(),
         "confusion_matrix.png": plots.confusion_matrix_png(
-            counts, CLASSES, f"{cfg.name}: {what} on the test split, accuracy {ev.accuracy:.4f}"
+            counts, classes, f"{cfg.name}: {what} on the test split, accuracy {ev.accuracy:.4f}"
         ),
         "learning_curve.png": plots.learning_curve_png(
             best.trial.user_attrs.get("history", []), metrics["history"], ev.accuracy, best.trial.number
         ),
-        "misclassified.png": plots.misclassified_png(test_images, truth_np, pred_np, ev.confidence.numpy(), CLASSES),
+        "misclassified.png": plots.misclassified_png(test_images, truth_np, pred_np, ev.confidence.numpy(), classes),
     }
 
 

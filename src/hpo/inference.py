@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from hpo.checkpoints import load_final, write_atomic
-from hpo.data import CLASSES, MEAN, STD, normalize
-from hpo.errors import HpoError
-from hpo.model import DynamicCNN, Ensemble
+from hpo.data import CLASSES, MEAN, STD
+from hpo.errors import DataError, HpoError
+from hpo.model import DynamicCNN, Ensemble, InputShape
 from hpo.params import TrialParams
 from hpo.train import logits_of
 
@@ -26,19 +26,37 @@ EXPORT_FORMATS = {"torchscript": ".ts", "onnx": ".onnx"}
 
 
 CPU = torch.device("cpu")
+# What a checkpoint written before the [data] section holds: a Fashion-MNIST model.
+FASHION_MNIST_INFO = {
+    "source": "fashion-mnist",
+    "classes": list(CLASSES),
+    "channels": 1,
+    "image_size": 28,
+    "mean": [MEAN],
+    "std": [STD],
+    "light_on_dark": True,
+}
+
+
+def data_info(meta: dict[str, Any]) -> dict[str, Any]:
+    """What the model takes and gives (channels, side, statistics, class names), from its checkpoint."""
+    return meta.get("data") or FASHION_MNIST_INFO
 
 
 def load_model(path: Path, study: str | None = None, device: torch.device = CPU) -> tuple[Ensemble, dict[str, Any]]:
     """The final model (an ensemble of one or more members) in eval mode, and its checkpoint's
     metadata (everything but the weights)."""
     checkpoint = load_final(path, study)
+    info = data_info(checkpoint)
+    shape = InputShape(int(info["channels"]), int(info["image_size"]), len(info["classes"]))
     members = []
     for member in checkpoint["members"]:
-        model = DynamicCNN(TrialParams.from_flat(member["params"]).model)
+        model = DynamicCNN(TrialParams.from_flat(member["params"]).model.shaped(shape))
         model.load_state_dict(member["state_dict"])
         members.append(model)
     ensemble = Ensemble(members, checkpoint["tta"]).to(device).to(memory_format=torch.channels_last).eval()
     meta = {k: v for k, v in checkpoint.items() if k != "members"}
+    meta["data"] = info
     meta["members"] = [{k: v for k, v in m.items() if k != "state_dict"} for m in checkpoint["members"]]
     return ensemble, meta
 
@@ -47,12 +65,29 @@ def load_model(path: Path, study: str | None = None, device: torch.device = CPU)
 
 
 class ImageError(Exception):
-    """One input file could not be turned into a 28x28 image; the others go on."""
+    """One input file could not be turned into the model's input; the others go on."""
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Any PNG or JPEG (size, grey or colour, with or without alpha) as a 28x28 uint8 Fashion-MNIST-style
-    image: a light object on a dark background, centred and padded to a square before resizing."""
+def read_image(path: Path, info: dict[str, Any] = FASHION_MNIST_INFO) -> np.ndarray:
+    """Any PNG or JPEG as the uint8 input of a model trained on `info`'s data: (C, S, S) as a folder
+    data set's images were read (hpo.sources.decode_image), or, for MNIST-style grey data, (S, S) as a
+    light object on a dark background, centred and padded to a square before resizing."""
+    if not path.exists():
+        raise ImageError("no such file")
+    if path.is_dir():
+        raise ImageError("is a directory, not an image")
+    size = int(info["image_size"])
+    if not info.get("light_on_dark"):
+        from hpo.sources import decode_image
+
+        try:
+            return decode_image(path, size, int(info["channels"]))
+        except DataError as e:
+            raise ImageError(str(e).removeprefix(f"{path}: ")) from None
+    return _mnist_style(path, size)
+
+
+def _mnist_style(path: Path, size: int) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -82,8 +117,8 @@ def read_image(path: Path) -> np.ndarray:
     square = np.zeros((side, side), dtype=np.uint8)
     top, left = (side - h) // 2, (side - w) // 2
     square[top : top + h, left : left + w] = grey
-    if side != 28:
-        square = np.asarray(Image.fromarray(square).resize((28, 28), Image.Resampling.LANCZOS), dtype=np.uint8)
+    if side != size:
+        square = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
     return square
 
 
@@ -96,23 +131,30 @@ class Prediction:
     error: str | None = None
 
 
-def predict_files(model: nn.Module, paths: list[Path], top: int = 1, batch_size: int = 256) -> list[Prediction]:
+def predict_files(
+    model: nn.Module, paths: list[Path], top: int = 1, batch_size: int = 256, info: dict[str, Any] = FASHION_MNIST_INFO
+) -> list[Prediction]:
     """One Prediction per path, in order; a file that cannot be read gets an error instead of a label."""
     results: dict[int, Prediction] = {}
     readable: list[tuple[int, np.ndarray]] = []
+    classes = list(info["classes"])
+    mean = torch.tensor(info["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(info["std"]).view(1, -1, 1, 1)
     for i, path in enumerate(paths):
         try:
-            readable.append((i, read_image(path)))
+            readable.append((i, read_image(path, info)))
         except ImageError as e:
             results[i] = Prediction(str(path), error=str(e))
     device = next(model.parameters()).device
     for start in range(0, len(readable), batch_size):
         chunk = readable[start : start + batch_size]
-        x = torch.from_numpy(np.stack([img for _, img in chunk]))[:, None].to(device)
-        probs = logits_of(model, normalize(x)).float().softmax(1).cpu()
-        values, indices = probs.topk(min(top, len(CLASSES)), dim=1)
+        pixels = np.stack([img if img.ndim == 3 else img[None] for _, img in chunk])  # (N, C, S, S)
+        x = (torch.from_numpy(pixels).float() / 255.0 - mean) / std
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        probs = logits_of(model, x).float().softmax(1).cpu()
+        values, indices = probs.topk(min(top, len(classes)), dim=1)
         for (i, _), value, key in zip(chunk, values.tolist(), indices.tolist()):
-            ranked = tuple((CLASSES[c], p) for c, p in zip(key, value))
+            ranked = tuple((classes[c], p) for c, p in zip(key, value))
             results[i] = Prediction(str(paths[i]), ranked[0][0], ranked[0][1], ranked)
     return [results[i] for i in range(len(paths))]
 
@@ -121,26 +163,35 @@ def predict_files(model: nn.Module, paths: list[Path], top: int = 1, batch_size:
 
 
 class Exportable(nn.Module):
-    """The model with its input normalisation built in: float32 (N, 1, 28, 28) pixels in [0, 1] ->
+    """The model with its input normalisation built in: float32 (N, C, S, S) pixels in [0, 1] ->
     log-probabilities (the ensemble's averaged softmax, in logs)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, info: dict[str, Any] = FASHION_MNIST_INFO):
         super().__init__()
         self.model = model
         self.mean: torch.Tensor
         self.std: torch.Tensor
-        self.register_buffer("mean", torch.tensor(MEAN))
-        self.register_buffer("std", torch.tensor(STD))
+        self.register_buffer("mean", torch.tensor(info["mean"], dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(info["std"], dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model((image - self.mean) / self.std)
 
 
+def input_text(info: dict[str, Any]) -> str:
+    """The exported file's input, in words: `float32 (N, 1, 28, 28), pixels in [0, 1], light on dark`."""
+    side = info["image_size"]
+    order = ", light on dark" if info.get("light_on_dark") else ", RGB" if info["channels"] == 3 else ""
+    return f"float32 (N, {info['channels']}, {side}, {side}), pixels in [0, 1]{order}"
+
+
 def export_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    info = data_info(meta)
     return {
-        "classes": json.dumps(list(CLASSES)),
-        "input": "float32 (N, 1, 28, 28), pixels in [0, 1], light on dark",
-        "output": "log-probabilities (N, 10): softmax or argmax them",
+        "classes": json.dumps(list(info["classes"])),
+        "input": input_text(info),
+        "normalisation": json.dumps({"mean": info["mean"], "std": info["std"]}),
+        "output": f"log-probabilities (N, {len(info['classes'])}): softmax or argmax them",
         "study": str(meta["study"]),
         "trial": str(meta["trial"]),
         "members": json.dumps([m["trial"] for m in meta["members"]]),
@@ -153,8 +204,9 @@ def export_metadata(meta: dict[str, Any]) -> dict[str, str]:
 
 def export(model: nn.Module, meta: dict[str, Any], fmt: str, out: Path) -> None:
     """Write a self-contained model file: weights, graph, normalisation and class names."""
-    wrapped = Exportable(model.float().to(memory_format=torch.contiguous_format)).cpu().eval()
-    example = torch.rand(2, 1, 28, 28)
+    info = data_info(meta)
+    wrapped = Exportable(model.float().to(memory_format=torch.contiguous_format), info).cpu().eval()
+    example = torch.rand(2, int(info["channels"]), int(info["image_size"]), int(info["image_size"]))
     metadata = export_metadata(meta)
     buffer = io.BytesIO()
     if fmt == "torchscript":
@@ -195,8 +247,8 @@ def export(model: nn.Module, meta: dict[str, Any], fmt: str, out: Path) -> None:
 
 
 def run_exported(path: Path, fmt: str, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Outputs of an exported file on uint8 (N, 28, 28) images, through its own runtime."""
-    x = images[:, None].astype(np.float32) / 255.0
+    """Outputs of an exported file on uint8 (N, C, S, S) images (or grey (N, S, S)), through its own runtime."""
+    x = _channels(images).astype(np.float32) / 255.0
     outputs = []
     if fmt == "torchscript":
         with warnings.catch_warnings():
@@ -214,12 +266,18 @@ def run_exported(path: Path, fmt: str, images: np.ndarray, batch_size: int = 100
     return np.concatenate(outputs)
 
 
-def reference_logits(model: nn.Module, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+def reference_logits(
+    model: nn.Module, images: np.ndarray, info: dict[str, Any] = FASHION_MNIST_INFO, batch_size: int = 1000
+) -> np.ndarray:
     """The PyTorch model's fp32 outputs on the same inputs, for comparing an export against."""
-    wrapped = Exportable(model).cpu().eval()
-    x = torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
+    wrapped = Exportable(model, info).cpu().eval()
+    x = torch.from_numpy(_channels(images).astype(np.float32) / 255.0)
     with torch.inference_mode():
         return np.concatenate([wrapped(x[s : s + batch_size]).numpy() for s in range(0, len(x), batch_size)])
+
+
+def _channels(images: np.ndarray) -> np.ndarray:
+    return images[:, None] if images.ndim == 3 else images
 
 
 @dataclass(frozen=True)
@@ -234,10 +292,12 @@ class ExportCheck:
         return self.close and self.agree == 1.0
 
 
-def check_export(model: torch.nn.Module, target: Path, fmt: str, images: np.ndarray) -> ExportCheck:
-    """The exported file, run by its own runtime, against the PyTorch model on `images`."""
+def check_export(
+    model: torch.nn.Module, target: Path, fmt: str, images: np.ndarray, info: dict[str, Any] = FASHION_MNIST_INFO
+) -> ExportCheck:
+    """The exported file, run by its own runtime, against the PyTorch model on uint8 (N, C, S, S) `images`."""
     exported = run_exported(target, fmt, images)
-    reference = reference_logits(model, images)
+    reference = reference_logits(model, images, info)
     return ExportCheck(
         len(images),
         float(np.abs(exported - reference).max()),

@@ -17,11 +17,12 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hpo import budget, progress
+from hpo import budget, progress, sources
 from hpo import study as study_mod
 from hpo.config import StudyConfig, format_duration
 from hpo.errors import HpoError
 from hpo.session import Opened
+from hpo.sources import DataSet
 from hpo.storage import RUNS_DIR
 from hpo.train import derive_seed
 from hpo.trials import FINISHED
@@ -36,7 +37,7 @@ def prepare(
     opened: Opened,
     time_s: float | None,
     restart_clock: bool,
-    directory: Path,
+    dataset: DataSet,
     device: str | None,
     threads: int,
     started_at: float,
@@ -49,8 +50,9 @@ def prepare(
     clock = time_s if restart_clock or not study_mod.exists(opened.storage, cfg.name) else None
     calibrated = None
     if clock:
-        cfg, calibrated = check_time_budget(cfg, clock, opened.storage, directory, device, threads, workers)
+        cfg, calibrated = check_time_budget(cfg, clock, opened.storage, dataset, device, threads, workers)
     study, cfg = study_mod.create_or_load(opened.storage, cfg)
+    sources.check(study, dataset)
     if clock is not None:
         budget.set_deadline(study, clock, now=started_at)
         if calibrated is not None and budget.calibration(study) is None:
@@ -76,7 +78,7 @@ def refuse_spent_budget(study: optuna.Study, cfg: StudyConfig) -> None:
 
 
 def check_time_budget(
-    cfg: StudyConfig, time_s: float, storage: Any, directory: Path, device: str | None, threads: int, workers: int = 1
+    cfg: StudyConfig, time_s: float, storage: Any, dataset: DataSet, device: str | None, threads: int, workers: int = 1
 ) -> tuple[StudyConfig, budget.EpochCost | None]:
     """Refuse a budget that cannot hold one trial plus the finalizer, measured on this machine; a new
     study with `[budget] fit_epochs` gets the horizon fitted to the time instead (budget.fit_horizon),
@@ -101,9 +103,8 @@ def check_time_budget(
     else:
         # An explicit device, so that calibrating does not claim a GPU a worker is about to want.
         placement = place(device or ("cuda:0" if torch.cuda.is_available() else "cpu"), threads)
-        images, labels = data.load_split(directory, "train")
         trial_data = data.trial_data(
-            images, labels, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset
+            dataset, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset
         )
         cost = calibrated = calibrate(cfg, trial_data, placement)
     final_threads = finalizer_threads(device, threads)

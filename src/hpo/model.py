@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,19 @@ class ModelSpec:
         d = asdict(self)
         d["filters"] = list(self.filters)
         return d
+
+    def shaped(self, shape: InputShape) -> ModelSpec:
+        """This network for images of `shape` (a trial's parameters say nothing of the data)."""
+        return replace(self, in_channels=shape.channels, image_size=shape.size, num_classes=shape.classes)
+
+
+@dataclass(frozen=True)
+class InputShape:
+    """What the data gives a model: channels and side of its images, and the number of classes."""
+
+    channels: int = 1
+    size: int = 28
+    classes: int = 10
 
 
 POOLS = ("flatten", "avg")

@@ -15,7 +15,7 @@ import torch
 
 from hpo import artifacts, attrs, budget, checkpoints, space
 from hpo.config import StudyConfig
-from hpo.data import DeviceData, TrialData
+from hpo.data import TrialData
 from hpo.devices import Placement
 from hpo.errors import HpoError
 from hpo.model import count_parameters
@@ -109,12 +109,14 @@ def calibrate(cfg: StudyConfig, data: TrialData, placement: Placement) -> budget
     one validation pass on up to 2,048 images, scaled to the trial's data."""
     params = space.first(cfg.space, cfg.warm_start.params)
     train_s = seconds_per_image(params, data.train, cfg.train, cfg.augment)
-    held = DeviceData(data.val.x[:2048], data.val.y[:2048], placement.device)
+    held = data.val.head(2048)
     started = time.perf_counter()
-    evaluate(seeded_model(params.model, 0, placement.device), held, cfg.train.eval_batch_size)
+    evaluate(seeded_model(params.model.shaped(held.shape), 0, placement.device), held, cfg.train.eval_batch_size)
     eval_s = (time.perf_counter() - started) / max(1, len(held))
     epoch_s = train_s * len(data.train) + eval_s * len(data.val)
-    return budget.EpochCost(epoch_s, len(data.train), len(data.val), placement.threads)
+    return budget.EpochCost(
+        epoch_s, len(data.train), len(data.val), placement.threads, data.pool_images, data.test_images
+    )
 
 
 def make_objective(
@@ -171,7 +173,7 @@ class TrialRun:
 
     def run(self, decision: budget.Plan | None) -> float:
         cfg, trial, placement = self.cfg, self.trial, self.placement
-        model = seeded_model(self.params.model, self.seed, placement.device)
+        model = seeded_model(self.params.model.shaped(self.data.train.shape), self.seed, placement.device)
         for key, value in {
             **placement.describe(),
             attrs.PID: os.getpid(),
@@ -179,6 +181,8 @@ class TrialRun:
             "n_params": count_parameters(model),
             budget.TRAIN_IMAGES_ATTR: len(self.data.train),
             budget.VAL_IMAGES_ATTR: len(self.data.val),
+            budget.POOL_IMAGES_ATTR: self.data.pool_images,
+            budget.TEST_IMAGES_ATTR: self.data.test_images,
             budget.PLAN_ATTR: None if decision is None else dataclasses.asdict(decision),
         }.items():
             trial.set_user_attr(key, value)

@@ -29,7 +29,8 @@ def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: Sequence
 
 def confusion_matrix_png(counts: np.ndarray, classes: Sequence[str], title: str) -> bytes:
     recall = counts / np.maximum(1, counts.sum(1, keepdims=True))
-    fig, ax = plt.subplots(figsize=(8.2, 7))
+    side = max(1.0, len(classes) / 10)  # ten classes fit the first size; more get more room
+    fig, ax = plt.subplots(figsize=(8.2 * side, 7 * side))
     image = ax.imshow(recall, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):
         for j in range(len(classes)):
@@ -111,7 +112,10 @@ def misclassified_png(
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
-        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        image = images[i][0] if images[i].ndim == 3 and images[i].shape[0] == 1 else images[i]
+        if image.ndim == 3:  # colour (C, H, W) -> (H, W, C)
+            image = image.transpose(1, 2, 0)
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"true {classes[truth[i]]}\npred {classes[predicted[i]]} {confidence[i]:.0%}", fontsize=7)
     fig.suptitle(
         f"{len(wrong)} most confident of {int((truth != predicted).sum())} misclassified test images", fontsize=10

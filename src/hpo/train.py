@@ -268,10 +268,10 @@ def seconds_per_image(
     steps after `warmup` untimed ones (first-call allocations, kernel selection, the thread pool)."""
     batch = params.optimizer.batch_size
     images = min(len(data), batch * steps)
-    model = seeded_model(params.model, 0, data.device)
+    model = seeded_model(params.model.shaped(data.shape), 0, data.device)
     run = TrainingRun(params.optimizer, settings, augment, epochs=1, seed=0)
-    fit(model, DeviceData(data.x[: warmup * batch], data.y[: warmup * batch], data.device), None, run)
-    sample = DeviceData(data.x[:images], data.y[:images], data.device)
+    fit(model, data.head(warmup * batch), None, run)
+    sample = data.head(images)
     started = time.perf_counter()
     fit(model, sample, None, run)
     return (time.perf_counter() - started) / max(1, len(sample))

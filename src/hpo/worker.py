@@ -265,21 +265,19 @@ def serve(
 ) -> WorkerResult:
     """`hpo worker`: claim a device, load the data once, join the study (creating it if this worker is
     first) and run trials until the budget says stop. Raises Shutdown on SIGTERM/SIGINT."""
-    from hpo import data
+    from hpo import data, sources
     from hpo import study as study_mod
     from hpo.devices import place
     from hpo.storage import mask
 
     install_signal_handlers()
     placement = place(device, threads, claim=True, slots=slots)
-    # Data problems surface before the study is touched.
-    directory = data.find_data_dir(data_dir)
-    images, labels = data.load_split(directory, "train")
+    # Data problems surface before the study is touched; data that differs from the study's, before a trial.
+    dataset = sources.open_for(cfg, data_dir)
     study, cfg = study_mod.create_or_load(opened.storage, cfg, sampler_seed=sampler_seed)
-    trial_data = data.trial_data(
-        images, labels, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset
-    )
-    log.info("worker on %s joins study %r at %s (data %s)", placement.name, cfg.name, mask(opened.url), directory)
+    sources.check(study, dataset)
+    trial_data = data.trial_data(dataset, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset)
+    log.info("worker on %s joins study %r at %s (data %s)", placement.name, cfg.name, mask(opened.url), dataset.origin)
     return run(study, cfg, trial_data, placement, opened.storage, artifact_store=artifact_store)
 
 
