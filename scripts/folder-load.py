@@ -70,13 +70,13 @@ def main() -> None:
     if not args.out.is_dir():
         started = time.perf_counter()
         write_folder(args.out, args.images, args.side)
-        print(f"wrote {args.images:,} PNGs of {args.side}x{args.side} RGB to {args.out} in {time.perf_counter() - started:.0f}s")
-    runs = {"import-only": [], "load": []}
+        took = time.perf_counter() - started
+        print(f"wrote {args.images:,} PNGs of {args.side}x{args.side} RGB to {args.out} in {took:.0f}s")
+    runs: dict[str, list[dict]] = {"import-only": [], "load": []}
     for _ in range(args.repeats):
         for kind, target in (("import-only", "import-only"), ("load", str(args.out))):
-            out = subprocess.run(
-                [sys.executable, "-c", MEASURE, target, str(args.image_size)], capture_output=True, text=True, check=True
-            ).stdout
+            command = [sys.executable, "-c", MEASURE, target, str(args.image_size)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             runs[kind].append(json.loads(out.splitlines()[-1]))
     loads = sorted(r["load_s"] for r in runs["load"])
     peaks = sorted(r["peak_rss_mb"] for r in runs["load"])
@@ -84,7 +84,8 @@ def main() -> None:
     n = runs["load"][0]["images"]
     print(f"CPU: {cpu()}")
     print(
-        f"folder of {n:,} PNGs ({args.side}x{args.side} RGB) read at image_size {args.image_size}, {args.repeats} runs: "
+        f"folder of {n:,} PNGs ({args.side}x{args.side} RGB) read at image_size {args.image_size}, "
+        f"{args.repeats} runs: "
         f"load {loads[len(loads) // 2]:.1f}s median (range {loads[0]:.1f}-{loads[-1]:.1f}s, "
         f"{n / loads[len(loads) // 2]:,.0f} images/s); peak RSS {peaks[len(peaks) // 2]:.0f} MB "
         f"against {base[len(base) // 2]:.0f} MB for importing hpo alone; the decoded images take "

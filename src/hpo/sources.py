@@ -486,7 +486,7 @@ def check(study: Any, dataset: DataSet) -> None:
     theirs = recorded(study)
     if theirs is not None and theirs.get("sha256") != mine["sha256"]:
         raise DataError(
-            f"this host's data differs from study {study.study_name!r}'s: the study was created on "
+            f"this host's data differs from the data of study {study.study_name!r}: the study was created on "
             f"{describe(theirs)}, this host read {describe(mine)} from {dataset.origin}. Point --data-dir "
             "(or HPO_DATA_DIR) at a copy of the study's data set."
         )

@@ -167,7 +167,7 @@ def test_a_worker_whose_data_differs_refuses_to_join(subset: Path, tmp_path: Pat
         result = hpo(*command, "--study", "digits.toml", "--data-dir", str(changed), cwd=tmp_path, check=False)
         errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
         assert result.returncode == 1 and len(errors) == 1, result.stderr
-        assert "this host's data differs from study 'same-data'" in errors[0] and ours[:12] in errors[0]
+        assert "this host's data differs from the data of study 'same-data'" in errors[0] and ours[:12] in errors[0]
         theirs = sources.load(DataSettings(source="idx", path=str(changed)), changed, 0).digest
         assert theirs[:12] in errors[0] and theirs != ours
     assert len(optuna.load_study(study_name="same-data", storage=url).trials) == 1  # no trial joined
