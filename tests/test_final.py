@@ -150,7 +150,9 @@ def test_timed_replan_fits_the_epochs_to_the_measured_ones_in_the_first_half_onl
     left = 300 - 12 - 7
     assert replan(epochs(30.0, 10.0, 30.0), 36) == 3 + int(left // (1.05 * 30.0))  # the median epoch
     assert replan(epochs(*[30.0] * 19), 36) == 36  # past halfway: left alone
-    assert replan(epochs(2.0, 2.0), 20) == 20  # time to spare: never grown
+    # Time to spare: grown back towards the 36 asked for, as far as its own epochs say they fit.
+    assert replan(epochs(2.0, 2.0), 20) == 36
+    assert replan(epochs(10.0), 20) == 1 + int(left // (1.05 * 10.0)) == 27
 
 
 def test_the_test_passes_are_timed_for_every_member_and_view():

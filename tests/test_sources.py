@@ -284,3 +284,45 @@ def test_bad_data_gets_one_line_and_exit_1_and_stores_nothing(run, tmp_path: Pat
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and re.search(message, errors[0]), result.output
     assert not (tmp_path / "runs").exists()  # no storage was opened, so no study exists
+
+
+def test_the_settings_stored_in_a_study_read_its_data_when_the_file_has_changed(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "p", {"a": random_images(12), "b": random_images(12, seed=1)})
+    lines = f'[data]\nsource = "folder"\npath = "{root}"\nimage_size = 8\n'
+    stored = config.parse(study_file("seed = 0\n" + lines))
+    edited = config.parse(study_file("seed = 1\n" + lines))  # another seed holds another test split out
+    from_file = sources.open_for(edited)
+    assert sources.for_study(from_file, edited) is from_file
+    as_stored = sources.for_study(from_file, stored)
+    assert as_stored.digest == sources.open_for(stored).digest != from_file.digest
+
+
+def test_a_workers_read_never_opens_the_test_files_and_the_finalizer_completes_the_fingerprint(tmp_path: Path) -> None:
+    import optuna
+
+    directory = make_dataset(tmp_path / "idx")
+    (directory / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not an idx file")  # a worker must not care
+    settings = DataSettings(source="idx", path=str(directory))
+    worker = sources.load(settings, directory, 0, with_test=False)
+    assert worker.test is None and worker.fingerprint()["test_sha256"] is None
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: not an IDX file"):
+        sources.load(settings, directory, 0)  # the finalizer reads it, and refuses it
+
+    make_dataset(directory)  # intact test files again
+    study = optuna.create_study(study_name="fp")
+    sources.check(study, worker)  # the first host: a worker records the pool's fingerprint
+    assert sources.recorded(study)["test_sha256"] is None
+    assert sources.test_count(study, worker) == 0
+    finalizer = sources.load(settings, directory, 0)
+    sources.check(study, finalizer)  # the first finalizer adds its test split's
+    assert sources.recorded(study)["test_sha256"] == finalizer.test_digest
+    assert sources.test_count(study, worker) == 50
+
+    other = make_dataset(tmp_path / "other", seed=1)  # another draw of every file...
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (other / name).write_bytes((directory / name).read_bytes())  # the same pool, another test split
+    changed = sources.load(settings, other, 0)
+    assert changed.digest == finalizer.digest and changed.test_digest != finalizer.test_digest
+    with pytest.raises(DataError, match=r"differs from the data of study 'fp'.*test split sha256"):
+        sources.check(study, changed)
+    sources.check(study, sources.load(settings, other, 0, with_test=False))  # a worker's read still matches

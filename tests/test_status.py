@@ -103,6 +103,8 @@ def test_a_timed_study_leads_with_the_time_left_and_the_trials_run(tmp_path):
         "of 10m00s left, 2 trials run (0 complete, 1 pruned, 1 running)"
     ), first
     assert "finished 1 (the clock ends this search; 8 is only a cap)" in _format_status(s)
+    # A timed study that met its trial cap before the clock (a fast machine, a small data set) says so.
+    assert "finished 8/8, pruned share" in _format_status({**s, "finished": 8})
 
 
 def test_a_timed_study_whose_trial_cap_outlasts_its_clock_gives_no_eta_past_the_deadline():

@@ -224,6 +224,7 @@ def optimize(
     study, cfg = launch.prepare(
         cfg, opened, time_s, time_budget is not None, dataset, device, threads, started_at, workers
     )
+    dataset = sources.for_study(dataset, cfg, data_dir)  # the study's stored [data] win over the file's
     log.info(
         f"study {cfg.name!r}: {workers} workers x {threads} thread(s), storage {storage_mod.mask(opened.url)}, "
         f"artifacts {location}{_time_note(budget.get_deadline(study))}"
@@ -377,8 +378,9 @@ def _format_status(summary: dict[str, Any]) -> str:
         changes += [f"time {config.format_duration(extension['time_s'])} from then"] if extension["time_s"] else []
         lines.append(f"  extended {when}: {', '.join(changes)}")
     epochs = summary["epochs"]
+    capped = clock and summary["finished"] < summary["n_trials"]  # a timed study that met its trial cap says so
     finished = f"{summary['finished']}" + (
-        f" (the clock ends this search; {summary['n_trials']} is only a cap)" if clock else f"/{summary['n_trials']}"
+        f" (the clock ends this search; {summary['n_trials']} is only a cap)" if capped else f"/{summary['n_trials']}"
     )
     lines += [
         "",

@@ -285,7 +285,12 @@ class TrialData:
 
 
 def trial_data(
-    dataset: DataSet, val_fraction: float, seed: int, device: torch.device, train_subset: int = 0
+    dataset: DataSet,
+    val_fraction: float,
+    seed: int,
+    device: torch.device,
+    train_subset: int = 0,
+    test_images: int | None = None,
 ) -> TrialData:
     """Split the data set's pool (never its test split) and move both parts to the device."""
     images, labels = dataset.train.images, dataset.train.labels
@@ -298,7 +303,7 @@ def trial_data(
         DeviceData(images[train_idx], labels[train_idx], device, *stats),
         DeviceData(images[val_idx], labels[val_idx], device, *stats),
         len(dataset.train),
-        len(dataset.test),
+        test_images if test_images is not None else len(dataset.test) if dataset.test is not None else 0,
     )
 
 

@@ -52,7 +52,7 @@ def prepare(
     if clock:
         cfg, calibrated = check_time_budget(cfg, clock, opened.storage, dataset, device, threads, workers)
     study, cfg = study_mod.create_or_load(opened.storage, cfg)
-    sources.check(study, dataset)
+    sources.check(study, sources.for_study(dataset, cfg, dataset.origin))
     if clock is not None:
         budget.set_deadline(study, clock, now=started_at)
         if calibrated is not None and budget.calibration(study) is None:

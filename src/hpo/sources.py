@@ -62,13 +62,15 @@ class DataSet:
     source: str
     origin: str  # where it was read from, for log lines
     train: Labelled  # the pool: trials split it into training and validation (hpo.data.trial_data)
-    test: Labelled
+    test: Labelled | None  # None: a worker's read, which leaves a source's own test files unopened
     classes: tuple[str, ...]
     mean: tuple[float, ...]  # per channel, of the pool's pixels on a 0..1 scale
     std: tuple[float, ...]
     held_out: dict[str, Any] | None = None  # how the test split was held out, when the source has none
     light_on_dark: bool = False  # MNIST-style images: hpo predict inverts a dark-on-light photo to match
-    digest: str = field(default="", compare=False)
+    digest: str = field(default="", compare=False)  # of the class names and the pool
+    test_digest: str | None = field(default=None, compare=False)  # of the test split, where it was read
+    read_as: tuple[Any, ...] = ()  # (settings, seed, val_fraction) it was read with: see for_study
 
     @property
     def channels(self) -> int:
@@ -97,18 +99,21 @@ class DataSet:
             "source": self.source,
             "classes": list(self.classes),
             "shape": [self.channels, self.image_size, self.image_size],
-            "images": {"train": len(self.train), "test": len(self.test)},
+            "images": {"train": len(self.train), "test": None if self.test is None else len(self.test)},
             "sha256": self.digest,
+            "test_sha256": self.test_digest,
             "held_out": self.held_out,
         }
 
 
 def describe(fingerprint: dict[str, Any]) -> str:
-    """A fingerprint in a few words: `sha256 1a2b3c4d5e6f (54,000 train + 6,000 test images, 10 classes)`."""
-    counts = fingerprint["images"]
+    """A fingerprint in a few words: `sha256 1a2b3c4d5e6f (60,000 train images, 10 classes, 1x28x28; test
+    split sha256 0f1e2d3c4b5a, 10,000 images)`."""
+    counts, test = fingerprint["images"], fingerprint.get("test_sha256")
+    tested = f"test split sha256 {test[:12]}, {counts['test']:,} images" if test else "test split not read here"
     return (
-        f"sha256 {fingerprint['sha256'][:12]} ({counts['train']:,} train + {counts['test']:,} test images, "
-        f"{len(fingerprint['classes'])} classes, {'x'.join(str(n) for n in fingerprint['shape'])})"
+        f"sha256 {fingerprint['sha256'][:12]} ({counts['train']:,} train images, {len(fingerprint['classes'])} "
+        f"classes, {'x'.join(str(n) for n in fingerprint['shape'])}; {tested})"
     )
 
 
@@ -126,18 +131,31 @@ def data_dir(settings: DataSettings, explicit: str | os.PathLike | None = None) 
     return chosen
 
 
-def open_for(cfg: StudyConfig, explicit: str | os.PathLike | None = None) -> DataSet:
+def open_for(cfg: StudyConfig, explicit: str | os.PathLike | None = None, with_test: bool = True) -> DataSet:
     """The study's data as this host has it (`explicit`: --data-dir), read and checked."""
-    return load(cfg.data, data_dir(cfg.data, explicit), cfg.seed, cfg.budget.val_fraction)
+    return load(cfg.data, data_dir(cfg.data, explicit), cfg.seed, cfg.budget.val_fraction, with_test)
 
 
-def load(settings: DataSettings, directory: Path, seed: int, val_fraction: float = 0.1) -> DataSet:
-    """Read the study's data from `directory` (see data_dir), checked, with its test split."""
+def for_study(dataset: DataSet, cfg: StudyConfig, explicit: str | os.PathLike | None = None) -> DataSet:
+    """`dataset`, read with a study file's settings before the study was opened, as the settings
+    stored in the study read it: the same object unless the study's [data], seed or validation
+    share differ from the file's (the stored ones win, as everywhere)."""
+    if dataset.read_as == (cfg.data, cfg.seed, cfg.budget.val_fraction):
+        return dataset
+    return open_for(cfg, explicit, with_test=dataset.test is not None)
+
+
+def load(
+    settings: DataSettings, directory: Path, seed: int, val_fraction: float = 0.1, with_test: bool = True
+) -> DataSet:
+    """Read the study's data from `directory` (see data_dir), checked, with its test split.
+    `with_test=False` (a worker): a source's own test files are not opened; a held-out test split is
+    still set apart, since the pool it comes from must be read."""
     started = time.perf_counter()
     reader = {"fashion-mnist": _fashion_mnist, "idx": _idx, "csv": _csv, "folder": _folder}[settings.source]
-    pool, test, classes, names = reader(settings, directory)
+    pool, test, classes, names, own_test = reader(settings, directory, with_test)
     held_out = None
-    if test is None:
+    if not own_test:
         pool, test, held_out = hold_out(pool, classes, settings.test_fraction, seed + HOLDOUT_SEED_OFFSET, names)
     _check_counts(pool, test, classes, val_fraction)
     mean: tuple[float, ...]
@@ -147,8 +165,7 @@ def load(settings: DataSettings, directory: Path, seed: int, val_fraction: float
     else:
         mean, std = channel_stats(pool.images)
     h = hashlib.sha256(("\n".join(classes) + "\n").encode())
-    for part in (pool, test):
-        h.update(part.digest().encode())
+    h.update(pool.digest().encode())
     dataset = DataSet(
         settings.source,
         str(directory),
@@ -160,6 +177,8 @@ def load(settings: DataSettings, directory: Path, seed: int, val_fraction: float
         held_out,
         light_on_dark=settings.source != "folder",
         digest=h.hexdigest(),
+        test_digest=None if test is None else test.digest(),
+        read_as=(settings, seed, val_fraction),
     )
     log.info(
         "data: %s from %s, %s, read in %.1fs",
@@ -171,7 +190,7 @@ def load(settings: DataSettings, directory: Path, seed: int, val_fraction: float
     return dataset
 
 
-def _check_counts(pool: Labelled, test: Labelled, classes: tuple[str, ...], val_fraction: float) -> None:
+def _check_counts(pool: Labelled, test: Labelled | None, classes: tuple[str, ...], val_fraction: float) -> None:
     counts = np.bincount(pool.labels, minlength=len(classes))
     for i, n in enumerate(counts[: len(classes)]):
         held = int(round(n * val_fraction))
@@ -181,6 +200,8 @@ def _check_counts(pool: Labelled, test: Labelled, classes: tuple[str, ...], val_
                 f"validation and train on the rest: give it at least {int(np.ceil(0.5 / val_fraction))}."
             )
     for name, part in (("training", pool), ("test", test)):
+        if part is None:
+            continue
         counts = np.bincount(part.labels, minlength=len(classes))
         if len(counts) > len(classes):
             raise DataError(f"the {name} split has label {len(counts) - 1}, outside the {len(classes)} classes.")
@@ -229,9 +250,10 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
 
 # --------------------------------------------------------------------------- readers
 
-# What a reader returns: the labelled pool, the source's own test split (None: hold one out), the class
-# names, and a name per pool image for the hold-out's record (None: their indices).
-Read = tuple[Labelled, Labelled | None, tuple[str, ...], list[str] | None]
+# What a reader returns: the labelled pool, the source's own test split (None: not read, or none), the
+# class names, a name per pool image for a hold-out's record (None: their indices), and whether the
+# source has test files of its own (else a test split is held out of the pool).
+Read = tuple[Labelled, Labelled | None, tuple[str, ...], list[str] | None, bool]
 
 
 def _classes_for(settings: DataSettings, labels: np.ndarray, where: str) -> tuple[str, ...]:
@@ -248,10 +270,13 @@ def _classes_for(settings: DataSettings, labels: np.ndarray, where: str) -> tupl
     return tuple(str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0))
 
 
-def _fashion_mnist(settings: DataSettings, directory: Path) -> Read:
+def _fashion_mnist(settings: DataSettings, directory: Path, with_test: bool) -> Read:
     images, labels = data.load_split(directory, "train")
-    test_images, test_labels = data.load_split(directory, "test")
-    return Labelled(images[:, None], labels), Labelled(test_images[:, None], test_labels), data.CLASSES, None
+    test = None
+    if with_test:
+        test_images, test_labels = data.load_split(directory, "test")
+        test = Labelled(test_images[:, None], test_labels)
+    return Labelled(images[:, None], labels), test, data.CLASSES, None, True
 
 
 def _idx_split(directory: Path, split: str, required: bool) -> Labelled | None:
@@ -276,17 +301,18 @@ def _idx_split(directory: Path, split: str, required: bool) -> Labelled | None:
     return Labelled(images[:, None], labels.astype(np.int64))
 
 
-def _idx(settings: DataSettings, directory: Path) -> Read:
+def _idx(settings: DataSettings, directory: Path, with_test: bool) -> Read:
     pool = _idx_split(directory, "train", required=True)
     assert pool is not None
-    test = _idx_split(directory, "test", required=False)
+    own_test = any(data.find_file(directory, stem) for stem in data.FILES["test"])
+    test = _idx_split(directory, "test", required=False) if with_test else None
     if test is not None and test.images.shape[1:] != pool.images.shape[1:]:
         raise DataError(
             f"{directory}: test images are {test.images.shape[2]}px, training ones {pool.images.shape[2]}px."
         )
     both = np.concatenate([pool.labels, test.labels]) if test is not None else pool.labels
     classes = _classes_for(settings, both, str(directory))
-    return pool, test, classes, None
+    return pool, test, classes, None, own_test
 
 
 def read_csv(path: Path, settings: DataSettings) -> Labelled:
@@ -339,16 +365,16 @@ def read_csv(path: Path, settings: DataSettings) -> Labelled:
     return Labelled(values[:, 1:].astype(np.uint8).reshape(-1, 1, side, side), labels)
 
 
-def _csv(settings: DataSettings, directory: Path) -> Read:
+def _csv(settings: DataSettings, directory: Path, with_test: bool) -> Read:
     pool = read_csv(directory / settings.train, settings)
-    test = read_csv(directory / settings.test, settings) if settings.test else None
+    test = read_csv(directory / settings.test, settings) if settings.test and with_test else None
     if test is not None and test.images.shape[1:] != pool.images.shape[1:]:
         raise DataError(
             f"{settings.test}: {test.images.shape[2]}px images, but {settings.train} has {pool.images.shape[2]}px."
         )
     both = np.concatenate([pool.labels, test.labels]) if test is not None else pool.labels
     names = [f"{settings.train}:{line}" for line in range(2, len(pool) + 2)]  # approximate if blank lines
-    return pool, test, _classes_for(settings, both, str(directory / settings.train)), names
+    return pool, test, _classes_for(settings, both, str(directory / settings.train)), names, bool(settings.test)
 
 
 # --------------------------------------------------------------------------- folders of images
@@ -459,13 +485,14 @@ def _folder_split(
     return Labelled(images, labels), classes, names, channels
 
 
-def _folder(settings: DataSettings, directory: Path) -> Read:
+def _folder(settings: DataSettings, directory: Path, with_test: bool) -> Read:
     train_root = directory / "train" if (directory / "train").is_dir() else directory
     pool, classes, names, channels = _folder_split(train_root, settings, settings.channels, None)
+    own_test = train_root != directory and (directory / "test").is_dir()
     test = None
-    if train_root != directory and (directory / "test").is_dir():
+    if own_test and with_test:
         test, _, _, _ = _folder_split(directory / "test", settings, channels, classes)
-    return pool, test, classes, names
+    return pool, test, classes, names, own_test
 
 
 # --------------------------------------------------------------------------- one data set per study
@@ -481,10 +508,16 @@ def check(study: Any, dataset: DataSet) -> None:
     the recorded one: an honest study is never trained or scored on two data sets. Read back after
     writing, so two hosts that record at once with different data cannot both go on."""
     mine = dataset.fingerprint()
-    if recorded(study) is None:
-        study.set_user_attr(DATA_ATTR, mine)
     theirs = recorded(study)
-    if theirs is not None and theirs.get("sha256") != mine["sha256"]:
+    if theirs is None:
+        study.set_user_attr(DATA_ATTR, mine)
+    elif theirs["sha256"] == mine["sha256"] and theirs.get("test_sha256") is None and mine["test_sha256"]:
+        # A worker recorded the pool (it never opens test files); the first finalizer adds the test split.
+        images = {**theirs["images"], "test": mine["images"]["test"]}
+        study.set_user_attr(DATA_ATTR, {**theirs, "images": images, "test_sha256": mine["test_sha256"]})
+    theirs = recorded(study)
+    tests = (theirs or {}).get("test_sha256"), mine["test_sha256"]
+    if theirs is not None and (theirs["sha256"] != mine["sha256"] or None not in tests and tests[0] != tests[1]):
         raise DataError(
             f"this host's data differs from the data of study {study.study_name!r}: the study was created on "
             f"{describe(theirs)}, this host read {describe(mine)} from {dataset.origin}. Point --data-dir "
@@ -497,7 +530,17 @@ def test_images(info: dict[str, Any], explicit: str | os.PathLike | None = None)
     (N, C, S, S): what `hpo export` checks an exported file on."""
     raw = info.get("settings") or {"source": "fashion-mnist"}
     settings = DataSettings(**{**raw, "classes": tuple(raw.get("classes", ()))})
-    return load(settings, data_dir(settings, explicit), int(info.get("seed", 0))).test.images
+    test = load(settings, data_dir(settings, explicit), int(info.get("seed", 0))).test
+    assert test is not None  # read with its test split
+    return test.images
+
+
+def test_count(study: Any, dataset: DataSet) -> int:
+    """Images in the study's test split, for the finalizer's time estimates: as read here, or as
+    recorded by a host that read them (0 while none has)."""
+    if dataset.test is not None:
+        return len(dataset.test)
+    return int(((recorded(study) or {}).get("images") or {}).get("test") or 0)
 
 
 def fashion_mnist(directory: Path, seed: int = 0) -> DataSet:

@@ -273,10 +273,19 @@ def serve(
     install_signal_handlers()
     placement = place(device, threads, claim=True, slots=slots)
     # Data problems surface before the study is touched; data that differs from the study's, before a trial.
-    dataset = sources.open_for(cfg, data_dir)
+    # A worker never opens the source's own test files (a held-out test split is set apart, unused).
+    dataset = sources.open_for(cfg, data_dir, with_test=False)
     study, cfg = study_mod.create_or_load(opened.storage, cfg, sampler_seed=sampler_seed)
+    dataset = sources.for_study(dataset, cfg, data_dir)
     sources.check(study, dataset)
-    trial_data = data.trial_data(dataset, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset)
+    trial_data = data.trial_data(
+        dataset,
+        cfg.budget.val_fraction,
+        cfg.seed,
+        placement.device,
+        cfg.budget.train_subset,
+        sources.test_count(study, dataset),
+    )
     log.info("worker on %s joins study %r at %s (data %s)", placement.name, cfg.name, mask(opened.url), dataset.origin)
     return run(study, cfg, trial_data, placement, opened.storage, artifact_store=artifact_store)
 
