@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from hpo import data
-from hpo.config import DataSettings, StudyConfig
+from hpo.config import FOLDER_IMAGE_SIZE, DataSettings, StudyConfig
 from hpo.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -479,7 +479,7 @@ def _folder_split(
                     "Set [data] channels = 1 or 3 to convert them all."
                 )
         channels = next(iter(seen))
-    size = settings.image_size or 32
+    size = settings.image_size or FOLDER_IMAGE_SIZE  # config.parse sets it; a hand-made DataSettings may not
     images = _decode_all(ordered, size, channels, root.name or str(root))
     names = [str(p.relative_to(root)) for p in ordered]
     return Labelled(images, labels), classes, names, channels
