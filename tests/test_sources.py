@@ -68,6 +68,23 @@ def test_colour_images_keep_three_channels_and_their_own_statistics(tmp_path: Pa
     assert all(0.4 < m < 0.6 for m in dataset.mean)  # uniform noise averages mid-grey
 
 
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path: Path) -> None:
+    # Stored wide, dark on the left; EXIF orientation 6 says a viewer shows it turned 90 degrees
+    # clockwise, so upright it is tall with the dark half on top.
+    pixels = np.full((20, 40), 230, dtype=np.uint8)
+    pixels[:, :20] = 20
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    plain = tmp_path / "plain.jpg"
+    Image.fromarray(pixels).save(plain, quality=95)
+    upright = sources.decode_image(tmp_path / "phone.jpg", 8, 1)[0].astype(int)
+    assert upright[:3].mean() < 60 and upright[-3:].mean() > 190  # dark top, light bottom
+    assert abs(upright[:, :3].mean() - upright[:, -3:].mean()) < 10  # left and right alike
+    as_stored = sources.decode_image(plain, 8, 1)[0].astype(int)
+    assert as_stored[:, :3].mean() < 60 and as_stored[:, -3:].mean() > 190  # without the tag: as stored
+
+
 def test_classes_choose_the_order_of_a_folders_labels(tmp_path: Path) -> None:
     root = write_folder(tmp_path / "p", {"dog": random_images(10), "cat": random_images(10, seed=1)})
     dataset = sources.load(folder_settings(root, classes=("dog", "cat")), root, seed=0)

@@ -385,14 +385,16 @@ def image_channels(mode: str) -> int:
 
 
 def decode_image(source: Any, size: int, channels: int, name: str = "") -> np.ndarray:
-    """One image file (a path or an open file) as uint8 (channels, size, size): alpha dropped, grey or
-    colour as asked, resized (squashed, as torchvision's Resize((s, s)) and Keras do) with Lanczos."""
-    from PIL import Image, UnidentifiedImageError
+    """One image file (a path or an open file) as uint8 (channels, size, size): turned upright as its
+    EXIF orientation says (a phone's photo reads as a viewer shows it), alpha dropped, grey or colour
+    as asked, resized (squashed, as torchvision's Resize((s, s)) and Keras do) with Lanczos."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(source) as img:
             img.draft("L" if channels == 1 else "RGB", (size, size))  # JPEG: decode near the target size
-            converted = img.convert("L" if channels == 1 else "RGB")
+            upright = ImageOps.exif_transpose(img)
+            converted = upright.convert("L" if channels == 1 else "RGB")
             resized = converted.resize((size, size), Image.Resampling.LANCZOS)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{name or source}: not a readable image ({e}). Replace or remove the file.") from None
