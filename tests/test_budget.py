@@ -89,7 +89,11 @@ def test_final_reserve_counts_every_member_on_the_whole_training_set():
     reserve = budget.final_reserve(study, cfg, 1, costs, None)
     per_image = [c.per_image_s() for c in costs]  # the two best trials are the members
     expected = sum(
-        p * (budget.DATASET_IMAGES + budget.test_passes("flip") * budget.FP32_EVAL_SHARE * budget.TEST_IMAGES)
+        p
+        * (
+            budget.DATASET_IMAGES
+            + budget.test_passes("flip", trial_models=True) * budget.FP32_EVAL_SHARE * budget.TEST_IMAGES
+        )
         for p in per_image
     )
     assert reserve == pytest.approx(expected)
@@ -101,7 +105,10 @@ def test_final_reserve_counts_at_most_the_ensemble_and_one_typical_member_before
     cfg = config.load("tiny")  # ensemble 2
     study = study_with([1.0, 2.0, 4.0])  # the best two are the slower two (values rise with the index)
     costs = budget.measured(study)
-    each = budget.DATASET_IMAGES + budget.test_passes("flip") * budget.FP32_EVAL_SHARE * budget.TEST_IMAGES
+    each = (
+        budget.DATASET_IMAGES
+        + budget.test_passes("flip", trial_models=True) * budget.FP32_EVAL_SHARE * budget.TEST_IMAGES
+    )
     expected = sum(c.per_image_s() * each for c in costs[1:])
     assert budget.final_reserve(study, cfg, 1, costs, None) == pytest.approx(expected)
     # Nothing complete yet and nothing reported: one typical member (the 90th percentile of the epochs
@@ -128,7 +135,10 @@ def test_before_any_trial_completes_the_leading_trial_stands_in_for_the_member()
     add(TrialState.PRUNED, {1: 0.70}, 25.0)
     add(TrialState.RUNNING, {1: 0.80, 2: 0.85}, 10.0)  # the warm start, leading
     costs = budget.measured(study)
-    each = budget.DATASET_IMAGES + budget.test_passes("flip") * budget.FP32_EVAL_SHARE * budget.TEST_IMAGES
+    each = (
+        budget.DATASET_IMAGES
+        + budget.test_passes("flip", trial_models=True) * budget.FP32_EVAL_SHARE * budget.TEST_IMAGES
+    )
     lead = next(c for c in costs if c.epoch_s == 10.0)
     assert budget.final_reserve(study, cfg, 1, costs, None) == pytest.approx(lead.per_image_s() * each)
     assert budget.leading_trial(study, maximize=True).intermediate_values == {1: 0.80, 2: 0.85}
@@ -170,7 +180,7 @@ def test_minimum_budget_is_the_shortest_in_which_a_first_trial_completes_and_a_m
         needed = budget.minimum_budget(cfg, cost, 1, calibrated=calibrated, start_s=10.0)
         costs = [] if calibrated else [cost]
         whole = budget.trial_estimate(cfg, costs, cost if calibrated else None)  # the whole horizon
-        member = budget.member_estimate(cost, cfg.final.epochs, 1, tta=cfg.final.tta)
+        member = budget.member_estimate(cost, cfg.final.epochs, 1, cfg.final)
         for time_s, fits in ((needed, True), (needed - 2.0, False)):
             assert (10.0 + whole + member + budget.slack_s(time_s) <= time_s) is fits, (calibrated, time_s)
     # A warm start's calibration is of the first trial itself: once, not doubled.
@@ -214,7 +224,7 @@ def test_while_nothing_is_complete_the_leading_trial_runs_on_if_its_epochs_and_o
         lead.set_user_attr(key, value)
     deadline = budget.Deadline(at=1600.0, time_s=600.0, set_at=1000.0)
     cost = budget.trial_cost(study.get_trials()[1])
-    one = budget.member_estimate(cost, 1, 1, tta=cfg.final.tta) + budget.slack_s(600.0)
+    one = budget.member_estimate(cost, 1, 1, cfg.final) + budget.slack_s(600.0)
     # One epoch left: it may end as late as one final epoch before the deadline.
     assert budget.plan_epoch(study, cfg, deadline, 1, 10.0, now=1600.0 - one - 10.1, number=lead.number).fits
     late = budget.plan_epoch(study, cfg, deadline, 1, 10.0, now=1600.0 - one - 9.9, number=lead.number)
@@ -274,7 +284,7 @@ def test_the_outlook_counts_whole_trials_in_the_time_left_beside_the_finalizers_
     fresh.set_user_attr(budget.CALIBRATION_ATTR, dataclasses.asdict(calibrated))
     # Nothing measured yet: the calibration as it is (not doubled), and [final] ensemble members reserved.
     trial_s = 1.0 * 3 + budget.TRIAL_OVERHEAD_S
-    reserve = 2 * budget.member_estimate(calibrated, cfg.final.epochs, 1)
+    reserve = 2 * budget.member_estimate(calibrated, cfg.final.epochs, 1, cfg.final)
     left = 600.0
     whole = 2 * (left - reserve - budget.slack_s(left)) / trial_s
     line = budget.outlook(fresh, cfg, 2, 1, left)

@@ -190,15 +190,39 @@ def test_the_note_says_how_the_members_were_chosen_and_that_test_chose_nothing()
         "test_ci95": [0.925, 0.935],
         "ensemble": {
             "requested": 3,
+            "models": 3,
             "trained": 2,
+            "from_search": 1,
             "tta": "flip",
             "chosen_by": chosen_by,
             "shrunk": None,
             "gain_over_best_member": 0.004,
         },
         "members": [
-            {"trial": 3, "value": 0.871, "seed": 1, "test_accuracy": 0.926, "ci95": [0.92, 0.93]},
-            {"trial": 5, "value": 0.866, "seed": 2, "test_accuracy": 0.921, "ci95": [0.92, 0.93]},
+            {
+                "trial": 3,
+                "value": 0.871,
+                "seed": 1,
+                "trained_by": "final-train",
+                "test_accuracy": 0.926,
+                "ci95": [0.92, 0.93],
+            },
+            {
+                "trial": 5,
+                "value": 0.866,
+                "seed": 2,
+                "trained_by": "final-train",
+                "test_accuracy": 0.921,
+                "ci95": [0.92, 0.93],
+            },
+            {
+                "trial": 3,
+                "value": 0.871,
+                "seed": 7,
+                "trained_by": "search",
+                "test_accuracy": 0.924,
+                "ci95": [0.92, 0.93],
+            },
         ],
         "per_class_accuracy": {"Shirt": 0.8, "Bag": 0.99},
         "epochs": 30,
@@ -211,6 +235,9 @@ def test_the_note_says_how_the_members_were_chosen_and_that_test_chose_nothing()
     assert f"Members chosen on the validation split: {chosen_by}." in text
     assert "Nothing was chosen by test accuracy." in text
     assert "| validation val_accuracy of trial 3 | 0.8710 |" in text
+    assert "| test accuracy of the ensemble of 3 |" in text
+    assert "| member: trial 3 (val 0.8710, seed 7, its trial's own model) | 92.40 %" in text
+    assert "also holds the 1 trial model(s) the search trained" in text
 
 
 def test_a_trial_and_the_finalizer_train_the_same_recipe_from_a_study_file(monkeypatch):
@@ -247,3 +274,61 @@ def test_a_trial_and_the_finalizer_train_the_same_recipe_from_a_study_file(monke
     assert trial_run.epochs == cfg.budget.epochs == cfg.final.epochs  # the final horizon is the trials' horizon
     assert dataclasses.replace(trial_run, seed=0) == dataclasses.replace(final_run, seed=0)
     assert trial_run.optimizer == space.suggest(optuna.trial.FixedTrial(trial.params), cfg.space).optimizer
+
+
+PLAIN = {"n_conv": 1, "filters_0": 8, "kernel_size": 3, "n_fc": 1, "fc_size": 16, "dropout": 0.0}
+PLAIN |= {"optimizer": "adam", "lr": 1e-3, "batch_size": 32, "weight_decay": 1e-4}
+
+
+def fixed(params: dict) -> dict:
+    """Distributions holding exactly `params`, for create_trial."""
+    return {
+        k: optuna.distributions.CategoricalDistribution([v])
+        if isinstance(v, str)
+        else optuna.distributions.FloatDistribution(v, v)
+        if isinstance(v, float)
+        else optuna.distributions.IntDistribution(v, v)
+        for k, v in params.items()
+    }
+
+
+def test_a_chosen_trials_own_model_joins_and_a_foreign_or_missing_one_does_not(tmp_path, caplog):
+    from hpo import artifacts, checkpoints
+    from hpo.data import DeviceData
+    from hpo.final import trial_models
+    from hpo.model import DynamicCNN
+    from hpo.params import TrialParams
+
+    store = artifacts.open_store(str(tmp_path / "artifacts"))
+    study = optuna.create_study(direction="maximize")
+    train = DeviceData(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4), torch.device("cpu"))
+    params = TrialParams.from_flat(PLAIN)
+    trained = DynamicCNN(params.model.shaped(train.shape))
+
+    def kept(study_name: str, flat: dict) -> str:
+        state = {k: v.clone() for k, v in trained.state_dict().items()}
+        payload = {"format": checkpoints.TRIAL_MODEL_FORMAT, "study": study_name, "params": flat, "seed": 42}
+        return artifacts.upload_bytes(
+            store, study, "trial-model.pt", artifacts.torch_bytes(payload | {"state_dict": state})
+        )
+
+    cfg = config.load("tiny")
+    rows = [
+        {attrs.TRIAL_MODEL: kept("tiny", PLAIN)},  # its own: joins
+        {attrs.TRIAL_MODEL: kept("another", PLAIN)},  # another study's file
+        {attrs.TRIAL_MODEL: kept("tiny", PLAIN | {"fc_size": 32})},  # another configuration's weights
+        {},  # kept none (not among the best when it ended, or no artifact store)
+    ]
+    for value, user_attrs in zip([0.9, 0.8, 0.7, 0.6], rows, strict=True):
+        study.add_trial(
+            create_trial(
+                state=TrialState.COMPLETE, value=value, params=PLAIN, distributions=fixed(PLAIN), user_attrs=user_attrs
+            )
+        )
+    members = trial_models(study.trials, cfg, train, store)
+    assert [(m.trial.number, m.seed, m.trained_by, m.train_s) for m in members] == [(0, 42, "search", 0.0)]
+    for name, weights in trained.state_dict().items():
+        assert torch.equal(members[0].model.state_dict()[name], weights)
+    assert "trial 1's trial-model.pt cannot be reused (not a hpo-trial-model/1 file of study 'tiny')" in caplog.text
+    assert "trial 2's trial-model.pt cannot be reused (its params are not the trial's)" in caplog.text
+    assert trial_models(study.trials, cfg, train, None) == []  # no artifact store: each member is retrained alone

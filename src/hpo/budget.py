@@ -21,7 +21,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.config import StudyConfig, format_duration, with_horizon
+from hpo.config import Final, StudyConfig, format_duration, with_horizon
 from hpo.optuna_compat import study_engine
 from hpo.storage import database_time
 from hpo.trials import FINISHED, best_first
@@ -183,16 +183,17 @@ def thread_factor(trial_threads: int, final_threads: int) -> float:
 FP32_EVAL_SHARE = 0.6
 
 
-def test_passes(tta: str) -> int:
+def test_passes(tta: str, trial_models: bool = False) -> int:
     """Forward passes the finalizer makes per test image and member: each TTA view, in the ensemble
-    and again alone (hpo.final.score)."""
-    return 2 * (2 if tta == "flip" else 1)
+    and again alone (hpo.final.score), and as many again for the member's own trial model."""
+    return 2 * (2 if tta == "flip" else 1) * (2 if trial_models else 1)
 
 
-def member_estimate(cost: EpochCost, epochs: int, final_threads: int, tta: str = "flip") -> float:
+def member_estimate(cost: EpochCost, epochs: int, final_threads: int, final: Final) -> float:
     """Seconds one finalizer member takes: `epochs` on the data set's whole pool, then its test passes."""
     per_image = cost.per_image_s() * min(1.0, thread_factor(cost.threads, final_threads))
-    return per_image * (epochs * cost.pool_images + test_passes(tta) * FP32_EVAL_SHARE * cost.test_images)
+    passes = test_passes(final.tta, final.trial_models)
+    return per_image * (epochs * cost.pool_images + passes * FP32_EVAL_SHARE * cost.test_images)
 
 
 def final_reserve(
@@ -222,7 +223,7 @@ def final_reserve(
         if stand_in is None:
             raise ValueError("no measured epoch and no calibration")
         members = [stand_in]
-    return sum(member_estimate(c, cfg.final.epochs, final_threads, tta=cfg.final.tta) for c in members)
+    return sum(member_estimate(c, cfg.final.epochs, final_threads, cfg.final) for c in members)
 
 
 def leading_trial(study: optuna.Study, maximize: bool) -> FrozenTrial | None:
@@ -301,7 +302,7 @@ def plan_epoch(
     lead = leading_trial(study, cfg.direction == "maximize")
     alone = not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if alone and lead is not None and lead.number == number and (cost := trial_cost(lead)) is not None:
-        one_epoch = member_estimate(cost, 1, final_threads, tta=cfg.final.tta)
+        one_epoch = member_estimate(cost, 1, final_threads, cfg.final)
         reserve = one_epoch + slack_s(deadline.time_s)
         return Plan(now, epoch_s * epochs_left, reserve, deadline.at, "its remaining epochs")
     reserve = final_reserve(study, cfg, final_threads, costs, calibration(study))
@@ -343,7 +344,7 @@ def minimum_budget(
     """
     doubled = calibrated and not cfg.warm_start.params
     trial = trial_estimate(cfg, [] if doubled else [cost], cost if doubled else None)
-    member = member_estimate(cost, cfg.final.epochs, final_threads, tta=cfg.final.tta)
+    member = member_estimate(cost, cfg.final.epochs, final_threads, cfg.final)
     # slack_s is 2 % of the budget, at least 10 s: solve start + trial + member + slack <= budget.
     need = start_s + trial + member
     return max(need + 10.0, need / 0.98)
@@ -365,7 +366,7 @@ def search_holds(
     trial = trial_estimate(cfg, [] if doubled else [cost], cost if doubled else None)
     if workers > 1:
         trial *= WORKERS_SLOWDOWN
-    reserve = cfg.final.ensemble * member_estimate(cost, cfg.final.epochs, final_threads, tta=cfg.final.tta)
+    reserve = cfg.final.ensemble * member_estimate(cost, cfg.final.epochs, final_threads, cfg.final)
     return whole_trials(trial, reserve, workers, time_s - START_S)
 
 

@@ -16,6 +16,7 @@ from hpo.errors import HpoError
 FINAL_FORMAT = "hpo-checkpoint/2"  # the final model: an ensemble of members and its TTA mode
 LEGACY_FINAL_FORMAT = "hpo-checkpoint/1"  # one model; still loads, as an ensemble of one without TTA
 TRIAL_FORMAT = "hpo-trial-checkpoint/1"  # a running trial's last epoch, which its retry resumes from
+TRIAL_MODEL_FORMAT = "hpo-trial-model/1"  # a COMPLETE trial's trained weights, which the finalizer reuses
 
 
 def write_atomic(path: Path, payload: bytes) -> None:

@@ -260,7 +260,7 @@ def _echo_final(metrics: dict[str, Any], out_dir: Path, name: str) -> None:
     from hpo.final import describe_accuracy
 
     ens = metrics["ensemble"]
-    what = "one model" if ens["trained"] == 1 else f"ensemble of {ens['trained']}"
+    what = "one model" if ens["models"] == 1 else f"ensemble of {ens['models']}"
     tta = ", flip TTA" if ens["tta"] == "flip" else ""
     click.echo(
         f"test accuracy {describe_accuracy(metrics['test_accuracy'], metrics['test_ci95'])}, {what}{tta}  "
@@ -270,9 +270,14 @@ def _echo_final(metrics: dict[str, Any], out_dir: Path, name: str) -> None:
     for member in metrics["members"]:
         click.echo(
             f"  member trial {member['trial']} (val {member['value']:.4f}, seed {member['seed']}): "
-            f"{describe_accuracy(member['test_accuracy'], member['ci95'])}, trained in {member['train_time_s']:.0f}s"
+            f"{describe_accuracy(member['test_accuracy'], member['ci95'])}, "
+            + (
+                f"trained in {member['train_time_s']:.0f}s"
+                if member["trained_by"] == "final-train"
+                else "its trial's own model, trained by the search"
+            )
         )
-    if ens["trained"] > 1:
+    if ens["models"] > 1:
         click.echo(f"  gain of the ensemble over its best member: {100 * ens['gain_over_best_member']:+.2f} points")
     if ens["shrunk"]:
         click.echo(f"  {ens['shrunk']}")
@@ -343,6 +348,8 @@ def _status_tail(summary: dict[str, Any]) -> list[str]:
         final = summary["final"]
         members = final.get("members", [final["best_trial"]])
         what = f"trial {members[0]}" if len(members) == 1 else f"ensemble of trials {', '.join(map(str, members))}"
+        if final.get("trial_models"):
+            what += f" + the search's own model of trial(s) {', '.join(map(str, final['trial_models']))}"
         ci = f" (95% CI {final['test_ci95'][0]:.4f}-{final['test_ci95'][1]:.4f})" if final.get("test_ci95") else ""
         lines.append(
             f"  final-train: test accuracy {final['test_accuracy']:.4f}{ci}, {what}, "
@@ -717,7 +724,9 @@ def _bench_search(
     click.echo(
         f"  {searched['study']} search ({searched['trials']} trials: {searched['complete']} complete, "
         f"{searched['pruned']} pruned) + final model of {len(searched['members'])} member(s) "
-        f"(trials {', '.join(map(str, searched['members']))}, {searched['epochs']} epochs): "
+        f"(trials {', '.join(map(str, searched['members']))}, {searched['epochs']} epochs"
+        + (f"; and trial models {', '.join(map(str, searched['trial_models']))}" if searched["trial_models"] else "")
+        + "): "
         f"{describe_accuracy(searched['test_accuracy'], searched['test_ci95'])} in {searched['wall_time_s']:.0f}s"
     )
     click.echo(

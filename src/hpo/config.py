@@ -191,6 +191,7 @@ class Final:
     ensemble: int = 1  # at most this many members: distinct COMPLETE trials, each joining only if it raises
     # the ensemble's validation accuracy (hpo.final.choose_members)
     tta: str = "none"  # "flip": also average each test image with its mirror image
+    trial_models: bool = True  # each member's own trial model, trained by the search, joins its retrained copy
 
 
 # [final] keys of earlier versions. Each patched the gap between short, small trials and the long

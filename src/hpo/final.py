@@ -29,7 +29,7 @@ from hpo.config import StudyConfig
 from hpo.data import DeviceData, device_data, stratified_split
 from hpo.devices import Placement
 from hpo.errors import HpoError
-from hpo.model import Ensemble, InputShape, count_parameters
+from hpo.model import DynamicCNN, Ensemble, InputShape, count_parameters
 from hpo.params import TrialParams
 from hpo.progress import Progress
 from hpo.storage import SlotLock, final_dir
@@ -207,6 +207,38 @@ class Member:
     model: torch.nn.Module
     history: list[EpochStats]
     train_s: float
+    trained_by: str = "final-train"  # or "search": the trial's own model, trained on the trial split
+
+
+def trial_models(
+    chosen: list[optuna.trial.FrozenTrial], cfg: StudyConfig, train_all: DeviceData, store: Any
+) -> list[Member]:
+    """Each chosen trial's own trained model (`[final] trial_models`): the same recipe and horizon as
+    its retrained copy, trained already by the search on the trial split, and the very model whose
+    validation outputs chose the members. A trial without one (no artifact store, not among the
+    study's best when it ended, a file that cannot be read) is retrained alone."""
+    from hpo.objective import TRIAL_MODEL_FILE
+
+    reused = []
+    for trial in chosen:
+        pointer = trial.user_attrs.get(attrs.TRIAL_MODEL)
+        if store is None or not pointer:
+            continue
+        params = TrialParams.from_flat(trial.params)
+        try:
+            saved = torch.load(io.BytesIO(artifacts.read_bytes(store, pointer)), map_location="cpu", weights_only=True)
+            if saved.get("format") != checkpoints.TRIAL_MODEL_FORMAT or saved.get("study") != cfg.name:
+                raise ValueError(f"not a {checkpoints.TRIAL_MODEL_FORMAT} file of study {cfg.name!r}")
+            if TrialParams.from_flat(saved["params"]) != params:
+                raise ValueError("its params are not the trial's")
+            model = DynamicCNN(params.model.shaped(train_all.shape))
+            model.load_state_dict(saved["state_dict"])
+        except Exception as e:  # a missing or damaged file: that member is retrained alone
+            log.warning("final-train: trial %d's %s cannot be reused (%s)", trial.number, TRIAL_MODEL_FILE, e)
+            continue
+        model = model.to(train_all.device).to(memory_format=torch.channels_last)
+        reused.append(Member(trial, int(saved["seed"]), model, [], 0.0, "search"))
+    return reused
 
 
 def member_seed(cfg: StudyConfig, index: int) -> int:
@@ -222,10 +254,12 @@ def test_pass_seconds(
     cfg: StudyConfig,
     train_all: DeviceData,
     test_images: int = budget.TEST_IMAGES,
+    models: int | None = None,
 ) -> float:
-    """Seconds `score` will take on the test split: every member's fp32 forward passes (one per TTA
+    """Seconds `score` will take on the test split: every model's fp32 forward passes (one per TTA
     view) twice, once in the ensemble and once alone, timed on 1,024 training images with the first
-    member's model (the test split is not read before it is scored)."""
+    member's model (the test split is not read before it is scored). `models`: the ensemble's
+    models, one per chosen trial unless its trial models join too."""
     params = TrialParams.from_flat(chosen[0].params)
     model = seeded_model(params.model.shaped(train_all.shape), 0, train_all.device)
     sample = train_all.head(1024)
@@ -233,7 +267,7 @@ def test_pass_seconds(
     started = time.perf_counter()
     evaluate(model, sample, cfg.train.eval_batch_size, fast=False)
     per_image = (time.perf_counter() - started) / max(1, len(sample))
-    return per_image * test_images * test_passes(cfg, len(chosen))
+    return per_image * test_images * test_passes(cfg, len(chosen) if models is None else models)
 
 
 def test_passes(cfg: StudyConfig, members: int) -> int:
@@ -307,18 +341,20 @@ def train_members(
     deadline: budget.Deadline | None,
     threads: int = 1,
     test_images: int = budget.TEST_IMAGES,
+    reused: int = 0,
 ) -> tuple[list[Member], int, str | None]:
     """Retrain each chosen trial from scratch, one after another, with the recipe its trial trained
     with. With a deadline, the first member trains the epochs that fit (all of them unless time is
     short, from its trial's measured epochs) and the ensemble stops before a member that would end
-    past it. Returns the members, their epochs and what shrank, if anything."""
+    past it; the test passes of `reused` trial models are kept free too. Returns the members, their
+    epochs and what shrank, if anything."""
     members: list[Member] = []
     shrunk: list[str] = []
     replan = None
     requested = epochs
     test_s = 0.0
     if deadline is not None:
-        test_s = test_pass_seconds(chosen, cfg, train_all, test_images)
+        test_s = test_pass_seconds(chosen, cfg, train_all, test_images, len(chosen) + reused)
         per_epoch, source = epoch_seconds(chosen[0], cfg, train_all, threads)
         epochs = fitted_epochs(per_epoch, deadline, test_s, epochs, source)
         replan = timed_replan(deadline, test_s, requested)
@@ -326,7 +362,11 @@ def train_members(
         if (
             members
             and deadline is not None
-            and (late := _would_end_late(members, trial, index, deadline, test_s, len(chosen)))
+            and (
+                late := _would_end_late(
+                    members, trial, deadline, test_s * (index + 1 + reused) / (len(chosen) + reused)
+                )
+            )
         ):
             shrunk.append(
                 f"ensemble shrank from {len(chosen)} to {len(members)} member(s) to end within the time budget: {late}"
@@ -343,23 +383,18 @@ def train_members(
 
 
 def _would_end_late(
-    members: list[Member],
-    trial: optuna.trial.FrozenTrial,
-    index: int,
-    deadline: budget.Deadline,
-    test_s: float,
-    chosen: int,
+    members: list[Member], trial: optuna.trial.FrozenTrial, deadline: budget.Deadline, test_s: float
 ) -> str | None:
-    """Why member `index` would end past the deadline: the first member's measured time, scaled by
-    the trials' relative cost per image, plus the test passes of an ensemble of `index + 1` (`test_s`
-    is for all `chosen`); None if it fits."""
+    """Why the next member would end past the deadline: the first member's measured time, scaled by
+    the trials' relative cost per image, plus `test_s`, the test passes of the ensemble with it;
+    None if it fits."""
     first, this = budget.trial_cost(members[0].trial), budget.trial_cost(trial)
     ratio = this.per_image_s() / first.per_image_s() if first and this else 1.0
-    needed = members[0].train_s * ratio + budget.slack_s(deadline.time_s) + test_s * (index + 1) / chosen
+    needed = members[0].train_s * ratio + budget.slack_s(deadline.time_s) + test_s
     if deadline.left() >= needed:
         return None
     return (
-        f"member {index + 1} (trial {trial.number}) needs about {needed:.0f}s, "
+        f"member {len(members) + 1} (trial {trial.number}) needs about {needed:.0f}s, "
         f"{max(0.0, deadline.left()):.0f}s are left"
     )
 
@@ -436,7 +471,11 @@ def final_train(
     chosen, chosen_by = choose_members(study, cfg, torch.as_tensor(labels[val_idx], dtype=torch.int64), artifact_store)
     log.info("final-train: %s", chosen_by)
     train_all = device_data(dataset.train, dataset, placement.device)
-    members, epochs, shrunk = train_members(chosen, cfg, train_all, epochs, deadline, placement.threads, len(held))
+    reused = trial_models(chosen, cfg, train_all, artifact_store) if cfg.final.trial_models else []
+    members, epochs, shrunk = train_members(
+        chosen, cfg, train_all, epochs, deadline, placement.threads, len(held), len(reused)
+    )
+    members += reused  # chosen on these very models' validation outputs, so all join, retrained or not
     train_seconds = time.perf_counter() - started
 
     # The only read of the test split in the whole project.
@@ -486,7 +525,8 @@ def _record(
 ) -> None:
     """Upload the files, and write the study's final summary, its headline attribute and its note."""
     summary = {k: metrics[k] for k in SUMMARY_KEYS}
-    summary["members"] = [r["trial"] for r in metrics["members"]]
+    summary["members"] = [r["trial"] for r in metrics["members"] if r["trained_by"] == "final-train"]
+    summary["trial_models"] = [r["trial"] for r in metrics["members"] if r["trained_by"] == "search"]
     summary["output_dir"] = str(out_dir.resolve())
     # Two final-trains at once each replace the other's artifacts in turn, never both at the same time.
     with SlotLock(storage, f"{cfg.name}.final") if storage is not None else contextlib.nullcontext():
@@ -523,6 +563,7 @@ def score(
                 "test_accuracy": alone["accuracy"],
                 "ci95": alone["ci95"],
                 "train_time_s": round(member.train_s, 2),
+                "trained_by": member.trained_by,
                 "n_params": count_parameters(member.model),
             }
         )
@@ -538,7 +579,9 @@ def score(
         },
         "ensemble": {
             "requested": cfg.final.ensemble,
-            "trained": len(members),
+            "models": len(members),
+            "trained": sum(m.trained_by == "final-train" for m in members),
+            "from_search": sum(m.trained_by == "search" for m in members),
             "tta": cfg.final.tta,
             "gain_over_best_member": ev.accuracy - max(r["test_accuracy"] for r in member_rows),
         },
@@ -575,6 +618,7 @@ def _checkpoint(
                 "trial": m.trial.number,
                 "params": m.trial.params,
                 "seed": m.seed,
+                "trained_by": m.trained_by,
                 "model_spec": TrialParams.from_flat(m.trial.params).model.shaped(shape).to_dict(),
                 "state_dict": {k: v.detach().cpu() for k, v in m.model.state_dict().items()},
             }
@@ -657,6 +701,9 @@ def publish(study: optuna.Study, store, files: dict[str, bytes]) -> dict[str, st
     return ids
 
 
+SEARCHED = {"final-train": "", "search": ", its trial's own model"}
+
+
 def describe_accuracy(accuracy: float, ci95: list[float]) -> str:
     """ "93.61 % (95 % CI 93.12-94.07)": the headline figure with its Wilson interval, in percent."""
     return f"{100 * accuracy:.2f} % (95 % CI {100 * ci95[0]:.2f}-{100 * ci95[1]:.2f})"
@@ -670,17 +717,17 @@ def note(cfg: StudyConfig, best: optuna.trial.FrozenTrial, metrics: dict[str, An
         f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in best.params.items()
     )
     worst = min(metrics["per_class_accuracy"].items(), key=lambda kv: kv[1])
-    what = "the final model" if ens["trained"] == 1 else f"the ensemble of {ens['trained']}"
+    what = "the final model" if ens["models"] == 1 else f"the ensemble of {ens['models']}"
     rows = [
         f"| validation {cfg.metric} of trial {best.number} | {val:.4f} |",
         f"| test accuracy of {what} | {describe_accuracy(test, metrics['test_ci95'])} |",
     ]
     rows += [
-        f"| member: trial {r['trial']} (val {r['value']:.4f}, seed {r['seed']}) | "
+        f"| member: trial {r['trial']} (val {r['value']:.4f}, seed {r['seed']}{SEARCHED[r['trained_by']]}) | "
         f"{describe_accuracy(r['test_accuracy'], r['ci95'])} |"
         for r in metrics["members"]
     ]
-    if ens["trained"] > 1:
+    if ens["models"] > 1:
         rows.append(f"| gain of the ensemble over its best member | {100 * ens['gain_over_best_member']:+.2f} points |")
     if cfg.metric == "val_accuracy":
         rows.append(f"| gap, test minus validation | {100 * (test - val):+.2f} points |")
@@ -693,9 +740,14 @@ def note(cfg: StudyConfig, best: optuna.trial.FrozenTrial, metrics: dict[str, An
         f"{', each image also with its mirror image' if ens['tta'] == 'flip' else ''}. "
         "Nothing was chosen by test accuracy."
     )
+    if ens["from_search"]:
+        policy += (
+            f" The ensemble also holds the {ens['from_search']} trial model(s) the search trained (`[final] "
+            "trial_models`): the models whose validation outputs chose the members, trained on the trial split."
+        )
     if ens["shrunk"]:
         policy += f" The {ens['shrunk']}."
-    others = "" if ens["trained"] == 1 else f", and {ens['trained'] - 1} more"
+    others = "" if ens["trained"] == 1 else f", and {ens['trained'] - 1} more"  # retrained members
     which = (
         "the warm start the study file names, which no trial of the search beat on validation"
         if attrs.WARM_START in best.user_attrs

@@ -40,6 +40,7 @@ REASON_ATTR = attrs.REASON
 CHECKPOINT_ATTR = attrs.CHECKPOINT
 VAL_OUTPUTS_ATTR = "val_outputs"  # trial: artifact id of a COMPLETE trial's validation probabilities
 VAL_OUTPUTS_FILE = "val-outputs.pt"
+TRIAL_MODEL_FILE = "trial-model.pt"
 
 
 class OverBudget(Exception):
@@ -135,7 +136,8 @@ def make_objective(
     PRUNED.
 
     A COMPLETE trial leaves its validation outputs in the artifact store (`val_outputs`): the
-    finalizer chooses ensemble members on them.
+    finalizer chooses ensemble members on them. One among the study's best also leaves its trained
+    weights (`trial_model`), which the finalizer's ensemble reuses.
 
     With an artifact store, each trial keeps a checkpoint of its last epoch there while it runs,
     and a trial retried after its worker died resumes from its predecessor's checkpoint.
@@ -222,8 +224,41 @@ class TrialRun:
         if cfg.checkpoints.keep == "none":
             self.drop_checkpoint()
         self.keep_val_outputs(model)
+        value = self.value_of(history_stats[-1])
+        if cfg.final.trial_models and self.ranks_among_best(value):
+            self.keep_model(model)
         trial.set_user_attr("wall_time_s", round(time.perf_counter() - self.started, 2))
-        return self.value_of(history_stats[-1])
+        return value
+
+    def ranks_among_best(self, value: float) -> bool:
+        """Whether a trial ending at `value` is among the `[final] ensemble` best COMPLETE trials so
+        far: only those keep their weights, so a study of N trials keeps about
+        ensemble x (1 + ln(N / ensemble)) models, not N."""
+        done = self.trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        values = [t.value for t in done if t.value is not None]
+        better = [v for v in values if (v > value if self.cfg.direction == "maximize" else v < value)]
+        return len(better) < self.cfg.final.ensemble
+
+    def keep_model(self, model: torch.nn.Module) -> None:
+        """The trained weights, in the artifact store, for the finalizer to put beside the member it
+        retrains (`[final] trial_models`): the same recipe and horizon, trained already."""
+        if self.store is None:
+            return
+        payload = artifacts.torch_bytes(
+            {
+                "format": checkpoints.TRIAL_MODEL_FORMAT,
+                "study": self.cfg.name,
+                "params": self.params.flat(),
+                "seed": self.seed,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            }
+        )
+        try:
+            pointer = artifacts.upload_bytes(self.store, self.trial, TRIAL_MODEL_FILE, payload)
+        except HpoError as e:  # the finalizer then retrains the member alone, as without trial_models
+            log.warning("trial %d: trained model not kept: %s", self.trial.number, e)
+            return
+        self.trial.set_user_attr(attrs.TRIAL_MODEL, pointer)
 
     def keep_val_outputs(self, model: torch.nn.Module) -> None:
         """The trained model's class probabilities on the validation split, in the artifact store,

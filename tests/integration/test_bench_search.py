@@ -24,6 +24,8 @@ def test_the_search_against_the_fixed_cnn_is_paired_and_its_ranking_retrained(tm
     searched, fixed, pair = report["search"], report["fixed"], report["paired"]
     metrics = json.loads((work / "runs" / "tiny" / "final" / "metrics.json").read_text())
     assert searched["test_accuracy"] == metrics["test_accuracy"] and searched["trials"] == len(study.trials)
+    # The retrained members and the search's own trial models beside them make up the final ensemble.
+    assert len(searched["members"]) + len(searched["trial_models"]) == len(metrics["members"])
     assert fixed["epochs"] >= 1 and fixed["tta"] == "flip"  # the study's [final] tta, as the searched model's
     # McNemar's counts are the paired difference: each image only one model gets right moves it by 1/10,000.
     assert pair["only_search"] - pair["only_fixed"] == round(report["difference"] * 10_000)

@@ -86,7 +86,7 @@ def test_a_full_horizon_study_with_two_workers_prunes_and_ends_with_the_exact_bu
 
     metrics = json.loads((tmp_path / "runs" / "horizon" / "final" / "metrics.json").read_text())
     assert metrics["epochs"] == 4  # the finalizer trains the trials' horizon
-    members = metrics["members"]
+    members = [m for m in metrics["members"] if m["trained_by"] == "final-train"]  # beside them, trial models
     assert 1 <= len(members) <= 2 and members[0]["trial"] == study.best_trial.number
     assert metrics["ensemble"]["chosen_by"].startswith(("trial ", f"{len(members)} of up to 2 member(s)")), metrics[
         "ensemble"

@@ -58,12 +58,28 @@ def test_final_train_uploads_its_files_to_the_study_and_writes_the_note(final_tr
         if m["filename"].endswith(".png"):
             assert m["mimetype"] == "image/png" and (store_dir / m["artifact_id"]).read_bytes()[:8] == PNG
     # Trial checkpoints lived in the store while trials ran; none is left. A COMPLETE trial keeps its
-    # validation outputs (what the finalizer chooses members on), a pruned one nothing.
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    # validation outputs (what the finalizer chooses members on), and its trained weights if it ended
+    # among the [final] ensemble (2) best COMPLETE trials so far; a pruned one keeps nothing.
+    complete = sorted(
+        (t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.datetime_complete
+    )
+    among_best = {t.number for i, t in enumerate(complete) if sum(e.value > t.value for e in complete[:i]) < 2}
+    models = set()
     for t in study.trials:
-        kept = [m["filename"] for m in listed(t.system_attrs)]
+        kept = sorted(m["filename"] for m in listed(t.system_attrs))
+        if "trial-model.pt" in kept:
+            models.add(t.number)
+            kept.remove("trial-model.pt")
         assert kept == (["val-outputs.pt"] if t in complete else []), (t.number, t.state, kept)
-    assert len(list(store_dir.iterdir())) == len(FINAL_FILES) + len(complete)
+    # A trial that completed while another ranked itself may keep one more; never one fewer.
+    assert among_best <= models and complete[0].number in among_best and len(among_best) >= 2
+    assert len(list(store_dir.iterdir())) == len(FINAL_FILES) + len(complete) + len(models)
+    # Each retrained member whose trial kept its weights has that trial model beside it in the ensemble.
+    metrics = json.loads((work / "runs/tiny/final/metrics.json").read_text())
+    rows = {(r["trial"], r["trained_by"]) for r in metrics["members"]}
+    retrained = {trial for trial, by in rows if by == "final-train"}
+    assert {trial for trial, by in rows if by == "search"} == retrained & models
+    assert metrics["ensemble"]["models"] == len(metrics["members"]) == len(rows)
     note = get_note_from_system_attrs(study_system_attrs(study), None)["body"]
     final = study.user_attrs["hpo:final"]
     assert f"Final-trained: test accuracy {100 * final['test_accuracy']:.2f} %" in note
@@ -76,7 +92,7 @@ def test_final_train_uploads_its_files_to_the_study_and_writes_the_note(final_tr
     hpo("final-train", "--study", "tiny", "--data-dir", str(real_data_dir), cwd=work)
     study = optuna.load_study(study_name="tiny", storage=url)
     assert sorted(m["filename"] for m in listed(study_system_attrs(study))) == sorted(FINAL_FILES)
-    assert len(list(store_dir.iterdir())) == len(FINAL_FILES) + len(complete)
+    assert len(list(store_dir.iterdir())) == len(FINAL_FILES) + len(complete) + len(models)
 
 
 def test_dashboard_shows_the_plots_and_the_note_in_chromium(final_trained, tmp_path):
@@ -254,10 +270,14 @@ def test_export_matches_the_pytorch_model_on_the_test_split(final_trained, real_
     metrics = json.loads((work / "runs/tiny/final/metrics.json").read_text())
     ensemble = metrics["ensemble"]
     assert (ensemble["requested"], ensemble["tta"], ensemble["shrunk"]) == (2, "flip", None)
-    assert ensemble["trained"] == len(metrics["members"]) in (1, 2)  # a second member joins if it raises validation
+    assert ensemble["trained"] in (1, 2)  # a second member joins if it raises validation
+    assert ensemble["models"] == len(metrics["members"]) == ensemble["trained"] + ensemble["from_search"]
+    assert (
+        1 <= ensemble["from_search"] <= ensemble["trained"]
+    )  # the lead trial ended among the best 2, so kept its model
     assert float((got.argmax(1) == labels).mean()) == metrics["test_accuracy"]
     exported = json.loads(props["members"] if fmt == "onnx" else json.loads(extra["hpo.json"])["members"])
-    assert len(exported) == ensemble["trained"]
+    assert len(exported) == ensemble["models"]
 
 
 RESUME_STUDY = """
@@ -359,9 +379,10 @@ def test_trial_killed_in_epoch_3_resumes_at_epoch_3_from_its_checkpoint(tmp_path
         if e in killed.intermediate_values
     )
     assert [h["epoch"] for h in retried.user_attrs["history"]] == [1, 2, 3, 4]
-    # The retry's checkpoint is gone with it (its validation outputs stay, for the ensemble); the
-    # failed trial keeps the checkpoint the retry started from.
-    assert [m["filename"] for m in listed(retried.system_attrs)] == ["val-outputs.pt"]
+    # The retry's checkpoint is gone with it (its validation outputs and, as the study's only COMPLETE
+    # trial, its trained weights stay, for the ensemble); the failed trial keeps the checkpoint the
+    # retry started from.
+    assert [m["filename"] for m in listed(retried.system_attrs)] == ["val-outputs.pt", "trial-model.pt"]
     assert [m["filename"] for m in listed(killed.system_attrs)] == ["checkpoint-epoch2.pt"]
 
     # And the resumed run is the run that was never interrupted: same seed, same values, to the bit.
