@@ -149,7 +149,9 @@ def test_two_final_trains_at_once_leave_whole_files(tmp_path, real_data_dir):
     live = listed(study._storage.get_study_system_attrs(study._study_id))
     assert sorted(m["filename"] for m in live) == sorted(FINAL_FILES)
     assert {m["artifact_id"] for m in live} == set(study.user_attrs["hpo:final"]["artifacts"].values())
-    kept = [m["artifact_id"] for t in study.trials for m in listed(t.system_attrs)]  # COMPLETE trials' val outputs and models
+    kept = [
+        m["artifact_id"] for t in study.trials for m in listed(t.system_attrs)
+    ]  # COMPLETE trials' val outputs and models
     assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == sorted([m["artifact_id"] for m in live] + kept)
 
 
