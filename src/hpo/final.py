@@ -29,7 +29,7 @@ from hpo.config import StudyConfig
 from hpo.data import DeviceData, device_data, stratified_split
 from hpo.devices import Placement
 from hpo.errors import HpoError
-from hpo.model import DynamicCNN, Ensemble, InputShape, count_parameters
+from hpo.model import Ensemble, InputShape, count_parameters, cpu_weights, with_weights
 from hpo.params import TrialParams
 from hpo.progress import Progress
 from hpo.storage import SlotLock, final_dir
@@ -231,8 +231,7 @@ def trial_models(
                 raise ValueError(f"not a {checkpoints.TRIAL_MODEL_FORMAT} file of study {cfg.name!r}")
             if TrialParams.from_flat(saved["params"]) != params:
                 raise ValueError("its params are not the trial's")
-            model = DynamicCNN(params.model.shaped(train_all.shape))
-            model.load_state_dict(saved["state_dict"])
+            model = with_weights(params.model.shaped(train_all.shape), saved["state_dict"])
         except Exception as e:  # a missing or damaged file: that member is retrained alone
             log.warning("final-train: trial %d's %s cannot be reused (%s)", trial.number, TRIAL_MODEL_FILE, e)
             continue
@@ -620,7 +619,7 @@ def _checkpoint(
                 "seed": m.seed,
                 "trained_by": m.trained_by,
                 "model_spec": TrialParams.from_flat(m.trial.params).model.shaped(shape).to_dict(),
-                "state_dict": {k: v.detach().cpu() for k, v in m.model.state_dict().items()},
+                "state_dict": cpu_weights(m.model),
             }
             for m in members
         ],

@@ -18,7 +18,7 @@ from torch import nn
 from hpo.checkpoints import load_final, write_atomic
 from hpo.data import CLASSES, MEAN, STD
 from hpo.errors import DataError, HpoError
-from hpo.model import DynamicCNN, Ensemble, InputShape
+from hpo.model import Ensemble, InputShape, with_weights
 from hpo.params import TrialParams
 from hpo.train import logits_of
 
@@ -51,9 +51,7 @@ def load_model(path: Path, study: str | None = None, device: torch.device = CPU)
     shape = InputShape(int(info["channels"]), int(info["image_size"]), len(info["classes"]))
     members = []
     for member in checkpoint["members"]:
-        model = DynamicCNN(TrialParams.from_flat(member["params"]).model.shaped(shape))
-        model.load_state_dict(member["state_dict"])
-        members.append(model)
+        members.append(with_weights(TrialParams.from_flat(member["params"]).model.shaped(shape), member["state_dict"]))
     ensemble = Ensemble(members, checkpoint["tta"]).to(device).to(memory_format=torch.channels_last).eval()
     meta = {k: v for k, v in checkpoint.items() if k != "members"}
     meta["data"] = info

@@ -135,3 +135,15 @@ class Ensemble(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def cpu_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights, detached and on the CPU: what every hpo file stores."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def with_weights(spec: ModelSpec, state_dict: dict[str, torch.Tensor]) -> DynamicCNN:
+    """The model `spec` describes, holding weights a file stored (`cpu_weights`)."""
+    model = DynamicCNN(spec)
+    model.load_state_dict(state_dict)
+    return model

@@ -18,7 +18,7 @@ from hpo.config import StudyConfig
 from hpo.data import TrialData
 from hpo.devices import Placement
 from hpo.errors import HpoError
-from hpo.model import count_parameters
+from hpo.model import count_parameters, cpu_weights
 from hpo.optuna_compat import trial_id
 from hpo.params import TrialParams
 from hpo.train import (
@@ -250,7 +250,7 @@ class TrialRun:
                 "study": self.cfg.name,
                 "params": self.params.flat(),
                 "seed": self.seed,
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "state_dict": cpu_weights(model),
             }
         )
         try:
