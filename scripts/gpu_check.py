@@ -240,11 +240,13 @@ def headline(size: Size, env: dict[str, str], work: Path, time_budget: str) -> t
     trials = optuna.load_study(study_name=name, storage=f"sqlite:///{home / 'runs' / 'hpo.db'}").trials
     states = [t.state.name for t in trials]
     low, high = metrics["test_ci95"]
+    ensemble = metrics["ensemble"]
+    searched = f" + {ensemble['from_search']} trial model(s)" if ensemble["from_search"] else ""
     return (
         f"hpo optimize --study {name} --time {time_budget} --final",
         f"test accuracy {100 * metrics['test_accuracy']:.2f} % ({100 * low:.2f}-{100 * high:.2f}), "
         f"{len(trials)} trials ({states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned), "
-        f"{len(metrics['members'])} member(s) x {metrics['epochs']} epochs, {wall:.0f} s",
+        f"{ensemble['trained']} member(s) x {metrics['epochs']} epochs{searched}, {wall:.0f} s",
     )
 
 

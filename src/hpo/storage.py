@@ -164,6 +164,9 @@ REPEATABLE = (
 )
 
 
+_fail_fast = threading.local()  # per thread: Storage.failing_fast
+
+
 class Storage(optuna.storages.RDBStorage):
     """RDBStorage that rides out a database outage instead of failing the trial in progress.
 
@@ -174,6 +177,9 @@ class Storage(optuna.storages.RDBStorage):
       and the trial carries on where it was once the database is back.
     - `last_error_at` is when this process last saw the database fail (time.monotonic()), so that
       a reaper does not take the silence that an outage imposed on everyone for a dead worker.
+    - Inside `failing_fast()`, REPEATABLE calls from that thread raise at once instead: the heartbeat
+      thread reaps between beats, and a ride-out there (its waits grow to 8 s) would hold back the
+      trial's own next beat past the moment other workers' reapers confirm it dead.
     """
 
     ride_out_s: float = 0.0
@@ -208,6 +214,15 @@ class Storage(optuna.storages.RDBStorage):
         """False while heartbeats fail."""
         return self._beats_failing_since is None
 
+    @contextlib.contextmanager
+    def failing_fast(self) -> Iterator[None]:
+        """REPEATABLE calls made in this block, by this thread only, do not ride out an outage."""
+        _fail_fast.on = True
+        try:
+            yield
+        finally:
+            _fail_fast.on = False
+
     def _ride_out(self, name: str, *args, **kwargs):
         call = getattr(super(), name)
         started = time.monotonic()
@@ -217,7 +232,7 @@ class Storage(optuna.storages.RDBStorage):
                 return call(*args, **kwargs)
             except Exception as e:
                 cause = connection_error(e)
-                if cause is None or self.ride_out_s <= 0:
+                if cause is None or self.ride_out_s <= 0 or getattr(_fail_fast, "on", False):
                     raise
                 self.last_error_at = now = time.monotonic()
                 if now - started > self.ride_out_s:
@@ -263,7 +278,8 @@ class Heartbeat:
             self.storage.record_heartbeat(self.trial_id)
             if self.also is not None and self.storage.beating:
                 try:
-                    self.also()
+                    with self.storage.failing_fast():
+                        self.also()
                 except Exception as e:  # the next beat tries again; the trial must not die of it
                     log.warning("reaping dead trials failed (%s)", first_line(connection_error(e) or e))
             # Beats keep their schedule however long the reaping took (slow queries after an outage

@@ -14,8 +14,11 @@ import optuna
 import pytest
 import torch
 
+from hpo import config
 from hpo.artifacts import listed
 from hpo.launch import KILL_AFTER_S
+from hpo.storage import Heartbeat, StorageSettings, connection_error, open_storage
+from hpo.study import create_or_load
 from integration.test_postgres import (
     Workers,
     assert_exact_budget,
@@ -226,6 +229,39 @@ def test_a_15s_database_outage_creates_no_trial_and_fails_none(tmp_path, postgre
     assert_exact_budget(pg_url, n_trials)
     assert failures(pg_url) == [], [(t.number, t.user_attrs.get("fail_reason")) for t in failures(pg_url)]
     assert len(load(pg_url).trials) == n_trials  # numbered 0..n-1: nothing created and thrown away
+
+
+def test_reaping_in_the_heartbeat_thread_fails_fast_so_the_next_beat_keeps_its_time(postgres, pg_url):
+    """A worker reaps in its heartbeat thread, between beats. Were those storage calls to ride out an
+    outage (waits growing to 8 s), the trial's next beat would come seconds after the database was
+    back, and another worker's reaper, which confirms a death 2 intervals + 1 s after it sees the
+    database again, would take the live trial. Here the reaping call loses the database: it must
+    raise at once (the next beat tries again), not wait for the server to return."""
+    store = open_storage(pg_url, StorageSettings(heartbeat_interval=1, grace_period=4))
+    store.ride_out_s = 120  # as a worker sets it: a ride-out would outlast the wait below
+    study, _ = create_or_load(store, config.load("tiny"))
+    trial = study.ask()
+    outcomes: list[BaseException | None] = []
+
+    def reap() -> None:
+        if not outcomes:
+            postgres.stop()  # the database goes away just as this reaping starts
+        try:
+            store.get_all_trials(study._study_id)  # REPEATABLE: it rides out an outage elsewhere
+        except Exception as e:
+            outcomes.append(e)
+            raise
+        outcomes.append(None)
+
+    try:
+        with Heartbeat(store, trial._trial_id, 1, also=reap):
+            wait_for(lambda: outcomes and not store.beating, 30, "the reaping to fail and the next beat to fail")
+    finally:
+        postgres.start()
+    assert connection_error(outcomes[0]) is not None, outcomes
+    store.ride_out_s = 0
+    with Heartbeat(store, trial._trial_id, 1):  # the database is back: the beats go through again
+        wait_for(lambda: store.beating, 30, "a heartbeat after the restart")
 
 
 def test_a_paused_worker_is_reaped_once_and_reports_nothing_after_it_wakes(tmp_path, pg_url, real_data_dir):

@@ -40,7 +40,7 @@ def test_gpu_check_runs_every_step_and_prints_one_table(tmp_path, real_data_dir)
     assert resumed and int(resumed.group(4)) >= int(resumed.group(2)) >= 1, rows
     headline = re.fullmatch(
         r"test accuracy ([\d.]+) % \([\d.]+-[\d.]+\), (\d+) trials \(\d+ complete, \d+ pruned\), [12] member\(s\) "
-        r"x 1 epochs, \d+ s",
+        r"x 1 epochs(?: \+ [12] trial model\(s\))?, \d+ s",
         rows["hpo optimize --study tiny --time 90s --final"],
     )
     assert headline and 50 < float(headline.group(1)) <= 100 and int(headline.group(2)) >= 2, rows
