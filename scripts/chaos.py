@@ -37,7 +37,8 @@ from pathlib import Path
 
 import optuna
 
-from hpo import config
+from hpo import attrs, config
+from hpo.trials import first_run, retry_history
 
 ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT_S, GRACE_S, MAX_RETRY = 1, 4, 2
@@ -121,7 +122,7 @@ class Chaos:
             set()
             if study is None
             else {
-                t.user_attrs.get("pid")
+                t.user_attrs.get(attrs.PID)
                 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
             }
         )
@@ -176,26 +177,22 @@ def check(study: optuna.Study, chaos: Chaos) -> list[tuple[str, str, bool]]:
     trials = study.get_trials(deepcopy=False)
     states = collections.Counter(t.state.name for t in trials)
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
-    no_reason = [t.number for t in failed if not t.user_attrs.get("fail_reason")]
-    # Retries: every copy names the first trial of its configuration (failed_trial) and the trial it
-    # copies (the last entry of retry_history).
-    runs = collections.Counter(t.system_attrs.get("failed_trial", t.number) for t in trials)
+    no_reason = [t.number for t in failed if not t.user_attrs.get(attrs.REASON)]
+    # Retries: every copy names the first trial of its configuration and the trial it copies (the
+    # last entry of its retry history).
+    runs = collections.Counter(first_run(t) for t in trials)
     too_many = {n: k for n, k in runs.items() if k > 1 + MAX_RETRY}
-    copies = collections.Counter(
-        t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")
-    )
+    copies = collections.Counter(retry_history(t)[-1] for t in trials if retry_history(t))
     twice = {n: k for n, k in copies.items() if k > 1}
     done = collections.Counter(
-        t.system_attrs.get("failed_trial", t.number)
-        for t in trials
-        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        first_run(t) for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     )
     duplicates = {n: k for n, k in done.items() if k > 1}
     codes = {p.pid: p.returncode for p in chaos.procs}
     bad_exit = {pid: code for pid, code in codes.items() if pid not in chaos.killed and code != 0}
-    reasons = collections.Counter(t.user_attrs.get("fail_reason", "").split(":")[0] for t in failed)
+    reasons = collections.Counter(t.user_attrs.get(attrs.REASON, "").split(":")[0] for t in failed)
     lost = [
-        t.number for t in failed if t.user_attrs.get("fail_reason", "").endswith("re-queued") and not copies[t.number]
+        t.number for t in failed if t.user_attrs.get(attrs.REASON, "").endswith("re-queued") and not copies[t.number]
     ]
     finished = states["COMPLETE"] + states["PRUNED"]
     return [

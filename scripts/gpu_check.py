@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from hpo import config, data
+from hpo import attrs, config, data
 from hpo.config import Component
+from hpo.trials import retry_history
 
 HPO = [sys.executable, "-m", "hpo"]
 
@@ -157,7 +158,7 @@ def search(size: Size, slots: int, env: dict[str, str], work: Path) -> tuple[str
     trials = optuna.load_study(study_name=f"gpu-check-{slots}", storage=env["HPO_STORAGE"]).trials
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
-    devices = sorted({str(t.user_attrs.get("device")) for t in done})
+    devices = sorted({str(t.user_attrs.get(attrs.DEVICE)) for t in done})
     figure = (
         f"{len(done) / span * 60:.1f} trials/min over the trials ({len(done)} x {size.epochs} epochs in {span:.0f} s; "
         f"{wall:.0f} s with start-up), on {', '.join(devices)}"
@@ -202,14 +203,14 @@ def resume(size: Size, env: dict[str, str], work: Path) -> tuple[str, str]:
             )
         except KeyError:
             continue
-        killed = next((t for t in running if t.user_attrs.get("checkpoint")), None)
+        killed = next((t for t in running if t.user_attrs.get(attrs.CHECKPOINT)), None)
     first.send_signal(signal.SIGKILL)
     first.wait()
     hpo("worker", "--study", str(path), env=env, cwd=work, timeout=600)
     trials = optuna.load_study(study_name=cfg.name, storage=env["HPO_STORAGE"]).trials
-    retry = next(t for t in trials if t.system_attrs.get("retry_history", [])[-1:] == [killed.number])
-    saved = killed.user_attrs["checkpoint"]["epoch"]
-    resumed = retry.user_attrs.get("resumed_from_epoch")
+    retry = next(t for t in trials if retry_history(t)[-1:] == [killed.number])
+    saved = killed.user_attrs[attrs.CHECKPOINT]["epoch"]
+    resumed = retry.user_attrs.get(attrs.RESUMED_FROM)
     if retry.state != optuna.trial.TrialState.COMPLETE or resumed is None or resumed < saved:
         raise SystemExit(f"the retry did not resume: {retry.state.name}, resumed_from_epoch {resumed}, saved {saved}")
     return (

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from hpo import budget, config
+from hpo import attrs, budget, config
 from hpo.budget import EpochCost, Plan
 
 
@@ -57,8 +57,8 @@ def study_with(epoch_seconds: list[float], epochs: int = 3) -> optuna.Study:
                 params={},
                 user_attrs={
                     "history": [{"epoch": e + 1, "seconds": seconds} for e in range(epochs)],
-                    budget.TRAIN_IMAGES_ATTR: 1000,
-                    budget.VAL_IMAGES_ATTR: 300,
+                    attrs.TRAIN_IMAGES: 1000,
+                    attrs.VAL_IMAGES: 300,
                     "threads": 1,
                 },
             )
@@ -123,12 +123,14 @@ def test_before_any_trial_completes_the_leading_trial_stands_in_for_the_member()
     clock stopped the warm start after 5 of 7 epochs and nothing completed."""
     cfg = config.load("tiny")
     study = optuna.create_study(direction="maximize")
-    attrs = {budget.TRAIN_IMAGES_ATTR: 1000, budget.VAL_IMAGES_ATTR: 300, "threads": 1}
+    written = {attrs.TRAIN_IMAGES: 1000, attrs.VAL_IMAGES: 300, attrs.THREADS: 1}
 
     def add(state, values, seconds):
         history = [{"epoch": e, "seconds": seconds} for e in values]
         study.add_trial(
-            create_trial(state=state, params={}, intermediate_values=values, user_attrs={**attrs, "history": history})
+            create_trial(
+                state=state, params={}, intermediate_values=values, user_attrs={**written, attrs.HISTORY: history}
+            )
         )
 
     add(TrialState.PRUNED, {1: 0.60}, 30.0)  # slow and weak
@@ -206,14 +208,14 @@ def test_while_nothing_is_complete_the_leading_trial_runs_on_if_its_epochs_and_o
     cfg = config.load("tiny")
     cfg = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, epochs=3))  # the horizon, as shipped
     study = optuna.create_study(direction="maximize")
-    attrs = {budget.TRAIN_IMAGES_ATTR: 1000, budget.VAL_IMAGES_ATTR: 300, "threads": 1}
+    written = {attrs.TRAIN_IMAGES: 1000, attrs.VAL_IMAGES: 300, attrs.THREADS: 1}
     history = [{"epoch": 1, "seconds": 10.0}, {"epoch": 2, "seconds": 10.0}]
     study.add_trial(
         create_trial(
             state=TrialState.PRUNED,
             params={},
             intermediate_values={1: 0.5},
-            user_attrs={**attrs, "history": history[:1]},
+            user_attrs={**written, attrs.HISTORY: history[:1]},
         )
     )
     lead = study.ask()
@@ -281,7 +283,7 @@ def test_the_outlook_counts_whole_trials_in_the_time_left_beside_the_finalizers_
     cfg = config.load("tiny")  # 3 epochs, ensemble 2
     calibrated = EpochCost(epoch_s=1.0, train_images=1000, val_images=300, threads=1)
     fresh = optuna.create_study(direction="maximize")
-    fresh.set_user_attr(budget.CALIBRATION_ATTR, dataclasses.asdict(calibrated))
+    fresh.set_user_attr(attrs.CALIBRATION, dataclasses.asdict(calibrated))
     # Nothing measured yet: the calibration as it is (not doubled), and [final] ensemble members reserved.
     trial_s = 1.0 * 3 + budget.TRIAL_OVERHEAD_S
     reserve = 2 * budget.member_estimate(calibrated, cfg.final.epochs, 1, cfg.final)

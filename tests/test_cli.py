@@ -233,10 +233,9 @@ def test_final_after_a_search_without_complete_trials_says_what_to_do(tmp_path):
 def test_final_after_a_search_that_added_nothing_keeps_the_published_model(tmp_path):
     import optuna
 
-    from hpo import config
+    from hpo import attrs, config
     from hpo.errors import HpoError
     from hpo.final import after_search
-    from hpo.study import FINAL_ATTR
 
     study = optuna.create_study(direction="maximize")
     study.add_trial(
@@ -244,14 +243,14 @@ def test_final_after_a_search_that_added_nothing_keeps_the_published_model(tmp_p
             value=0.8, params={"lr": 0.01}, distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 0.1)}
         )
     )
-    study.set_user_attr(FINAL_ATTR, {"test_accuracy": 0.9312})
+    study.set_user_attr(attrs.FINAL, {"test_accuracy": 0.9312})
     with pytest.raises(HpoError) as info:
         after_search(study, config.load("tiny"), None, tmp_path, "cpu", None, finished_before=1)
     message = str(info.value)
     assert (
         "--final: the search finished no new trial, so the published model (test accuracy 93.12 %) is kept" in message
     )
-    assert "\n" not in message and study.user_attrs[FINAL_ATTR] == {"test_accuracy": 0.9312}
+    assert "\n" not in message and study.user_attrs[attrs.FINAL] == {"test_accuracy": 0.9312}
     assert not list(tmp_path.iterdir())  # nothing written
 
 

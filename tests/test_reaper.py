@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo import config
+from hpo import attrs, config
 from hpo import storage as storage_mod
 from hpo import study as study_mod
 from hpo.storage import StorageSettings
@@ -141,7 +141,7 @@ def test_a_fail_whose_requeue_was_lost_gets_its_copy_once(shared):
     trial_id = running_trial(study, store)
     number = store.get_trial(trial_id).number
     store.set_trial_user_attr(trial_id, "fail_reason", "worker stopped by SIGTERM; re-queued")
-    store.set_trial_system_attr(trial_id, study_mod.REQUEUE_ATTR, True)
+    store.set_trial_system_attr(trial_id, attrs.REQUEUE, True)
     store.set_trial_state_values(trial_id, TrialState.FAIL)  # ... and the process is gone here
     unmarked = running_trial(study, store)  # a failure that is not retried: left alone
     study_mod.fail(study, unmarked, "error in the worker: boom", retry=False)
@@ -157,7 +157,7 @@ def test_a_fail_whose_requeue_was_lost_gets_its_copy_once(shared):
         assert reaper.repair(lock) == [] and study_mod.lost_requeues(study) == []
     copies = study.get_trials(states=(TrialState.WAITING,))
     assert [t.system_attrs["retry_history"] for t in copies] == [[number]]
-    assert study_mod.REQUEUE_ATTR not in copies[0].system_attrs  # the mark stays with the failed trial
+    assert attrs.REQUEUE not in copies[0].system_attrs  # the mark stays with the failed trial
 
 
 def test_a_worker_leaving_on_the_time_budget_queues_a_copy_owed_even_if_only_just_seen(shared):
@@ -167,7 +167,7 @@ def test_a_worker_leaving_on_the_time_budget_queues_a_copy_owed_even_if_only_jus
     trial_id = running_trial(study, store)
     number = store.get_trial(trial_id).number
     store.set_trial_user_attr(trial_id, "fail_reason", "worker stopped by SIGTERM; re-queued")
-    store.set_trial_system_attr(trial_id, study_mod.REQUEUE_ATTR, True)
+    store.set_trial_system_attr(trial_id, attrs.REQUEUE, True)
     store.set_trial_state_values(trial_id, TrialState.FAIL)
     reaper = study_mod.Reaper(study, store)
     assert reaper.settle() == [number] and study_mod.lost_requeues(study) == []
@@ -179,7 +179,7 @@ def test_repair_waits_while_another_process_holds_the_study_lock(shared):
     study, store = shared
     trial_id = running_trial(study, store)
     store.set_trial_user_attr(trial_id, "fail_reason", "worker stopped by SIGTERM; re-queued")
-    store.set_trial_system_attr(trial_id, study_mod.REQUEUE_ATTR, True)
+    store.set_trial_system_attr(trial_id, attrs.REQUEUE, True)
     store.set_trial_state_values(trial_id, TrialState.FAIL)
     reaper = study_mod.Reaper(study, store)
     reaper.repair()

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from optuna.trial import TrialState, create_trial
 
-from hpo import artifacts, config, optuna_compat
+from hpo import artifacts, attrs, config, optuna_compat
 from hpo import storage as storage_mod
 from hpo import study as study_mod
 from hpo.cli import cli
@@ -136,9 +136,9 @@ def test_a_study_whose_stored_pruner_no_longer_builds_can_be_shown_and_deleted(u
     a search says in one line why it cannot run, and delete removes the study."""
     study = a_study(url)
     storage = optuna_compat.study_storage(study)
-    raw = storage.get_study_system_attrs(optuna_compat.study_id(study))[study_mod.CONFIG_ATTR]
+    raw = storage.get_study_system_attrs(optuna_compat.study_id(study))[attrs.CONFIG]
     raw["pruner"]["options"]["n_warmup_steps"] = -1  # MedianPruner raises ValueError on it
-    storage.set_study_system_attr(optuna_compat.study_id(study), study_mod.CONFIG_ATTR, raw)
+    storage.set_study_system_attr(optuna_compat.study_id(study), attrs.CONFIG, raw)
 
     assert json.loads(hpo("status", "--study", "tiny", "--storage", url, "--json").output)["finished"] == 3
     assert hpo("studies", "--storage", url).exit_code == 0

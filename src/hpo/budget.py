@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo import attrs
 from hpo.config import Final, StudyConfig, format_duration, with_horizon
 from hpo.optuna_compat import study_engine
 from hpo.storage import database_time
@@ -28,13 +29,6 @@ from hpo.trials import FINISHED, best_first
 
 log = logging.getLogger(__name__)
 
-DEADLINE_ATTR = "hpo:deadline"  # study: {"at": unix s, "time_s": budget, "set_at": unix s}
-CALIBRATION_ATTR = "hpo:calibration"  # study: {"epoch_s": ..., "train_images": ..., ...} of one EpochCost
-PLAN_ATTR = "budget"  # trial: the estimate that let it start (see Plan)
-TRAIN_IMAGES_ATTR = "train_images"  # trial: images per training epoch
-VAL_IMAGES_ATTR = "val_images"  # trial: images per validation pass
-POOL_IMAGES_ATTR = "pool_images"  # trial: the data set's training pool, which the finalizer trains on
-TEST_IMAGES_ATTR = "test_images"  # trial: the data set's test split, which the finalizer scores
 
 EVAL_SHARE = 1 / 3  # an evaluated image costs about a third of a trained one (no backward pass)
 TRIAL_QUANTILE = 0.9  # a new trial is assumed as slow per epoch as the 90th percentile so far
@@ -98,12 +92,12 @@ def set_deadline(study: optuna.Study, time_s: float, now: float | None = None) -
     offset = clock_offset(study)
     start = (time.time() if now is None else now) + offset
     deadline = Deadline(at=start + time_s, time_s=time_s, set_at=start, offset_s=offset)
-    study.set_user_attr(DEADLINE_ATTR, {"at": deadline.at, "time_s": time_s, "set_at": start})
+    study.set_user_attr(attrs.DEADLINE, {"at": deadline.at, "time_s": time_s, "set_at": start})
     return deadline
 
 
 def get_deadline(study: optuna.Study) -> Deadline | None:
-    raw = study.user_attrs.get(DEADLINE_ATTR)
+    raw = study.user_attrs.get(attrs.DEADLINE)
     return Deadline(raw["at"], raw["time_s"], raw["set_at"], clock_offset(study)) if raw else None
 
 
@@ -128,16 +122,16 @@ class EpochCost:
 
 def trial_cost(trial: FrozenTrial) -> EpochCost | None:
     """The mean epoch of a trial that has trained at least one, from its `history` attribute."""
-    seconds = [row["seconds"] for row in trial.user_attrs.get("history", []) if "seconds" in row]
-    if not seconds or TRAIN_IMAGES_ATTR not in trial.user_attrs:
+    seconds = [row["seconds"] for row in trial.user_attrs.get(attrs.HISTORY, []) if "seconds" in row]
+    if not seconds or attrs.TRAIN_IMAGES not in trial.user_attrs:
         return None
     return EpochCost(
         sum(seconds) / len(seconds),
-        int(trial.user_attrs[TRAIN_IMAGES_ATTR]),
-        int(trial.user_attrs.get(VAL_IMAGES_ATTR, 0)),
-        int(trial.user_attrs.get("threads", 1)),
-        int(trial.user_attrs.get(POOL_IMAGES_ATTR, DATASET_IMAGES)),
-        int(trial.user_attrs.get(TEST_IMAGES_ATTR, TEST_IMAGES)),
+        int(trial.user_attrs[attrs.TRAIN_IMAGES]),
+        int(trial.user_attrs.get(attrs.VAL_IMAGES, 0)),
+        int(trial.user_attrs.get(attrs.THREADS, 1)),
+        int(trial.user_attrs.get(attrs.POOL_IMAGES, DATASET_IMAGES)),
+        int(trial.user_attrs.get(attrs.TEST_IMAGES, TEST_IMAGES)),
     )
 
 
@@ -152,7 +146,7 @@ def measured(study: optuna.Study) -> list[EpochCost]:
 
 
 def calibration(study: optuna.Study) -> EpochCost | None:
-    raw = study.user_attrs.get(CALIBRATION_ATTR)
+    raw = study.user_attrs.get(attrs.CALIBRATION)
     return EpochCost(**raw) if raw else None
 
 

@@ -77,12 +77,12 @@ class Placement:
 
     def describe(self) -> dict[str, object]:
         return {
-            "device": str(self.device),
-            "device_name": self.name,
-            "threads": self.threads,
+            attrs.DEVICE: str(self.device),
+            attrs.DEVICE_NAME: self.name,
+            attrs.THREADS: self.threads,
             attrs.HOST: self.host,
-            "gpu_index": self.device.index if self.device.type == "cuda" else None,
-            "gpu_slot": None if self.slot is None else list(self.slot),
+            attrs.GPU_INDEX: self.device.index if self.device.type == "cuda" else None,
+            attrs.GPU_SLOT: None if self.slot is None else list(self.slot),
         }
 
 

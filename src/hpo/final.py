@@ -33,7 +33,7 @@ from hpo.model import Ensemble, InputShape, count_parameters, cpu_weights, with_
 from hpo.params import TrialParams
 from hpo.progress import Progress
 from hpo.storage import SlotLock, final_dir
-from hpo.study import FINAL_ATTR, finished_count
+from hpo.study import finished_count
 from hpo.train import EpochStats, Replan, derive_seed, evaluate, fit, recipe, seconds_per_image, seeded_model
 
 log = logging.getLogger(__name__)
@@ -186,9 +186,7 @@ def _accuracy(summed_probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 def val_outputs(store: Any, trial: optuna.trial.FrozenTrial, labels: torch.Tensor | None) -> torch.Tensor | None:
     """A COMPLETE trial's validation probabilities (float32), if kept and of the same images."""
-    from hpo.objective import VAL_OUTPUTS_ATTR
-
-    pointer = trial.user_attrs.get(VAL_OUTPUTS_ATTR)
+    pointer = trial.user_attrs.get(attrs.VAL_OUTPUTS)
     if store is None or not pointer or labels is None:
         return None
     try:
@@ -531,9 +529,9 @@ def _record(
     with SlotLock(storage, f"{cfg.name}.final") if storage is not None else contextlib.nullcontext():
         if artifact_store is not None:
             summary["artifacts"] = publish(study, artifact_store, files)
-        study.set_user_attr(FINAL_ATTR, summary)
+        study.set_user_attr(attrs.FINAL, summary)
         # Sorts first in the dashboard's user-attribute table, so a final-trained study shows it at a glance.
-        study.set_user_attr("final_test_accuracy", metrics["test_accuracy"])
+        study.set_user_attr(attrs.FINAL_TEST_ACCURACY, metrics["test_accuracy"])
         save_note(study, note(cfg, best, metrics))
 
 
@@ -648,7 +646,7 @@ def after_search(
             "to retrain. Give a longer --time (or more [budget] n_trials) and run again."
         )
     deadline = budget.get_deadline(study)
-    published = study.user_attrs.get(FINAL_ATTR)
+    published = study.user_attrs.get(attrs.FINAL)
     if published and finished_before is not None and finished_count(study) == finished_before:
         # Nothing new to retrain from, and inside a spent budget the retrain could only be shorter.
         left = "" if deadline is None else f" with {max(0.0, deadline.left()):.0f}s of its time budget left"
@@ -685,7 +683,7 @@ def _result_files(
             counts, classes, f"{cfg.name}: {what} on the test split, accuracy {ev.accuracy:.4f}"
         ),
         "learning_curve.png": plots.learning_curve_png(
-            best.trial.user_attrs.get("history", []), metrics["history"], ev.accuracy, best.trial.number
+            best.trial.user_attrs.get(attrs.HISTORY, []), metrics["history"], ev.accuracy, best.trial.number
         ),
         "misclassified.png": plots.misclassified_png(test_images, truth_np, pred_np, ev.confidence.numpy(), classes),
     }
@@ -693,7 +691,7 @@ def _result_files(
 
 def publish(study: optuna.Study, store, files: dict[str, bytes]) -> dict[str, str]:
     """Upload the final files to the study, replacing an earlier final-train's."""
-    earlier = (study.user_attrs.get(FINAL_ATTR) or {}).get("artifacts", {})
+    earlier = (study.user_attrs.get(attrs.FINAL) or {}).get("artifacts", {})
     ids = {name: artifacts.upload_bytes(store, study, name, payload) for name, payload in files.items()}
     for artifact_id in earlier.values():
         artifacts.remove(store, study, artifact_id)

@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hpo import budget, progress, sources
+from hpo import attrs, budget, progress, sources
 from hpo import study as study_mod
 from hpo.config import StudyConfig, format_duration
 from hpo.errors import HpoError
@@ -56,7 +56,7 @@ def prepare(
     if clock is not None:
         budget.set_deadline(study, clock, now=started_at)
         if calibrated is not None and budget.calibration(study) is None:
-            study.set_user_attr(budget.CALIBRATION_ATTR, dataclasses.asdict(calibrated))
+            study.set_user_attr(attrs.CALIBRATION, dataclasses.asdict(calibrated))
     else:
         refuse_spent_budget(study, cfg)
     return study, cfg
@@ -69,7 +69,7 @@ def refuse_spent_budget(study: optuna.Study, cfg: StudyConfig) -> None:
     if deadline is None or deadline.left() > 0:
         return
     ended = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(deadline.at))
-    kept = " (the published model stays as it is)" if study.user_attrs.get(study_mod.FINAL_ATTR) else ""
+    kept = " (the published model stays as it is)" if study.user_attrs.get(attrs.FINAL) else ""
     raise HpoError(
         f"study {cfg.name!r}: its time budget of {format_duration(deadline.time_s)} is spent (it ended at "
         f"{ended}), so nothing was run{kept}. Give it more time: `hpo extend --study {cfg.name} --time 10m`, "

@@ -36,9 +36,6 @@ from hpo.train import (
 
 log = logging.getLogger(__name__)
 
-REASON_ATTR = attrs.REASON
-CHECKPOINT_ATTR = attrs.CHECKPOINT
-VAL_OUTPUTS_ATTR = "val_outputs"  # trial: artifact id of a COMPLETE trial's validation probabilities
 VAL_OUTPUTS_FILE = "val-outputs.pt"
 TRIAL_MODEL_FILE = "trial-model.pt"
 
@@ -80,7 +77,7 @@ def history_row(stats: EpochStats) -> dict[str, float]:
 def load_resume_state(artifact_store, trial: optuna.Trial, params: TrialParams, seed: int) -> dict | None:
     """The training state a retried trial inherited from the trial that crashed, if it is usable,
     with every tensor on the CPU."""
-    pointer = trial.user_attrs.get(CHECKPOINT_ATTR)
+    pointer = trial.user_attrs.get(attrs.CHECKPOINT)
     if artifact_store is None or not pointer:
         return None
     try:
@@ -145,7 +142,7 @@ def make_objective(
 
     def objective(trial: optuna.Trial) -> float:
         if not claim(trial):
-            trial.set_user_attr(REASON_ATTR, "over budget: another worker took the last slot")
+            trial.set_user_attr(attrs.REASON, "over budget: another worker took the last slot")
             raise OverBudget(f"trial {trial.number} is beyond the budget of {cfg.budget.n_trials}")
         return TrialRun(cfg, data, placement, trial, artifact_store, epoch_plan).run(plan())
 
@@ -179,16 +176,16 @@ class TrialRun:
         for key, value in {
             **placement.describe(),
             attrs.PID: os.getpid(),
-            "seed": self.seed,
-            "n_params": count_parameters(model),
-            budget.TRAIN_IMAGES_ATTR: len(self.data.train),
-            budget.VAL_IMAGES_ATTR: len(self.data.val),
-            budget.POOL_IMAGES_ATTR: self.data.pool_images,
-            budget.TEST_IMAGES_ATTR: self.data.test_images,
-            budget.PLAN_ATTR: None if decision is None else dataclasses.asdict(decision),
+            attrs.SEED: self.seed,
+            attrs.N_PARAMS: count_parameters(model),
+            attrs.TRAIN_IMAGES: len(self.data.train),
+            attrs.VAL_IMAGES: len(self.data.val),
+            attrs.POOL_IMAGES: self.data.pool_images,
+            attrs.TEST_IMAGES: self.data.test_images,
+            attrs.PLAN: None if decision is None else dataclasses.asdict(decision),
         }.items():
             trial.set_user_attr(key, value)
-        if trial.user_attrs.get(CHECKPOINT_ATTR):
+        if trial.user_attrs.get(attrs.CHECKPOINT):
             artifacts.disown_inherited(trial)
         resume = load_resume_state(self.store, trial, self.params, self.seed)
         if resume is not None:
@@ -206,7 +203,7 @@ class TrialRun:
                 resume=resume,
             )
         except TrainingDiverged as e:
-            trial.set_user_attr(REASON_ATTR, str(e))
+            trial.set_user_attr(attrs.REASON, str(e))
             self.drop_checkpoint()
             raise
         except torch.cuda.OutOfMemoryError as e:
@@ -218,7 +215,7 @@ class TrialRun:
                 f"out of memory on {placement.name} with batch_size {self.params.optimizer.batch_size} and "
                 f"filters {list(self.params.model.filters)}"
             )
-            trial.set_user_attr(REASON_ATTR, reason)
+            trial.set_user_attr(attrs.REASON, reason)
             self.drop_checkpoint()
             raise OutOfMemory(reason) from e
         if cfg.checkpoints.keep == "none":
@@ -227,7 +224,7 @@ class TrialRun:
         value = self.value_of(history_stats[-1])
         if cfg.final.trial_models and self.ranks_among_best(value):
             self.keep_model(model)
-        trial.set_user_attr("wall_time_s", round(time.perf_counter() - self.started, 2))
+        trial.set_user_attr(attrs.WALL_TIME, round(time.perf_counter() - self.started, 2))
         return value
 
     def ranks_among_best(self, value: float) -> bool:
@@ -272,7 +269,7 @@ class TrialRun:
         except HpoError as e:  # without them the finalizer falls back on the trial's value alone
             log.warning("trial %d: validation outputs not kept: %s", self.trial.number, e)
             return
-        self.trial.set_user_attr(VAL_OUTPUTS_ATTR, pointer)
+        self.trial.set_user_attr(attrs.VAL_OUTPUTS, pointer)
 
     def value_of(self, stats: EpochStats) -> float:
         val_loss, val_accuracy = validated(stats)
@@ -287,14 +284,14 @@ class TrialRun:
             self.history.append(history_row(stats))
             if stats.epoch not in reported:
                 trial.report(self.value_of(stats), stats.epoch)
-        trial.set_user_attr("resumed_from_epoch", resume["epoch"])
+        trial.set_user_attr(attrs.RESUMED_FROM, resume["epoch"])
         # Exact only on the device type the snapshot came from (train.restore_random_state).
-        trial.set_user_attr("resumed_exactly", snapshot_device(resume) == self.placement.device.type)
+        trial.set_user_attr(attrs.RESUMED_EXACTLY, snapshot_device(resume) == self.placement.device.type)
         log.info(
             "trial %d resumes after epoch %d from checkpoint %s",
             trial.number,
             resume["epoch"],
-            trial.user_attrs[CHECKPOINT_ATTR]["artifact_id"],
+            trial.user_attrs[attrs.CHECKPOINT]["artifact_id"],
         )
 
     def on_snapshot(self, state: dict) -> None:
@@ -316,7 +313,7 @@ class TrialRun:
         except HpoError as e:  # no checkpoint costs a resume, not the trial
             log.warning("trial %d: %s", trial.number, e)
             return
-        trial.set_user_attr(CHECKPOINT_ATTR, {"artifact_id": new, "epoch": state["epoch"]})
+        trial.set_user_attr(attrs.CHECKPOINT, {"artifact_id": new, "epoch": state["epoch"]})
         self.drop_checkpoint()
         self.own_checkpoint.append(new)
 
@@ -349,10 +346,10 @@ class TrialRun:
         plan = self.epoch_plan(slowest, trial.number, cfg.budget.epochs - stats.epoch)
         if plan is not None and not plan.fits:
             reason = f"time budget: {plan.describe()}, so it stops after epoch {stats.epoch}"
-            trial.set_user_attr(REASON_ATTR, reason)
+            trial.set_user_attr(attrs.REASON, reason)
             self.stop(reason)
 
     def stop(self, why: str) -> None:
-        self.trial.set_user_attr("wall_time_s", round(time.perf_counter() - self.started, 2))
+        self.trial.set_user_attr(attrs.WALL_TIME, round(time.perf_counter() - self.started, 2))
         self.drop_checkpoint()
         raise optuna.TrialPruned(why)

@@ -24,13 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from hpo import data
+from hpo import attrs, data
 from hpo.config import FOLDER_IMAGE_SIZE, DataSettings, StudyConfig
 from hpo.errors import DataError
 
 log = logging.getLogger(__name__)
 
-DATA_ATTR = "hpo:data"  # study: the fingerprint of the data it was created on (DataSet.fingerprint)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 HOLDOUT_SEED_OFFSET = 7919  # the test hold-out's seed is the study's plus this: another stream than validation's
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -502,7 +501,7 @@ def _folder(settings: DataSettings, directory: Path, with_test: bool) -> Read:
 
 def recorded(study: Any) -> dict[str, Any] | None:
     """The fingerprint of the data `study` runs on (None: no host has recorded one yet)."""
-    return study.user_attrs.get(DATA_ATTR)
+    return study.user_attrs.get(attrs.DATA)
 
 
 def check(study: Any, dataset: DataSet) -> None:
@@ -512,11 +511,11 @@ def check(study: Any, dataset: DataSet) -> None:
     mine = dataset.fingerprint()
     theirs = recorded(study)
     if theirs is None:
-        study.set_user_attr(DATA_ATTR, mine)
+        study.set_user_attr(attrs.DATA, mine)
     elif theirs["sha256"] == mine["sha256"] and theirs.get("test_sha256") is None and mine["test_sha256"]:
         # A worker recorded the pool (it never opens test files); the first finalizer adds the test split.
         images = {**theirs["images"], "test": mine["images"]["test"]}
-        study.set_user_attr(DATA_ATTR, {**theirs, "images": images, "test_sha256": mine["test_sha256"]})
+        study.set_user_attr(attrs.DATA, {**theirs, "images": images, "test_sha256": mine["test_sha256"]})
     theirs = recorded(study)
     tests = (theirs or {}).get("test_sha256"), mine["test_sha256"]
     if theirs is not None and (theirs["sha256"] != mine["sha256"] or None not in tests and tests[0] != tests[1]):

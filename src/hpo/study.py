@@ -28,14 +28,9 @@ from hpo.optuna_compat import (
     trial_id,
 )
 from hpo.storage import SlotLock, Storage, StorageSettings, creation_lock
-from hpo.trials import FINISHED, best_first, value
+from hpo.trials import FINISHED, best_first, retry_history, value
 
 log = logging.getLogger(__name__)
-
-CONFIG_ATTR = "hpo:config"
-SETTINGS_ATTR = "settings"  # one line for people (the dashboard's attribute table); CONFIG_ATTR holds them all
-WARM_START_ATTR = attrs.WARM_START
-FINAL_ATTR = "hpo:final"
 
 
 def make_sampler(cfg: StudyConfig, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -67,7 +62,7 @@ def _stored_raw(study: optuna.Study) -> dict[str, Any] | None:
     with (studies made before kept them in a user attribute of the same name)."""
     storage = study_storage(study)
     system = storage.get_study_system_attrs(study_id(study))
-    return system.get(CONFIG_ATTR, storage.get_study_user_attrs(study_id(study)).get(CONFIG_ATTR))
+    return system.get(attrs.CONFIG, storage.get_study_user_attrs(study_id(study)).get(attrs.CONFIG))
 
 
 def stored_config(study: optuna.Study) -> StudyConfig | None:
@@ -78,9 +73,9 @@ def stored_config(study: optuna.Study) -> StudyConfig | None:
 
 def _record_config(study: optuna.Study, cfg: StudyConfig) -> None:
     """Store the settings, and what the dashboard shows of them: the metric's name and one line."""
-    study_storage(study).set_study_system_attr(study_id(study), CONFIG_ATTR, cfg.to_dict())
+    study_storage(study).set_study_system_attr(study_id(study), attrs.CONFIG, cfg.to_dict())
     study.set_metric_names([cfg.metric])
-    study.set_user_attr(SETTINGS_ATTR, config.summary(cfg))
+    study.set_user_attr(attrs.SETTINGS, config.summary(cfg))
 
 
 def create_or_load(
@@ -104,7 +99,7 @@ def create_or_load(
                 direction=optuna.study.StudyDirection[cfg.direction.upper()],
             )
             for params, origin in first:
-                study.enqueue_trial(params, user_attrs={WARM_START_ATTR: origin}, skip_if_exists=True)
+                study.enqueue_trial(params, user_attrs={attrs.WARM_START: origin}, skip_if_exists=True)
             if first:
                 log.info("study %r: %d warm-start configuration(s) queued as its first trials", cfg.name, len(first))
         if isinstance(storage, Storage):
@@ -197,7 +192,7 @@ def load(storage: optuna.storages.BaseStorage, name: str) -> tuple[optuna.Study,
         ) from e
     stored = stored_config(study)
     if stored is None:
-        raise StorageError(f"study {name!r} was not created by hpo (it has no {CONFIG_ATTR} attribute).")
+        raise StorageError(f"study {name!r} was not created by hpo (it has no {attrs.CONFIG} attribute).")
     if isinstance(storage, Storage):
         adopt_liveness(study, storage)
     # No sampler or pruner is built here: only a search needs them (create_or_load builds them), and
@@ -215,18 +210,15 @@ def requeue(study: optuna.Study, failed: optuna.trial.FrozenTrial) -> bool:
     before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     clean = copy.deepcopy(failed)
     clean.user_attrs = {k: v for k, v in failed.user_attrs.items() if k != attrs.REASON}
-    clean.system_attrs = {k: v for k, v in failed.system_attrs.items() if k != REQUEUE_ATTR}
+    clean.system_attrs = {k: v for k, v in failed.system_attrs.items() if k != attrs.REQUEUE}
     callback(study, clean)
     return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) > before
 
 
 def retry_note(trial: optuna.trial.FrozenTrial, max_retry: int) -> str:
     """How the reason of a failure that is retried ends: whether a copy is queued."""
-    runs = len(trial.system_attrs.get("retry_history", [])) + 1
+    runs = len(retry_history(trial)) + 1
     return "re-queued" if runs <= max_retry else f"not re-queued: this configuration has run {runs} times"
-
-
-REQUEUE_ATTR = "hpo:requeue"  # trial system attribute: set before FAIL when a copy is due (see fail)
 
 
 def fail(study: optuna.Study, trial_id: int, reason: str, retry: bool) -> bool:
@@ -240,7 +232,7 @@ def fail(study: optuna.Study, trial_id: int, reason: str, retry: bool) -> bool:
     try:
         storage.set_trial_user_attr(trial_id, attrs.REASON, reason)
         due = retry and reason.endswith("re-queued")
-        storage.set_trial_system_attr(trial_id, REQUEUE_ATTR, due)
+        storage.set_trial_system_attr(trial_id, attrs.REQUEUE, due)
         if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
             return False
     except optuna.exceptions.UpdateFinishedTrialError:
@@ -252,8 +244,8 @@ def fail(study: optuna.Study, trial_id: int, reason: str, retry: bool) -> bool:
 
 
 def copy_of(trials: list[optuna.trial.FrozenTrial], number: int) -> optuna.trial.FrozenTrial | None:
-    """The retry queued for trial `number`, if there is one (the copy's retry_history ends with it)."""
-    return next((t for t in trials if t.system_attrs.get("retry_history", [])[-1:] == [number]), None)
+    """The retry queued for trial `number`, if there is one (the copy's retry history ends with it)."""
+    return next((t for t in trials if retry_history(t)[-1:] == [number]), None)
 
 
 def lost_requeues(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -263,11 +255,8 @@ def lost_requeues(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [
         t
         for t in trials
-        if t.state == TrialState.FAIL and t.system_attrs.get(REQUEUE_ATTR) and copy_of(trials, t.number) is None
+        if t.state == TrialState.FAIL and t.system_attrs.get(attrs.REQUEUE) and copy_of(trials, t.number) is None
     ]
-
-
-LIVENESS_ATTR = "hpo:liveness"  # study system attribute: the heartbeat settings every host judges trials by
 
 
 def adopt_liveness(study: optuna.Study, storage: Storage, record: bool = False) -> None:
@@ -280,10 +269,10 @@ def adopt_liveness(study: optuna.Study, storage: Storage, record: bool = False) 
         "grace_period": storage.grace_period,
         "max_retry": storage.max_retry,
     }
-    stored = study_storage(study).get_study_system_attrs(study_id(study)).get(LIVENESS_ATTR)
+    stored = study_storage(study).get_study_system_attrs(study_id(study)).get(attrs.LIVENESS)
     if stored is None:
         if record:
-            study_storage(study).set_study_system_attr(study_id(study), LIVENESS_ATTR, ours)
+            study_storage(study).set_study_system_attr(study_id(study), attrs.LIVENESS, ours)
         return
     if stored != ours:
         log.warning(
@@ -477,7 +466,7 @@ def summary(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBS
     # Work left, in mean finished-trial durations (running trials count by their epochs still to go),
     # spread over the workers now running. Pruned trials are in the mean, as they will be in what is left.
     left = max(0, remaining - len(running)) + sum(
-        max(0.0, 1 - trial.user_attrs.get("epoch", 0) / cfg.budget.epochs) for trial in running
+        max(0.0, 1 - trial.user_attrs.get(attrs.EPOCH, 0) / cfg.budget.epochs) for trial in running
     )
     eta = None if mean_s is None or (remaining and not running) else left * mean_s / max(1, len(running))
     return {
@@ -501,9 +490,9 @@ def summary(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages.RDBS
         "eta_s": None if eta is None else round(eta, 1),
         "best": best,
         "running": [_running_row(trial, cfg, ages.get(trial_id(trial))) for trial in running],
-        "final": study.user_attrs.get(FINAL_ATTR),
+        "final": study.user_attrs.get(attrs.FINAL),
         "time_budget": budget.describe_deadline(budget.get_deadline(study)),
-        "extended": study.user_attrs.get(EXTENDED_ATTR, []),
+        "extended": study.user_attrs.get(attrs.EXTENDED, []),
     }
 
 
@@ -511,10 +500,10 @@ def _running_row(trial: optuna.trial.FrozenTrial, cfg: StudyConfig, heartbeat_ag
     """One running trial as `hpo status` lists it: where it runs, how far it is, how fresh its heartbeat."""
     return {
         "number": trial.number,
-        "host": trial.user_attrs.get("host"),
-        "pid": trial.user_attrs.get("pid"),
-        "device": trial.user_attrs.get("device_name"),
-        "epoch": trial.user_attrs.get("epoch", 0),
+        "host": trial.user_attrs.get(attrs.HOST),
+        "pid": trial.user_attrs.get(attrs.PID),
+        "device": trial.user_attrs.get(attrs.DEVICE_NAME),
+        "epoch": trial.user_attrs.get(attrs.EPOCH, 0),
         "epochs": cfg.budget.epochs,
         "heartbeat_age_s": heartbeat_age_s,
     }
@@ -536,7 +525,7 @@ def listing(storage: Storage) -> dict[str, Any]:
         by_state = _by_state(trials)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         best = study.best_trial if complete else None
-        final = study.user_attrs.get(FINAL_ATTR) or {}
+        final = study.user_attrs.get(attrs.FINAL) or {}
         running = [trial_id(t) for t in trials if t.state == TrialState.RUNNING]
         fresh = (
             [age for age in heartbeat_ages(storage, running).values() if age <= storage.grace_period]
@@ -576,12 +565,9 @@ def best_of(study: optuna.Study, cfg: StudyConfig) -> dict[str, Any]:
         "value": trial.value,
         "params": trial.params,
         "epochs": len(trial.intermediate_values),
-        "seed": trial.user_attrs.get("seed"),
+        "seed": trial.user_attrs.get(attrs.SEED),
         "duration_s": None if trial.duration is None else round(trial.duration.total_seconds(), 1),
     }
-
-
-EXTENDED_ATTR = "hpo:extended"  # each `hpo extend`: when, and the budget before and after
 
 
 def extend(study: optuna.Study, cfg: StudyConfig, n_trials: int | None, time_s: float | None) -> StudyConfig:
@@ -607,7 +593,7 @@ def extend(study: optuna.Study, cfg: StudyConfig, n_trials: int | None, time_s: 
     if time_s is not None:
         budget.set_deadline(study, time_s)
     record = {"at": round(time.time(), 1), "n_trials": [cfg.budget.n_trials, new.budget.n_trials], "time_s": time_s}
-    study.set_user_attr(EXTENDED_ATTR, [*study.user_attrs.get(EXTENDED_ATTR, []), record])
+    study.set_user_attr(attrs.EXTENDED, [*study.user_attrs.get(attrs.EXTENDED, []), record])
     return new
 
 
@@ -615,7 +601,7 @@ def current_budget(study: optuna.Study) -> int:
     """The stored trial budget now (`hpo extend` may have raised it since the worker started)."""
     stored = _stored_raw(study)
     if stored is None:
-        raise StorageError(f"study {study.study_name!r} has no stored settings ({CONFIG_ATTR}).")
+        raise StorageError(f"study {study.study_name!r} has no stored settings ({attrs.CONFIG}).")
     return int(stored["budget"]["n_trials"])
 
 

@@ -1,6 +1,9 @@
-"""What counts as finished, and a COMPLETE trial's value: one definition for every module."""
+"""What counts as finished, a COMPLETE trial's value, and which trial a retry copies: one
+definition for every module."""
 
 from __future__ import annotations
+
+import warnings
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -19,3 +22,16 @@ def value(trial: FrozenTrial) -> float:
 def best_first(study: optuna.Study, maximize: bool) -> list[FrozenTrial]:
     """The study's COMPLETE trials, best validation value first."""
     return sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=value, reverse=maximize)
+
+
+def retry_history(trial: FrozenTrial) -> list[int]:
+    """The trials a retry copies, oldest first (its configuration's first run, ..., the one it
+    replaces); [] for a first run. Optuna's retry callback keeps it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial)
+
+
+def first_run(trial: FrozenTrial) -> int:
+    """The number of the first trial of this configuration: its own, unless it is a retry."""
+    return (retry_history(trial) or [trial.number])[0]

@@ -297,7 +297,7 @@ def ensure_calibrated(study: optuna.Study, cfg: StudyConfig, data: TrialData, pl
     cost = calibrate(cfg, data, placement)
     log.info("calibrated: a typical trial epoch takes about %.1fs here", cost.epoch_s)
     if budget.calibration(study) is None:  # another worker may have stored its own meanwhile; either will do
-        study.set_user_attr(budget.CALIBRATION_ATTR, dataclasses.asdict(cost))
+        study.set_user_attr(attrs.CALIBRATION, dataclasses.asdict(cost))
 
 
 def fail_waiting(study: optuna.Study, reason: str) -> None:

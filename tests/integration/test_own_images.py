@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import run_hpo as hpo
 from conftest import write_idx
-from hpo import data, sources
+from hpo import attrs, data, sources
 from hpo.config import DataSettings
 
 pytestmark = pytest.mark.integration
@@ -76,7 +76,7 @@ def test_a_folder_study_searches_and_scores_its_held_out_test_split(folder_study
     assert set(metrics["per_class_accuracy"]) == set(FOLDER_CLASSES)
     assert metrics["test_accuracy"] > 0.5  # four distinct classes: far above chance (0.25) after a short search
     study = optuna.load_study(study_name="own-images", storage=f"sqlite:///{work / 'runs' / 'hpo.db'}")
-    recorded = study.user_attrs[sources.DATA_ATTR]
+    recorded = study.user_attrs[attrs.DATA]
     assert recorded["classes"] == sorted(FOLDER_CLASSES) and recorded["shape"] == [3, 24, 24]
     assert recorded["held_out"]["per_class"] == {name: PER_CLASS // 10 for name in FOLDER_CLASSES}
     assert len(study.trials) == 4
@@ -161,7 +161,7 @@ def test_a_worker_whose_data_differs_refuses_to_join(subset: Path, tmp_path: Pat
     write_idx(changed / "train-images-idx3-ubyte", images, gz=True)
     url = f"sqlite:///{tmp_path / 'runs' / 'hpo.db'}"
     study = optuna.load_study(study_name="same-data", storage=url)
-    ours = study.user_attrs[sources.DATA_ATTR]["sha256"]
+    ours = study.user_attrs[attrs.DATA]["sha256"]
     for command in (["worker"], ["final-train"]):
         result = hpo(*command, "--study", "digits.toml", "--data-dir", str(changed), cwd=tmp_path, check=False)
         errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
