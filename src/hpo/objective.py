@@ -33,6 +33,7 @@ from hpo.train import (
     seeded_model,
     snapshot_device,
 )
+from hpo.trials import first_run
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ class OutOfMemory(Exception):
 def trial_seed(study_seed: int, trial: optuna.Trial) -> int:
     # A retried trial keeps its original number's seed, so the retry repeats the same run.
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-    origin = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
-    return derive_seed(study_seed, trial.number if origin is None else origin)
+    return derive_seed(study_seed, first_run(frozen))
 
 
 def validated(stats: EpochStats) -> tuple[float, float]:

@@ -217,11 +217,12 @@ class Storage(optuna.storages.RDBStorage):
     @contextlib.contextmanager
     def failing_fast(self) -> Iterator[None]:
         """REPEATABLE calls made in this block, by this thread only, do not ride out an outage."""
+        before = getattr(_fail_fast, "on", False)
         _fail_fast.on = True
         try:
             yield
         finally:
-            _fail_fast.on = False
+            _fail_fast.on = before
 
     def _ride_out(self, name: str, *args, **kwargs):
         call = getattr(super(), name)
