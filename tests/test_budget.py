@@ -221,8 +221,7 @@ def test_while_nothing_is_complete_the_leading_trial_runs_on_if_its_epochs_and_o
     lead = study.ask()
     for step, value in ((1, 0.7), (2, 0.8)):
         lead.report(value, step)
-    lead.set_user_attr("history", history)
-    for key, value in attrs.items():
+    for key, value in {**written, attrs.HISTORY: history}.items():
         lead.set_user_attr(key, value)
     deadline = budget.Deadline(at=1600.0, time_s=600.0, set_at=1000.0)
     cost = budget.trial_cost(study.get_trials()[1])
