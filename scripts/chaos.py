@@ -52,7 +52,7 @@ def chaos_study(seed: int, seconds: float) -> str:
         name="chaos",
         seed=seed,
         final=dataclasses.replace(tiny.final, ensemble=1, tta="none"),
-        budget=config.Budget(n_trials=10000, epochs=3, train_subset=2000, val_fraction=0.05, time_s=seconds),
+        budget=config.TrialBudget(n_trials=10000, epochs=3, train_subset=2000, val_fraction=0.05, time_s=seconds),
     )
     return config.to_toml(cfg)
 
@@ -72,14 +72,15 @@ os.kill(os.getpid(), signal.SIGKILL)  # before any heartbeat, as a worker killed
 """
 _DIE_BEFORE_REQUEUE = """
 import os, sys
-from hpo import storage, study
+from hpo import reaper, storage, study
+from hpo.optuna_compat import trial_id
 opened = storage.open_storage(sys.argv[1])
 chaotic, _ = study.load(opened, "chaos")
 trial = chaotic.ask()
-opened.record_heartbeat(trial._trial_id)
+opened.record_heartbeat(trial_id(trial))
 print(trial.number, flush=True)
-study.requeue = lambda *args: os._exit(137)  # the process ends between the FAIL and the copy
-study.fail(chaotic, trial._trial_id, "worker stopped by SIGTERM; re-queued", retry=True)
+reaper.requeue = lambda *args: os._exit(137)  # the process ends between the FAIL and the copy
+reaper.fail(chaotic, trial_id(trial), "worker stopped by SIGTERM; re-queued", retry=True)
 """
 
 

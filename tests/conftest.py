@@ -175,3 +175,15 @@ def pg_url(postgres, request) -> str:
     name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
     postgres.sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     return postgres.create_database(name)
+
+
+def user_error(result, *fragments: str) -> str:
+    """A user's mistake, as the CLI must report it: exit code 1, one line starting "Error: " that
+    holds every fragment, and no traceback. Returns the line."""
+    assert result.exit_code == 1, result.output
+    line = result.output.strip()
+    assert line.startswith("Error: ") and "\n" not in line, result.output
+    assert "Traceback" not in result.output, result.output
+    for fragment in fragments:
+        assert fragment in line, line
+    return line

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from hpo.bench import DEFAULT_PARAMS, fixed_baseline
+from hpo.bench import DEFAULT_PARAMS
 from hpo.config import Augment, TrainSettings
+from hpo.search_bench import fixed_baseline
 
 
 def test_fixed_baseline_fills_its_time_with_whole_epochs_and_reports_an_interval(fake_data_dir):
@@ -45,7 +46,7 @@ def test_bench_without_torchvision_says_which_extra_to_install(monkeypatch):
 
 
 def test_the_paired_test_counts_only_the_images_the_two_disagree_on():
-    from hpo.bench import paired
+    from hpo.search_bench import paired
 
     truth = [0, 1, 2, 3, 4, 5]
     search = [0, 1, 2, 3, 9, 9]  # right on 0-3
@@ -60,7 +61,7 @@ def test_fidelity_retrains_the_finalists_at_the_horizon_and_ranks_them_on_valida
     from optuna.trial import TrialState, create_trial
 
     from hpo import config, space
-    from hpo.bench import fidelity
+    from hpo.search_bench import fidelity
 
     cfg = config.load("tiny")
     cfg = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, epochs=1))

@@ -4,44 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-
-def assert_user_error(result, text: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert result.output.startswith("Error: "), result.output
-    assert text in result.output
-    assert "Traceback" not in result.output
-    assert result.output.count("\n") == 1  # one line
-
-
-def test_unknown_study_file(run):
-    assert_user_error(run("worker", "--study", "cnn-quik"), "no study file named 'cnn-quik'")
-
-
-def test_invalid_study_file_writes_nothing(run, tmp_path):
-    bad = tmp_path / "bad.toml"
-    bad.write_text('name = "bad"\n[budget]\nn_trials = 0\nepochs = 1\n')
-    assert_user_error(run("optimize", "--study", str(bad)), "n_trials must be at least 1, got 0")
-    assert not (tmp_path / "runs").exists()
-
-
-def test_malformed_storage_url(run):
-    assert_user_error(run("status", "--study", "tiny", "--storage", "not a url"), "malformed storage URL")
-
-
-def test_unsupported_scheme(run):
-    assert_user_error(
-        run("status", "--study", "tiny", "--storage", "mysql://u:secret@h/db"), "unsupported storage scheme 'mysql'"
-    )
+from conftest import user_error
 
 
 def test_password_is_masked_in_messages(run):
     result = run("status", "--study", "tiny", "--storage", "mysql://u:secret@h/db")
     assert "secret" not in result.output and "***" in result.output
-
-
-def test_status_of_missing_study(run, tmp_path):
-    url = f"sqlite:///{tmp_path / 'x.db'}"
-    assert_user_error(run("status", "--study", "nope", "--storage", url), "no study named 'nope' in this storage")
 
 
 def test_final_train_without_a_complete_trial(run, tmp_path):
@@ -51,24 +19,8 @@ def test_final_train_without_a_complete_trial(run, tmp_path):
 
     url = f"sqlite:///{tmp_path / 'x.db'}"
     study.create_or_load(storage.open_storage(url), config.load("tiny"))
-    assert_user_error(run("final-train", "--study", "tiny", "--storage", url), "has no COMPLETE trial yet")
+    user_error(run("final-train", "--study", "tiny", "--storage", url), "has no COMPLETE trial yet")
     assert optuna.load_study(study_name="tiny", storage=url).trials == []
-
-
-def test_changed_search_space_is_refused(run, tmp_path):
-    from hpo import config, storage, study
-
-    url = f"sqlite:///{tmp_path / 'x.db'}"
-    study.create_or_load(storage.open_storage(url), config.load("tiny"))
-    changed = tmp_path / "tiny.toml"
-    text = (
-        (config.resolve_path("tiny"))
-        .read_text()
-        .replace("filters      = { choices = [8, 16] }", "filters      = { choices = [8, 32] }")
-    )
-    changed.write_text(text)
-    result = run("worker", "--study", str(changed), "--storage", url)
-    assert_user_error(result, "study 'tiny' already exists with a different search space (filters differ")
 
 
 def test_debug_shows_the_traceback(run):
@@ -78,13 +30,11 @@ def test_debug_shows_the_traceback(run):
 
 
 def test_predict_and_export_without_a_final_model(run):
-    assert_user_error(
+    user_error(
         run("predict", "--study", "tiny", "a.png"),
         "no final model at runs/tiny/final/model.pt. Run `hpo final-train --study tiny` first",
     )
-    assert_user_error(
-        run("export", "--study", "tiny", "--format", "onnx"), "no final model at runs/tiny/final/model.pt"
-    )
+    user_error(run("export", "--study", "tiny", "--format", "onnx"), "no final model at runs/tiny/final/model.pt")
 
 
 @pytest.mark.parametrize(
@@ -96,13 +46,13 @@ def test_predict_and_export_without_a_final_model(run):
 )
 def test_bad_artifact_locations(run, tmp_path, location, text):
     result = run("worker", "--study", "tiny", "--artifacts", location)
-    assert_user_error(result, text)
+    user_error(result, text)
 
 
 def test_unwritable_artifact_directory(run, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_user_error(
+    user_error(
         run("optimize", "--study", "tiny", "--artifacts", str(blocker / "artifacts")),
         f"cannot create the artifact directory {blocker / 'artifacts'}",
     )
@@ -117,7 +67,7 @@ def test_unwritable_artifact_directory(run, tmp_path):
     ],
 )
 def test_a_time_that_does_not_parse_writes_nothing(run, tmp_path, value, text):
-    assert_user_error(run("optimize", "--study", "tiny", "--time", value), text)
+    user_error(run("optimize", "--study", "tiny", "--time", value), text)
     assert not (tmp_path / "runs").exists()
 
 
@@ -125,7 +75,7 @@ def test_a_time_budget_too_short_for_one_trial_and_the_finalizer_creates_no_stud
     import optuna
 
     result = run("optimize", "--study", "tiny", "--time", "2s", "--data-dir", str(fake_data_dir))
-    assert_user_error(result, "--time 2s is shorter than one trial plus the finalizer, about ")
+    user_error(result, "--time 2s is shorter than one trial plus the finalizer, about ")
     assert "per trial epoch, the first trial, calibrated on this machine). Give at least --time " in result.output
     assert optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'runs' / 'hpo.db'}") == []
 
@@ -184,8 +134,8 @@ def test_bad_budget_and_final_settings_name_the_key(run, tmp_path, section, line
     )
     bad = tmp_path / "bad.toml"
     bad.write_text(source.replace(f"{section}\n", f"{section}\n{line}\n", 1))
-    assert_user_error(run("optimize", "--study", str(bad)), text)
-    assert_user_error(run("create", "--study", str(bad), "--explain"), text)
+    user_error(run("optimize", "--study", str(bad)), text)
+    user_error(run("create", "--study", str(bad), "--explain"), text)
     assert not (tmp_path / "runs").exists()
 
 
@@ -198,7 +148,7 @@ def test_a_bad_pruner_value_of_another_pruner_names_the_option_and_its_range(run
     bad = tmp_path / "bad.toml"
     bad.write_text(source[:start] + pruner + "\n" + source[end:])
     text = "[pruner] reduction_factor = 1 is out of range: HyperbandPruner needs an integer of at least 2"
-    assert_user_error(run("create", "--study", str(bad), "--explain"), text)
+    user_error(run("create", "--study", str(bad), "--explain"), text)
     assert not (tmp_path / "runs").exists()
 
 
@@ -210,7 +160,7 @@ def test_a_study_name_that_cannot_be_a_file_name_is_refused(run, tmp_path, name)
     source = (Path(__file__).resolve().parents[1] / "studies" / "tiny.toml").read_text()
     bad = tmp_path / "bad.toml"
     bad.write_text(source.replace('name = "tiny"', f"name = {json.dumps(name)}"))
-    assert_user_error(run("create", "--study", str(bad)), "name must be letters, digits, '.', '_' or '-'")
+    user_error(run("create", "--study", str(bad)), "name must be letters, digits, '.', '_' or '-'")
     assert not (tmp_path / "runs").exists()
 
 

@@ -173,10 +173,6 @@ def test_checkpoints_section_defaults_and_errors():
     assert config.parse(raw).checkpoints == config.Checkpoints(every_epoch=False, keep="complete")
     with pytest.raises(ConfigError, match=r"\[checkpoints\] keep 'completed' is not known. Did you mean 'complete'"):
         config.parse({**raw_tiny(), "checkpoints": {"keep": "completed"}})
-    # A study stored before the section existed still loads, with the defaults.
-    stored = config.parse(raw_tiny()).to_dict()
-    del stored["checkpoints"]
-    assert config.from_dict(stored, source="old study").checkpoints == config.Checkpoints()
 
 
 def test_a_file_with_a_name_a_metric_and_a_space_runs_with_defaults_for_parallel_workers(tmp_path):
@@ -213,10 +209,3 @@ def test_a_percentile_pruner_builds_with_its_required_percentile_and_says_so_wit
     assert cfg.pruner.options == {"percentile": 25.0, "n_startup_trials": 1, "n_warmup_steps": 2}
     del raw["pruner"]["percentile"]
     expect_error(raw, "[pruner] PercentilePruner needs percentile: add it, e.g. percentile = ... under [pruner].")
-
-
-def test_a_study_stored_by_an_earlier_version_still_loads_without_its_removed_final_knobs():
-    stored = config.load("tiny").to_dict()
-    stored["final"].update(speed_tie=0.005, max_share=0.85, fill="seeds", max_epochs=48, member_gap=0.01)
-    cfg = config.from_dict(stored, "stored")
-    assert cfg == config.load("tiny")  # the knobs are gone, the rest is as it was

@@ -12,7 +12,8 @@ from optuna.trial import TrialState, create_trial
 
 from hpo import attrs, config
 from hpo.errors import HpoError
-from hpo.final import choose_members, wilson_interval
+from hpo.members import choose_members
+from hpo.stats import wilson_interval
 
 
 def test_wilson_interval_known_values():
@@ -138,7 +139,7 @@ def test_a_study_without_complete_trials_has_nothing_to_retrain():
 
 def test_timed_replan_fits_the_epochs_to_the_measured_ones_in_the_first_half_only():
     from hpo import budget
-    from hpo.final import timed_replan
+    from hpo.budget import timed_replan
     from hpo.train import EpochStats
 
     def epochs(*seconds):
@@ -176,7 +177,7 @@ def test_the_test_passes_are_timed_for_every_member_and_view():
 
 
 def test_the_note_says_how_the_members_were_chosen_and_that_test_chose_nothing():
-    from hpo.final import note
+    from hpo.report import dashboard_note
 
     lead = create_trial(
         value=0.871, params={"lr": 0.01}, distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 0.1)}
@@ -230,7 +231,7 @@ def test_the_note_says_how_the_members_were_chosen_and_that_test_chose_nothing()
         "test_images": 10000,
         "git_revision": None,
     }
-    text = note(config.load("tiny"), lead, metrics)
+    text = dashboard_note(config.load("tiny"), lead, metrics)
     assert "Trial 3, the best of the search, and 1 more, retrained from scratch" in text
     assert f"Members chosen on the validation split: {chosen_by}." in text
     assert "Nothing was chosen by test accuracy." in text
@@ -295,7 +296,7 @@ def fixed(params: dict) -> dict:
 def test_a_chosen_trials_own_model_joins_and_a_foreign_or_missing_one_does_not(tmp_path, caplog):
     from hpo import artifacts, checkpoints
     from hpo.data import DeviceData
-    from hpo.final import trial_models
+    from hpo.members import trial_models
     from hpo.model import DynamicCNN
     from hpo.params import TrialParams
 

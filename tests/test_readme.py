@@ -19,3 +19,19 @@ def test_the_front_page_is_short_and_its_links_resolve():
         for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
             if not link.startswith(("http://", "https://")):
                 assert (page.parent / link).exists() or (REPO / link).exists(), (page.name, link)
+
+
+def test_every_command_is_in_the_readme_s_table_and_has_help():
+    """As sqlite-utils checks its docs: a new command cannot ship without its row and its help."""
+    from click.testing import CliRunner
+
+    from hpo.cli import cli
+
+    rows = set(re.findall(r"^\| `hpo ([a-z-]+)", (REPO / "README.md").read_text(), re.MULTILINE))
+    assert rows == set(cli.commands), (
+        f"in the CLI only: {set(cli.commands) - rows}; in the README only: {rows - set(cli.commands)}"
+    )
+    for name, command in cli.commands.items():
+        assert command.help and command.help.strip(), f"`hpo {name}` has no help text"
+        result = CliRunner().invoke(cli, [name, "--help"])
+        assert result.exit_code == 0 and f"{name} [OPTIONS]" in result.output, result.output

@@ -11,6 +11,8 @@ from optuna.trial import TrialState
 from hpo import attrs, config
 from hpo import storage as storage_mod
 from hpo import study as study_mod
+from hpo.optuna_compat import stale_trial_ids, trial_id
+from hpo.reaper import Reaper, fail, lost_requeues
 from hpo.storage import StorageSettings
 
 pytestmark = pytest.mark.filterwarnings(
@@ -28,23 +30,24 @@ def shared(tmp_path):
 
 def running_trial(study: optuna.Study, store) -> int:
     trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
-    store.set_trial_user_attr(trial._trial_id, "pid", 4242)
-    store.record_heartbeat(trial._trial_id)
-    return trial._trial_id
+    store.set_trial_user_attr(trial_id(trial), "pid", 4242)
+    store.record_heartbeat(trial_id(trial))
+    return trial_id(trial)
 
 
-def wait_until_stale(study: optuna.Study, store, trial_id: int) -> None:
+def wait_until_stale(study: optuna.Study, store, tid: int) -> None:
     """SQLite's clock has whole seconds, so a heartbeat turns stale between 1 and 2 grace periods on."""
     deadline = time.monotonic() + 30
-    while trial_id not in store._get_stale_trial_ids(study._study_id):
+    while tid not in stale_trial_ids(store, study):
         assert time.monotonic() < deadline, "the trial never turned stale"
         time.sleep(0.2)
 
 
 def test_a_silent_trial_is_reaped_only_after_it_stays_silent_while_watched(shared):
+    """On the real clock; the tests below step `now` instead of sleeping."""
     study, store = shared
     dead = running_trial(study, store)
-    reaper = study_mod.Reaper(study, store)
+    reaper = Reaper(study, store)
     wait_until_stale(study, store, dead)
     assert reaper() == []  # seen stale once: a suspect, not yet dead
     assert store.get_trial(dead).state == TrialState.RUNNING
@@ -64,38 +67,37 @@ def test_a_silent_trial_is_reaped_only_after_it_stays_silent_while_watched(share
 def test_a_heartbeat_after_an_outage_clears_the_suspicion(shared):
     study, store = shared
     live = running_trial(study, store)
-    reaper = study_mod.Reaper(study, store)
+    reaper = Reaper(study, store)
     wait_until_stale(study, store, live)
-    assert reaper() == []
+    now = time.monotonic()
+    assert reaper(now) == []
     store.record_heartbeat(live)  # the worker reaches the database again
-    time.sleep(reaper.confirm_s)
-    assert reaper() == [] and store.get_trial(live).state == TrialState.RUNNING
+    assert reaper(now + reaper.confirm_s) == [] and store.get_trial(live).state == TrialState.RUNNING
 
 
 def test_what_was_watched_across_this_process_s_own_outage_does_not_count(shared):
     study, store = shared
     trial = running_trial(study, store)
-    reaper = study_mod.Reaper(study, store)
+    reaper = Reaper(study, store)
     wait_until_stale(study, store, trial)
-    assert reaper() == []
-    time.sleep(reaper.confirm_s)
-    store.last_error_at = time.monotonic()  # this process lost the database meanwhile
-    assert reaper() == []  # the watch starts again now
-    time.sleep(reaper.confirm_s)
-    assert reaper() == [trial]
+    now = time.monotonic()
+    assert reaper(now) == []
+    store.last_error_at = now + 1  # this process lost the database meanwhile
+    assert reaper(now + reaper.confirm_s) == []  # the watch starts again now
+    assert reaper(now + 2 * reaper.confirm_s) == [trial]
 
 
 def test_retries_stop_at_max_retry_and_the_reason_says_so(shared):
     study, store = shared
-    reaper = study_mod.Reaper(study, store)
+    reaper = Reaper(study, store)
     first = current = running_trial(study, store)
     for attempt in range(2):
         wait_until_stale(study, store, current)
-        reaper()
-        time.sleep(reaper.confirm_s)
-        assert reaper() == [current]
+        now = time.monotonic()
+        reaper(now)
+        assert reaper(now + reaper.confirm_s) == [current]
         if attempt == 0:
-            current = study.ask()._trial_id  # pops the WAITING copy, as a worker would
+            current = trial_id(study.ask())  # pops the WAITING copy, as a worker would
             store.record_heartbeat(current)
     reasons = [t.user_attrs["fail_reason"] for t in study.get_trials(states=(TrialState.FAIL,))]
     assert len(reasons) == 2 and reasons[0].endswith("re-queued")
@@ -109,14 +111,13 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_reaped_and_retr
     stay silent for the grace period plus two intervals, then fails and re-queues it."""
     study, store = shared
     trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
-    reaper = study_mod.Reaper(study, store)
-    assert reaper() == []  # first seen: watched, not failed
+    reaper = Reaper(study, store)
+    now = time.monotonic()
+    assert reaper(now) == []  # first seen: watched, not failed
     wait = reaper.grace_s + reaper.confirm_s
-    time.sleep(wait / 2)
-    assert reaper() == [] and store.get_trial(trial._trial_id).state == TrialState.RUNNING
-    time.sleep(wait / 2 + 0.2)
-    assert reaper() == [trial._trial_id]
-    failed = store.get_trial(trial._trial_id)
+    assert reaper(now + wait / 2) == [] and store.get_trial(trial_id(trial)).state == TrialState.RUNNING
+    assert reaper(now + wait) == [trial_id(trial)]
+    failed = store.get_trial(trial_id(trial))
     assert failed.state == TrialState.FAIL and "no heartbeat ever" in failed.user_attrs["fail_reason"]
     assert failed.user_attrs["fail_reason"].endswith("re-queued")
     waiting = study.get_trials(states=(TrialState.WAITING,))
@@ -126,35 +127,34 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_reaped_and_retr
 def test_a_live_trial_that_sends_its_first_heartbeat_is_never_taken_for_silent(shared):
     study, store = shared
     trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
-    reaper = study_mod.Reaper(study, store)
-    reaper()
-    store.record_heartbeat(trial._trial_id)  # the first beat comes: it is a normal running trial now
-    time.sleep(reaper.grace_s + reaper.confirm_s + 0.2)
-    store.record_heartbeat(trial._trial_id)
-    assert reaper() == [] and store.get_trial(trial._trial_id).state == TrialState.RUNNING
+    reaper = Reaper(study, store)
+    now = time.monotonic()
+    reaper(now)
+    store.record_heartbeat(trial_id(trial))  # the first beat comes: it is a normal running trial now
+    assert reaper(now + reaper.grace_s + reaper.confirm_s) == []
+    assert store.get_trial(trial_id(trial)).state == TrialState.RUNNING
 
 
 def test_a_fail_whose_requeue_was_lost_gets_its_copy_once(shared):
     """The FAIL committed, then the worker died (or lost the database) before queuing the copy: the
     reason says re-queued but no copy exists. A reaper queues it, once, however often it looks."""
     study, store = shared
-    trial_id = running_trial(study, store)
-    number = store.get_trial(trial_id).number
-    store.set_trial_user_attr(trial_id, "fail_reason", "worker stopped by SIGTERM; re-queued")
-    store.set_trial_system_attr(trial_id, attrs.REQUEUE, True)
-    store.set_trial_state_values(trial_id, TrialState.FAIL)  # ... and the process is gone here
+    tid = running_trial(study, store)
+    number = store.get_trial(tid).number
+    store.set_trial_user_attr(tid, "fail_reason", "worker stopped by SIGTERM; re-queued")
+    store.set_trial_system_attr(tid, attrs.REQUEUE, True)
+    store.set_trial_state_values(tid, TrialState.FAIL)  # ... and the process is gone here
     unmarked = running_trial(study, store)  # a failure that is not retried: left alone
-    study_mod.fail(study, unmarked, "error in the worker: boom", retry=False)
-    assert [t.number for t in study_mod.lost_requeues(study)] == [number]
+    fail(study, unmarked, "error in the worker: boom", retry=False)
+    assert [t.number for t in lost_requeues(study)] == [number]
 
-    reaper = study_mod.Reaper(study, store)
-    lock = storage_mod.SlotLock(store, study.study_name)
-    assert reaper.repair(lock) == []  # seen once: the failing worker may still be queuing it
-    time.sleep(reaper.confirm_s + 0.2)
-    assert reaper.repair(lock) == [number]
-    for _ in range(2):
-        time.sleep(reaper.confirm_s + 0.2)
-        assert reaper.repair(lock) == [] and study_mod.lost_requeues(study) == []
+    reaper = Reaper(study, store)
+    lock = storage_mod.slot_lock(store, study.study_name)
+    now = time.monotonic()
+    assert reaper.repair(lock, now) == []  # seen once: the failing worker may still be queuing it
+    assert reaper.repair(lock, now + reaper.confirm_s) == [number]
+    for later in (2, 3):
+        assert reaper.repair(lock, now + later * reaper.confirm_s) == [] and lost_requeues(study) == []
     copies = study.get_trials(states=(TrialState.WAITING,))
     assert [t.system_attrs["retry_history"] for t in copies] == [[number]]
     assert attrs.REQUEUE not in copies[0].system_attrs  # the mark stays with the failed trial
@@ -164,29 +164,30 @@ def test_a_worker_leaving_on_the_time_budget_queues_a_copy_owed_even_if_only_jus
     """The last workers leave at the deadline: nobody would come back for a copy that went missing
     seconds before, so the leaving worker waits out the confirmation once and queues it."""
     study, store = shared
-    trial_id = running_trial(study, store)
-    number = store.get_trial(trial_id).number
-    store.set_trial_user_attr(trial_id, "fail_reason", "worker stopped by SIGTERM; re-queued")
-    store.set_trial_system_attr(trial_id, attrs.REQUEUE, True)
-    store.set_trial_state_values(trial_id, TrialState.FAIL)
-    reaper = study_mod.Reaper(study, store)
-    assert reaper.settle() == [number] and study_mod.lost_requeues(study) == []
+    tid = running_trial(study, store)
+    number = store.get_trial(tid).number
+    store.set_trial_user_attr(tid, "fail_reason", "worker stopped by SIGTERM; re-queued")
+    store.set_trial_system_attr(tid, attrs.REQUEUE, True)
+    store.set_trial_state_values(tid, TrialState.FAIL)
+    reaper = Reaper(study, store)
+    assert reaper.settle() == [number] and lost_requeues(study) == []
     assert reaper.settle() == []  # nothing owed: no wait
     assert [t.system_attrs["retry_history"] for t in study.get_trials(states=(TrialState.WAITING,))] == [[number]]
 
 
 def test_repair_waits_while_another_process_holds_the_study_lock(shared):
     study, store = shared
-    trial_id = running_trial(study, store)
-    store.set_trial_user_attr(trial_id, "fail_reason", "worker stopped by SIGTERM; re-queued")
-    store.set_trial_system_attr(trial_id, attrs.REQUEUE, True)
-    store.set_trial_state_values(trial_id, TrialState.FAIL)
-    reaper = study_mod.Reaper(study, store)
-    reaper.repair()
-    time.sleep(reaper.confirm_s + 0.2)
-    with storage_mod.SlotLock(store, study.study_name):  # another worker counting slots
-        assert reaper.repair(storage_mod.SlotLock(store, study.study_name)) == []
-    assert len(reaper.repair(storage_mod.SlotLock(store, study.study_name))) == 1
+    tid = running_trial(study, store)
+    store.set_trial_user_attr(tid, "fail_reason", "worker stopped by SIGTERM; re-queued")
+    store.set_trial_system_attr(tid, attrs.REQUEUE, True)
+    store.set_trial_state_values(tid, TrialState.FAIL)
+    reaper = Reaper(study, store)
+    now = time.monotonic()
+    reaper.repair(now=now)
+    later = now + reaper.confirm_s
+    with storage_mod.slot_lock(store, study.study_name):  # another worker counting slots
+        assert reaper.repair(storage_mod.slot_lock(store, study.study_name), later) == []
+    assert len(reaper.repair(storage_mod.slot_lock(store, study.study_name), later)) == 1
 
 
 def test_telling_a_trial_that_was_reaped_meanwhile_drops_the_result_instead_of_crashing(shared):
@@ -196,10 +197,10 @@ def test_telling_a_trial_that_was_reaped_meanwhile_drops_the_result_instead_of_c
 
     study, store = shared
     trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
-    study_mod.fail(study, trial._trial_id, "stale heartbeat; re-queued", retry=True)
+    fail(study, trial_id(trial), "stale heartbeat; re-queued", retry=True)
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         worker_mod.tell(study, trial, values=0.9)
-    assert store.get_trial(trial._trial_id).state == TrialState.FAIL
+    assert store.get_trial(trial_id(trial)).state == TrialState.FAIL
 
 
 def test_a_study_keeps_the_heartbeat_settings_it_was_created_with(tmp_path, caplog):
@@ -214,7 +215,7 @@ def test_a_study_keeps_the_heartbeat_settings_it_was_created_with(tmp_path, capl
         study, _ = study_mod.create_or_load(other, config.load("tiny"))
     assert (other.heartbeat_interval, other.grace_period, other.max_retry) == (10, 30, 2)
     assert "judges its trials by its own heartbeat settings (heartbeat every 10s, grace period 30s" in caplog.text
-    assert study_mod.Reaper(study, other).grace_s == 30
+    assert Reaper(study, other).grace_s == 30
     reader = storage_mod.open_storage(url, StorageSettings(heartbeat_interval=3, grace_period=4))
     study_mod.load(reader, "tiny")  # status, delete: the same judgement of which trials are live
     assert (reader.heartbeat_interval, reader.grace_period) == (10, 30)

@@ -9,8 +9,9 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo import config
+from hpo.status import STATUS_SCHEMA, study_status
 from hpo.storage import open_storage
-from hpo.study import STATUS_SCHEMA, create_or_load, summary
+from hpo.study import create_or_load
 
 
 def test_summary_counts_epochs_saved_and_estimates_the_time_left(tmp_path):
@@ -45,7 +46,7 @@ def test_summary_counts_epochs_saved_and_estimates_the_time_left(tmp_path):
     running = study.ask()  # a worker is on the fifth trial
     study.ask()  # and another on the sixth
 
-    s = summary(study, cfg, store)
+    s = study_status(study, cfg, store)
     assert s["schema"] == STATUS_SCHEMA
     assert s["states"]["COMPLETE"] == 2 and s["states"]["PRUNED"] == 2 and s["states"]["RUNNING"] == 2
     assert s["finished"] == 4 and s["remaining"] == 4 and s["pruned_share"] == 0.5
@@ -55,18 +56,18 @@ def test_summary_counts_epochs_saved_and_estimates_the_time_left(tmp_path):
     assert s["eta_s"] == 4 * 22.5 / 2  # 4 trials left at 22.5 s each, 2 workers
     assert [r["number"] for r in s["running"]] == [running.number, running.number + 1]
     running.set_user_attr("epoch", 2)  # two of its three epochs done: a third of a trial left
-    assert summary(study, cfg, store)["eta_s"] == round((2 + 1 / 3 + 1) * 22.5 / 2, 1)
+    assert study_status(study, cfg, store)["eta_s"] == round((2 + 1 / 3 + 1) * 22.5 / 2, 1)
 
     for t in study.get_trials(states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)
-    s = summary(study, cfg, store)
+    s = study_status(study, cfg, store)
     assert s["eta_s"] is None and s["remaining"] == 4  # nobody is working on it: no estimate
 
 
 def test_summary_of_an_empty_study(tmp_path):
     store = open_storage(f"sqlite:///{tmp_path / 'hpo.db'}")
     study, cfg = create_or_load(store, config.load("tiny"))
-    s = summary(study, cfg, store)
+    s = study_status(study, cfg, store)
     assert s["finished"] == 0 and s["best"] is None and s["eta_s"] is None and s["mean_trial_s"] is None
     assert s["epochs"] == {"trained": 0, "saved_by_pruning": 0, "saved_share": 0.0}
 
@@ -74,7 +75,7 @@ def test_summary_of_an_empty_study(tmp_path):
 def test_a_timed_study_leads_with_the_time_left_and_the_trials_run(tmp_path):
     """The clock, not the trial cap, ends a timed search: "finished 2/200" read as a failure."""
     from hpo import budget
-    from hpo.cli import _format_status
+    from hpo.report import status_text
 
     store = open_storage(f"sqlite:///{tmp_path / 'hpo.db'}")
     study, cfg = create_or_load(store, config.load("tiny"))
@@ -96,20 +97,20 @@ def test_a_timed_study_leads_with_the_time_left_and_the_trials_run(tmp_path):
         )
     )
     study.ask()
-    s = summary(study, cfg, store)
+    s = study_status(study, cfg, store)
     assert s["started"] == 2
-    first = _format_status(s).splitlines()[0]
+    first = status_text(s).splitlines()[0]
     assert first.startswith("study tiny: 8m5") and first.endswith(
         "of 10m00s left, 2 trials run (0 complete, 1 pruned, 1 running)"
     ), first
-    assert "finished 1 (the clock ends this search; 8 is only a cap)" in _format_status(s)
+    assert "finished 1 (the clock ends this search; 8 is only a cap)" in status_text(s)
     # A timed study that met its trial cap before the clock (a fast machine, a small data set) says so.
-    assert "finished 8/8, pruned share" in _format_status({**s, "finished": 8})
+    assert "finished 8/8, pruned share" in status_text({**s, "finished": 8})
 
 
 def test_a_timed_study_whose_trial_cap_outlasts_its_clock_gives_no_eta_past_the_deadline():
     """A 60-minute cnn run said "ETA 10h05m for 197 remaining trial(s)" with 45 minutes left."""
-    from hpo.cli import _status_tail
+    from hpo.report import _status_tail
 
     def tail(eta_s: float | None, left_s: float) -> str:
         clock = {"time_s": 3600, "left_s": left_s, "deadline": "2026-12-03T18:38:09Z"}

@@ -13,6 +13,7 @@ from hpo import artifacts, attrs, config, optuna_compat
 from hpo import storage as storage_mod
 from hpo import study as study_mod
 from hpo.cli import cli
+from hpo.optuna_compat import trial_id
 
 DIST = {"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)}
 
@@ -177,7 +178,7 @@ def test_delete_refuses_while_a_worker_is_running_a_trial(url):
     study = a_study(url)
     store = storage_mod.open_storage(url)
     trial = study.ask()
-    store.record_heartbeat(trial._trial_id)
+    store.record_heartbeat(trial_id(trial))
     line = one_line_error(hpo("delete", "--study", "tiny", "--storage", url, "--yes"))
     assert f"has workers running trials [{trial.number}] now. Stop them first, or pass --force." in line
     assert hpo("delete", "--study", "tiny", "--storage", url, "--yes", "--force").exit_code == 0

@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 
 from hpo.errors import HpoError, StorageError
 from hpo.optuna_compat import ArtifactStore, study_id, study_storage, trial_id
-from hpo.storage import RUNS_DIR
+from hpo.paths import default_artifacts
 
 ATTR_PREFIX = "artifacts:"  # where optuna.artifacts.upload_artifact records an artifact's metadata
 # Python's guess for .pt is a Super Nintendo format; the dashboard shows images inline by their type.
@@ -34,7 +34,7 @@ def default_location(storage_url: str) -> str:
     url = make_url(storage_url)
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         return str(Path(url.database).parent / "artifacts")
-    return str(RUNS_DIR / "artifacts")
+    return str(default_artifacts())
 
 
 def resolve_location(explicit: str | None, storage_url: str) -> str:

@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo import attrs
-from hpo.config import Final, StudyConfig, format_duration, with_horizon
+from hpo.config import FinalSettings, StudyConfig, format_duration, with_horizon
 from hpo.optuna_compat import study_engine
 from hpo.storage import database_time
 from hpo.trials import FINISHED, best_first
+
+if TYPE_CHECKING:  # types only: the time budget never imports torch
+    from hpo.train import EpochStats, Replan
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +38,17 @@ EVAL_SHARE = 1 / 3  # an evaluated image costs about a third of a trained one (n
 TRIAL_QUANTILE = 0.9  # a new trial is assumed as slow per epoch as the 90th percentile so far
 CALIBRATION_MARGIN = 2.0  # before any real epoch: configurations vary, so double the middle one's time
 TRIAL_OVERHEAD_S = 3.0  # model build, attributes and the last report of one trial
-# Trials share the machine between workers; the finalizer has it alone. On a 2-core AMD EPYC two
-# 1-thread trials measured 0.00047 s per image where the 2-thread finalizer then took 0.00024 (an
-# efficiency of 0.98 per added thread); on a 2-core Intel Xeon (AVX2 only) a quick start's trials
-# took 0.00080 and its finalizer's first epoch 0.00053 (0.75). The lower one plans the reserve.
+# Trials share the machine between workers; the finalizer has it alone, and each thread it adds
+# speeds an epoch by this share of a thread: the lower of the two machines measured (0.98 and 0.75,
+# docs/performance.md#time-budgets), so that the reserve errs long.
 THREAD_EFFICIENCY = 0.75
 DATASET_IMAGES = 60_000  # the official training set the finalizer trains on
 TEST_IMAGES = 10_000
 
 
 # A calibration times one process alone; workers beside each other share memory bandwidth and
-# caches. In a quick start on a 2-core Intel Xeon with AMX (2026-12-04) the warm start calibrated at
-# 12.1 s an epoch and trained its 27 epochs at 13.0-14.9 s (mean 13.8) beside a second worker.
+# caches, so a calibrated epoch counts this much slower for them (measured 1.14 on average, up to
+# 1.23: docs/performance.md#time-budgets).
 WORKERS_SLOWDOWN = 1.25
 START_S = 10.0  # the clock starts before the first trial can: process start-up, data, calibration
 
@@ -99,6 +102,14 @@ def set_deadline(study: optuna.Study, time_s: float, now: float | None = None) -
 def get_deadline(study: optuna.Study) -> Deadline | None:
     raw = study.user_attrs.get(attrs.DEADLINE)
     return Deadline(raw["at"], raw["time_s"], raw["set_at"], clock_offset(study)) if raw else None
+
+
+def running_deadline(study: optuna.Study) -> Deadline | None:
+    """The deadline a finalizer started now must keep: the study's, while time is left. Inside a
+    running job's budget the ensemble shrinks to fit; once the job's time is over, a final-train
+    asked for by hand trains the whole ensemble."""
+    deadline = get_deadline(study)
+    return deadline if deadline is not None and deadline.left() > 0 else None
 
 
 # --------------------------------------------------------------------------- costs
@@ -183,7 +194,7 @@ def test_passes(tta: str, trial_models: bool = False) -> int:
     return 2 * (2 if tta == "flip" else 1) * (2 if trial_models else 1)
 
 
-def member_estimate(cost: EpochCost, epochs: int, final_threads: int, final: Final) -> float:
+def member_estimate(cost: EpochCost, epochs: int, final_threads: int, final: FinalSettings) -> float:
     """Seconds one finalizer member takes: `epochs` on the data set's whole pool, then its test passes."""
     per_image = cost.per_image_s() * min(1.0, thread_factor(cost.threads, final_threads))
     passes = test_passes(final.tta, final.trial_models)
@@ -289,8 +300,8 @@ def plan_epoch(
 
     While no trial is COMPLETE, the leading trial is the only finalist in sight: stopping it would
     leave the finalizer nothing. It goes on while its `epochs_left` and one final epoch fit (the
-    finalizer then trains the epochs left to it, and says so). A quick start lost its only
-    full-horizon trial one epoch short, with 294 s left and a 268 s reserve."""
+    finalizer then trains the epochs left to it, and says so), rather than stop one epoch short of
+    the horizon for a reserve sized for a whole member."""
     now = deadline.now() if now is None else now
     costs = measured(study)
     lead = leading_trial(study, cfg.direction == "maximize")
@@ -396,3 +407,69 @@ def describe_deadline(deadline: Deadline | None, now: float | None = None) -> di
         "deadline": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(deadline.at)),
         "left_s": round(max(0.0, deadline.left(now)), 1),
     }
+
+
+# --------------------------------------------------------------------------- the finalizer's epochs
+
+SHRINK_MARGIN = 1.05  # an epoch is counted 5 % slower than measured when fitting epochs to the time left
+
+
+def fitted_epochs(per_epoch: float, deadline: Deadline, test_s: float, epochs: int, source: str) -> int:
+    """The first member's epochs that end before `deadline`, `test_s` for the test passes kept free:
+    all of them unless time is short, else as many as fit (at least one)."""
+    fitted = epochs_that_fit(per_epoch, time_left_for_epochs(deadline, test_s), epochs)
+    log.info(
+        f"final-train: {per_epoch:.1f}s per epoch ({source}), {deadline.left():.0f}s left ({test_s:.0f}s of "
+        f"them for the test passes): {fitted} of {epochs} epochs fit"
+    )
+    return fitted
+
+
+def time_left_for_epochs(deadline: Deadline, test_s: float) -> float:
+    """Seconds left for training epochs: the deadline less the slack and the measured test passes."""
+    return deadline.left() - slack_s(deadline.time_s) - test_s
+
+
+def epochs_that_fit(per_epoch: float, left: float, epochs: int, done: int = 0) -> int:
+    """Epochs in all (`done` of them trained already), up to `epochs`, that end in `left` seconds more."""
+    return max(done or 1, min(epochs, done + int(left // (SHRINK_MARGIN * per_epoch))))
+
+
+def timed_replan(deadline: Deadline, test_s: float, epochs: int) -> Replan:
+    """Re-fit the first member's epochs to the epochs it has timed itself, through its first half:
+    fewer where the time left is short of them (another load on the machine), more, up to the
+    `epochs` asked for, where the estimate it started from was slow (a trial's epochs timed beside
+    another worker read about 15 % slower than the finalizer trains alone). Past halfway the
+    schedule is left alone, since stretching it late would raise the learning rate again."""
+
+    def replan(history: list[EpochStats], total: int) -> int:
+        done = len(history)
+        if done >= total or 2 * done > total:
+            return total
+        per_epoch = statistics.median(s.seconds for s in history)
+        new = epochs_that_fit(per_epoch, time_left_for_epochs(deadline, test_s), epochs, done)
+        if new != total:
+            log.info(f"final-train: {per_epoch:.1f}s per epoch trained after epoch {done}: {new} epochs fit")
+        return new
+
+    return replan
+
+
+def would_end_late(
+    first: optuna.trial.FrozenTrial,
+    first_train_s: float,
+    trial: optuna.trial.FrozenTrial,
+    member: int,
+    deadline: Deadline,
+    test_s: float,
+) -> str | None:
+    """Why member number `member` (trial `trial`) would end past the deadline: the first member's
+    measured training time, scaled by the trials' relative cost per image, plus `test_s`, the test
+    passes of the ensemble with it; None if it fits."""
+    first_cost, this = trial_cost(first), trial_cost(trial)
+    ratio = this.per_image_s() / first_cost.per_image_s() if first_cost and this else 1.0
+    needed = first_train_s * ratio + slack_s(deadline.time_s) + test_s
+    if deadline.left() >= needed:
+        return None
+    left = max(0.0, deadline.left())
+    return f"member {member} (trial {trial.number}) needs about {needed:.0f}s, {left:.0f}s are left"

@@ -14,7 +14,6 @@ import hpo
 from hpo.errors import HpoError
 
 FINAL_FORMAT = "hpo-checkpoint/2"  # the final model: an ensemble of members and its TTA mode
-LEGACY_FINAL_FORMAT = "hpo-checkpoint/1"  # one model; still loads, as an ensemble of one without TTA
 TRIAL_FORMAT = "hpo-trial-checkpoint/1"  # a running trial's last epoch, which its retry resumes from
 TRIAL_MODEL_FORMAT = "hpo-trial-model/1"  # a COMPLETE trial's trained weights, which the finalizer reuses
 
@@ -42,16 +41,7 @@ def load_final(path: Path, study: str | None = None) -> dict[str, Any]:
     except Exception as e:  # unpickling errors come in many types; none of them is usable
         raise HpoError(f"{path} is not a readable hpo checkpoint ({type(e).__name__}). Re-run final-train.") from e
     found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
-    if found == LEGACY_FINAL_FORMAT:  # one model: the same as an ensemble of one without TTA
-        checkpoint = {
-            **checkpoint,
-            "format": FINAL_FORMAT,
-            "tta": "none",
-            "members": [
-                {"trial": checkpoint["trial"], "params": checkpoint["params"], "state_dict": checkpoint["state_dict"]}
-            ],
-        }
-    elif found != FINAL_FORMAT:
+    if found != FINAL_FORMAT:
         raise HpoError(
             f"{path} has checkpoint format {found!r}, but this hpo {hpo.__version__} reads "
             f"{FINAL_FORMAT!r}. Re-run final-train with this version."

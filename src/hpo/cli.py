@@ -5,7 +5,6 @@ Errors a user can cause are `HpoError`s; they print as one line and exit 1 (`--d
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -17,9 +16,10 @@ from typing import Any
 
 import click
 
-from hpo import config, session
-from hpo import storage as storage_mod
+from hpo import config, report, session
 from hpo.errors import HpoError
+from hpo.paths import bench_dir, final_dir
+from hpo.storage import default_url, mask, resolve_url
 
 log = logging.getLogger("hpo")
 
@@ -81,10 +81,7 @@ study_option = click.option(
     help="Study name (finds studies/NAME.toml) or a path to a study file [env HPO_STUDY].",
 )
 storage_option = click.option(
-    "--storage",
-    envvar="HPO_STORAGE",
-    metavar="URL",
-    help=f"Storage URL [env HPO_STORAGE; default {storage_mod.default_url()}].",
+    "--storage", envvar="HPO_STORAGE", metavar="URL", help=f"Storage URL [env HPO_STORAGE; default {default_url()}]."
 )
 data_option = click.option(
     "--data-dir",
@@ -116,13 +113,13 @@ device_option = click.option("--device", envvar="HPO_DEVICE", help="cpu, cuda or
 @click.option("--explain", is_flag=True, help="Also print every setting the study runs with, defaults included.")
 def create(study_arg: str, storage: str | None, explain: bool) -> None:
     """Create the tables and the study if missing (safe to repeat), then exit."""
-    from hpo import study as study_mod
+    from hpo.study import create_or_load
 
     cfg = config.load(study_arg)
     opened = session.open_storage(storage)
-    study, cfg = study_mod.create_or_load(opened.storage, cfg)
+    study, cfg = create_or_load(opened.storage, cfg)
     click.echo(
-        f"study {cfg.name!r} is ready in {storage_mod.mask(opened.url)} with {len(study.trials)} trials so far "
+        f"study {cfg.name!r} is ready in {mask(opened.url)} with {len(study.trials)} trials so far "
         f"(budget {cfg.budget.n_trials})"
     )
     if explain:
@@ -159,17 +156,17 @@ def worker(
     trials_per_gpu: int | None,
 ) -> None:
     """Run trials of a shared study until its budget is met."""
-    from hpo import artifacts as artifacts_mod
-    from hpo import worker as worker_mod
+    from hpo.artifacts import open_for
     from hpo.devices import trials_per_gpu as slots_per_gpu
+    from hpo.worker import Shutdown, serve
 
     slots = slots_per_gpu(trials_per_gpu)
     # The artifact store is checked first: a bad location must fail before the storage is touched.
-    _, artifact_store = artifacts_mod.open_for(artifacts, storage_mod.resolve_url(storage))
+    _, artifact_store = open_for(artifacts, resolve_url(storage))
     cfg, opened = session.worker_config(study_arg, storage)
     try:
-        result = worker_mod.serve(cfg, opened, artifact_store, data_dir, device, threads, sampler_seed, slots)
-    except worker_mod.Shutdown as e:
+        result = serve(cfg, opened, artifact_store, data_dir, device, threads, sampler_seed, slots)
+    except Shutdown as e:
         log.warning("stopping: %s; a running trial was failed and re-queued", e)
         sys.exit(128 + e.signal)
     log.info("worker done after %d trials: %s", result.trials_run, result.reason)
@@ -210,43 +207,13 @@ def optimize(
     On a terminal it shows a progress bar and sends the workers' logs to runs/STUDY/logs/; in a
     pipe or a CI log the workers' log lines come through as they are.
     """
-    from hpo import budget, final, launch, sources
-    from hpo import study as study_mod
-    from hpo.devices import threads_per_worker
+    from hpo import launch
 
-    started_at = _PROCESS_STARTED_AT or time.time()  # the clock covers this process's start-up too
-    cfg = config.load(study_arg)
-    time_s = _parse_time(time_budget) if time_budget else cfg.budget.time_s
-    dataset = sources.open_for(cfg, data_dir)  # bad data stops here, before anything is stored
-    opened = session.open_storage(storage)
-    location, artifact_store = opened.artifact_store(artifacts)  # fail here, not in every worker
-    threads = threads_per_worker(workers)
-    study, cfg = launch.prepare(
-        cfg, opened, time_s, time_budget is not None, dataset, device, threads, started_at, workers
+    time_s = _parse_time(time_budget) if time_budget else None
+    request = launch.Request(
+        study_arg, workers, time_s, run_final, storage, data_dir, device, artifacts, _PROCESS_STARTED_AT or time.time()
     )
-    dataset = sources.for_study(dataset, cfg, data_dir)  # the study's stored [data] win over the file's
-    log.info(
-        f"study {cfg.name!r}: {workers} workers x {threads} thread(s), storage {storage_mod.mask(opened.url)}, "
-        f"artifacts {location}{_time_note(budget.get_deadline(study))}"
-    )
-    if (line := launch.outlook(study, cfg, workers, threads, device)) is not None:
-        log.info(line)
-    args = launch.worker_args(study_arg, opened.url, Path(dataset.origin), location, device)
-    finished_before = study_mod.finished_count(study)
-    try:
-        launch.run_workers(study, cfg, opened.storage, workers, threads, args)
-    finally:
-        click.echo(_format_status(study_mod.summary(study, cfg, opened.storage)))
-    if run_final:
-        metrics = final.after_search(study, cfg, opened.storage, dataset, device, artifact_store, finished_before)
-        _echo_final(metrics, storage_mod.final_dir(cfg.name), cfg.name)
-    click.echo(f"wall time {time.time() - started_at:.0f}s")
-
-
-def _time_note(deadline: Any) -> str:
-    if deadline is None:
-        return ""
-    return f", time budget {config.format_duration(deadline.time_s)} ({config.format_duration(deadline.left())} left)"
+    launch.optimize(request, click.echo)
 
 
 def _parse_time(text: str) -> float:
@@ -254,37 +221,6 @@ def _parse_time(text: str) -> float:
         return config.parse_duration(text)
     except ValueError as e:
         raise HpoError(f"--time: {e}.") from e
-
-
-def _echo_final(metrics: dict[str, Any], out_dir: Path, name: str) -> None:
-    from hpo.final import describe_accuracy
-
-    ens = metrics["ensemble"]
-    what = "one model" if ens["models"] == 1 else f"ensemble of {ens['models']}"
-    tta = ", flip TTA" if ens["tta"] == "flip" else ""
-    click.echo(
-        f"test accuracy {describe_accuracy(metrics['test_accuracy'], metrics['test_ci95'])}, {what}{tta}  "
-        f"(loss {metrics['test_loss']:.4f}, {metrics['test_images']} test images, {metrics['epochs']} epochs, "
-        f"{metrics['wall_time_s']:.0f}s)"
-    )
-    for member in metrics["members"]:
-        click.echo(
-            f"  member trial {member['trial']} (val {member['value']:.4f}, seed {member['seed']}): "
-            f"{describe_accuracy(member['test_accuracy'], member['ci95'])}, "
-            + (
-                f"trained in {member['train_time_s']:.0f}s"
-                if member["trained_by"] == "final-train"
-                else "its trial's own model, trained by the search"
-            )
-        )
-    if ens["models"] > 1:
-        click.echo(f"  gain of the ensemble over its best member: {100 * ens['gain_over_best_member']:+.2f} points")
-    if ens["shrunk"]:
-        click.echo(f"  {ens['shrunk']}")
-    click.echo(
-        f"wrote model.pt, metrics.json, confusion_matrix.png, learning_curve.png and misclassified.png "
-        f"to {out_dir}, and uploaded them to study {name!r} in the artifact store"
-    )
 
 
 @cli.command("final-train")
@@ -313,102 +249,10 @@ def final_train(
     _, artifact_store = opened.artifact_store(artifacts)
     placement = place(device)
     dataset = sources.open_for(cfg, data_dir)
-    out_dir = Path(out) if out else storage_mod.final_dir(cfg.name)
-    deadline = budget.get_deadline(study)
-    # Inside a running job's budget the ensemble shrinks to fit; once the job's time is over, a
-    # final-train asked for by hand trains the whole ensemble.
-    live = deadline if deadline is not None and deadline.left() > 0 else None
+    out_dir = Path(out) if out else final_dir(cfg.name)
+    live = budget.running_deadline(study)
     metrics = final.final_train(study, cfg, dataset, placement, out_dir, epochs, artifact_store, opened.storage, live)
-    _echo_final(metrics, out_dir, cfg.name)
-
-
-def _status_tail(summary: dict[str, Any]) -> list[str]:
-    """The ETA, the time budget and the final result, when the study has them."""
-    lines: list[str] = []
-    clock = summary.get("time_budget")
-    timed_out = clock is not None and clock["left_s"] == 0
-    if summary["remaining"] and not timed_out:
-        how = (
-            f"{len(summary['running'])} worker(s) at {config.format_duration(summary['mean_trial_s'])} per trial"
-            if summary["running"]
-            else "no worker is running"
-        )
-        if clock and summary["eta_s"] is not None and summary["eta_s"] > clock["left_s"]:
-            # An ETA past the deadline reads as hours to go; the clock ends the search first.
-            lines.append(f"  the clock ends this search before its {summary['remaining']} remaining trial(s) ({how})")
-        else:
-            eta = config.format_duration(summary["eta_s"])
-            lines.append(f"  ETA {eta} for {summary['remaining']} remaining trial(s) ({how})")
-    if clock:
-        lines.append(
-            f"  time budget {config.format_duration(clock['time_s'])}: deadline {clock['deadline']}, "
-            + (f"{config.format_duration(clock['left_s'])} left" if clock["left_s"] else "over: no new trial starts")
-        )
-    if summary["final"]:
-        final = summary["final"]
-        members = final.get("members", [final["best_trial"]])
-        what = f"trial {members[0]}" if len(members) == 1 else f"ensemble of trials {', '.join(map(str, members))}"
-        if final.get("trial_models"):
-            what += f" + the search's own model of trial(s) {', '.join(map(str, final['trial_models']))}"
-        ci = f" (95% CI {final['test_ci95'][0]:.4f}-{final['test_ci95'][1]:.4f})" if final.get("test_ci95") else ""
-        lines.append(
-            f"  final-train: test accuracy {final['test_accuracy']:.4f}{ci}, {what}, "
-            f"{final['epochs']} epochs, in {final['output_dir']}"
-        )
-    return lines
-
-
-def _format_status(summary: dict[str, Any]) -> str:
-    clock, states = summary.get("time_budget"), summary["states"]
-    lines = []
-    if clock:  # the clock, not the count, ends a timed search: say so first
-        left = f"{config.format_duration(clock['left_s'])} of {config.format_duration(clock['time_s'])} left"
-        lines.append(
-            f"study {summary['study']}: {left if clock['left_s'] else 'time budget spent'}, "
-            f"{summary['started']} trials run ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
-            f"{states['RUNNING']} running)"
-        )
-    lines += [
-        f"study {summary['study']}  ({summary['direction']} {summary['metric']}, budget {summary['n_trials']} "
-        f"finished trials of {summary['epochs_per_trial']} epochs{', or the time' if clock else ''})",
-        "",
-        "  state       trials",
-    ]
-    lines += [f"  {state:<10}{n:>7}" for state, n in summary["states"].items() if n or state in ("COMPLETE", "PRUNED")]
-    for extension in summary["extended"]:
-        when = datetime.datetime.fromtimestamp(extension["at"]).strftime("%Y-%m-%d %H:%M")
-        changes = (
-            [f"trials {extension['n_trials'][0]} -> {extension['n_trials'][1]}"]
-            if extension["n_trials"][0] != extension["n_trials"][1]
-            else []
-        )
-        changes += [f"time {config.format_duration(extension['time_s'])} from then"] if extension["time_s"] else []
-        lines.append(f"  extended {when}: {', '.join(changes)}")
-    epochs = summary["epochs"]
-    capped = clock and summary["finished"] < summary["n_trials"]  # a timed study that met its trial cap says so
-    finished = f"{summary['finished']}" + (
-        f" (the clock ends this search; {summary['n_trials']} is only a cap)" if capped else f"/{summary['n_trials']}"
-    )
-    lines += [
-        "",
-        f"  finished {finished}, pruned share {summary['pruned_share']:.0%}, "
-        f"{epochs['saved_by_pruning']} epochs saved by pruning ({epochs['saved_share']:.0%} of "
-        f"{epochs['trained'] + epochs['saved_by_pruning']})",
-    ]
-    if summary["best"]:
-        best = summary["best"]
-        lines.append(f"  best trial {best['number']}: {summary['metric']} {best['value']:.4f}")
-        lines.append(
-            "    "
-            + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
-        )
-    for row in summary.get("running", []):
-        age = "no heartbeat yet" if row["heartbeat_age_s"] is None else f"heartbeat {row['heartbeat_age_s']:.0f}s ago"
-        lines.append(
-            f"  running trial {row['number']}: epoch {row['epoch']}/{row['epochs']} on {row['host']} "
-            f"pid {row['pid']} {row['device']}, {age}"
-        )
-    return "\n".join(lines + _status_tail(summary))
+    click.echo(report.final_text(metrics, out_dir, cfg.name))
 
 
 @cli.command()
@@ -416,30 +260,16 @@ def _format_status(summary: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (schema hpo-studies/1).")
 def studies(storage: str | None, as_json: bool) -> None:
     """Every study in the storage: direction, finished/budget, best value, final test accuracy, running."""
-    from hpo import study as study_mod
+    from hpo.status import listing
 
-    found = study_mod.listing(session.open_storage(storage).storage)
+    found = listing(session.open_storage(storage).storage)
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
     if not found["studies"]:
         click.echo("no studies in this storage yet; `hpo optimize --study NAME` creates one")
         return
-    click.echo(_studies_table(found["studies"]))
-
-
-def _studies_table(found: list[dict[str, Any]]) -> str:
-    rows = [("study", "metric", "finished", "best", "test acc", "running")]
-    for study in found:
-        best = "-" if study["best_value"] is None else f"{study['best_value']:.4f} (trial {study['best_trial']})"
-        test = "-" if study["test_accuracy"] is None else f"{100 * study['test_accuracy']:.2f} %"
-        metric, finished = (
-            f"{study['direction'][:3]} {study['metric'] or '?'}",
-            f"{study['finished']}/{study['n_trials'] or '?'}",
-        )
-        rows.append((study["study"], metric, finished, best, test, str(study["running"]) if study["running"] else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+    click.echo(report.studies_text(found["studies"]))
 
 
 @cli.command()
@@ -449,14 +279,14 @@ def _studies_table(found: list[dict[str, Any]]) -> str:
 @click.option("--time", "time_budget", metavar="DURATION", help="A new time budget from now, e.g. 30m.")
 def extend(study_arg: str, storage: str | None, n_trials: int | None, time_budget: str | None) -> None:
     """Raise a study's budget; running and restarted workers go on to it."""
-    from hpo import study as study_mod
+    import hpo.study
 
     if n_trials is None and time_budget is None:
         raise click.UsageError("give --trials N, --time DURATION or both")
     time_s = None if time_budget is None else _parse_time(time_budget)
     opened = session.open_study(study_arg, storage)
     cfg = opened.config
-    new = study_mod.extend(opened.study, cfg, n_trials, time_s)
+    new = hpo.study.extend(opened.study, cfg, n_trials, time_s)
     click.echo(
         f"study {cfg.name!r}: budget {new.budget.n_trials} trials (was {cfg.budget.n_trials})"
         + (f", time budget {time_budget} from now" if time_s else "")
@@ -472,13 +302,12 @@ def extend(study_arg: str, storage: str | None, n_trials: int | None, time_budge
 @click.option("--force", is_flag=True, help="Delete even while workers are running trials.")
 def delete(study_arg: str, storage: str | None, artifacts: str | None, yes: bool, force: bool) -> None:
     """Delete a study, its trials and its artifacts (files in runs/ stay)."""
-    from hpo import study as study_mod
+    import hpo.study
 
     opened = session.open_study(study_arg, storage)
     study, cfg = opened.study, opened.config
-    live = study_mod.live_trials(study, opened.storage)
-    if live and not force:
-        raise HpoError(f"study {cfg.name!r} has workers running trials {live} now. Stop them first, or pass --force.")
+    if not force:
+        hpo.study.refuse_while_live(study, opened.storage)
     if not yes:
         if not sys.stdin.isatty():
             raise HpoError(
@@ -487,7 +316,7 @@ def delete(study_arg: str, storage: str | None, artifacts: str | None, yes: bool
         click.confirm(f"Delete study {cfg.name!r} with its {len(study.trials)} trials and their artifacts?", abort=True)
     _, artifact_store = opened.artifact_store(artifacts)
     n_trials = len(study.get_trials(deepcopy=False))
-    removed = study_mod.delete(study, opened.storage, artifact_store)
+    removed = hpo.study.delete(study, opened.storage, artifact_store)
     click.echo(f"deleted study {cfg.name!r}: {n_trials} trials and {removed} artifact file(s)")
 
 
@@ -497,19 +326,14 @@ def delete(study_arg: str, storage: str | None, artifacts: str | None, yes: bool
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (schema hpo-best/1).")
 def best(study_arg: str, storage: str | None, as_json: bool) -> None:
     """The best trial: its number, validation value and parameters."""
-    from hpo import study as study_mod
+    from hpo.status import best_of
 
     opened = session.open_study(study_arg, storage)
-    found = study_mod.best_of(opened.study, opened.config)
+    found = best_of(opened.study, opened.config)
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
-    click.echo(
-        f"best trial {found['number']} of study {found['study']}: {found['metric']} {found['value']:.4f} "
-        f"({found['epochs']} epochs, {found['duration_s']}s)"
-    )
-    for key, value in found["params"].items():
-        click.echo(f"  {key:<13} {value:.4g}" if isinstance(value, float) else f"  {key:<13} {value}")
+    click.echo(report.best_text(found))
 
 
 @cli.command()
@@ -526,17 +350,16 @@ def best(study_arg: str, storage: str | None, as_json: bool) -> None:
 )
 def status(study_arg: str, storage: str | None, as_json: bool, watch: bool, interval: float) -> None:
     """Trials by state, the best trial, pruning savings, running trials and an ETA."""
-    from hpo import study as study_mod
+    from hpo.status import search_over, study_status
 
     opened = session.open_study(study_arg, storage)
     while True:
-        summary = study_mod.summary(opened.study, opened.config, opened.storage)
-        text = json.dumps(summary, indent=None if watch else 2) if as_json else _format_status(summary)
+        summary = study_status(opened.study, opened.config, opened.storage)
+        text = json.dumps(summary, indent=None if watch else 2) if as_json else report.status_text(summary)
         if watch and not as_json and sys.stdout.isatty():
             click.clear()
         click.echo(text)
-        over = summary["remaining"] == 0 or (summary["time_budget"] or {}).get("left_s") == 0
-        if not watch or (over and not summary["running"]):
+        if not watch or (search_over(summary) and not summary["running"]):
             return
         try:
             time.sleep(interval)
@@ -572,7 +395,7 @@ def dashboard(study_arg: str | None, storage: str | None, artifacts: str | None,
     )
     location, artifact_store = opened.artifact_store(artifacts)
     click.echo(
-        f"optuna-dashboard on {storage_mod.mask(opened.url)}, artifacts in {location}: "
+        f"optuna-dashboard on {mask(opened.url)}, artifacts in {location}: "
         f"http://{host}:{port}/{page}  (Ctrl-C to stop)"
     )
     run_server(opened.storage, host=host, port=port, artifact_store=artifact_store)
@@ -655,7 +478,7 @@ def bench(
 ) -> None:
     """Images/s of our training engine against the seed-style notebook pipeline, same model and batch
     (or, with --search, the searched ensemble against the fixed notebook CNN at the same time budget)."""
-    from hpo import bench as bench_mod
+    import hpo.bench
 
     if pruners:
         if not search_time:
@@ -667,16 +490,10 @@ def bench(
         where = spec_options["data_dir"], spec_options["device"], spec_options["threads"]
         _bench_search(study_arg or "cnn-quick", _parse_time(search_time), workers or 2, *where, fidelity_top, as_json)
         return
-    params = dict(bench_mod.DEFAULT_PARAMS)
-    if study_arg:
-        params.update(session.open_study(study_arg, storage).study.best_trial.params)
-    if params_json:
-        try:
-            params.update(json.loads(params_json))
-        except json.JSONDecodeError as e:
-            raise HpoError(f"--params is not valid JSON ({e}). Example: --params '{{\"fc_size\": 256}}'") from e
-    result = bench_mod.measure(bench_mod.BenchSpec.from_options(params, **spec_options), workers, rounds)
-    click.echo(json.dumps(result, indent=2) if as_json else bench_mod.describe(result))
+    best = session.open_study(study_arg, storage).study.best_trial.params if study_arg else {}
+    params = hpo.bench.params_for(best, params_json)
+    result = hpo.bench.measure(hpo.bench.BenchSpec.from_options(params, **spec_options), workers, rounds)
+    click.echo(json.dumps(result, indent=2) if as_json else hpo.bench.describe(result))
 
 
 def _bench_search(
@@ -689,13 +506,11 @@ def _bench_search(
     fidelity_top: int,
     as_json: bool,
 ) -> None:
-    from hpo import bench as bench_mod
-    from hpo import data
+    from hpo import data, search_bench
     from hpo.devices import cpu_count, describe_cpu
-    from hpo.final import describe_accuracy
 
     threads = threads or cpu_count()
-    work_dir = storage_mod.RUNS_DIR / "bench-search"
+    work_dir = bench_dir("search")
     each = config.format_duration(time_s)
     click.echo(
         f"hpo bench --search: {each} of search + final model, then {each} of the fixed notebook CNN"
@@ -704,7 +519,7 @@ def _bench_search(
         f"{work_dir / 'bench-search.json'} as it ends",
         err=True,
     )
-    result = bench_mod.search_against_fixed(
+    result = search_bench.search_against_fixed(
         config.resolve_path(study_arg),
         time_s,
         workers,
@@ -718,39 +533,7 @@ def _bench_search(
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    searched, fixed, pair = result["search"], result["fixed"], result["paired"]
-    click.echo(f"{result['cpu']}, {threads} thread(s), {device or 'cpu'}")
-    click.echo(f"at {config.format_duration(time_s)} each, scored once on the 10,000 test images:")
-    click.echo(
-        f"  {searched['study']} search ({searched['trials']} trials: {searched['complete']} complete, "
-        f"{searched['pruned']} pruned) + final model of {len(searched['members'])} member(s) "
-        f"(trials {', '.join(map(str, searched['members']))}, {searched['epochs']} epochs"
-        + (f"; and trial models {', '.join(map(str, searched['trial_models']))}" if searched["trial_models"] else "")
-        + "): "
-        f"{describe_accuracy(searched['test_accuracy'], searched['test_ci95'])} in {searched['wall_time_s']:.0f}s"
-    )
-    click.echo(
-        f"  fixed notebook CNN (32/64 filters, FC 512, Adam 1e-3), {fixed['epochs']} epochs, TTA {fixed['tta']}: "
-        f"{describe_accuracy(fixed['test_accuracy'], fixed['test_ci95'])} in {fixed['wall_time_s']:.0f}s"
-    )
-    click.echo(f"  difference: {100 * result['difference']:+.2f} points")
-    click.echo(
-        f"  paired (McNemar, exact): {pair['only_search']} images only the search's model gets right, "
-        f"{pair['only_fixed']} only the fixed CNN; p = {pair['p_value']:.3g}"
-    )
-    fid = result.get("fidelity")
-    if fid:
-        click.echo(
-            f"fidelity: the top {len(fid['finalists'])} trials by the search's value, retrained with another seed "
-            f"for the whole {fid['epochs']} epochs on the trial training split, scored on validation:"
-        )
-        for row in fid["finalists"]:
-            picked = "  <- the finalizer's pick" if row["trial"] == fid["pick"] else ""
-            click.echo(
-                f"  trial {row['trial']:>4}  {row['state'].lower():<8} search {row['search_value']:.4f} at epoch "
-                f"{row['search_epochs']}  retrained {row['retrained_value']:.4f}  ({row['seconds']:.0f}s){picked}"
-            )
-        click.echo(f"  Spearman's rho {fid['spearman']:.2f}; regret of the pick {100 * fid['regret']:.2f} points")
+    click.echo(report.bench_search_text(result, time_s, threads, device))
 
 
 def _bench_pruners(
@@ -768,7 +551,7 @@ def _bench_pruners(
 
     pruners = pruner_bench.parse_pruners(pruners_text)
     study_file = config.resolve_path(study_arg)
-    work_dir = storage_mod.RUNS_DIR / "bench-pruners"
+    work_dir = bench_dir("pruners")
     each = config.format_duration(time_s)
     click.echo(
         f"hpo bench --pruners: {len(pruners)} pruners x {seeds} seed(s), {each} of search each "
@@ -782,37 +565,12 @@ def _bench_pruners(
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"{result['cpu']}, {workers} worker(s), {device or 'the default device'}")
-    click.echo(
-        f"{result['study']}: {each} of search per run, best {result['metric']} at the final horizon "
-        "(validation; the test split is not read):"
-    )
-    for run in result["runs"]:
-        best = "no COMPLETE trial"
-        if run["best_value"] is not None:
-            best = f"best {run['best_value']:.4f} (trial {run['best_trial']})"
-        click.echo(
-            f"  {run['pruner']:<19} seed {run['seed']:>3}  {best} at {run['horizon']} epochs; "
-            f"{run['trials']} trials ({run['complete']} complete, "
-            f"{run['pruned']} pruned, {run['failed']} failed), {run['epochs']} epochs, {run['wall_time_s']:.0f}s"
-        )
-    first = result["pruners"][0]["pruner"]
-    for row in result["pruners"]:
-        mean = "-" if row["mean_best"] is None else f"{row['mean_best']:.4f}"
-        versus = ""
-        if row["vs_first"] is not None:
-            versus = f"; {100 * row['vs_first']:+.2f} points against {first}, seed by seed"
-        click.echo(
-            f"  {row['pruner']:<19} mean best {mean} over {len(row['best_values'])} run(s), "
-            f"{row['mean_trials']:.1f} trials, {row['mean_complete']:.1f} complete, "
-            f"{row['mean_epochs']:.0f} epochs{versus}"
-        )
-    click.echo(f"options: {json.dumps(result['options'])}")
+    click.echo(report.bench_pruners_text(result, workers, device, each))
 
 
 def _final_model_path(study_arg: str, model_path: str | None) -> tuple[str, Path]:
     name = session.study_name(study_arg)
-    path = Path(model_path) if model_path else storage_mod.final_dir(name) / "model.pt"
+    path = Path(model_path) if model_path else final_dir(name) / "model.pt"
     if not path.is_file():
         raise HpoError(
             f"no final model at {path}. Run `hpo final-train --study {name}` first, or pass --model "

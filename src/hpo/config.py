@@ -145,7 +145,7 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
-class Budget:
+class TrialBudget:
     n_trials: int = DEFAULT_TRIALS  # finished trials (COMPLETE + PRUNED) the study ends with
     epochs: int = DEFAULT_EPOCHS  # epochs per trial; the pruner sees one report per epoch
     train_subset: int = 0  # images of the training part each trial trains on; 0 = all of it
@@ -186,10 +186,10 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
-class Final:
+class FinalSettings:
     epochs: int  # epochs of the from-scratch retrain on train + validation; the trials' horizon by default
     ensemble: int = 1  # at most this many members: distinct COMPLETE trials, each joining only if it raises
-    # the ensemble's validation accuracy (hpo.final.choose_members)
+    # the ensemble's validation accuracy (hpo.members.choose_members)
     tta: str = "none"  # "flip": also average each test image with its mirror image
     trial_models: bool = True  # each member's own trial model, trained by the search, joins its retrained copy
 
@@ -250,12 +250,12 @@ class StudyConfig:
     direction: str
     metric: str
     seed: int
-    budget: Budget
+    budget: TrialBudget
     sampler: Component
     pruner: Component
     augment: Augment
     train: TrainSettings
-    final: Final
+    final: FinalSettings
     space: dict[str, ParamSpec]
     description: str = ""
     checkpoints: Checkpoints = Checkpoints()
@@ -420,7 +420,7 @@ def parse(raw: dict[str, Any], source: str = "<study>", check_options: bool = Tr
     top = _Reader(raw, "", source)
     name, description, metric, direction, seed = _header(top)
     budget_table = top.table("budget")
-    budget = _check_budget(budget_table, budget_table.section(Budget, time_s=_duration(budget_table, "time")))
+    budget = _check_budget(budget_table, budget_table.section(TrialBudget, time_s=_duration(budget_table, "time")))
     sampler = _component(top.table("sampler"), SAMPLERS, "tpe", "optuna.samplers", check_options)
     pruner = _component(top.table("pruner"), PRUNERS, "median", "optuna.pruners", check_options)
     augment_table = top.table("augment")
@@ -431,7 +431,7 @@ def parse(raw: dict[str, Any], source: str = "<study>", check_options: bool = Tr
     for key, why in REMOVED_FINAL.items():
         if key in final_table.raw:
             final_table.fail(f"{key} was removed: {why}. Delete the line.")
-    final = _check_final(final_table, final_table.section(Final, defaults={"epochs": budget.epochs}))
+    final = _check_final(final_table, final_table.section(FinalSettings, defaults={"epochs": budget.epochs}))
     warm_table = top.table("warm_start")
     warm = warm_table.section(WarmStart, keys={"from_study": "from"}, params=tuple(warm_table.get("params", list, [])))
     if warm.top < 1:
@@ -512,7 +512,7 @@ def _header(top: _Reader) -> tuple[str, str, str, str, int]:
     return name, description, metric, direction, top.get("seed", int, 0)
 
 
-def _check_budget(table: _Reader, budget: Budget) -> Budget:
+def _check_budget(table: _Reader, budget: TrialBudget) -> TrialBudget:
     if budget.n_trials < 1:
         table.fail(f"n_trials must be at least 1, got {budget.n_trials}")
     if budget.epochs < 1:
@@ -548,7 +548,7 @@ def _check_train(table: _Reader, train: TrainSettings) -> TrainSettings:
     return train
 
 
-def _check_final(table: _Reader, final: Final) -> Final:
+def _check_final(table: _Reader, final: FinalSettings) -> FinalSettings:
     if final.epochs < 1:
         table.fail(f"epochs must be at least 1, got {final.epochs}")
     if final.ensemble < 1:
@@ -859,13 +859,10 @@ def from_dict(stored: dict[str, Any], source: str) -> StudyConfig:
     search runs, so a study they no longer build for (after an Optuna upgrade) can still be read."""
     raw = dict(stored)
     for key in ("budget", "augment", "train", "final", "checkpoints", "warm_start", "data"):
-        if key in stored:  # studies created before a section existed get its defaults
-            raw[key] = {k: v for k, v in stored[key].items() if v is not None}
-    for key in REMOVED_FINAL:  # a study created by an earlier version: its removed knobs no longer apply
-        raw.get("final", {}).pop(key, None)
-    if "from_study" in raw.get("warm_start", {}):
+        raw[key] = {k: v for k, v in stored[key].items() if v is not None}  # None: the file left it out
+    if "from_study" in raw["warm_start"]:
         raw["warm_start"]["from"] = raw["warm_start"].pop("from_study")
-    if "budget" in raw and "time_s" in raw["budget"]:
+    if "time_s" in raw["budget"]:
         raw["budget"]["time"] = raw["budget"].pop("time_s")
     raw["sampler"] = {"name": stored["sampler"]["name"], **stored["sampler"]["options"]}
     raw["pruner"] = {"name": stored["pruner"]["name"], **stored["pruner"]["options"]}

@@ -4,16 +4,12 @@ train + validation, score the test split once, and publish the model, its figure
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
-import math
 import os
 import platform
-import statistics
 import subprocess
 import time
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,22 +19,22 @@ import torch
 from optuna_dashboard import save_note
 
 import hpo
-from hpo import artifacts, attrs, budget, checkpoints, plots, sources
-from hpo import trials as trials_mod
+from hpo import artifacts, attrs, budget, checkpoints, plots, report, sources
 from hpo.config import StudyConfig
 from hpo.data import DeviceData, device_data, stratified_split
 from hpo.devices import Placement
 from hpo.errors import HpoError
-from hpo.model import Ensemble, InputShape, count_parameters, cpu_weights, with_weights
+from hpo.members import Member, choose_members, member_seed, trial_models
+from hpo.model import Ensemble, InputShape, count_parameters, cpu_weights
 from hpo.params import TrialParams
+from hpo.paths import final_dir
 from hpo.progress import Progress
-from hpo.storage import SlotLock, final_dir
-from hpo.study import finished_count
-from hpo.train import EpochStats, Replan, derive_seed, evaluate, fit, recipe, seconds_per_image, seeded_model
+from hpo.stats import wilson_interval
+from hpo.storage import DatabaseLock
+from hpo.train import EpochStats, Replan, evaluate, fit, recipe, seconds_per_image, seeded_model
+from hpo.trials import finished_count
 
 log = logging.getLogger(__name__)
-
-FINAL_SEED_TAG = 0x46494E41  # "FINA": keeps the final run's seed apart from every trial's
 
 
 def versions() -> dict[str, str]:
@@ -82,17 +78,6 @@ def _check_writable(out_dir: Path) -> None:
         raise HpoError(f"output directory {out_dir} is not writable. Pass a writable --out.")
 
 
-def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval of a proportion (95 % for the default z): honest near 0 and 1,
-    unlike the normal approximation, and what a 10,000-image test accuracy should be quoted with."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def accuracy_figures(predictions: torch.Tensor, truth: torch.Tensor) -> dict[str, Any]:
     correct = int((predictions == truth).sum())
     low, high = wilson_interval(correct, len(truth))
@@ -102,148 +87,6 @@ def accuracy_figures(predictions: torch.Tensor, truth: torch.Tensor) -> dict[str
         "images": len(truth),
         "ci95": [round(low, 5), round(high, 5)],
     }
-
-
-CANDIDATES = 10  # distinct COMPLETE trials, best first, that may join an ensemble
-
-
-def choose_members(
-    study: optuna.Study, cfg: StudyConfig, val_labels: torch.Tensor | None = None, store: Any = None
-) -> tuple[list[optuna.trial.FrozenTrial], str]:
-    """The members' trials, best first, and a line saying how they were chosen.
-
-    The first is the best COMPLETE trial by validation value. With `[final] ensemble` above 1, the
-    others are chosen greedily (Caruana et al. 2004, without replacement) among the next best
-    distinct COMPLETE trials: the one whose validation outputs raise the averaged ensemble's
-    validation accuracy most joins, until none raises it or the ensemble is full. A trial whose
-    outputs are missing (a study run without an artifact store) cannot join."""
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not complete:
-        raise HpoError(
-            f"study {cfg.name!r} has no COMPLETE trial yet, so there is nothing to retrain. "
-            f"Run `hpo optimize --study {cfg.name}` (or workers) until one completes."
-        )
-    ranked = sorted(complete, key=trials_mod.value, reverse=cfg.direction == "maximize")
-    distinct: dict[str, optuna.trial.FrozenTrial] = {}
-    for trial in ranked:
-        distinct.setdefault(json.dumps(trial.params, sort_keys=True), trial)
-    candidates = list(distinct.values())[:CANDIDATES]
-    best, k = candidates[0], cfg.final.ensemble
-    lead = warm_start_lead(study, best)
-    if k == 1 or len(candidates) == 1:
-        return [best], f"trial {best.number}: the best COMPLETE trial by validation {cfg.metric}{lead}"
-    outputs = {t.number: p for t in candidates if (p := val_outputs(store, t, val_labels)) is not None}
-    if best.number not in outputs or val_labels is None:
-        return [best], (
-            f"trial {best.number} alone: the best COMPLETE trial by validation {cfg.metric}{lead}; it has no "
-            "validation outputs in the artifact store to choose further members on"
-        )
-    members, total = [best], outputs[best.number].clone()
-    scores = [_accuracy(total, val_labels)]
-    while len(members) < k:
-        gains = {
-            t.number: _accuracy(total + outputs[t.number], val_labels)
-            for t in candidates
-            if t.number in outputs and t not in members
-        }
-        if not gains or max(gains.values()) <= scores[-1]:
-            break
-        number = max(gains, key=lambda n: gains[n])
-        members.append(next(t for t in candidates if t.number == number))
-        total += outputs[number]
-        scores.append(gains[number])
-    path = " -> ".join(f"{100 * a:.2f}" for a in scores)
-    why = (
-        f"{len(members)} of up to {k} member(s), trials {', '.join(str(t.number) for t in members)}: each raised "
-        f"the ensemble's validation accuracy ({path} %)"
-    )
-    if len(members) < k:
-        why += f"; no other of the {len(candidates)} best distinct trials raised it further"
-    return members, why + lead
-
-
-def warm_start_lead(study: optuna.Study, best: optuna.trial.FrozenTrial) -> str:
-    """ "; trial 0 is the study file's warm start ...": said when the lead member is a configuration the
-    user wrote rather than one the search found, with how many of the search's own trials it beat,
-    so that a short search which found nothing better says so instead of looking like a result."""
-    origin = best.user_attrs.get(attrs.WARM_START)
-    if origin is None:
-        return ""
-    searched = [
-        t for t in study.get_trials(deepcopy=False, states=trials_mod.FINISHED) if attrs.WARM_START not in t.user_attrs
-    ]
-    complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in searched)
-    return (
-        f"; trial {best.number} is the warm start the study file names ({origin}): no configuration of the "
-        f"search's own {len(searched)} finished trial(s) ({complete} complete, {len(searched) - complete} "
-        "pruned) scored above it on validation"
-    )
-
-
-def _accuracy(summed_probs: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((summed_probs.argmax(1) == labels).float().mean())
-
-
-def val_outputs(store: Any, trial: optuna.trial.FrozenTrial, labels: torch.Tensor | None) -> torch.Tensor | None:
-    """A COMPLETE trial's validation probabilities (float32), if kept and of the same images."""
-    pointer = trial.user_attrs.get(attrs.VAL_OUTPUTS)
-    if store is None or not pointer or labels is None:
-        return None
-    try:
-        saved = torch.load(io.BytesIO(artifacts.read_bytes(store, pointer)), map_location="cpu", weights_only=True)
-    except Exception as e:  # a missing or damaged file: that trial cannot join
-        log.warning("final-train: trial %d's validation outputs cannot be read (%s)", trial.number, e)
-        return None
-    probs = saved["probs"].float()
-    return probs if probs.shape[0] == len(labels) else None
-
-
-@dataclass
-class Member:
-    trial: optuna.trial.FrozenTrial
-    seed: int
-    model: torch.nn.Module
-    history: list[EpochStats]
-    train_s: float
-    trained_by: str = "final-train"  # or "search": the trial's own model, trained on the trial split
-
-
-def trial_models(
-    chosen: list[optuna.trial.FrozenTrial], cfg: StudyConfig, train_all: DeviceData, store: Any
-) -> list[Member]:
-    """Each chosen trial's own trained model (`[final] trial_models`): the same recipe and horizon as
-    its retrained copy, trained already by the search on the trial split, and the very model whose
-    validation outputs chose the members. A trial without one (no artifact store, not among the
-    study's best when it ended, a file that cannot be read) is retrained alone."""
-    from hpo.objective import TRIAL_MODEL_FILE
-
-    reused = []
-    for trial in chosen:
-        pointer = trial.user_attrs.get(attrs.TRIAL_MODEL)
-        if store is None or not pointer:
-            continue
-        params = TrialParams.from_flat(trial.params)
-        try:
-            saved = torch.load(io.BytesIO(artifacts.read_bytes(store, pointer)), map_location="cpu", weights_only=True)
-            if saved.get("format") != checkpoints.TRIAL_MODEL_FORMAT or saved.get("study") != cfg.name:
-                raise ValueError(f"not a {checkpoints.TRIAL_MODEL_FORMAT} file of study {cfg.name!r}")
-            if TrialParams.from_flat(saved["params"]) != params:
-                raise ValueError("its params are not the trial's")
-            model = with_weights(params.model.shaped(train_all.shape), saved["state_dict"])
-        except Exception as e:  # a missing or damaged file: that member is retrained alone
-            log.warning("final-train: trial %d's %s cannot be reused (%s)", trial.number, TRIAL_MODEL_FILE, e)
-            continue
-        model = model.to(train_all.device).to(memory_format=torch.channels_last)
-        reused.append(Member(trial, int(saved["seed"]), model, [], 0.0, "search"))
-    return reused
-
-
-def member_seed(cfg: StudyConfig, index: int) -> int:
-    # Member 0 keeps the seed a single-model final run always had, so its results reproduce.
-    return derive_seed(cfg.seed, FINAL_SEED_TAG) if index == 0 else derive_seed(cfg.seed, FINAL_SEED_TAG, index)
-
-
-SHRINK_MARGIN = 1.05  # an epoch is counted 5 % slower than measured when fitting epochs to the time left
 
 
 def test_pass_seconds(
@@ -288,48 +131,6 @@ def epoch_seconds(
     return per_image * len(train_all), "timed over 60 steps"
 
 
-def fitted_epochs(per_epoch: float, deadline: budget.Deadline, test_s: float, epochs: int, source: str) -> int:
-    """The first member's epochs that end before `deadline`, `test_s` for the test passes kept free:
-    all of them unless time is short, else as many as fit (at least one)."""
-    fitted = _epochs_that_fit(per_epoch, _time_left(deadline, test_s), epochs)
-    log.info(
-        f"final-train: {per_epoch:.1f}s per epoch ({source}), {deadline.left():.0f}s left ({test_s:.0f}s of "
-        f"them for the test passes): {fitted} of {epochs} epochs fit"
-    )
-    return fitted
-
-
-def _time_left(deadline: budget.Deadline, test_s: float) -> float:
-    """Seconds left for training epochs: the deadline less the slack and the measured test passes."""
-    return deadline.left() - budget.slack_s(deadline.time_s) - test_s
-
-
-def _epochs_that_fit(per_epoch: float, left: float, epochs: int, done: int = 0) -> int:
-    """Epochs in all (`done` of them trained already), up to `epochs`, that end in `left` seconds more."""
-    return max(done or 1, min(epochs, done + int(left // (SHRINK_MARGIN * per_epoch))))
-
-
-def timed_replan(deadline: budget.Deadline, test_s: float, epochs: int) -> Replan:
-    """Re-fit the first member's epochs to the epochs it has timed itself, through its first half:
-    fewer where the time left is short of them (another load on the machine), more, up to the
-    `epochs` asked for, where the estimate it started from was slow (a trial's epochs timed beside
-    another worker, scaled to the finalizer's threads: 15.1 s where it trained 12.9 s in the 2026-12-06
-    quick start, which ended 58 s early with 12 of 17 epochs). Past halfway the schedule is left
-    alone, since stretching it late would raise the learning rate again."""
-
-    def replan(history: list[EpochStats], total: int) -> int:
-        done = len(history)
-        if done >= total or 2 * done > total:
-            return total
-        per_epoch = statistics.median(s.seconds for s in history)
-        new = _epochs_that_fit(per_epoch, _time_left(deadline, test_s), epochs, done)
-        if new != total:
-            log.info(f"final-train: {per_epoch:.1f}s per epoch trained after epoch {done}: {new} epochs fit")
-        return new
-
-    return replan
-
-
 def train_members(
     chosen: list[optuna.trial.FrozenTrial],
     cfg: StudyConfig,
@@ -353,15 +154,20 @@ def train_members(
     if deadline is not None:
         test_s = test_pass_seconds(chosen, cfg, train_all, test_images, len(chosen) + reused)
         per_epoch, source = epoch_seconds(chosen[0], cfg, train_all, threads)
-        epochs = fitted_epochs(per_epoch, deadline, test_s, epochs, source)
-        replan = timed_replan(deadline, test_s, requested)
+        epochs = budget.fitted_epochs(per_epoch, deadline, test_s, epochs, source)
+        replan = budget.timed_replan(deadline, test_s, requested)
     for index, trial in enumerate(chosen):
         if (
             members
             and deadline is not None
             and (
-                late := _would_end_late(
-                    members, trial, deadline, test_s * (index + 1 + reused) / (len(chosen) + reused)
+                late := budget.would_end_late(
+                    members[0].trial,
+                    members[0].train_s,
+                    trial,
+                    len(members) + 1,
+                    deadline,
+                    test_s * (index + 1 + reused) / (len(chosen) + reused),
                 )
             )
         ):
@@ -377,23 +183,6 @@ def train_members(
     for line in shrunk:
         log.warning("final-train: %s", line)
     return members, epochs, "; ".join(shrunk) or None
-
-
-def _would_end_late(
-    members: list[Member], trial: optuna.trial.FrozenTrial, deadline: budget.Deadline, test_s: float
-) -> str | None:
-    """Why the next member would end past the deadline: the first member's measured time, scaled by
-    the trials' relative cost per image, plus `test_s`, the test passes of the ensemble with it;
-    None if it fits."""
-    first, this = budget.trial_cost(members[0].trial), budget.trial_cost(trial)
-    ratio = this.per_image_s() / first.per_image_s() if first and this else 1.0
-    needed = members[0].train_s * ratio + budget.slack_s(deadline.time_s) + test_s
-    if deadline.left() >= needed:
-        return None
-    return (
-        f"member {len(members) + 1} (trial {trial.number}) needs about {needed:.0f}s, "
-        f"{max(0.0, deadline.left()):.0f}s are left"
-    )
 
 
 def _train_member(
@@ -526,13 +315,13 @@ def _record(
     summary["trial_models"] = [r["trial"] for r in metrics["members"] if r["trained_by"] == "search"]
     summary["output_dir"] = str(out_dir.resolve())
     # Two final-trains at once each replace the other's artifacts in turn, never both at the same time.
-    with SlotLock(storage, f"{cfg.name}.final") if storage is not None else contextlib.nullcontext():
+    with DatabaseLock(storage.engine, f"{cfg.name}.final") if storage is not None else contextlib.nullcontext():
         if artifact_store is not None:
             summary["artifacts"] = publish(study, artifact_store, files)
         study.set_user_attr(attrs.FINAL, summary)
         # Sorts first in the dashboard's user-attribute table, so a final-trained study shows it at a glance.
         study.set_user_attr(attrs.FINAL_TEST_ACCURACY, metrics["test_accuracy"])
-        save_note(study, note(cfg, best, metrics))
+        save_note(study, report.dashboard_note(cfg, best, metrics))
 
 
 def score(
@@ -696,85 +485,3 @@ def publish(study: optuna.Study, store, files: dict[str, bytes]) -> dict[str, st
     for artifact_id in earlier.values():
         artifacts.remove(store, study, artifact_id)
     return ids
-
-
-SEARCHED = {"final-train": "", "search": ", its trial's own model"}
-
-
-def describe_accuracy(accuracy: float, ci95: list[float]) -> str:
-    """ "93.61 % (95 % CI 93.12-94.07)": the headline figure with its Wilson interval, in percent."""
-    return f"{100 * accuracy:.2f} % (95 % CI {100 * ci95[0]:.2f}-{100 * ci95[1]:.2f})"
-
-
-def note(cfg: StudyConfig, best: optuna.trial.FrozenTrial, metrics: dict[str, Any]) -> str:
-    """The study's dashboard note: the final result first, so a final-trained study is obvious."""
-    val, test = metrics["best_trial_value"], metrics["test_accuracy"]
-    ens = metrics["ensemble"]
-    params = "\n".join(
-        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in best.params.items()
-    )
-    worst = min(metrics["per_class_accuracy"].items(), key=lambda kv: kv[1])
-    what = "the final model" if ens["models"] == 1 else f"the ensemble of {ens['models']}"
-    rows = [
-        f"| validation {cfg.metric} of trial {best.number} | {val:.4f} |",
-        f"| test accuracy of {what} | {describe_accuracy(test, metrics['test_ci95'])} |",
-    ]
-    rows += [
-        f"| member: trial {r['trial']} (val {r['value']:.4f}, seed {r['seed']}{SEARCHED[r['trained_by']]}) | "
-        f"{describe_accuracy(r['test_accuracy'], r['ci95'])} |"
-        for r in metrics["members"]
-    ]
-    if ens["models"] > 1:
-        rows.append(f"| gain of the ensemble over its best member | {100 * ens['gain_over_best_member']:+.2f} points |")
-    if cfg.metric == "val_accuracy":
-        rows.append(f"| gap, test minus validation | {100 * (test - val):+.2f} points |")
-    rows.append(f"| weakest class | {worst[0]} ({worst[1]:.4f}) |")
-    table = "\n".join(rows)
-    chosen_by = ens.get("chosen_by") or f"the best trial by validation {cfg.metric}"
-    policy = (
-        f"Members chosen on the validation split: {chosen_by}. Each is retrained with its own seed and the "
-        f"recipe its trial trained with; softmax outputs averaged"
-        f"{', each image also with its mirror image' if ens['tta'] == 'flip' else ''}. "
-        "Nothing was chosen by test accuracy."
-    )
-    if ens["from_search"]:
-        policy += (
-            f" The ensemble also holds the {ens['from_search']} trial model(s) the search trained (`[final] "
-            "trial_models`): the models whose validation outputs chose the members, trained on the trial split."
-        )
-    if ens["shrunk"]:
-        policy += f" The {ens['shrunk']}."
-    others = "" if ens["trained"] == 1 else f", and {ens['trained'] - 1} more"  # retrained members
-    which = (
-        "the warm start the study file names, which no trial of the search beat on validation"
-        if attrs.WARM_START in best.user_attrs
-        else "the best of the search"
-    )
-    subset = (
-        f"{cfg.budget.train_subset:,} images of the trial training split"
-        if cfg.budget.train_subset
-        else ("the trial training split")
-    )
-    return f"""## Final-trained: test accuracy {describe_accuracy(test, metrics["test_ci95"])}
-
-Trial {best.number}, {which}{others}, retrained from scratch by `hpo final-train` for
-{metrics["epochs"]} epochs on all {metrics["train_images"]:,} training images, then scored once on the untouched
-{metrics["test_images"]:,}-image test split. {policy}
-
-| | |
-|---|---|
-{table}
-
-Trials train the same recipe for {cfg.budget.epochs} epochs on {subset}, unless a pruner or the time
-budget stops them; the final run adds the validation images to its training data.
-
-### Params of the first member (trial {best.number})
-
-| param | value |
-|---|---|
-{params}
-
-Study artifacts: `confusion_matrix.png`, `learning_curve.png`, `misclassified.png`, `model.pt`,
-`metrics.json`. Written {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, hpo {hpo.__version__},
-code {metrics["git_revision"] or "unknown"}.
-"""

@@ -11,25 +11,82 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from hpo import attrs, budget, progress, sources
-from hpo import study as study_mod
+from hpo import attrs, budget, config, progress, sources
 from hpo.config import StudyConfig, format_duration
 from hpo.errors import HpoError
+from hpo.paths import log_dir
+from hpo.seeds import derive_seed
 from hpo.session import Opened
 from hpo.sources import DataSet
-from hpo.storage import RUNS_DIR
-from hpo.train import derive_seed
+from hpo.status import study_status
+from hpo.study import create_or_load, exists, load
 from hpo.trials import FINISHED
 
 log = logging.getLogger(__name__)
 
 KILL_AFTER_S = 30  # a worker that ignores SIGTERM this long is killed
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What `hpo optimize` was asked for, as its options gave it."""
+
+    study_arg: str  # a study name or a study file's path
+    workers: int
+    time_s: float | None  # --time, parsed; None: the study file's own time budget, if any
+    run_final: bool  # --final: the finalizer runs inside the budget once the search ends
+    storage: str | None
+    data_dir: str | None
+    device: str | None
+    artifacts: str | None
+    started_at: float  # unix seconds: the clock covers the command's own start-up
+
+
+def optimize(request: Request, echo: Callable[[str], None]) -> None:
+    """`hpo optimize`: check the data and the time budget, create the study once, run the local
+    workers, print the status, and with --final run the finalizer inside the budget."""
+    from hpo import final, report, session
+    from hpo.devices import threads_per_worker
+    from hpo.paths import final_dir
+    from hpo.storage import mask
+    from hpo.trials import finished_count
+
+    cfg = config.load(request.study_arg)
+    time_s = request.time_s if request.time_s is not None else cfg.budget.time_s
+    dataset = sources.open_for(cfg, request.data_dir)  # bad data stops here, before anything is stored
+    opened = session.open_storage(request.storage)
+    location, artifact_store = opened.artifact_store(request.artifacts)  # fail here, not in every worker
+    threads = threads_per_worker(request.workers)
+    restart_clock = request.time_s is not None
+    study, cfg = prepare(
+        cfg, opened, time_s, restart_clock, dataset, request.device, threads, request.started_at, request.workers
+    )
+    dataset = sources.for_study(dataset, cfg, request.data_dir)  # the study's stored [data] win over the file's
+    log.info(
+        f"study {cfg.name!r}: {request.workers} workers x {threads} thread(s), storage {mask(opened.url)}, "
+        f"artifacts {location}{report.time_note(budget.get_deadline(study))}"
+    )
+    if (line := outlook(study, cfg, request.workers, threads, request.device)) is not None:
+        log.info(line)
+    args = worker_args(request.study_arg, opened.url, Path(dataset.origin), location, request.device)
+    finished_before = finished_count(study)
+    try:
+        run_workers(study, cfg, opened.storage, request.workers, threads, args)
+    finally:
+        echo(report.status_text(study_status(study, cfg, opened.storage)))
+    if request.run_final:
+        metrics = final.after_search(
+            study, cfg, opened.storage, dataset, request.device, artifact_store, finished_before
+        )
+        echo(report.final_text(metrics, final_dir(cfg.name), cfg.name))
+    echo(f"wall time {time.time() - request.started_at:.0f}s")
 
 
 def prepare(
@@ -47,11 +104,11 @@ def prepare(
 
     `--time` restarts the clock (`restart_clock`); a file's time starts it when the study is created.
     A budget that cannot hold one trial plus the finalizer is refused before the study is touched."""
-    clock = time_s if restart_clock or not study_mod.exists(opened.storage, cfg.name) else None
+    clock = time_s if restart_clock or not exists(opened.storage, cfg.name) else None
     calibrated = None
     if clock:
         cfg, calibrated = check_time_budget(cfg, clock, opened.storage, dataset, device, threads, workers)
-    study, cfg = study_mod.create_or_load(opened.storage, cfg)
+    study, cfg = create_or_load(opened.storage, cfg)
     sources.check(study, sources.for_study(dataset, cfg, dataset.origin))
     if clock is not None:
         budget.set_deadline(study, clock, now=started_at)
@@ -94,7 +151,7 @@ def check_time_budget(
 
     costs: list[budget.EpochCost] = []
     try:
-        costs = budget.measured(study_mod.load(storage, cfg.name)[0])
+        costs = budget.measured(load(storage, cfg.name)[0])
     except HpoError:
         pass  # a new study: calibrate below
     calibrated = None
@@ -238,10 +295,10 @@ def _spawn(cfg: StudyConfig, workers: int, threads: int, args: list[str]) -> tup
     base = [sys.executable, "-m", "hpo", "worker", *args]
     logs: list[Path] = []
     if progress.interactive():
-        log_dir = RUNS_DIR / cfg.name / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        logs = [log_dir / f"worker-{i}.log" for i in range(workers)]
-        print(f"worker logs: {log_dir}/worker-N.log", file=sys.stderr)
+        folder = log_dir(cfg.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        logs = [folder / f"worker-{i}.log" for i in range(workers)]
+        print(f"worker logs: {folder}/worker-N.log", file=sys.stderr)
     children = []
     for i in range(workers):
         # Distinct sampler seeds: identical ones would make every worker propose the same first trials.
@@ -293,7 +350,7 @@ def update_bar(bar: progress.Progress, study: optuna.Study, cfg: StudyConfig, st
     """Announce each newly finished trial and move the bar to `hpo status`'s figures."""
     try:
         trials = study.get_trials(deepcopy=False)
-        summary = study_mod.summary(study, cfg, storage)
+        summary = study_status(study, cfg, storage)
     except Exception:  # a database blip: the workers ride it out, the bar waits for the next poll
         return
     for trial in sorted((trial for trial in trials if trial.state in FINISHED), key=lambda trial: trial.number):

@@ -21,10 +21,10 @@ from hpo.errors import HpoError
 from hpo.model import count_parameters, cpu_weights
 from hpo.optuna_compat import trial_id
 from hpo.params import TrialParams
+from hpo.seeds import derive_seed
 from hpo.train import (
     EpochStats,
     TrainingDiverged,
-    derive_seed,
     evaluate,
     fit,
     probabilities,

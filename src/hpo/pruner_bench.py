@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from hpo import config
-from hpo.bench import optimize_in
 from hpo.config import Component, StudyConfig
 from hpo.errors import HpoError
+from hpo.search_bench import optimize_in
 from hpo.study import stored_config
 
 

@@ -11,17 +11,18 @@ from dataclasses import dataclass
 import optuna
 
 from hpo import artifacts, config
-from hpo import storage as storage_mod
-from hpo import study as study_mod
 from hpo.config import StudyConfig
 from hpo.errors import HpoError, StudyFileNotFound
 from hpo.optuna_compat import ArtifactStore
+from hpo.storage import Storage, resolve_url
+from hpo.storage import open_storage as open_database
+from hpo.study import load
 
 
 @dataclass(frozen=True)
 class Opened:
     url: str  # the storage URL as resolved (flag, HPO_STORAGE or the default)
-    storage: storage_mod.Storage
+    storage: Storage
 
     def artifact_store(self, location: str | None) -> tuple[str, ArtifactStore]:
         """The artifact store at `location` (a directory or s3://BUCKET), or this storage's default one."""
@@ -42,14 +43,14 @@ def study_name(study_arg: str) -> str:
 
 
 def open_storage(storage_url: str | None) -> Opened:
-    url = storage_mod.resolve_url(storage_url)
-    return Opened(url, storage_mod.open_storage(url))
+    url = resolve_url(storage_url)
+    return Opened(url, open_database(url))
 
 
 def open_study(study_arg: str, storage_url: str | None) -> OpenedStudy:
     """An existing study (it is never created here) with the settings stored in it."""
     opened = open_storage(storage_url)
-    study, cfg = study_mod.load(opened.storage, study_name(study_arg))
+    study, cfg = load(opened.storage, study_name(study_arg))
     return OpenedStudy(opened.url, opened.storage, study, cfg)
 
 
@@ -63,7 +64,7 @@ def worker_config(study_arg: str, storage_url: str | None) -> tuple[StudyConfig,
     except StudyFileNotFound as missing:
         opened = open_storage(storage_url)
         try:
-            return study_mod.load(opened.storage, study_arg)[1], opened
+            return load(opened.storage, study_arg)[1], opened
         except HpoError:
             raise missing from None
     return cfg, open_storage(storage_url)

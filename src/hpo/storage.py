@@ -29,22 +29,17 @@ import sqlalchemy
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 
+from hpo import paths
 from hpo.config import env_float, env_int
 from hpo.errors import StorageError
 
 log = logging.getLogger(__name__)
 
-RUNS_DIR = Path("runs")  # relative to the working directory, like studies/
 SQLITE_BUSY_TIMEOUT_S = 120  # a writer waits this long for the lock; local writes take milliseconds
 
 
-def final_dir(study: str, runs: Path = RUNS_DIR) -> Path:
-    """Where the finalizer writes a study's model, metrics and plots unless told otherwise."""
-    return runs / study / "final"
-
-
 def default_url() -> str:
-    return f"sqlite:///{RUNS_DIR / 'hpo.db'}"
+    return f"sqlite:///{paths.default_database()}"
 
 
 def resolve_url(explicit: str | None) -> str:
@@ -71,7 +66,7 @@ class StorageSettings:
     @classmethod
     def from_env(cls) -> StorageSettings:
         """The settings from HPO_HEARTBEAT_INTERVAL, HPO_GRACE_PERIOD, HPO_MAX_RETRY and HPO_DB_WAIT.
-        A study keeps the first three from the process that created it (hpo.study.adopt_liveness)."""
+        A study keeps the first three from the process that created it (hpo.reaper.adopt_liveness)."""
         defaults = cls()
         return cls(
             heartbeat_interval=env_int("HPO_HEARTBEAT_INTERVAL", defaults.heartbeat_interval, least=1, unit="seconds"),
@@ -164,6 +159,35 @@ REPEATABLE = (
 )
 
 
+class Backoff:
+    """The one schedule every loop that waits for the database follows: waits that double from
+    `first` up to `cap` seconds (with `jitter`, each varied by +-25 % so that workers restarted
+    together do not come back in step), until `limit_s` seconds have passed since the first."""
+
+    def __init__(self, limit_s: float, first: float = 0.5, cap: float = 8.0, jitter: bool = False, clip: bool = False):
+        self.limit_s, self.cap, self.jitter, self.clip = limit_s, cap, jitter, clip
+        self.started = time.monotonic()
+        self.delay = first
+
+    def next_wait(self) -> float | None:
+        """How long to wait before the next try; None once the limit is passed (`clip`: no wait
+        runs past it)."""
+        remaining = self.limit_s - (time.monotonic() - self.started)
+        if remaining < 0 or (self.clip and remaining == 0):
+            return None
+        wait = min(self.delay, remaining) if self.clip else self.delay
+        self.delay = min(self.delay * 2, self.cap) * ((0.75 + random.random() / 2) if self.jitter else 1.0)
+        return wait
+
+
+def lost_database(limit_s: float, cause: BaseException) -> StorageError:
+    """What a worker says when an outage outlasts what it rides out."""
+    return StorageError(
+        f"lost the database for more than {limit_s:.0f}s ({first_line(cause)}). "
+        "Check that it is up; the study's trials are safe in it."
+    )
+
+
 _fail_fast = threading.local()  # per thread: Storage.failing_fast
 
 
@@ -226,8 +250,7 @@ class Storage(optuna.storages.RDBStorage):
 
     def _ride_out(self, name: str, *args, **kwargs):
         call = getattr(super(), name)
-        started = time.monotonic()
-        delay = 0.5
+        backoff = Backoff(self.ride_out_s)
         while True:
             try:
                 return call(*args, **kwargs)
@@ -235,17 +258,12 @@ class Storage(optuna.storages.RDBStorage):
                 cause = connection_error(e)
                 if cause is None or self.ride_out_s <= 0 or getattr(_fail_fast, "on", False):
                     raise
-                self.last_error_at = now = time.monotonic()
-                if now - started > self.ride_out_s:
-                    raise StorageError(
-                        f"lost the database for more than {self.ride_out_s:.0f}s ({first_line(cause)}). "
-                        "Check that it is up; the study's trials are safe in it."
-                    ) from e
-                log.warning(
-                    "database unreachable during %s (%s); trying again in %.0fs", name, first_line(cause), delay
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 8.0)
+                self.last_error_at = time.monotonic()
+                wait = backoff.next_wait()
+                if wait is None:
+                    raise lost_database(self.ride_out_s, cause) from e
+                log.warning("database unreachable during %s (%s); trying again in %.0fs", name, first_line(cause), wait)
+                time.sleep(wait)
 
 
 def _repeatable(name: str):
@@ -303,38 +321,21 @@ def _new_rdb_storage(url: str, **kwargs) -> Storage:
         return Storage(url, **kwargs)
 
 
-# Any fixed 64-bit key: it names the lock that serialises table and study creation in PostgreSQL.
-_CREATE_LOCK_KEY = 0x68706F5F63726561  # "hpo_crea"
-
-
 @contextlib.contextmanager
 def creation_lock(url: str) -> Iterator[None]:
     """Hold a database-wide lock, so that N workers starting together create tables and the study
-    exactly once: a PostgreSQL advisory lock, or an flock beside the SQLite file (Optuna creates the
-    tables before the BEGIN IMMEDIATE hooks are in place, so SQLite alone would race on them)."""
+    exactly once (Optuna creates the tables before the BEGIN IMMEDIATE hooks are in place, so SQLite
+    alone would race on them). No storage is open yet, so the lock gets an engine of its own."""
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if not parsed.database or parsed.database == ":memory:":
-            yield
-            return
-        with open(f"{parsed.database}.create.lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-            yield
+    if parsed.get_backend_name() == "sqlite" and (not parsed.database or parsed.database == ":memory:"):
+        yield  # one process's private database: nobody to wait for
         return
-    engine = sqlalchemy.create_engine(
-        url,
-        poolclass=sqlalchemy.pool.NullPool,
-        connect_args={"connect_timeout": 5, "application_name": _app_name("create")},
-    )
+    postgres = parsed.get_backend_name() != "sqlite"
+    connect_args = {"connect_timeout": 5, "application_name": _app_name("create")} if postgres else {}
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
     try:
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _CREATE_LOCK_KEY})
-            conn.commit()
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _CREATE_LOCK_KEY})
-                conn.commit()
+        with DatabaseLock(engine, "create", key=_CREATE_LOCK_KEY):
+            yield
     finally:
         engine.dispose()
 
@@ -397,8 +398,7 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> Storage:
     """An RDBStorage with heartbeats and retry of dead workers' trials; waits for a starting database."""
     settings = settings or StorageSettings.from_env()
     parsed, url, backend = _checked_url(url)
-    deadline = time.monotonic() + settings.wait_s
-    delay = 0.5
+    backoff = Backoff(settings.wait_s, jitter=True, clip=True)
     while True:
         try:
             with creation_lock(url):
@@ -422,8 +422,8 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> Storage:
                     f"the database refused the credentials in {mask(url)} ({reason}). "
                     "Check the user and password (HPO_STORAGE or --storage)."
                 ) from e
-            remaining = deadline - time.monotonic()
-            if backend == "sqlite" or remaining <= 0:
+            wait = None if backend == "sqlite" else backoff.next_wait()
+            if wait is None:
                 raise StorageError(
                     f"cannot reach the database at {mask(url)} after waiting "
                     f"{settings.wait_s:.0f}s ({reason}). Start it, or raise HPO_DB_WAIT."
@@ -432,28 +432,34 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> Storage:
                 "database at %s not ready (%s); retrying in %.1fs (giving up after %.0fs)",
                 mask(url),
                 reason,
-                min(delay, remaining),
+                wait,
                 settings.wait_s,
             )
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 8.0) * (0.75 + random.random() / 2)  # jitter so workers don't stampede
+            time.sleep(wait)
 
 
-class SlotLock:
-    """A lock shared by every worker of one study, held while a worker counts the free slots of the
-    budget and creates its trial, so that the check and the creation are one step.
+# Any fixed 64-bit key: it names the lock that serialises table and study creation in PostgreSQL.
+_CREATE_LOCK_KEY = 0x68706F5F63726561  # "hpo_crea"
 
-    PostgreSQL: a session advisory lock on a pooled connection (the server drops it if the worker
+
+class DatabaseLock:
+    """A named lock shared by every process of one database, and the only kind hpo takes:
+    - `creation_lock`: tables and a study are created once, however many workers start together;
+    - a study's name: a worker counts the free slots of the budget and creates its trial as one step;
+    - a study's name + ".final": one finalizer publishes at a time.
+
+    PostgreSQL: a session advisory lock on a pooled connection (the server drops it if the holder
     dies). SQLite: an flock on a file beside the database (the kernel drops it likewise).
     """
 
-    def __init__(self, storage: optuna.storages.RDBStorage, study_name: str):
-        self.engine = storage.engine
-        self.key = int.from_bytes(hashlib.blake2b(study_name.encode(), digest_size=8).digest(), "big", signed=True)
+    def __init__(self, engine: Engine, name: str, key: int | None = None):
+        self.engine = engine
+        digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+        self.key = key if key is not None else int.from_bytes(digest, "big", signed=True)
         self._conn: sqlalchemy.Connection | None = None
         self._file: IO[str] | None = None
-        database = storage.engine.url.database
-        self.path = Path(f"{database}.{study_name}.lock") if storage.engine.dialect.name == "sqlite" else None
+        database = engine.url.database
+        self.path = Path(f"{database}.{name}.lock") if engine.dialect.name == "sqlite" else None
 
     def acquire(self) -> None:
         if self.path is not None:
@@ -484,7 +490,7 @@ class SlotLock:
         self._conn = conn
         return True
 
-    def __enter__(self) -> SlotLock:
+    def __enter__(self) -> DatabaseLock:
         self.acquire()
         return self
 
@@ -504,3 +510,8 @@ class SlotLock:
                 conn.invalidate()  # a dead connection took its lock with it
             finally:
                 conn.close()
+
+
+def slot_lock(storage: optuna.storages.RDBStorage, study_name: str) -> DatabaseLock:
+    """The lock a worker holds while it counts a study's free slots and creates its trial."""
+    return DatabaseLock(storage.engine, study_name)

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +18,7 @@ from hpo.data import DeviceData
 from hpo.devices import autocast_dtype
 from hpo.model import DynamicCNN, ModelSpec
 from hpo.params import OptimizerSettings, TrialParams
+from hpo.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,6 @@ def recipe(cfg: StudyConfig, params: TrialParams, seed: int, epochs: int | None 
     schedule and settings, its [augment], and the trials' horizon (the finalizer's [final] epochs,
     the same by default). Only the data differ: the trial training split, or all training images."""
     return TrainingRun(params.optimizer, cfg.train, cfg.augment, cfg.budget.epochs if epochs is None else epochs, seed)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed that depends on every part, so nearby trials get unrelated streams."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0] >> 1)
 
 
 def get_lr(step: int, total: int, peak: float, schedule: str, warmup: int) -> float:

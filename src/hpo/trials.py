@@ -35,3 +35,21 @@ def retry_history(trial: FrozenTrial) -> list[int]:
 def first_run(trial: FrozenTrial) -> int:
     """The number of the first trial of this configuration: its own, unless it is a retry."""
     return (retry_history(trial) or [trial.number])[0]
+
+
+def count_by_state(trials: list[FrozenTrial]) -> dict[str, int]:
+    """How many trials are in each state, every state named (0 where none)."""
+    by_state = {s.name: 0 for s in TrialState}
+    for trial in trials:
+        by_state[trial.state.name] += 1
+    return by_state
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    """The study's trials by state."""
+    return count_by_state(study.get_trials(deepcopy=False))
+
+
+def finished_count(study: optuna.Study) -> int:
+    """COMPLETE and PRUNED trials: what the trial budget counts."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED))

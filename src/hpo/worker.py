@@ -1,6 +1,6 @@
 """One worker process: run trials of a shared study until its budget of finished trials is met.
 
-The budget is exact however many workers share the study. Holding a study-wide lock (SlotLock), a
+The budget is exact however many workers share the study. Holding a study-wide lock (slot_lock), a
 worker counts the trials that are finished, running or waiting, asks for a trial only if one of
 the `n_trials` slots is free, and lets go once the trial exists; so two workers can never both
 take the last slot. As a second line of defence, a trial numbered beyond the budget is failed at
@@ -30,11 +30,21 @@ from hpo.devices import Placement, cpu_count
 from hpo.errors import StorageError
 from hpo.objective import OutOfMemory, OverBudget, calibrate, make_objective
 from hpo.optuna_compat import ArtifactStore, study_storage, trial_id
+from hpo.reaper import Reaper, fail, retry_note
 from hpo.session import Opened
-from hpo.storage import Heartbeat, SlotLock, Storage, StorageSettings, connection_error, first_line
-from hpo.study import Reaper, counts, current_budget, fail, retry_note
+from hpo.storage import (
+    Backoff,
+    Heartbeat,
+    Storage,
+    StorageSettings,
+    connection_error,
+    first_line,
+    lost_database,
+    slot_lock,
+)
+from hpo.study import current_budget
 from hpo.train import TrainingDiverged
-from hpo.trials import FINISHED
+from hpo.trials import FINISHED, counts
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +168,8 @@ def run(
 ) -> WorkerResult:
     """Run trials until the budget is met, riding out database outages of up to `outage_s`."""
     storage.ride_out_s = outage_s
-    outage_started = last_error = -1e9
-    delay = 1.0
+    last_error = -1e9
+    backoff = Backoff(outage_s, first=1.0, cap=15.0)
     result = WorkerResult()  # survives the restarts of _run after an outage
     while True:
         try:
@@ -171,16 +181,13 @@ def run(
                 raise
             now = time.monotonic()
             if now - last_error > 30:  # errors less than 30 s apart belong to one outage
-                outage_started, delay = now, 1.0
+                backoff = Backoff(outage_s, first=1.0, cap=15.0)
             last_error = now
-            if now - outage_started > outage_s:
-                raise StorageError(
-                    f"lost the database for more than {outage_s:.0f}s ({first_line(cause)}). "
-                    "Check that it is up; the study's trials are safe in it."
-                ) from e
-            log.warning("storage error (%s); retrying in %.0fs", first_line(cause), delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 15.0)
+            wait = backoff.next_wait()
+            if wait is None:
+                raise lost_database(outage_s, cause) from e
+            log.warning("storage error (%s); retrying in %.0fs", first_line(cause), wait)
+            time.sleep(wait)
 
 
 def _run(
@@ -194,7 +201,7 @@ def _run(
     artifact_store=None,
 ) -> None:
     n_trials = cfg.budget.n_trials  # re-read before every trial: `hpo extend` may raise it
-    lock = SlotLock(storage, cfg.name)
+    lock = slot_lock(storage, cfg.name)
     reaper = Reaper(study, storage)
 
     def claim(trial: optuna.Trial) -> bool:
@@ -266,16 +273,16 @@ def serve(
     """`hpo worker`: claim a device, load the data once, join the study (creating it if this worker is
     first) and run trials until the budget says stop. Raises Shutdown on SIGTERM/SIGINT."""
     from hpo import data, sources
-    from hpo import study as study_mod
     from hpo.devices import place
     from hpo.storage import mask
+    from hpo.study import create_or_load
 
     install_signal_handlers()
     placement = place(device, threads, claim=True, slots=slots)
     # Data problems surface before the study is touched; data that differs from the study's, before a trial.
     # A worker never opens the source's own test files (a held-out test split is set apart, unused).
     dataset = sources.open_for(cfg, data_dir, with_test=False)
-    study, cfg = study_mod.create_or_load(opened.storage, cfg, sampler_seed=sampler_seed)
+    study, cfg = create_or_load(opened.storage, cfg, sampler_seed=sampler_seed)
     dataset = sources.for_study(dataset, cfg, data_dir)
     sources.check(study, dataset)
     trial_data = data.trial_data(

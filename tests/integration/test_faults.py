@@ -17,6 +17,7 @@ import torch
 from hpo import config
 from hpo.artifacts import listed
 from hpo.launch import KILL_AFTER_S
+from hpo.optuna_compat import study_id, study_storage, trial_id
 from hpo.storage import Heartbeat, StorageSettings, connection_error, open_storage
 from hpo.study import create_or_load
 from integration.test_postgres import (
@@ -149,7 +150,7 @@ def test_two_final_trains_at_once_leave_whole_files(tmp_path, real_data_dir):
     assert sorted(p.name for p in out.iterdir()) == sorted(FINAL_FILES)  # no temporary leftovers
     # The study holds one set of final artifacts, the last writer's, and the store nothing else.
     study = optuna.load_study(study_name="tiny", storage=url)
-    live = listed(study._storage.get_study_system_attrs(study._study_id))
+    live = listed(study_storage(study).get_study_system_attrs(study_id(study)))
     assert sorted(m["filename"] for m in live) == sorted(FINAL_FILES)
     assert {m["artifact_id"] for m in live} == set(study.user_attrs["hpo:final"]["artifacts"].values())
     kept = [
@@ -247,20 +248,20 @@ def test_reaping_in_the_heartbeat_thread_fails_fast_so_the_next_beat_keeps_its_t
         if not outcomes:
             postgres.stop()  # the database goes away just as this reaping starts
         try:
-            store.get_all_trials(study._study_id)  # REPEATABLE: it rides out an outage elsewhere
+            store.get_all_trials(study_id(study))  # REPEATABLE: it rides out an outage elsewhere
         except Exception as e:
             outcomes.append(e)
             raise
         outcomes.append(None)
 
     try:
-        with Heartbeat(store, trial._trial_id, 1, also=reap):
+        with Heartbeat(store, trial_id(trial), 1, also=reap):
             wait_for(lambda: outcomes and not store.beating, 30, "the reaping to fail and the next beat to fail")
     finally:
         postgres.start()
     assert connection_error(outcomes[0]) is not None, outcomes
     store.ride_out_s = 0
-    with Heartbeat(store, trial._trial_id, 1):  # the database is back: the beats go through again
+    with Heartbeat(store, trial_id(trial), 1):  # the database is back: the beats go through again
         wait_for(lambda: store.beating, 30, "a heartbeat after the restart")
 
 

@@ -13,6 +13,7 @@ import torch
 
 from conftest import free_port, write_idx
 from conftest import run_hpo as hpo
+from hpo.optuna_compat import study_id, study_storage
 
 pytestmark = pytest.mark.integration
 
@@ -67,9 +68,8 @@ def test_pruned_trials_appear_and_record_their_curve(tiny_study):
 def test_settings_are_recorded_in_the_study(tiny_study):
     _, url, _ = tiny_study
     study = optuna.load_study(study_name="tiny", storage=url)
-    stored = study._storage.get_study_system_attrs(study._study_id)[
-        "hpo:config"
-    ]  # where the dashboard does not lead with them
+    system_attrs = study_storage(study).get_study_system_attrs(study_id(study))
+    stored = system_attrs["hpo:config"]  # where the dashboard does not lead with them
     assert stored["budget"]["n_trials"] == 8 and stored["space"]["n_conv"] == {"low": 1, "high": 2}
     assert study.metric_names == ["val_accuracy"]
     assert study.user_attrs["settings"] == (
@@ -213,8 +213,8 @@ def test_dashboard_serves_the_study_from_the_embedded_storage(tiny_study):
                     ) from None
                 time.sleep(0.5)
         assert [s["study_name"] for s in studies] == ["tiny"]
-        study_id = studies[0]["study_id"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}", timeout=10) as r:
+        shown = studies[0]["study_id"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{shown}", timeout=10) as r:
             detail = json.loads(r.read())
         assert len(detail["trials"]) == len(optuna.load_study(study_name="tiny", storage=url).trials)
     finally:

@@ -27,6 +27,7 @@ from conftest import CHROMIUM_FLAGS, chromium, free_port, page_text
 from conftest import run_hpo as hpo
 from hpo import data
 from hpo.artifacts import listed
+from hpo.optuna_compat import study_id, study_storage
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +36,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def study_system_attrs(study: optuna.Study) -> dict:
-    return study._storage.get_study_system_attrs(study._study_id)  # Optuna 5 has no Study.system_attrs
+    return study_storage(study).get_study_system_attrs(study_id(study))  # Optuna 5 has no Study.system_attrs
 
 
 @pytest.fixture(scope="module")

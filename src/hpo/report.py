@@ -1,0 +1,323 @@
+"""Every table and line the CLI prints, and the study's dashboard note, rendered from the same
+dictionaries `--json` prints (the read models in `status`, the finalizer's metrics, the
+benchmarks' results). No I/O here, and no torch."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+import hpo
+from hpo import attrs, config
+from hpo.config import StudyConfig
+from hpo.status import search_over
+
+
+def time_note(deadline: Any) -> str:
+    if deadline is None:
+        return ""
+    return f", time budget {config.format_duration(deadline.time_s)} ({config.format_duration(deadline.left())} left)"
+
+
+def final_text(metrics: dict[str, Any], out_dir: Path, name: str) -> str:
+    """What the finalizer reports: the test accuracy, each member, the ensemble's gain, the files."""
+    lines = []
+    ens = metrics["ensemble"]
+    what = "one model" if ens["models"] == 1 else f"ensemble of {ens['models']}"
+    tta = ", flip TTA" if ens["tta"] == "flip" else ""
+    lines.append(
+        f"test accuracy {describe_accuracy(metrics['test_accuracy'], metrics['test_ci95'])}, {what}{tta}  "
+        f"(loss {metrics['test_loss']:.4f}, {metrics['test_images']} test images, {metrics['epochs']} epochs, "
+        f"{metrics['wall_time_s']:.0f}s)"
+    )
+    for member in metrics["members"]:
+        lines.append(
+            f"  member trial {member['trial']} (val {member['value']:.4f}, seed {member['seed']}): "
+            f"{describe_accuracy(member['test_accuracy'], member['ci95'])}, "
+            + (
+                f"trained in {member['train_time_s']:.0f}s"
+                if member["trained_by"] == "final-train"
+                else "its trial's own model, trained by the search"
+            )
+        )
+    if ens["models"] > 1:
+        lines.append(f"  gain of the ensemble over its best member: {100 * ens['gain_over_best_member']:+.2f} points")
+    if ens["shrunk"]:
+        lines.append(f"  {ens['shrunk']}")
+    lines.append(
+        f"wrote model.pt, metrics.json, confusion_matrix.png, learning_curve.png and misclassified.png "
+        f"to {out_dir}, and uploaded them to study {name!r} in the artifact store"
+    )
+    return "\n".join(lines)
+
+
+def _status_tail(summary: dict[str, Any]) -> list[str]:
+    """The ETA, the time budget and the final result, when the study has them."""
+    lines: list[str] = []
+    clock = summary.get("time_budget")
+    if not search_over(summary):
+        how = (
+            f"{len(summary['running'])} worker(s) at {config.format_duration(summary['mean_trial_s'])} per trial"
+            if summary["running"]
+            else "no worker is running"
+        )
+        if clock and summary["eta_s"] is not None and summary["eta_s"] > clock["left_s"]:
+            # An ETA past the deadline reads as hours to go; the clock ends the search first.
+            lines.append(f"  the clock ends this search before its {summary['remaining']} remaining trial(s) ({how})")
+        else:
+            eta = config.format_duration(summary["eta_s"])
+            lines.append(f"  ETA {eta} for {summary['remaining']} remaining trial(s) ({how})")
+    if clock:
+        lines.append(
+            f"  time budget {config.format_duration(clock['time_s'])}: deadline {clock['deadline']}, "
+            + (f"{config.format_duration(clock['left_s'])} left" if clock["left_s"] else "over: no new trial starts")
+        )
+    if summary["final"]:
+        final = summary["final"]
+        members = final.get("members", [final["best_trial"]])
+        what = f"trial {members[0]}" if len(members) == 1 else f"ensemble of trials {', '.join(map(str, members))}"
+        if final.get("trial_models"):
+            what += f" + the search's own model of trial(s) {', '.join(map(str, final['trial_models']))}"
+        ci = f" (95% CI {final['test_ci95'][0]:.4f}-{final['test_ci95'][1]:.4f})" if final.get("test_ci95") else ""
+        lines.append(
+            f"  final-train: test accuracy {final['test_accuracy']:.4f}{ci}, {what}, "
+            f"{final['epochs']} epochs, in {final['output_dir']}"
+        )
+    return lines
+
+
+def status_text(summary: dict[str, Any]) -> str:
+    clock, states = summary.get("time_budget"), summary["states"]
+    lines = []
+    if clock:  # the clock, not the count, ends a timed search: say so first
+        left = f"{config.format_duration(clock['left_s'])} of {config.format_duration(clock['time_s'])} left"
+        lines.append(
+            f"study {summary['study']}: {left if clock['left_s'] else 'time budget spent'}, "
+            f"{summary['started']} trials run ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
+            f"{states['RUNNING']} running)"
+        )
+    lines += [
+        f"study {summary['study']}  ({summary['direction']} {summary['metric']}, budget {summary['n_trials']} "
+        f"finished trials of {summary['epochs_per_trial']} epochs{', or the time' if clock else ''})",
+        "",
+        "  state       trials",
+    ]
+    lines += [f"  {state:<10}{n:>7}" for state, n in summary["states"].items() if n or state in ("COMPLETE", "PRUNED")]
+    for extension in summary["extended"]:
+        when = datetime.datetime.fromtimestamp(extension["at"]).strftime("%Y-%m-%d %H:%M")
+        changes = (
+            [f"trials {extension['n_trials'][0]} -> {extension['n_trials'][1]}"]
+            if extension["n_trials"][0] != extension["n_trials"][1]
+            else []
+        )
+        changes += [f"time {config.format_duration(extension['time_s'])} from then"] if extension["time_s"] else []
+        lines.append(f"  extended {when}: {', '.join(changes)}")
+    epochs = summary["epochs"]
+    capped = clock and summary["finished"] < summary["n_trials"]  # a timed study that met its trial cap says so
+    finished = f"{summary['finished']}" + (
+        f" (the clock ends this search; {summary['n_trials']} is only a cap)" if capped else f"/{summary['n_trials']}"
+    )
+    lines += [
+        "",
+        f"  finished {finished}, pruned share {summary['pruned_share']:.0%}, "
+        f"{epochs['saved_by_pruning']} epochs saved by pruning ({epochs['saved_share']:.0%} of "
+        f"{epochs['trained'] + epochs['saved_by_pruning']})",
+    ]
+    if summary["best"]:
+        best = summary["best"]
+        lines.append(f"  best trial {best['number']}: {summary['metric']} {best['value']:.4f}")
+        lines.append(
+            "    "
+            + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+        )
+    for row in summary.get("running", []):
+        age = "no heartbeat yet" if row["heartbeat_age_s"] is None else f"heartbeat {row['heartbeat_age_s']:.0f}s ago"
+        lines.append(
+            f"  running trial {row['number']}: epoch {row['epoch']}/{row['epochs']} on {row['host']} "
+            f"pid {row['pid']} {row['device']}, {age}"
+        )
+    return "\n".join(lines + _status_tail(summary))
+
+
+def studies_text(found: list[dict[str, Any]]) -> str:
+    """`hpo studies` as a table."""
+    rows = [("study", "metric", "finished", "best", "test acc", "running")]
+    for study in found:
+        best = "-" if study["best_value"] is None else f"{study['best_value']:.4f} (trial {study['best_trial']})"
+        test = "-" if study["test_accuracy"] is None else f"{100 * study['test_accuracy']:.2f} %"
+        metric, finished = (
+            f"{study['direction'][:3]} {study['metric'] or '?'}",
+            f"{study['finished']}/{study['n_trials'] or '?'}",
+        )
+        rows.append((study["study"], metric, finished, best, test, str(study["running"]) if study["running"] else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def best_text(found: dict[str, Any]) -> str:
+    """`hpo best`: the trial, its value and its parameters, one per line."""
+    lines = [
+        f"best trial {found['number']} of study {found['study']}: {found['metric']} {found['value']:.4f} "
+        f"({found['epochs']} epochs, {found['duration_s']}s)"
+    ]
+    for key, value in found["params"].items():
+        lines.append(f"  {key:<13} {value:.4g}" if isinstance(value, float) else f"  {key:<13} {value}")
+    return "\n".join(lines)
+
+
+def bench_search_text(result: dict[str, Any], time_s: float, threads: int, device: str | None) -> str:
+    """`hpo bench --search`: both accuracies, their paired test and the fidelity report."""
+    lines: list[str] = []
+    searched, fixed, pair = result["search"], result["fixed"], result["paired"]
+    lines.append(f"{result['cpu']}, {threads} thread(s), {device or 'cpu'}")
+    lines.append(f"at {config.format_duration(time_s)} each, scored once on the 10,000 test images:")
+    lines.append(
+        f"  {searched['study']} search ({searched['trials']} trials: {searched['complete']} complete, "
+        f"{searched['pruned']} pruned) + final model of {len(searched['members'])} member(s) "
+        f"(trials {', '.join(map(str, searched['members']))}, {searched['epochs']} epochs"
+        + (f"; and trial models {', '.join(map(str, searched['trial_models']))}" if searched["trial_models"] else "")
+        + "): "
+        f"{describe_accuracy(searched['test_accuracy'], searched['test_ci95'])} in {searched['wall_time_s']:.0f}s"
+    )
+    lines.append(
+        f"  fixed notebook CNN (32/64 filters, FC 512, Adam 1e-3), {fixed['epochs']} epochs, TTA {fixed['tta']}: "
+        f"{describe_accuracy(fixed['test_accuracy'], fixed['test_ci95'])} in {fixed['wall_time_s']:.0f}s"
+    )
+    lines.append(f"  difference: {100 * result['difference']:+.2f} points")
+    lines.append(
+        f"  paired (McNemar, exact): {pair['only_search']} images only the search's model gets right, "
+        f"{pair['only_fixed']} only the fixed CNN; p = {pair['p_value']:.3g}"
+    )
+    fid = result.get("fidelity")
+    if fid:
+        lines.append(
+            f"fidelity: the top {len(fid['finalists'])} trials by the search's value, retrained with another seed "
+            f"for the whole {fid['epochs']} epochs on the trial training split, scored on validation:"
+        )
+        for row in fid["finalists"]:
+            picked = "  <- the finalizer's pick" if row["trial"] == fid["pick"] else ""
+            lines.append(
+                f"  trial {row['trial']:>4}  {row['state'].lower():<8} search {row['search_value']:.4f} at epoch "
+                f"{row['search_epochs']}  retrained {row['retrained_value']:.4f}  ({row['seconds']:.0f}s){picked}"
+            )
+        lines.append(f"  Spearman's rho {fid['spearman']:.2f}; regret of the pick {100 * fid['regret']:.2f} points")
+    return "\n".join(lines)
+
+
+def bench_pruners_text(result: dict[str, Any], workers: int, device: str | None, each: str) -> str:
+    """`hpo bench --search T --pruners A,B`: each run, then each pruner's means."""
+    lines: list[str] = []
+    lines.append(f"{result['cpu']}, {workers} worker(s), {device or 'the default device'}")
+    lines.append(
+        f"{result['study']}: {each} of search per run, best {result['metric']} at the final horizon "
+        "(validation; the test split is not read):"
+    )
+    for run in result["runs"]:
+        best = "no COMPLETE trial"
+        if run["best_value"] is not None:
+            best = f"best {run['best_value']:.4f} (trial {run['best_trial']})"
+        lines.append(
+            f"  {run['pruner']:<19} seed {run['seed']:>3}  {best} at {run['horizon']} epochs; "
+            f"{run['trials']} trials ({run['complete']} complete, "
+            f"{run['pruned']} pruned, {run['failed']} failed), {run['epochs']} epochs, {run['wall_time_s']:.0f}s"
+        )
+    first = result["pruners"][0]["pruner"]
+    for row in result["pruners"]:
+        mean = "-" if row["mean_best"] is None else f"{row['mean_best']:.4f}"
+        versus = ""
+        if row["vs_first"] is not None:
+            versus = f"; {100 * row['vs_first']:+.2f} points against {first}, seed by seed"
+        lines.append(
+            f"  {row['pruner']:<19} mean best {mean} over {len(row['best_values'])} run(s), "
+            f"{row['mean_trials']:.1f} trials, {row['mean_complete']:.1f} complete, "
+            f"{row['mean_epochs']:.0f} epochs{versus}"
+        )
+    lines.append(f"options: {json.dumps(result['options'])}")
+    return "\n".join(lines)
+
+
+SEARCHED = {"final-train": "", "search": ", its trial's own model"}
+
+
+def describe_accuracy(accuracy: float, ci95: list[float]) -> str:
+    """ "93.61 % (95 % CI 93.12-94.07)": the headline figure with its Wilson interval, in percent."""
+    return f"{100 * accuracy:.2f} % (95 % CI {100 * ci95[0]:.2f}-{100 * ci95[1]:.2f})"
+
+
+def dashboard_note(cfg: StudyConfig, best: optuna.trial.FrozenTrial, metrics: dict[str, Any]) -> str:
+    """The study's dashboard note: the final result first, so a final-trained study is obvious."""
+    val, test = metrics["best_trial_value"], metrics["test_accuracy"]
+    ens = metrics["ensemble"]
+    params = "\n".join(
+        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in best.params.items()
+    )
+    worst = min(metrics["per_class_accuracy"].items(), key=lambda kv: kv[1])
+    what = "the final model" if ens["models"] == 1 else f"the ensemble of {ens['models']}"
+    rows = [
+        f"| validation {cfg.metric} of trial {best.number} | {val:.4f} |",
+        f"| test accuracy of {what} | {describe_accuracy(test, metrics['test_ci95'])} |",
+    ]
+    rows += [
+        f"| member: trial {r['trial']} (val {r['value']:.4f}, seed {r['seed']}{SEARCHED[r['trained_by']]}) | "
+        f"{describe_accuracy(r['test_accuracy'], r['ci95'])} |"
+        for r in metrics["members"]
+    ]
+    if ens["models"] > 1:
+        rows.append(f"| gain of the ensemble over its best member | {100 * ens['gain_over_best_member']:+.2f} points |")
+    if cfg.metric == "val_accuracy":
+        rows.append(f"| gap, test minus validation | {100 * (test - val):+.2f} points |")
+    rows.append(f"| weakest class | {worst[0]} ({worst[1]:.4f}) |")
+    table = "\n".join(rows)
+    chosen_by = ens.get("chosen_by") or f"the best trial by validation {cfg.metric}"
+    policy = (
+        f"Members chosen on the validation split: {chosen_by}. Each is retrained with its own seed and the "
+        f"recipe its trial trained with; softmax outputs averaged"
+        f"{', each image also with its mirror image' if ens['tta'] == 'flip' else ''}. "
+        "Nothing was chosen by test accuracy."
+    )
+    if ens["from_search"]:
+        policy += (
+            f" The ensemble also holds the {ens['from_search']} trial model(s) the search trained (`[final] "
+            "trial_models`): the models whose validation outputs chose the members, trained on the trial split."
+        )
+    if ens["shrunk"]:
+        policy += f" The {ens['shrunk']}."
+    others = "" if ens["trained"] == 1 else f", and {ens['trained'] - 1} more"  # retrained members
+    which = (
+        "the warm start the study file names, which no trial of the search beat on validation"
+        if attrs.WARM_START in best.user_attrs
+        else "the best of the search"
+    )
+    subset = (
+        f"{cfg.budget.train_subset:,} images of the trial training split"
+        if cfg.budget.train_subset
+        else ("the trial training split")
+    )
+    return f"""## Final-trained: test accuracy {describe_accuracy(test, metrics["test_ci95"])}
+
+Trial {best.number}, {which}{others}, retrained from scratch by `hpo final-train` for
+{metrics["epochs"]} epochs on all {metrics["train_images"]:,} training images, then scored once on the untouched
+{metrics["test_images"]:,}-image test split. {policy}
+
+| | |
+|---|---|
+{table}
+
+Trials train the same recipe for {cfg.budget.epochs} epochs on {subset}, unless a pruner or the time
+budget stops them; the final run adds the validation images to its training data.
+
+### Params of the first member (trial {best.number})
+
+| param | value |
+|---|---|
+{params}
+
+Study artifacts: `confusion_matrix.png`, `learning_curve.png`, `misclassified.png`, `model.pt`,
+`metrics.json`. Written {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, hpo {hpo.__version__},
+code {metrics["git_revision"] or "unknown"}.
+"""
