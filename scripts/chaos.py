@@ -37,8 +37,9 @@ from pathlib import Path
 
 import optuna
 
-from hpo import attrs, config
-from hpo.trials import first_run, retry_history
+from hpo import attrs
+from hpo.search.trials import first_run, retry_history
+from hpo.settings import config
 
 ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT_S, GRACE_S, MAX_RETRY = 1, 4, 2
@@ -63,7 +64,7 @@ KINDS = ("kill", "pause", "db", "nan", "noheart", "requeue")
 # The two faults that need a process to die at one exact line: it runs hpo's own code up to there.
 _DIE_AFTER_ASK = """
 import os, signal, sys
-from hpo import storage, study
+from hpo.search import storage, study
 opened = storage.open_storage(sys.argv[1])
 chaotic, _ = study.load(opened, "chaos")
 trial = chaotic.ask()
@@ -72,8 +73,8 @@ os.kill(os.getpid(), signal.SIGKILL)  # before any heartbeat, as a worker killed
 """
 _DIE_BEFORE_REQUEUE = """
 import os, sys
-from hpo import reaper, storage, study
-from hpo.optuna_compat import trial_id
+from hpo.search import reaper, storage, study
+from hpo.search.optuna_compat import trial_id
 opened = storage.open_storage(sys.argv[1])
 chaotic, _ = study.load(opened, "chaos")
 trial = chaotic.ask()

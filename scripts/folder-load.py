@@ -1,7 +1,7 @@
 """How long a folder data set takes to load, and its peak memory: `python scripts/folder-load.py`.
 
 Writes N real Fashion-MNIST training images as colour PNGs of another size, one folder per class
-(once; `--out` keeps them), then reads the folder as a study does (`hpo.sources.load`) in a fresh
+(once; `--out` keeps them), then reads the folder as a study does (`hpo.learn.sources.load`) in a fresh
 process, `--repeats` times, and prints the wall time and the process's peak resident memory beside
 the same figures for importing hpo alone (the baseline in the same run).
 """
@@ -20,8 +20,8 @@ MEASURE = """
 import json, resource, sys, time
 from pathlib import Path
 started = time.perf_counter()
-from hpo import sources
-from hpo.config import DataSettings
+from hpo.learn import sources
+from hpo.settings.config import DataSettings
 imported = time.perf_counter()
 base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if sys.argv[1] != "import-only":
@@ -40,7 +40,7 @@ def write_folder(out: Path, n: int, side: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from hpo import data
+    from hpo.learn import data
 
     images, labels = data.load_split(data.find_data_dir(), "train")
     per_class = -(-n // len(data.CLASSES))

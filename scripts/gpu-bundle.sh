@@ -17,7 +17,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$vers
   "${platforms[@]}" -d "$bundle/wheels" \
   "optuna>=5,<6" "optuna-dashboard>=0.21,<1" "sqlalchemy>=2,<3" alembic mako colorlog bottle greenlet tqdm 2>&1 \
   | grep -v "^WARNING: Location" || true
-data=$(.venv/bin/python -c "from hpo.data import find_data_dir; print(find_data_dir())" 2>/dev/null \
+data=$(.venv/bin/python -c "from hpo.learn.data import find_data_dir; print(find_data_dir())" 2>/dev/null \
   || echo /usr/share/datasets/fashion-mnist)
 cp "$data"/*-ubyte* "$bundle/fashion-mnist/"
 du -sh "$bundle" "$bundle"/*

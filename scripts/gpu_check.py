@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
-from hpo import attrs, config, data
-from hpo.config import Component
-from hpo.trials import retry_history
+from hpo import attrs
+from hpo.learn import data
+from hpo.search.trials import retry_history
+from hpo.settings import config
+from hpo.settings.config import Component
 
 HPO = [sys.executable, "-m", "hpo"]
 
@@ -106,9 +108,9 @@ def bench(size: Size, env: dict[str, str], work: Path) -> list[tuple[str, str]]:
 
 
 def bf16(size: Size) -> tuple[str, str]:
-    from hpo.devices import autocast_dtype
-    from hpo.model import DynamicCNN
-    from hpo.params import TrialParams
+    from hpo.learn.devices import autocast_dtype
+    from hpo.learn.model import DynamicCNN
+    from hpo.learn.params import TrialParams
 
     device = torch.device(size.device)
     dtype = autocast_dtype(device)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hpo.storage import Backoff
+from hpo.search.storage import Backoff
 
 
 def test_waits_double_up_to_the_cap():

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from hpo.bench import DEFAULT_PARAMS
-from hpo.config import Augment, TrainSettings
-from hpo.search_bench import fixed_baseline
+from hpo.bench.pipelines import DEFAULT_PARAMS
+from hpo.bench.search import fixed_baseline
+from hpo.settings.config import Augment, TrainSettings
 
 
 def test_fixed_baseline_fills_its_time_with_whole_epochs_and_reports_an_interval(fake_data_dir):
@@ -19,7 +19,7 @@ def test_fixed_baseline_fills_its_time_with_whole_epochs_and_reports_an_interval
 def test_a_fixed_baseline_whose_timer_read_fast_refits_its_epochs_to_its_budget(fake_data_dir, monkeypatch):
     """The baseline is held to its budget as the search's finalizer is: a timer that read a fast spell
     (here, 10,000x too fast: about a million epochs planned for 3 s) is corrected from its own epochs."""
-    from hpo import train
+    from hpo.learn import train
 
     real = train.seconds_per_image
     monkeypatch.setattr(train, "seconds_per_image", lambda *a, **k: real(*a, **k) / 10_000)
@@ -33,7 +33,7 @@ def test_bench_without_torchvision_says_which_extra_to_install(monkeypatch):
 
     import pytest
 
-    from hpo import bench
+    from hpo.bench import pipelines as bench
     from hpo.errors import HpoError
 
     real = importlib.util.find_spec
@@ -46,7 +46,7 @@ def test_bench_without_torchvision_says_which_extra_to_install(monkeypatch):
 
 
 def test_the_paired_test_counts_only_the_images_the_two_disagree_on():
-    from hpo.search_bench import paired
+    from hpo.bench.search import paired
 
     truth = [0, 1, 2, 3, 4, 5]
     search = [0, 1, 2, 3, 9, 9]  # right on 0-3
@@ -60,8 +60,9 @@ def test_fidelity_retrains_the_finalists_at_the_horizon_and_ranks_them_on_valida
     import optuna
     from optuna.trial import TrialState, create_trial
 
-    from hpo import config, space
-    from hpo.search_bench import fidelity
+    from hpo.bench.search import fidelity
+    from hpo.search import space
+    from hpo.settings import config
 
     cfg = config.load("tiny")
     cfg = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, epochs=1))

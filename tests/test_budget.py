@@ -8,8 +8,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from hpo import attrs, budget, config
-from hpo.budget import EpochCost, Plan
+from hpo import attrs
+from hpo.search import budget
+from hpo.search.budget import EpochCost, Plan
+from hpo.settings import config
 
 
 @pytest.mark.parametrize(
@@ -193,7 +195,7 @@ def test_minimum_budget_is_the_shortest_in_which_a_first_trial_completes_and_a_m
 
 
 def test_the_calibrated_first_trial_is_the_warm_start_completed_from_the_middle_of_the_space():
-    from hpo import space
+    from hpo.search import space
 
     cfg = config.load("cnn-quick")
     first = space.first(cfg.space, cfg.warm_start.params)

@@ -15,7 +15,8 @@ def test_password_is_masked_in_messages(run):
 def test_final_train_without_a_complete_trial(run, tmp_path):
     import optuna
 
-    from hpo import config, storage, study
+    from hpo.search import storage, study
+    from hpo.settings import config
 
     url = f"sqlite:///{tmp_path / 'x.db'}"
     study.create_or_load(storage.open_storage(url), config.load("tiny"))
@@ -167,9 +168,9 @@ def test_a_study_name_that_cannot_be_a_file_name_is_refused(run, tmp_path, name)
 def test_final_after_a_search_without_complete_trials_says_what_to_do(tmp_path):
     import optuna
 
-    from hpo import config
     from hpo.errors import HpoError
-    from hpo.final import after_search
+    from hpo.results.final import after_search
+    from hpo.settings import config
 
     study = optuna.create_study(direction="maximize")
     with pytest.raises(
@@ -183,9 +184,10 @@ def test_final_after_a_search_without_complete_trials_says_what_to_do(tmp_path):
 def test_final_after_a_search_that_added_nothing_keeps_the_published_model(tmp_path):
     import optuna
 
-    from hpo import attrs, config
+    from hpo import attrs
     from hpo.errors import HpoError
-    from hpo.final import after_search
+    from hpo.results.final import after_search
+    from hpo.settings import config
 
     study = optuna.create_study(direction="maximize")
     study.add_trial(
@@ -209,8 +211,8 @@ def test_predicting_needs_neither_the_dashboard_nor_matplotlib():
     import sys
 
     probe = (
-        "import sys, hpo.inference; "
-        "print(sorted(m for m in ('optuna_dashboard', 'matplotlib', 'hpo.final') if m in sys.modules))"
+        "import sys, hpo.learn.inference; "
+        "print(sorted(m for m in ('optuna_dashboard', 'matplotlib', 'hpo.results.final') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
@@ -219,9 +221,12 @@ def test_predicting_needs_neither_the_dashboard_nor_matplotlib():
 def test_a_study_that_fits_its_epochs_is_created_at_the_longest_horizon_the_time_holds(tmp_path, fake_data_dir):
     import time
 
-    from hpo import budget, config, launch, session, sources
-    from hpo.devices import cpu_count
-    from hpo.study import create_or_load
+    from hpo import launch
+    from hpo.learn import sources
+    from hpo.learn.devices import cpu_count
+    from hpo.search import budget, session
+    from hpo.search.study import create_or_load
+    from hpo.settings import config
 
     source = config.resolve_path("tiny").read_text().replace('name = "tiny"', 'name = "fit"')
     path = tmp_path / "fit.toml"

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from hpo import config
 from hpo.errors import ConfigError, StudyFileNotFound
+from hpo.settings import config
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import make_dataset, write_idx
-from hpo import data
-from hpo.config import Augment
 from hpo.errors import DataError
+from hpo.learn import data
+from hpo.settings.config import Augment
 
 
 def test_reads_gzipped_and_plain_idx(tmp_path):

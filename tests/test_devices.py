@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from hpo import devices
 from hpo.errors import HpoError
+from hpo.learn import devices
 
 
 def test_threads_are_split_between_local_workers():
@@ -35,7 +35,7 @@ def test_a_killed_workers_slot_is_reclaimed(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from hpo import devices; from pathlib import Path;"
+            "import sys, time; from hpo.learn import devices; from pathlib import Path;"
             f"print(*devices.claim_gpu(2, 1, Path({str(tmp_path)!r})), flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,

@@ -18,13 +18,15 @@ import pytest
 import torch
 
 from conftest import REPO, make_dataset, user_error, write_idx
-from hpo import checkpoints, config, data, storage
-from hpo import study as study_mod
-from hpo import worker as worker_mod
-from hpo.data import DeviceData, TrialData
-from hpo.devices import place
 from hpo.errors import DataError, HpoError
-from hpo.optuna_compat import study_id, study_storage
+from hpo.learn import checkpoints, data
+from hpo.learn.data import DeviceData, TrialData
+from hpo.learn.devices import place
+from hpo.search import storage
+from hpo.search import study as study_mod
+from hpo.search import worker as worker_mod
+from hpo.search.optuna_compat import study_id, study_storage
+from hpo.settings import config
 
 TINY = (REPO / "studies" / "tiny.toml").read_text()
 
@@ -248,7 +250,7 @@ def test_nan_loss_fails_the_trial_with_a_reason_and_the_worker_carries_on(tmp_pa
 
 def test_out_of_memory_fails_the_trial_and_the_worker_carries_on(tmp_path, monkeypatch):
     """No GPU here, so the first fit raises the error CUDA would; everything around it is real."""
-    import hpo.objective as objective_mod
+    import hpo.search.objective as objective_mod
 
     real_fit, calls = objective_mod.fit, []
 
@@ -365,7 +367,7 @@ def test_a_bad_numeric_environment_variable_is_one_line_naming_it(
 
 
 def test_gpu_count_override_that_is_not_a_number_is_named():
-    from hpo.devices import gpu_count
+    from hpo.learn.devices import gpu_count
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HPO_GPU_COUNT", "many")
@@ -374,5 +376,5 @@ def test_gpu_count_override_that_is_not_a_number_is_named():
 
 
 def test_export_without_onnx_names_the_distribution_to_install():
-    source = (REPO / "src" / "hpo" / "inference.py").read_text()
+    source = (REPO / "src" / "hpo" / "learn" / "inference.py").read_text()
     assert "pip install 'hpo-service[onnx]'" in source and "'hpo[onnx]'" not in source

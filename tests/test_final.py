@@ -10,10 +10,11 @@ import pytest
 import torch
 from optuna.trial import TrialState, create_trial
 
-from hpo import attrs, config
+from hpo import attrs
 from hpo.errors import HpoError
-from hpo.members import choose_members
-from hpo.stats import wilson_interval
+from hpo.results.members import choose_members
+from hpo.results.stats import wilson_interval
+from hpo.settings import config
 
 
 def test_wilson_interval_known_values():
@@ -93,7 +94,7 @@ def outputs(right: set[int], sure: float = 0.6, unsure: set[int] = frozenset()) 
 
 def study_with_outputs(tmp_path, rows: list[tuple[float, torch.Tensor | None]]):
     """COMPLETE trials of (validation value, validation outputs kept in a real artifact store)."""
-    from hpo import artifacts
+    from hpo.search import artifacts
 
     store = artifacts.open_store(str(tmp_path / "artifacts"))
     study = optuna.create_study(direction="maximize")
@@ -138,9 +139,9 @@ def test_a_study_without_complete_trials_has_nothing_to_retrain():
 
 
 def test_timed_replan_fits_the_epochs_to_the_measured_ones_in_the_first_half_only():
-    from hpo import budget
-    from hpo.budget import timed_replan
-    from hpo.train import EpochStats
+    from hpo.learn.train import EpochStats
+    from hpo.search import budget
+    from hpo.search.budget import timed_replan
 
     def epochs(*seconds):
         return [EpochStats(i + 1, 1.0, 0.5, None, None, 0.1, s) for i, s in enumerate(seconds)]
@@ -163,9 +164,9 @@ def test_the_test_passes_are_timed_for_every_member_and_view():
 
     import torch
 
-    from hpo import space
-    from hpo.data import DeviceData
-    from hpo.final import test_pass_seconds, test_passes
+    from hpo.learn.data import DeviceData
+    from hpo.results.final import test_pass_seconds, test_passes
+    from hpo.search import space
 
     cfg = config.load("tiny")  # flip TTA
     plain = dataclasses.replace(cfg, final=dataclasses.replace(cfg.final, tta="none"))
@@ -177,7 +178,7 @@ def test_the_test_passes_are_timed_for_every_member_and_view():
 
 
 def test_the_note_says_how_the_members_were_chosen_and_that_test_chose_nothing():
-    from hpo.report import dashboard_note
+    from hpo.results.report import dashboard_note
 
     lead = create_trial(
         value=0.871, params={"lr": 0.01}, distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 0.1)}
@@ -244,11 +245,11 @@ def test_the_note_says_how_the_members_were_chosen_and_that_test_chose_nothing()
 def test_a_trial_and_the_finalizer_train_the_same_recipe_from_a_study_file(monkeypatch):
     """Everything but the data and the seed: optimizer settings, schedule, warm-up, label smoothing,
     augmentation and the horizon, as each code path hands it to the one training loop."""
-    from hpo import final as final_mod
-    from hpo import objective as objective_mod
-    from hpo import space
-    from hpo.data import DeviceData, TrialData
-    from hpo.devices import place
+    from hpo.learn.data import DeviceData, TrialData
+    from hpo.learn.devices import place
+    from hpo.results import final as final_mod
+    from hpo.search import objective as objective_mod
+    from hpo.search import space
 
     cfg = config.load("cnn-quick")
     runs = []
@@ -294,11 +295,12 @@ def fixed(params: dict) -> dict:
 
 
 def test_a_chosen_trials_own_model_joins_and_a_foreign_or_missing_one_does_not(tmp_path, caplog):
-    from hpo import artifacts, checkpoints
-    from hpo.data import DeviceData
-    from hpo.members import trial_models
-    from hpo.model import DynamicCNN
-    from hpo.params import TrialParams
+    from hpo.learn import checkpoints
+    from hpo.learn.data import DeviceData
+    from hpo.learn.model import DynamicCNN
+    from hpo.learn.params import TrialParams
+    from hpo.results.members import trial_models
+    from hpo.search import artifacts
 
     store = artifacts.open_store(str(tmp_path / "artifacts"))
     study = optuna.create_study(direction="maximize")

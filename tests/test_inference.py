@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hpo.inference import ImageError, read_image
+from hpo.learn.inference import ImageError, read_image
 
 
 def item() -> np.ndarray:

@@ -9,9 +9,9 @@ import sys
 import optuna
 import pytest
 
-from hpo import config
-from hpo.storage import open_storage
-from hpo.study import create_or_load
+from hpo.search.storage import open_storage
+from hpo.search.study import create_or_load
+from hpo.settings import config
 
 RUN_IN_PROCESS = """
 import json, sys

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpo.model import DynamicCNN, ModelSpec, count_parameters
-from hpo.params import model_spec
+from hpo.learn.model import DynamicCNN, ModelSpec, count_parameters
+from hpo.learn.params import model_spec
 
 PARAMS = {"n_conv": 2, "filters_0": 8, "filters_1": 16, "kernel_size": 3, "n_fc": 1, "fc_size": 16, "dropout": 0.0}
 
@@ -58,7 +58,7 @@ def test_too_many_blocks_is_refused():
 
 
 def test_ensemble_averages_softmax_over_members_and_mirror_images():
-    from hpo.model import Ensemble
+    from hpo.learn.model import Ensemble
 
     torch.manual_seed(0)
     a, b = DynamicCNN(model_spec(PARAMS)).eval(), DynamicCNN(model_spec({**PARAMS, "fc_size": 32})).eval()
@@ -98,7 +98,7 @@ def test_a_residual_point_grows_its_width_per_stage_and_pools_before_the_head():
 
 
 def test_the_shortcut_carries_the_input_where_the_width_stays():
-    from hpo.model import ResidualBlock
+    from hpo.learn.model import ResidualBlock
 
     block = ResidualBlock(8, 8, 3).eval()
     for m in block.body:  # a body that outputs zeros: the block is then relu(x)
@@ -117,11 +117,12 @@ def test_an_unknown_pool_is_refused():
 def test_a_residual_point_trains_predicts_and_exports(tmp_path):
     """Every point of the space must come out of the finalizer usable: trained, loaded back from
     model.pt as `hpo predict` loads it, and exported to a file that agrees with it."""
-    from hpo import checkpoints, config
-    from hpo.data import DeviceData
-    from hpo.inference import check_export, export, load_model
-    from hpo.params import TrialParams
-    from hpo.train import TrainingRun, evaluate, fit, seeded_model
+    from hpo.learn import checkpoints
+    from hpo.learn.data import DeviceData
+    from hpo.learn.inference import check_export, export, load_model
+    from hpo.learn.params import TrialParams
+    from hpo.learn.train import TrainingRun, evaluate, fit, seeded_model
+    from hpo.settings import config
 
     flat = {**RESIDUAL, "optimizer": "sgd", "lr_sgd": 0.05, "batch_size": 32, "weight_decay": 1e-4}
     params = TrialParams.from_flat(flat)

@@ -1,4 +1,4 @@
-"""Every Optuna private that hpo.optuna_compat wraps still behaves as hpo relies on (an Optuna
+"""Every Optuna private that hpo.search.optuna_compat wraps still behaves as hpo relies on (an Optuna
 upgrade that moves one fails here, not in a worker)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import optuna
 import pytest
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-from hpo import optuna_compat
-from hpo import storage as storage_mod
-from hpo.storage import StorageSettings
+from hpo.search import optuna_compat
+from hpo.search import storage as storage_mod
+from hpo.search.storage import StorageSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 SETTINGS = StorageSettings(heartbeat_interval=1, grace_period=1, max_retry=1)

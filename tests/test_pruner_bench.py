@@ -6,9 +6,10 @@ import tomllib
 
 import pytest
 
-from hpo import config, pruner_bench
+from hpo.bench import pruners as pruner_bench
 from hpo.errors import HpoError
-from hpo.study import make_pruner
+from hpo.search.study import make_pruner
+from hpo.settings import config
 
 
 @pytest.mark.parametrize("pruner", list(config.PRUNERS))

@@ -8,12 +8,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo import attrs, config
-from hpo import storage as storage_mod
-from hpo import study as study_mod
-from hpo.optuna_compat import stale_trial_ids, trial_id
-from hpo.reaper import Reaper, fail, lost_requeues
-from hpo.storage import StorageSettings
+from hpo import attrs
+from hpo.search import storage as storage_mod
+from hpo.search import study as study_mod
+from hpo.search.optuna_compat import stale_trial_ids, trial_id
+from hpo.search.reaper import Reaper, fail, lost_requeues
+from hpo.search.storage import StorageSettings
+from hpo.settings import config
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Heartbeat of storage:UserWarning"
@@ -193,7 +194,7 @@ def test_repair_waits_while_another_process_holds_the_study_lock(shared):
 def test_telling_a_trial_that_was_reaped_meanwhile_drops_the_result_instead_of_crashing(shared):
     """A worker paused past the grace period comes back to a trial a reaper failed: Optuna raises
     ValueError("Cannot tell a FAIL trial"), which must read as 'finished elsewhere'."""
-    from hpo import worker as worker_mod
+    from hpo.search import worker as worker_mod
 
     study, store = shared
     trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})

@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from conftest import make_dataset, write_idx
-from hpo import config, data, sources
-from hpo.config import DataSettings
 from hpo.errors import ConfigError, DataError
+from hpo.learn import data, sources
+from hpo.settings import config
+from hpo.settings.config import DataSettings
 
 
 def write_folder(root: Path, arrays: dict[str, list[np.ndarray]], mode: str = "L", suffix: str = ".png") -> Path:

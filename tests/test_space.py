@@ -3,7 +3,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from hpo import config, space
+from hpo.search import space
+from hpo.settings import config
 
 # A space with one width per block (no growth) and one shared learning-rate range.
 PER_BLOCK = """
@@ -61,7 +62,7 @@ def test_missing_value_for_a_deeper_block_is_an_error():
 
 
 def test_sampled_params_of_the_cnn_study_stay_inside_its_space_and_build():
-    from hpo.model import DynamicCNN
+    from hpo.learn.model import DynamicCNN
 
     cfg = config.load("cnn")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))

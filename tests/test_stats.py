@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from hpo.stats import mcnemar_exact, ranks, spearman
+from hpo.results.stats import mcnemar_exact, ranks, spearman
 
 
 def test_mcnemar_exact_matches_known_values():

@@ -8,10 +8,10 @@ import time
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo import config
-from hpo.status import STATUS_SCHEMA, study_status
-from hpo.storage import open_storage
-from hpo.study import create_or_load
+from hpo.search.status import STATUS_SCHEMA, study_status
+from hpo.search.storage import open_storage
+from hpo.search.study import create_or_load
+from hpo.settings import config
 
 
 def test_summary_counts_epochs_saved_and_estimates_the_time_left(tmp_path):
@@ -74,8 +74,8 @@ def test_summary_of_an_empty_study(tmp_path):
 
 def test_a_timed_study_leads_with_the_time_left_and_the_trials_run(tmp_path):
     """The clock, not the trial cap, ends a timed search: "finished 2/200" read as a failure."""
-    from hpo import budget
-    from hpo.report import status_text
+    from hpo.results.report import status_text
+    from hpo.search import budget
 
     store = open_storage(f"sqlite:///{tmp_path / 'hpo.db'}")
     study, cfg = create_or_load(store, config.load("tiny"))
@@ -110,7 +110,7 @@ def test_a_timed_study_leads_with_the_time_left_and_the_trials_run(tmp_path):
 
 def test_a_timed_study_whose_trial_cap_outlasts_its_clock_gives_no_eta_past_the_deadline():
     """A 60-minute cnn run said "ETA 10h05m for 197 remaining trial(s)" with 45 minutes left."""
-    from hpo.report import _status_tail
+    from hpo.results.report import _status_tail
 
     def tail(eta_s: float | None, left_s: float) -> str:
         clock = {"time_s": 3600, "left_s": left_s, "deadline": "2026-12-03T18:38:09Z"}

@@ -9,11 +9,13 @@ import pytest
 from click.testing import CliRunner
 from optuna.trial import TrialState, create_trial
 
-from hpo import artifacts, attrs, config, optuna_compat
-from hpo import storage as storage_mod
-from hpo import study as study_mod
+from hpo import attrs
 from hpo.cli import cli
-from hpo.optuna_compat import trial_id
+from hpo.search import artifacts, optuna_compat
+from hpo.search import storage as storage_mod
+from hpo.search import study as study_mod
+from hpo.search.optuna_compat import trial_id
+from hpo.settings import config
 
 DIST = {"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)}
 

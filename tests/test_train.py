@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from hpo.config import Augment, TrainSettings
-from hpo.data import DeviceData
-from hpo.params import TrialParams
-from hpo.train import TrainingDiverged, TrainingRun, evaluate, fit, get_lr, seeded_model
+from hpo.learn.data import DeviceData
+from hpo.learn.params import TrialParams
+from hpo.learn.train import TrainingDiverged, TrainingRun, evaluate, fit, get_lr, seeded_model
+from hpo.settings.config import Augment, TrainSettings
 
 PARAMS = dict(
     n_conv=1,
@@ -177,8 +177,10 @@ def test_a_trial_checkpoint_is_loaded_on_the_cpu_whatever_the_trials_device(tmp_
     GPU (map_location=device) made every resume on a GPU host crash. The loader keeps all on the CPU."""
     import optuna
 
-    from hpo import artifacts, attrs, checkpoints
-    from hpo.objective import load_resume_state
+    from hpo import attrs
+    from hpo.learn import checkpoints
+    from hpo.search import artifacts
+    from hpo.search.objective import load_resume_state
 
     data, val = synthetic(64), synthetic(32, seed=1)
     run = run_of(PARAMS, TrainSettings(), Augment(), 3, 5)
@@ -212,7 +214,7 @@ class _RecordingGenerator:
 
 
 def test_a_gpu_snapshot_resumes_on_a_gpu_with_cpu_byte_tensors(monkeypatch):
-    from hpo.train import restore_random_state
+    from hpo.learn.train import restore_random_state
 
     handed: list[torch.Tensor] = []
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: handed.append(state))
@@ -227,7 +229,7 @@ def test_a_gpu_snapshot_resumes_on_a_gpu_with_cpu_byte_tensors(monkeypatch):
 
 
 def test_a_cpu_snapshot_on_a_gpu_reseeds_instead_of_crashing(monkeypatch):
-    from hpo.train import restore_random_state
+    from hpo.learn.train import restore_random_state
 
     data, val = synthetic(64), synthetic(32, seed=1)
     state = _snapshot_after(PARAMS, run_of(PARAMS, TrainSettings(), Augment(), 3, 5), data, val, 2)

@@ -9,11 +9,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from hpo import config
-from hpo import storage as storage_mod
-from hpo import study as study_mod
-from hpo.config import WarmStart
 from hpo.errors import ConfigError
+from hpo.search import storage as storage_mod
+from hpo.search import study as study_mod
+from hpo.settings import config
+from hpo.settings.config import WarmStart
 
 GOOD = {
     "n_conv": 2,

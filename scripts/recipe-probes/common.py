@@ -1,9 +1,9 @@
 """What every recipe probe shares: the trial split on 2 CPU threads, the probed CNN and its recipe."""
 
-from hpo import data, sources
-from hpo.config import TrainSettings
-from hpo.devices import place
-from hpo.params import TrialParams
+from hpo.learn import data, sources
+from hpo.learn.devices import place
+from hpo.learn.params import TrialParams
+from hpo.settings.config import TrainSettings
 
 PLACEMENT = place("cpu", 2)
 _DATASET = sources.fashion_mnist(data.find_data_dir())

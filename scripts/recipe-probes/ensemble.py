@@ -16,11 +16,11 @@ import time
 
 from family import CONFIGS, probe_split
 
-from hpo.config import Augment, TrainSettings
-from hpo.devices import place
-from hpo.model import Ensemble
-from hpo.params import TrialParams
-from hpo.train import TrainingRun, evaluate, fit, seeded_model
+from hpo.learn.devices import place
+from hpo.learn.model import Ensemble
+from hpo.learn.params import TrialParams
+from hpo.learn.train import TrainingRun, evaluate, fit, seeded_model
+from hpo.settings.config import Augment, TrainSettings
 
 RECIPE = TrainSettings(schedule="cosine", warmup_epochs=0.2, label_smoothing=0.1)  # cnn-quick's [train]
 AUGMENT = Augment(crop_padding=0, hflip=True, erase=0.0)  # cnn-quick's [augment]

@@ -9,8 +9,8 @@ import time
 
 from common import PARAMS, PLACEMENT, RECIPE, SPLIT
 
-from hpo.config import Augment
-from hpo.train import TrainingRun, fit, seeded_model
+from hpo.learn.train import TrainingRun, fit, seeded_model
+from hpo.settings.config import Augment
 
 epochs = int(sys.argv[1])
 for erase in [float(v) for v in sys.argv[2:]]:

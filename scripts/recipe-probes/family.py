@@ -15,11 +15,11 @@ import time
 import numpy as np
 import torch
 
-from hpo import data
-from hpo.config import Augment, TrainSettings
-from hpo.devices import place
-from hpo.params import TrialParams
-from hpo.train import TrainingRun, fit, seeded_model
+from hpo.learn import data
+from hpo.learn.devices import place
+from hpo.learn.params import TrialParams
+from hpo.learn.train import TrainingRun, fit, seeded_model
+from hpo.settings.config import Augment, TrainSettings
 
 BASE = {"kernel_size": 3, "n_fc": 1, "dropout": 0.2, "batch_size": 128, "weight_decay": 5e-4}
 ADAM = {"optimizer": "adam", "lr": 2e-3}

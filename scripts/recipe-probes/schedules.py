@@ -24,11 +24,13 @@ from dataclasses import replace
 import numpy as np
 import optuna
 
-from hpo import config, data, space
-from hpo.devices import place
-from hpo.params import TrialParams
-from hpo.stats import spearman
-from hpo.train import TrainingRun, fit, seeded_model
+from hpo.learn import data
+from hpo.learn.devices import place
+from hpo.learn.params import TrialParams
+from hpo.learn.train import TrainingRun, fit, seeded_model
+from hpo.results.stats import spearman
+from hpo.search import space
+from hpo.settings import config
 
 _split: data.TrialData | None = None
 

@@ -7,11 +7,11 @@ FILTERS is the first block's width; the second block doubles it and later blocks
 import sys
 import time
 
-from hpo import data
-from hpo.config import Augment, TrainSettings
-from hpo.devices import place
-from hpo.params import TrialParams
-from hpo.train import TrainingRun, fit, seeded_model
+from hpo.learn import data
+from hpo.learn.devices import place
+from hpo.learn.params import TrialParams
+from hpo.learn.train import TrainingRun, fit, seeded_model
+from hpo.settings.config import Augment, TrainSettings
 
 pl = place("cpu", int(sys.argv[1]))
 imgs, labels = data.load_split(data.find_data_dir(), "train")

@@ -16,10 +16,12 @@ from typing import Any
 
 import click
 
-from hpo import config, report, session
 from hpo.errors import HpoError
 from hpo.paths import bench_dir, final_dir
-from hpo.storage import default_url, mask, resolve_url
+from hpo.results import report
+from hpo.search import session
+from hpo.search.storage import default_url, mask, resolve_url
+from hpo.settings import config
 
 log = logging.getLogger("hpo")
 
@@ -113,7 +115,7 @@ device_option = click.option("--device", envvar="HPO_DEVICE", help="cpu, cuda or
 @click.option("--explain", is_flag=True, help="Also print every setting the study runs with, defaults included.")
 def create(study_arg: str, storage: str | None, explain: bool) -> None:
     """Create the tables and the study if missing (safe to repeat), then exit."""
-    from hpo.study import create_or_load
+    from hpo.search.study import create_or_load
 
     cfg = config.load(study_arg)
     opened = session.open_storage(storage)
@@ -156,9 +158,9 @@ def worker(
     trials_per_gpu: int | None,
 ) -> None:
     """Run trials of a shared study until its budget is met."""
-    from hpo.artifacts import open_for
-    from hpo.devices import trials_per_gpu as slots_per_gpu
-    from hpo.worker import Shutdown, serve
+    from hpo.learn.devices import trials_per_gpu as slots_per_gpu
+    from hpo.search.artifacts import open_for
+    from hpo.search.worker import Shutdown, serve
 
     slots = slots_per_gpu(trials_per_gpu)
     # The artifact store is checked first: a bad location must fail before the storage is touched.
@@ -241,8 +243,10 @@ def final_train(
     epochs: int | None,
 ) -> None:
     """Retrain the best trial(s) on train + validation and score the test split once."""
-    from hpo import budget, final, sources
-    from hpo.devices import place
+    from hpo.learn import sources
+    from hpo.learn.devices import place
+    from hpo.results import final
+    from hpo.search import budget
 
     opened = session.open_study(study_arg, storage)
     study, cfg = opened.study, opened.config
@@ -260,7 +264,7 @@ def final_train(
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (schema hpo-studies/1).")
 def studies(storage: str | None, as_json: bool) -> None:
     """Every study in the storage: direction, finished/budget, best value, final test accuracy, running."""
-    from hpo.status import listing
+    from hpo.search.status import listing
 
     found = listing(session.open_storage(storage).storage)
     if as_json:
@@ -279,14 +283,14 @@ def studies(storage: str | None, as_json: bool) -> None:
 @click.option("--time", "time_budget", metavar="DURATION", help="A new time budget from now, e.g. 30m.")
 def extend(study_arg: str, storage: str | None, n_trials: int | None, time_budget: str | None) -> None:
     """Raise a study's budget; running and restarted workers go on to it."""
-    import hpo.study
+    import hpo.search.study
 
     if n_trials is None and time_budget is None:
         raise click.UsageError("give --trials N, --time DURATION or both")
     time_s = None if time_budget is None else _parse_time(time_budget)
     opened = session.open_study(study_arg, storage)
     cfg = opened.config
-    new = hpo.study.extend(opened.study, cfg, n_trials, time_s)
+    new = hpo.search.study.extend(opened.study, cfg, n_trials, time_s)
     click.echo(
         f"study {cfg.name!r}: budget {new.budget.n_trials} trials (was {cfg.budget.n_trials})"
         + (f", time budget {time_budget} from now" if time_s else "")
@@ -302,12 +306,12 @@ def extend(study_arg: str, storage: str | None, n_trials: int | None, time_budge
 @click.option("--force", is_flag=True, help="Delete even while workers are running trials.")
 def delete(study_arg: str, storage: str | None, artifacts: str | None, yes: bool, force: bool) -> None:
     """Delete a study, its trials and its artifacts (files in runs/ stay)."""
-    import hpo.study
+    import hpo.search.study
 
     opened = session.open_study(study_arg, storage)
     study, cfg = opened.study, opened.config
     if not force:
-        hpo.study.refuse_while_live(study, opened.storage)
+        hpo.search.study.refuse_while_live(study, opened.storage)
     if not yes:
         if not sys.stdin.isatty():
             raise HpoError(
@@ -316,7 +320,7 @@ def delete(study_arg: str, storage: str | None, artifacts: str | None, yes: bool
         click.confirm(f"Delete study {cfg.name!r} with its {len(study.trials)} trials and their artifacts?", abort=True)
     _, artifact_store = opened.artifact_store(artifacts)
     n_trials = len(study.get_trials(deepcopy=False))
-    removed = hpo.study.delete(study, opened.storage, artifact_store)
+    removed = hpo.search.study.delete(study, opened.storage, artifact_store)
     click.echo(f"deleted study {cfg.name!r}: {n_trials} trials and {removed} artifact file(s)")
 
 
@@ -326,7 +330,7 @@ def delete(study_arg: str, storage: str | None, artifacts: str | None, yes: bool
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (schema hpo-best/1).")
 def best(study_arg: str, storage: str | None, as_json: bool) -> None:
     """The best trial: its number, validation value and parameters."""
-    from hpo.status import best_of
+    from hpo.search.status import best_of
 
     opened = session.open_study(study_arg, storage)
     found = best_of(opened.study, opened.config)
@@ -350,7 +354,7 @@ def best(study_arg: str, storage: str | None, as_json: bool) -> None:
 )
 def status(study_arg: str, storage: str | None, as_json: bool, watch: bool, interval: float) -> None:
     """Trials by state, the best trial, pruning savings, running trials and an ETA."""
-    from hpo.status import search_over, study_status
+    from hpo.search.status import search_over, study_status
 
     opened = session.open_study(study_arg, storage)
     while True:
@@ -385,7 +389,7 @@ def dashboard(study_arg: str | None, storage: str | None, artifacts: str | None,
     """Serve optuna-dashboard on the storage and artifact store the workers use."""
     from optuna_dashboard import run_server
 
-    from hpo import optuna_compat
+    from hpo.search import optuna_compat
 
     opened = session.open_study(study_arg, storage) if study_arg else session.open_storage(storage)
     page = (
@@ -478,7 +482,7 @@ def bench(
 ) -> None:
     """Images/s of our training engine against the seed-style notebook pipeline, same model and batch
     (or, with --search, the searched ensemble against the fixed notebook CNN at the same time budget)."""
-    import hpo.bench
+    import hpo.bench.pipelines
 
     if pruners:
         if not search_time:
@@ -491,9 +495,11 @@ def bench(
         _bench_search(study_arg or "cnn-quick", _parse_time(search_time), workers or 2, *where, fidelity_top, as_json)
         return
     best = session.open_study(study_arg, storage).study.best_trial.params if study_arg else {}
-    params = hpo.bench.params_for(best, params_json)
-    result = hpo.bench.measure(hpo.bench.BenchSpec.from_options(params, **spec_options), workers, rounds)
-    click.echo(json.dumps(result, indent=2) if as_json else hpo.bench.describe(result))
+    params = hpo.bench.pipelines.params_for(best, params_json)
+    result = hpo.bench.pipelines.measure(
+        hpo.bench.pipelines.BenchSpec.from_options(params, **spec_options), workers, rounds
+    )
+    click.echo(json.dumps(result, indent=2) if as_json else hpo.bench.pipelines.describe(result))
 
 
 def _bench_search(
@@ -506,8 +512,9 @@ def _bench_search(
     fidelity_top: int,
     as_json: bool,
 ) -> None:
-    from hpo import data, search_bench
-    from hpo.devices import cpu_count, describe_cpu
+    from hpo.bench import search as search_bench
+    from hpo.learn import data
+    from hpo.learn.devices import cpu_count, describe_cpu
 
     threads = threads or cpu_count()
     work_dir = bench_dir("search")
@@ -546,8 +553,9 @@ def _bench_pruners(
     seeds: int,
     as_json: bool,
 ) -> None:
-    from hpo import data, pruner_bench
-    from hpo.devices import describe_cpu
+    from hpo.bench import pruners as pruner_bench
+    from hpo.learn import data
+    from hpo.learn.devices import describe_cpu
 
     pruners = pruner_bench.parse_pruners(pruners_text)
     study_file = config.resolve_path(study_arg)
@@ -599,8 +607,8 @@ def predict(
     study_arg: str, model_path: str | None, top: int, as_json: bool, device: str | None, images: tuple[str, ...]
 ) -> None:
     """Class and probability of each IMAGE (PNG or JPEG, any size, grey or colour) under the final model."""
-    from hpo import inference
-    from hpo.devices import place
+    from hpo.learn import inference
+    from hpo.learn.devices import place
 
     name, path = _final_model_path(study_arg, model_path)
     model, meta = inference.load_model(path, name, place(device).device)
@@ -642,7 +650,7 @@ def export(
     study_arg: str, model_path: str | None, fmt: str, out: str | None, check: bool, data_dir: str | None
 ) -> None:
     """Write the final model as a self-contained TorchScript or ONNX file (normalisation and class names inside)."""
-    from hpo import inference, sources
+    from hpo.learn import inference, sources
 
     name, path = _final_model_path(study_arg, model_path)
     model, meta = inference.load_model(path, name)

@@ -18,16 +18,19 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hpo import attrs, budget, config, progress, sources
-from hpo.config import StudyConfig, format_duration
+from hpo import attrs
 from hpo.errors import HpoError
+from hpo.learn import sources
+from hpo.learn.seeds import derive_seed
+from hpo.learn.sources import DataSet
 from hpo.paths import log_dir
-from hpo.seeds import derive_seed
-from hpo.session import Opened
-from hpo.sources import DataSet
-from hpo.status import study_status
-from hpo.study import create_or_load, exists, load
-from hpo.trials import FINISHED
+from hpo.search import budget, progress
+from hpo.search.session import Opened
+from hpo.search.status import study_status
+from hpo.search.study import create_or_load, exists, load
+from hpo.search.trials import FINISHED
+from hpo.settings import config
+from hpo.settings.config import StudyConfig, format_duration
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +55,12 @@ class Request:
 def optimize(request: Request, echo: Callable[[str], None]) -> None:
     """`hpo optimize`: check the data and the time budget, create the study once, run the local
     workers, print the status, and with --final run the finalizer inside the budget."""
-    from hpo import final, report, session
-    from hpo.devices import threads_per_worker
+    from hpo.learn.devices import threads_per_worker
     from hpo.paths import final_dir
-    from hpo.storage import mask
-    from hpo.trials import finished_count
+    from hpo.results import final, report
+    from hpo.search import session
+    from hpo.search.storage import mask
+    from hpo.search.trials import finished_count
 
     cfg = config.load(request.study_arg)
     time_s = request.time_s if request.time_s is not None else cfg.budget.time_s
@@ -145,9 +149,9 @@ def check_time_budget(
     when the study had measured epochs to go by)."""
     import torch
 
-    from hpo import data
-    from hpo.devices import place
-    from hpo.objective import calibrate
+    from hpo.learn import data
+    from hpo.learn.devices import place
+    from hpo.search.objective import calibrate
 
     costs: list[budget.EpochCost] = []
     try:
@@ -188,7 +192,7 @@ def check_time_budget(
 
 def finalizer_threads(device: str | None, threads: int) -> int:
     """The finalizer has the machine alone: every core on a CPU, a worker's threads beside a GPU."""
-    from hpo.devices import cpu_count
+    from hpo.learn.devices import cpu_count
 
     return threads if (device or "").startswith("cuda") else cpu_count()
 

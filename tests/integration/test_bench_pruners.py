@@ -9,8 +9,8 @@ import optuna
 import pytest
 
 from conftest import run_hpo as hpo
-from hpo import config
-from hpo.study import stored_config
+from hpo.search.study import stored_config
+from hpo.settings import config
 
 pytestmark = pytest.mark.integration
 

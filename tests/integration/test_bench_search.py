@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from conftest import run_hpo as hpo
-from hpo.study import stored_config
+from hpo.search.study import stored_config
 
 pytestmark = pytest.mark.integration
 

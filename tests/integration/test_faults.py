@@ -14,12 +14,12 @@ import optuna
 import pytest
 import torch
 
-from hpo import config
-from hpo.artifacts import listed
 from hpo.launch import KILL_AFTER_S
-from hpo.optuna_compat import study_id, study_storage, trial_id
-from hpo.storage import Heartbeat, StorageSettings, connection_error, open_storage
-from hpo.study import create_or_load
+from hpo.search.artifacts import listed
+from hpo.search.optuna_compat import study_id, study_storage, trial_id
+from hpo.search.storage import Heartbeat, StorageSettings, connection_error, open_storage
+from hpo.search.study import create_or_load
+from hpo.settings import config
 from integration.test_postgres import (
     Workers,
     assert_exact_budget,

@@ -13,7 +13,7 @@ import torch
 
 from conftest import free_port, write_idx
 from conftest import run_hpo as hpo
-from hpo.optuna_compat import study_id, study_storage
+from hpo.search.optuna_compat import study_id, study_storage
 
 pytestmark = pytest.mark.integration
 

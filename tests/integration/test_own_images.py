@@ -15,8 +15,9 @@ from PIL import Image
 
 from conftest import run_hpo as hpo
 from conftest import write_idx
-from hpo import attrs, data, sources
-from hpo.config import DataSettings
+from hpo import attrs
+from hpo.learn import data, sources
+from hpo.settings.config import DataSettings
 
 pytestmark = pytest.mark.integration
 

@@ -264,7 +264,7 @@ def test_sixteen_workers_at_once_on_an_empty_database(tmp_path, pg_url, real_dat
 
 def test_wrong_credentials_fail_at_once_with_the_password_masked(postgres):
     from hpo.errors import StorageError
-    from hpo.storage import open_storage
+    from hpo.search.storage import open_storage
 
     started = time.monotonic()
     with pytest.raises(StorageError) as info:
@@ -275,7 +275,7 @@ def test_wrong_credentials_fail_at_once_with_the_password_masked(postgres):
 
 def test_unreachable_database_waits_then_fails(monkeypatch):
     from hpo.errors import StorageError
-    from hpo.storage import open_storage
+    from hpo.search.storage import open_storage
 
     monkeypatch.setenv("HPO_DB_WAIT", "3")
     started = time.monotonic()

@@ -25,9 +25,9 @@ from optuna_dashboard._note import get_note_from_system_attrs
 
 from conftest import CHROMIUM_FLAGS, chromium, free_port, page_text
 from conftest import run_hpo as hpo
-from hpo import data
-from hpo.artifacts import listed
-from hpo.optuna_compat import study_id, study_storage
+from hpo.learn import data
+from hpo.search.artifacts import listed
+from hpo.search.optuna_compat import study_id, study_storage
 
 pytestmark = pytest.mark.integration
 
@@ -197,9 +197,9 @@ def test_status_json_schema_and_table(final_trained):
 def test_predict_matches_direct_evaluation_and_reports_bad_files(final_trained, real_data_dir, tmp_path):
     from PIL import Image
 
-    from hpo.data import DeviceData
-    from hpo.inference import load_model
-    from hpo.train import evaluate
+    from hpo.learn.data import DeviceData
+    from hpo.learn.inference import load_model
+    from hpo.learn.train import evaluate
 
     work, _, _ = final_trained
     images, labels = data.load_split(real_data_dir, "test")
@@ -236,8 +236,8 @@ def test_predict_matches_direct_evaluation_and_reports_bad_files(final_trained, 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_matches_the_pytorch_model_on_the_test_split(final_trained, real_data_dir, fmt):
-    from hpo.data import normalize
-    from hpo.inference import load_model
+    from hpo.learn.data import normalize
+    from hpo.learn.inference import load_model
 
     work, _, _ = final_trained
     result = hpo("export", "--study", "tiny", "--format", fmt, "--data-dir", str(real_data_dir), cwd=work)
@@ -432,7 +432,7 @@ def test_progress_bars_on_a_terminal_and_log_lines_in_a_pipe(tmp_path, real_data
     assert code == 0, screen
     assert re.search(r"study tiny: +8/8 trials \|", screen), screen[-2000:]  # the bar, full at the end
     assert "best=" in screen and "worker logs: runs/tiny/logs/worker-N.log" in screen
-    assert "hpo.objective" not in screen  # the workers' log lines went to their files instead
+    assert "hpo.search.objective" not in screen  # the workers' log lines went to their files instead
     assert (
         "trial 0 epoch 1/3"
         in (tmp_path / "runs/tiny/logs/worker-0.log").read_text()

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import IN_CI, free_port
 from conftest import run_hpo as hpo
-from hpo.artifacts import listed
+from hpo.search.artifacts import listed
 from integration.test_postgres import wait_for
 from integration.test_results import RESUME_STUDY
 

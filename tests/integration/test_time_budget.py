@@ -12,7 +12,7 @@ import optuna
 import pytest
 
 from conftest import run_hpo as hpo
-from hpo import optuna_compat
+from hpo.search import optuna_compat
 
 pytestmark = pytest.mark.integration
 

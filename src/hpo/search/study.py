@@ -12,13 +12,15 @@ import optuna
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
-from hpo import artifacts, attrs, budget, config
-from hpo.config import StudyConfig
+from hpo import attrs
 from hpo.errors import ConfigError, HpoError, StorageError
-from hpo.optuna_compat import heartbeat_ages, study_id, study_storage, trial_id
-from hpo.reaper import adopt_liveness
-from hpo.storage import Storage, creation_lock
-from hpo.trials import FINISHED, best_first, value
+from hpo.search import artifacts, budget
+from hpo.search.optuna_compat import heartbeat_ages, study_id, study_storage, trial_id
+from hpo.search.reaper import adopt_liveness
+from hpo.search.storage import Storage, creation_lock
+from hpo.search.trials import FINISHED, best_first, value
+from hpo.settings import config
+from hpo.settings.config import StudyConfig
 
 log = logging.getLogger(__name__)
 

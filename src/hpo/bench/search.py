@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hpo.bench import DEFAULT_PARAMS
+from hpo.bench.pipelines import DEFAULT_PARAMS
 from hpo.errors import HpoError
 from hpo.paths import final_dir
 
@@ -37,18 +37,19 @@ def fixed_baseline(
 
     The epoch count comes from timing 60 training steps after 10 untimed ones (the finalizer's timer;
     that time counts too), and is re-fitted to its own epochs through its first half as the
-    finalizer's is (hpo.budget.timed_replan), so the whole baseline, test pass included, ends within
+    finalizer's is (hpo.search.budget.timed_replan), so the whole baseline, test pass included, ends within
     the budget it is compared at, as the search's finalizer must. The timing is warm: a cold epoch
     reads about twice the real time (docs/performance.md, "Search against a fixed guess").
     """
     import torch
 
-    from hpo import budget, data
-    from hpo.devices import place
-    from hpo.final import accuracy_figures
-    from hpo.model import Ensemble
-    from hpo.params import TrialParams
-    from hpo.train import TrainingRun, evaluate, fit, seconds_per_image, seeded_model
+    from hpo.learn import data
+    from hpo.learn.devices import place
+    from hpo.learn.model import Ensemble
+    from hpo.learn.params import TrialParams
+    from hpo.learn.train import TrainingRun, evaluate, fit, seconds_per_image, seeded_model
+    from hpo.results.final import accuracy_figures
+    from hpo.search import budget
 
     started = time.perf_counter()
     deadline = budget.Deadline(at=time.time() + time_s, time_s=time_s, set_at=time.time())
@@ -102,13 +103,13 @@ def fidelity(
 
     import optuna
 
-    from hpo import data, sources
-    from hpo.devices import place
-    from hpo.params import TrialParams
-    from hpo.seeds import derive_seed
-    from hpo.stats import spearman
-    from hpo.train import evaluate, fit, recipe, seeded_model
-    from hpo.trials import value
+    from hpo.learn import data, sources
+    from hpo.learn.devices import place
+    from hpo.learn.params import TrialParams
+    from hpo.learn.seeds import derive_seed
+    from hpo.learn.train import evaluate, fit, recipe, seeded_model
+    from hpo.results.stats import spearman
+    from hpo.search.trials import value
 
     maximize = cfg.direction == "maximize"
     finished = study.get_trials(
@@ -174,7 +175,7 @@ def fidelity(
 
 def paired(search_predictions: list[int], fixed_predictions: list[int], truth: list[int]) -> dict[str, Any]:
     """McNemar's exact test on the same test images: the images only one of the two gets right."""
-    from hpo.stats import mcnemar_exact
+    from hpo.results.stats import mcnemar_exact
 
     only_search = sum(s == t != f for s, f, t in zip(search_predictions, fixed_predictions, truth))
     only_fixed = sum(f == t != s for s, f, t in zip(search_predictions, fixed_predictions, truth))
@@ -191,7 +192,7 @@ def optimize_in(
 
     import optuna
 
-    from hpo import config
+    from hpo.settings import config
 
     name = config.load(study_file).name
     shutil.rmtree(work_dir / "runs", ignore_errors=True)
@@ -222,10 +223,11 @@ def search_against_fixed(
     Then the fidelity of the search's ranking (`fidelity_top` finalists retrained; 0: skipped)."""
     import torch
 
-    from hpo import config, data
-    from hpo.inference import load_model
-    from hpo.study import stored_config
-    from hpo.train import evaluate
+    from hpo.learn import data
+    from hpo.learn.inference import load_model
+    from hpo.learn.train import evaluate
+    from hpo.search.study import stored_config
+    from hpo.settings import config
 
     cfg = config.load(study_file)
     if cfg.data.source != "fashion-mnist":

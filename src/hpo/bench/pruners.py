@@ -16,11 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hpo import config
-from hpo.config import Component, StudyConfig
+from hpo.bench.search import optimize_in
 from hpo.errors import HpoError
-from hpo.search_bench import optimize_in
-from hpo.study import stored_config
+from hpo.search.study import stored_config
+from hpo.settings import config
+from hpo.settings.config import Component, StudyConfig
 
 
 def horizon_options(name: str, cfg: StudyConfig) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from typing import IO
 import torch
 
 from hpo import attrs
-from hpo.config import env_int
 from hpo.errors import HpoError
+from hpo.settings.config import env_int
 
 log = logging.getLogger(__name__)
 

@@ -50,6 +50,7 @@ PRUNERS = {
     "hyperband": "HyperbandPruner",
     "none": "NopPruner",
 }
+SHIPPED = Path(__file__).resolve().parents[1] / "studies"  # hpo/studies: the study files shipped in the package
 SEARCH_PATHS_HELP = "studies/NAME.toml in the current directory, then the studies shipped with hpo"
 TTA_MODES = ("none", "flip")
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)\s*(h|m|s)")
@@ -152,7 +153,7 @@ class TrialBudget:
     val_fraction: float = 0.1  # share of the official training set held out for validation
     time_s: float | None = None  # wall-clock budget of search plus finalizer, seconds; None = no limit
     # With a time budget, a new study's horizon is fitted to it on the machine that creates it
-    # (hpo.budget.fit_horizon): longer than `epochs`, up to `max_epochs`, where the time holds the
+    # (hpo.search.budget.fit_horizon): longer than `epochs`, up to `max_epochs`, where the time holds the
     # finalizer's members and one whole trial more than that across the workers; shorter than
     # `epochs` where not even one trial and one final member fit.
     fit_epochs: bool = False
@@ -189,7 +190,7 @@ class TrainSettings:
 class FinalSettings:
     epochs: int  # epochs of the from-scratch retrain on train + validation; the trials' horizon by default
     ensemble: int = 1  # at most this many members: distinct COMPLETE trials, each joining only if it raises
-    # the ensemble's validation accuracy (hpo.members.choose_members)
+    # the ensemble's validation accuracy (hpo.results.members.choose_members)
     tta: str = "none"  # "flip": also average each test image with its mirror image
     trial_models: bool = True  # each member's own trial model, trained by the search, joins its retrained copy
 
@@ -212,7 +213,7 @@ FOLDER_IMAGE_SIZE = 32  # [data] image_size of a folder when the file gives none
 
 @dataclass(frozen=True)
 class DataSettings:
-    """The [data] section: which labelled images a study trains on (hpo.sources reads them).
+    """The [data] section: which labelled images a study trains on (hpo.learn.sources reads them).
 
     `path` is a directory; `--data-dir` or HPO_DATA_DIR replaces it per host, so the study names the
     data set and each host says where its copy lies."""
@@ -305,7 +306,7 @@ def resolve_path(study: str, cwd: Path | None = None) -> Path:
         if as_path.is_file():
             return as_path
         raise StudyFileNotFound(f"study file {study} does not exist. Check the path, or pass a study name.")
-    candidates = [cwd / "studies" / f"{study}.toml", Path(__file__).parent / "studies" / f"{study}.toml"]
+    candidates = [cwd / "studies" / f"{study}.toml", SHIPPED / f"{study}.toml"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate

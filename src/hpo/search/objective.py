@@ -13,16 +13,15 @@ from collections.abc import Callable
 import optuna
 import torch
 
-from hpo import artifacts, attrs, budget, checkpoints, space
-from hpo.config import StudyConfig
-from hpo.data import TrialData
-from hpo.devices import Placement
+from hpo import attrs
 from hpo.errors import HpoError
-from hpo.model import count_parameters, cpu_weights
-from hpo.optuna_compat import trial_id
-from hpo.params import TrialParams
-from hpo.seeds import derive_seed
-from hpo.train import (
+from hpo.learn import checkpoints
+from hpo.learn.data import TrialData
+from hpo.learn.devices import Placement
+from hpo.learn.model import count_parameters, cpu_weights
+from hpo.learn.params import TrialParams
+from hpo.learn.seeds import derive_seed
+from hpo.learn.train import (
     EpochStats,
     TrainingDiverged,
     evaluate,
@@ -33,7 +32,10 @@ from hpo.train import (
     seeded_model,
     snapshot_device,
 )
-from hpo.trials import first_run
+from hpo.search import artifacts, budget, space
+from hpo.search.optuna_compat import trial_id
+from hpo.search.trials import first_run
+from hpo.settings.config import StudyConfig
 
 log = logging.getLogger(__name__)
 

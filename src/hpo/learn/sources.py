@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from hpo import attrs, data
-from hpo.config import FOLDER_IMAGE_SIZE, DataSettings, StudyConfig
+from hpo import attrs
 from hpo.errors import DataError
+from hpo.learn import data
+from hpo.settings.config import FOLDER_IMAGE_SIZE, DataSettings, StudyConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class DataSet:
 
     source: str
     origin: str  # where it was read from, for log lines
-    train: Labelled  # the pool: trials split it into training and validation (hpo.data.trial_data)
+    train: Labelled  # the pool: trials split it into training and validation (hpo.learn.data.trial_data)
     test: Labelled | None  # None: a worker's read, which leaves a source's own test files unopened
     classes: tuple[str, ...]
     mean: tuple[float, ...]  # per channel, of the pool's pixels on a 0..1 scale
@@ -118,7 +119,7 @@ def describe(fingerprint: dict[str, Any]) -> str:
 
 def data_dir(settings: DataSettings, explicit: str | os.PathLike | None = None) -> Path:
     """The directory this host reads: --data-dir or HPO_DATA_DIR, else the study's `path` (for
-    Fashion-MNIST: Debian's package or the download cache, as hpo.data.find_data_dir finds them)."""
+    Fashion-MNIST: Debian's package or the download cache, as hpo.learn.data.find_data_dir finds them)."""
     if settings.source == "fashion-mnist":
         return data.find_data_dir(explicit or settings.path or None)
     chosen = Path(explicit or os.environ.get("HPO_DATA_DIR") or settings.path)
@@ -545,5 +546,5 @@ def test_count(study: Any, dataset: DataSet) -> int:
 
 
 def fashion_mnist(directory: Path, seed: int = 0) -> DataSet:
-    """Fashion-MNIST from `directory` (hpo.data.find_data_dir): the benchmarks' data set."""
+    """Fashion-MNIST from `directory` (hpo.learn.data.find_data_dir): the benchmarks' data set."""
     return load(DataSettings(), directory, seed)

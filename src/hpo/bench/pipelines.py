@@ -85,8 +85,8 @@ class BenchSpec:
         """`hpo bench`'s options, with the data set found and the device and threads defaulted."""
         import torch
 
-        from hpo.data import find_data_dir
-        from hpo.devices import cpu_count
+        from hpo.learn.data import find_data_dir
+        from hpo.learn.devices import cpu_count
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         directory = str(find_data_dir(data_dir))
@@ -111,7 +111,7 @@ def _peak_rss_mib() -> float:
 
 def _torchvision_root(data_dir: Path) -> Path:
     """torchvision's FashionMNIST wants uncompressed files under ROOT/FashionMNIST/raw."""
-    from hpo.data import FILES, find_file
+    from hpo.learn.data import FILES, find_file
 
     root = Path(tempfile.mkdtemp(prefix="hpo-bench-"))
     raw = root / "FashionMNIST" / "raw"
@@ -129,11 +129,11 @@ def _torchvision_root(data_dir: Path) -> Path:
 def _run_engine(spec: BenchSpec) -> PipelineResult:
     import torch
 
-    from hpo import data, sources
-    from hpo.config import Augment, TrainSettings
-    from hpo.devices import place
-    from hpo.params import TrialParams
-    from hpo.train import TrainingRun, evaluate, fit, seeded_model
+    from hpo.learn import data, sources
+    from hpo.learn.devices import place
+    from hpo.learn.params import TrialParams
+    from hpo.learn.train import TrainingRun, evaluate, fit, seeded_model
+    from hpo.settings.config import Augment, TrainSettings
 
     placement = place(spec.device, spec.threads)
     params = TrialParams.from_flat({**spec.params, "batch_size": spec.batch_size})
@@ -165,10 +165,10 @@ def _run_seed(spec: BenchSpec) -> PipelineResult:
     from torch import nn
     from torchvision import datasets, transforms
 
-    from hpo import data
-    from hpo.devices import place
-    from hpo.model import DynamicCNN
-    from hpo.params import TrialParams
+    from hpo.learn import data
+    from hpo.learn.devices import place
+    from hpo.learn.model import DynamicCNN
+    from hpo.learn.params import TrialParams
 
     placement = place(spec.device, spec.threads)
     device = placement.device
@@ -247,7 +247,7 @@ def _evaluate_fp32(model, dataset, indices, device) -> float:
     import torch
     from torchvision import transforms
 
-    from hpo import data
+    from hpo.learn import data
 
     plain = transforms.Compose([transforms.ToTensor(), transforms.Normalize((data.MEAN,), (data.STD,))])
     x = torch.stack([plain(transforms.functional.to_pil_image(dataset.data[i].numpy())) for i in indices])
@@ -337,9 +337,9 @@ def measure(spec: BenchSpec, workers: int = 0, rounds: int = 3) -> dict[str, Any
 
     import torch
 
-    from hpo.devices import cpu_count
-    from hpo.model import DynamicCNN, count_parameters
-    from hpo.params import TrialParams
+    from hpo.learn.devices import cpu_count
+    from hpo.learn.model import DynamicCNN, count_parameters
+    from hpo.learn.params import TrialParams
 
     if importlib.util.find_spec("torchvision") is None:  # the notebook pipeline is torchvision's
         raise HpoError(

@@ -30,8 +30,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 
 from hpo import paths
-from hpo.config import env_float, env_int
 from hpo.errors import StorageError
+from hpo.settings.config import env_float, env_int
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class StorageSettings:
     @classmethod
     def from_env(cls) -> StorageSettings:
         """The settings from HPO_HEARTBEAT_INTERVAL, HPO_GRACE_PERIOD, HPO_MAX_RETRY and HPO_DB_WAIT.
-        A study keeps the first three from the process that created it (hpo.reaper.adopt_liveness)."""
+        A study keeps the first three from the process that created it (hpo.search.reaper.adopt_liveness)."""
         defaults = cls()
         return cls(
             heartbeat_interval=env_int("HPO_HEARTBEAT_INTERVAL", defaults.heartbeat_interval, least=1, unit="seconds"),

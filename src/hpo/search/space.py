@@ -11,8 +11,8 @@ from typing import Any
 
 import optuna
 
-from hpo.config import ParamSpec
-from hpo.params import TrialParams
+from hpo.learn.params import TrialParams
+from hpo.settings.config import ParamSpec
 
 
 def _suggest(trial: optuna.Trial, name: str, spec: ParamSpec) -> Any:

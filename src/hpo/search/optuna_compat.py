@@ -56,7 +56,7 @@ def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
 def stale_trial_ids(storage: optuna.storages.RDBStorage, study: optuna.Study) -> list[int]:
     """RUNNING trials whose heartbeat is older than the grace period, by the database's clock.
     Optuna's public path (`fail_stale_trials`) fails them at once; our reaper first confirms that the
-    heartbeat stays unchanged (hpo.reaper.Reaper), so it needs the query alone."""
+    heartbeat stays unchanged (hpo.search.reaper.Reaper), so it needs the query alone."""
     return storage._get_stale_trial_ids(study_id(study))
 
 

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpo.checkpoints import load_final, write_atomic
-from hpo.data import CLASSES, MEAN, STD
 from hpo.errors import DataError, HpoError
-from hpo.model import Ensemble, InputShape, with_weights
-from hpo.params import TrialParams
-from hpo.train import logits_of
+from hpo.learn.checkpoints import load_final, write_atomic
+from hpo.learn.data import CLASSES, MEAN, STD
+from hpo.learn.model import Ensemble, InputShape, with_weights
+from hpo.learn.params import TrialParams
+from hpo.learn.train import logits_of
 
 EXPORT_FORMATS = {"torchscript": ".ts", "onnx": ".onnx"}
 
@@ -68,7 +68,7 @@ class ImageError(Exception):
 
 def read_image(path: Path, info: dict[str, Any] = FASHION_MNIST_INFO) -> np.ndarray:
     """Any PNG or JPEG as the uint8 input of a model trained on `info`'s data: (C, S, S) as a folder
-    data set's images were read (hpo.sources.decode_image), or, for MNIST-style grey data, (S, S) as a
+    data set's images were read (hpo.learn.sources.decode_image), or, for MNIST-style grey data, (S, S) as a
     light object on a dark background, centred and padded to a square before resizing."""
     if not path.exists():
         raise ImageError("no such file")
@@ -76,7 +76,7 @@ def read_image(path: Path, info: dict[str, Any] = FASHION_MNIST_INFO) -> np.ndar
         raise ImageError("is a directory, not an image")
     size = int(info["image_size"])
     if not info.get("light_on_dark"):
-        from hpo.sources import decode_image
+        from hpo.learn.sources import decode_image
 
         try:
             return decode_image(path, size, int(info["channels"]))

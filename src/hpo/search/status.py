@@ -8,13 +8,14 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hpo import attrs, budget
-from hpo.config import StudyConfig
+from hpo import attrs
 from hpo.errors import StorageError
-from hpo.optuna_compat import heartbeat_ages, trial_id
-from hpo.storage import Storage
-from hpo.study import stored_config
-from hpo.trials import FINISHED, count_by_state
+from hpo.search import budget
+from hpo.search.optuna_compat import heartbeat_ages, trial_id
+from hpo.search.storage import Storage
+from hpo.search.study import stored_config
+from hpo.search.trials import FINISHED, count_by_state
+from hpo.settings.config import StudyConfig
 
 STATUS_SCHEMA = "hpo-status/1"
 

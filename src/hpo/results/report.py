@@ -13,9 +13,10 @@ from typing import Any
 import optuna
 
 import hpo
-from hpo import attrs, config
-from hpo.config import StudyConfig
-from hpo.status import search_over
+from hpo import attrs
+from hpo.search.status import search_over
+from hpo.settings import config
+from hpo.settings.config import StudyConfig
 
 
 def time_note(deadline: Any) -> str:

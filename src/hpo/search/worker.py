@@ -23,16 +23,17 @@ from types import FrameType
 import optuna
 from optuna.trial import TrialState
 
-from hpo import attrs, budget
-from hpo.config import StudyConfig
-from hpo.data import TrialData
-from hpo.devices import Placement, cpu_count
+from hpo import attrs
 from hpo.errors import StorageError
-from hpo.objective import OutOfMemory, OverBudget, calibrate, make_objective
-from hpo.optuna_compat import ArtifactStore, study_storage, trial_id
-from hpo.reaper import Reaper, fail, retry_note
-from hpo.session import Opened
-from hpo.storage import (
+from hpo.learn.data import TrialData
+from hpo.learn.devices import Placement, cpu_count
+from hpo.learn.train import TrainingDiverged
+from hpo.search import budget
+from hpo.search.objective import OutOfMemory, OverBudget, calibrate, make_objective
+from hpo.search.optuna_compat import ArtifactStore, study_storage, trial_id
+from hpo.search.reaper import Reaper, fail, retry_note
+from hpo.search.session import Opened
+from hpo.search.storage import (
     Backoff,
     Heartbeat,
     Storage,
@@ -42,9 +43,9 @@ from hpo.storage import (
     lost_database,
     slot_lock,
 )
-from hpo.study import current_budget
-from hpo.train import TrainingDiverged
-from hpo.trials import FINISHED, counts
+from hpo.search.study import current_budget
+from hpo.search.trials import FINISHED, counts
+from hpo.settings.config import StudyConfig
 
 log = logging.getLogger(__name__)
 
@@ -272,10 +273,10 @@ def serve(
 ) -> WorkerResult:
     """`hpo worker`: claim a device, load the data once, join the study (creating it if this worker is
     first) and run trials until the budget says stop. Raises Shutdown on SIGTERM/SIGINT."""
-    from hpo import data, sources
-    from hpo.devices import place
-    from hpo.storage import mask
-    from hpo.study import create_or_load
+    from hpo.learn import data, sources
+    from hpo.learn.devices import place
+    from hpo.search.storage import mask
+    from hpo.search.study import create_or_load
 
     install_signal_handlers()
     placement = place(device, threads, claim=True, slots=slots)

@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo import attrs
-from hpo.optuna_compat import (
+from hpo.search.optuna_compat import (
     last_heartbeats,
     running_without_heartbeat,
     stale_trial_ids,
@@ -25,8 +25,8 @@ from hpo.optuna_compat import (
     study_storage,
     trial_id,
 )
-from hpo.storage import DatabaseLock, Storage, StorageSettings
-from hpo.trials import retry_history
+from hpo.search.storage import DatabaseLock, Storage, StorageSettings
+from hpo.search.trials import retry_history
 
 log = logging.getLogger(__name__)
 

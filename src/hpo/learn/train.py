@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpo.config import Augment, StudyConfig, TrainSettings
-from hpo.data import DeviceData
-from hpo.devices import autocast_dtype
-from hpo.model import DynamicCNN, ModelSpec
-from hpo.params import OptimizerSettings, TrialParams
-from hpo.seeds import derive_seed
+from hpo.learn.data import DeviceData
+from hpo.learn.devices import autocast_dtype
+from hpo.learn.model import DynamicCNN, ModelSpec
+from hpo.learn.params import OptimizerSettings, TrialParams
+from hpo.learn.seeds import derive_seed
+from hpo.settings.config import Augment, StudyConfig, TrainSettings
 
 log = logging.getLogger(__name__)
 

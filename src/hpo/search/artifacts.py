@@ -21,8 +21,8 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from sqlalchemy.engine import make_url
 
 from hpo.errors import HpoError, StorageError
-from hpo.optuna_compat import ArtifactStore, study_id, study_storage, trial_id
 from hpo.paths import default_artifacts
+from hpo.search.optuna_compat import ArtifactStore, study_id, study_storage, trial_id
 
 ATTR_PREFIX = "artifacts:"  # where optuna.artifacts.upload_artifact records an artifact's metadata
 # Python's guess for .pt is a Super Nintendo format; the dashboard shows images inline by their type.

@@ -23,13 +23,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo import attrs
-from hpo.config import FinalSettings, StudyConfig, format_duration, with_horizon
-from hpo.optuna_compat import study_engine
-from hpo.storage import database_time
-from hpo.trials import FINISHED, best_first
+from hpo.search.optuna_compat import study_engine
+from hpo.search.storage import database_time
+from hpo.search.trials import FINISHED, best_first
+from hpo.settings.config import FinalSettings, StudyConfig, format_duration, with_horizon
 
 if TYPE_CHECKING:  # types only: the time budget never imports torch
-    from hpo.train import EpochStats, Replan
+    from hpo.learn.train import EpochStats, Replan
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ FP32_EVAL_SHARE = 0.6
 
 def test_passes(tta: str, trial_models: bool = False) -> int:
     """Forward passes the finalizer makes per test image and member: each TTA view, in the ensemble
-    and again alone (hpo.final.score), and as many again for the member's own trial model."""
+    and again alone (hpo.results.final.score), and as many again for the member's own trial model."""
     return 2 * (2 if tta == "flip" else 1) * (2 if trial_models else 1)
 
 

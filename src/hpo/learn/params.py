@@ -3,7 +3,7 @@
 Optuna stores a trial's parameters flat (`n_conv`, `filters_0`, ..., `lr`); `TrialParams.from_flat`
 reads that form (a trial's `params`, a checkpoint, a warm-start table) and `flat()` writes it, so
 this module is the only one that knows the names. The search space builds a TrialParams
-(hpo.space); the model and the training loop take its two halves.
+(hpo.search.space); the model and the training loop take its two halves.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hpo.model import ModelSpec
+from hpo.learn.model import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from hpo.config import Augment
 from hpo.errors import DataError
-from hpo.model import InputShape
+from hpo.learn.model import InputShape
+from hpo.settings.config import Augment
 
 if TYPE_CHECKING:
-    from hpo.sources import DataSet, Labelled
+    from hpo.learn.sources import DataSet, Labelled
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FILES = {

@@ -19,20 +19,23 @@ import torch
 from optuna_dashboard import save_note
 
 import hpo
-from hpo import artifacts, attrs, budget, checkpoints, plots, report, sources
-from hpo.config import StudyConfig
-from hpo.data import DeviceData, device_data, stratified_split
-from hpo.devices import Placement
+from hpo import attrs
 from hpo.errors import HpoError
-from hpo.members import Member, choose_members, member_seed, trial_models
-from hpo.model import Ensemble, InputShape, count_parameters, cpu_weights
-from hpo.params import TrialParams
+from hpo.learn import checkpoints, sources
+from hpo.learn.data import DeviceData, device_data, stratified_split
+from hpo.learn.devices import Placement
+from hpo.learn.model import Ensemble, InputShape, count_parameters, cpu_weights
+from hpo.learn.params import TrialParams
+from hpo.learn.train import EpochStats, Replan, evaluate, fit, recipe, seconds_per_image, seeded_model
 from hpo.paths import final_dir
-from hpo.progress import Progress
-from hpo.stats import wilson_interval
-from hpo.storage import DatabaseLock
-from hpo.train import EpochStats, Replan, evaluate, fit, recipe, seconds_per_image, seeded_model
-from hpo.trials import finished_count
+from hpo.results import plots, report
+from hpo.results.members import Member, choose_members, member_seed, trial_models
+from hpo.results.stats import wilson_interval
+from hpo.search import artifacts, budget
+from hpo.search.progress import Progress
+from hpo.search.storage import DatabaseLock
+from hpo.search.trials import finished_count
+from hpo.settings.config import StudyConfig
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +430,7 @@ def after_search(
     """`optimize --final`: the finalizer in this process, within what is left of the time budget.
     `finished_before`: the study's finished trials when the command started; if the search added
     none and the study has a published model, it is kept."""
-    from hpo.devices import place
+    from hpo.learn.devices import place
 
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         raise HpoError(

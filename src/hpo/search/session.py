@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 import optuna
 
-from hpo import artifacts, config
-from hpo.config import StudyConfig
 from hpo.errors import HpoError, StudyFileNotFound
-from hpo.optuna_compat import ArtifactStore
-from hpo.storage import Storage, resolve_url
-from hpo.storage import open_storage as open_database
-from hpo.study import load
+from hpo.search import artifacts
+from hpo.search.optuna_compat import ArtifactStore
+from hpo.search.storage import Storage, resolve_url
+from hpo.search.storage import open_storage as open_database
+from hpo.search.study import load
+from hpo.settings import config
+from hpo.settings.config import StudyConfig
 
 
 @dataclass(frozen=True)

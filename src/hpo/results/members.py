@@ -12,15 +12,17 @@ from typing import Any
 import optuna
 import torch
 
-from hpo import artifacts, attrs, checkpoints
-from hpo.config import StudyConfig
-from hpo.data import DeviceData
+from hpo import attrs
 from hpo.errors import HpoError
-from hpo.model import with_weights
-from hpo.params import TrialParams
-from hpo.seeds import derive_seed
-from hpo.train import EpochStats
-from hpo.trials import FINISHED, value
+from hpo.learn import checkpoints
+from hpo.learn.data import DeviceData
+from hpo.learn.model import with_weights
+from hpo.learn.params import TrialParams
+from hpo.learn.seeds import derive_seed
+from hpo.learn.train import EpochStats
+from hpo.search import artifacts
+from hpo.search.trials import FINISHED, value
+from hpo.settings.config import StudyConfig
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ def trial_models(
     its retrained copy, trained already by the search on the trial split, and the very model whose
     validation outputs chose the members. A trial without one (no artifact store, not among the
     study's best when it ended, a file that cannot be read) is retrained alone."""
-    from hpo.objective import TRIAL_MODEL_FILE
+    from hpo.search.objective import TRIAL_MODEL_FILE
 
     reused = []
     for trial in chosen:

@@ -1,0 +1,1 @@
+"""`hpo bench`: the measurements behind docs/performance.md."""

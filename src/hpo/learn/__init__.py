@@ -1,0 +1,1 @@
+"""Data, the model, training, devices, checkpoints and inference; never imports optuna."""

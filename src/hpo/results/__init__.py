@@ -1,0 +1,1 @@
+"""What a search leaves: the finalizer, its members, the report and the plots."""

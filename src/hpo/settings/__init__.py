@@ -1,0 +1,1 @@
+"""Study files: the TOML a study is declared in, read and checked; never imports torch."""
