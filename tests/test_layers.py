@@ -1,10 +1,13 @@
-"""What each part of the package may import: the read-only commands stay free of torch."""
+"""What each part of the package may import: each layer only the layers below it, study files
+without torch, training without optuna, and the read-only commands free of torch."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -12,6 +15,67 @@ import pytest
 from hpo.search.storage import open_storage
 from hpo.search.study import create_or_load
 from hpo.settings import config
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hpo"
+# The layers, lowest first: each may import itself and those before it, and the shared modules.
+LAYERS = ("settings", "learn", "search", "results", "bench")
+SHARED = {"errors", "attrs", "paths"}  # import nothing of hpo's but each other
+APPS = {"cli", "launch", "__main__"}  # the commands and the sequences they run: may import anything
+FORBIDDEN = {"settings": ("torch", "torchvision"), "learn": ("optuna", "optuna_dashboard")}
+
+
+def imports(path: Path) -> set[str]:
+    """Every module `path` imports, at the top or inside a function, as dotted names."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            ours = node.module == "hpo" or node.module.startswith("hpo.")  # `from hpo import x` is hpo.x
+            found |= {f"{node.module}.{a.name}" for a in node.names} if ours else {node.module}
+    return found
+
+
+def layer_of(module: str) -> str | None:
+    """`hpo.search.worker` -> "search"; `hpo.errors` -> "errors"; None for what is not hpo's."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "hpo" and len(parts) > 1 else None
+
+
+def breaches(path: Path) -> list[str]:
+    """What `path` imports that its place in the tree forbids."""
+    own = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+    if own in APPS or own == "__init__":
+        return []
+    allowed = SHARED if own in SHARED else SHARED | set(LAYERS[: LAYERS.index(own) + 1])
+    found = imports(path)
+    wrong = sorted(m for m in found if layer_of(m) is not None and layer_of(m) not in allowed)
+    wrong += sorted(m for m in found if m.split(".")[0] in FORBIDDEN.get(own, ()))
+    return wrong
+
+
+def test_every_module_sits_in_a_known_place():
+    for path in PACKAGE.rglob("*.py"):
+        top = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        assert top in {*LAYERS, *SHARED, *APPS, "__init__"}, f"{path}: add it to a layer in this test"
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    wrong = {str(p.relative_to(PACKAGE)): b for p in sorted(PACKAGE.rglob("*.py")) if (b := breaches(p))}
+    assert wrong == {}
+
+
+def test_the_layering_check_catches_a_forbidden_import(tmp_path, monkeypatch):
+    """The check above can fail: a training module that imports the search, or optuna, is caught."""
+    fake = tmp_path / "hpo"
+    (fake / "learn").mkdir(parents=True)
+    (fake / "learn" / "model.py").write_text("import optuna\nfrom hpo.search import budget\n")
+    (fake / "settings").mkdir()
+    (fake / "settings" / "config.py").write_text("def load():\n    import torch\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    assert breaches(fake / "learn" / "model.py") == ["hpo.search.budget", "optuna"]
+    assert breaches(fake / "settings" / "config.py") == ["torch"]
+
 
 RUN_IN_PROCESS = """
 import json, sys
