@@ -40,6 +40,7 @@ import optuna
 from hpo import attrs
 from hpo.search.trials import first_run, retry_history
 from hpo.settings import config
+from hpo.settings.writer import to_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT_S, GRACE_S, MAX_RETRY = 1, 4, 2
@@ -55,7 +56,7 @@ def chaos_study(seed: int, seconds: float) -> str:
         final=dataclasses.replace(tiny.final, ensemble=1, tta="none"),
         budget=config.TrialBudget(n_trials=10000, epochs=3, train_subset=2000, val_fraction=0.05, time_s=seconds),
     )
-    return config.to_toml(cfg)
+    return to_toml(cfg)
 
 
 NAN_TRIAL = {"n_conv": 1, "filters_0": 8, "fc_size": 16, "optimizer": "sgd", "lr": 1e6}

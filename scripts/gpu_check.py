@@ -27,7 +27,9 @@ from hpo import attrs
 from hpo.learn import data
 from hpo.search.trials import retry_history
 from hpo.settings import config
-from hpo.settings.config import Component
+from hpo.settings.components import Component
+from hpo.settings.durations import parse_duration
+from hpo.settings.writer import to_toml
 
 HPO = [sys.executable, "-m", "hpo"]
 
@@ -137,7 +139,7 @@ def slot_study(size: Size, slots: int, directory: Path) -> Path:
         final=dataclasses.replace(cfg.final, epochs=size.final_epochs, ensemble=1),
     )
     path = directory / f"gpu-check-{slots}.toml"
-    path.write_text(config.to_toml(cfg))
+    path.write_text(to_toml(cfg))
     return path
 
 
@@ -185,7 +187,7 @@ def resume(size: Size, env: dict[str, str], work: Path) -> tuple[str, str]:
         warm_start=config.WarmStart(),
     )
     path = work / "gpu-check-resume.toml"
-    path.write_text(config.to_toml(cfg))
+    path.write_text(to_toml(cfg))
     env = {**env, "HPO_HEARTBEAT_INTERVAL": "1", "HPO_GRACE_PERIOD": "3", "HPO_ARTIFACTS": str(work / "artifacts")}
     command = [*HPO, "worker", "--study", str(path)]
     log = (work / "resume-worker-a.log").open("w")
@@ -235,7 +237,7 @@ def headline(size: Size, env: dict[str, str], work: Path, time_budget: str) -> t
     run_env = {k: v for k, v in env.items() if k != "HPO_STORAGE"}  # its own runs/ in its own directory
     hpo(
         "optimize", "--study", size.headline_study, "--workers", workers, "--time", time_budget, "--final",
-        env=run_env, cwd=home, timeout=config.parse_duration(time_budget) * 1.2 + 120,
+        env=run_env, cwd=home, timeout=parse_duration(time_budget) * 1.2 + 120,
     )  # fmt: skip
     wall = time.perf_counter() - started
     name = size.headline_study

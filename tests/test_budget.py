@@ -12,13 +12,14 @@ from hpo import attrs
 from hpo.search import budget
 from hpo.search.budget import EpochCost, Plan
 from hpo.settings import config
+from hpo.settings.durations import format_duration, parse_duration
 
 
 @pytest.mark.parametrize(
     "text, seconds", [("10m", 600), ("1h30m", 5400), ("90s", 90), ("45", 45), ("1.5h", 5400), (" 2m 30s ", 150)]
 )
 def test_durations_people_write(text, seconds):
-    assert config.parse_duration(text) == seconds
+    assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize(
@@ -33,7 +34,7 @@ def test_durations_people_write(text, seconds):
 )
 def test_durations_that_do_not_parse_say_why(text, problem):
     with pytest.raises(ValueError, match=problem):
-        config.parse_duration(text)
+        parse_duration(text)
 
 
 def test_study_file_time_is_parsed_and_round_trips():
@@ -293,7 +294,7 @@ def test_the_outlook_counts_whole_trials_in_the_time_left_beside_the_finalizers_
     line = budget.outlook(fresh, cfg, 2, 1, left)
     assert line.startswith(f"the 10m00s left hold about {whole:.1f} whole trial(s) of 3 epochs (about 6s each)")
     assert whole > 100
-    assert "across 2 worker(s)" in line and f"besides the finalizer's {config.format_duration(reserve)}" in line
+    assert "across 2 worker(s)" in line and f"besides the finalizer's {format_duration(reserve)}" in line
     # A budget that the reserve fills holds none, and says so rather than a negative count.
     assert "about 0.0 whole trial(s)" in budget.outlook(fresh, cfg, 2, 1, reserve)
     # Measured epochs replace the calibration; a study with neither has no outlook.

@@ -6,6 +6,8 @@ import pytest
 
 from hpo.errors import ConfigError, StudyFileNotFound
 from hpo.settings import config
+from hpo.settings.dimensions import OPTIONAL_SPACE_KEYS, SPACE_KEYS
+from hpo.settings.writer import to_toml
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
@@ -20,7 +22,7 @@ def raw_tiny() -> dict:
 def test_shipped_studies_parse_and_round_trip(name):
     cfg = config.load(name)
     assert cfg.name == name
-    assert set(config.SPACE_KEYS) <= set(cfg.space) <= set(config.SPACE_KEYS + config.OPTIONAL_SPACE_KEYS)
+    assert set(SPACE_KEYS) <= set(cfg.space) <= set(SPACE_KEYS + OPTIONAL_SPACE_KEYS)
     assert config.from_dict(cfg.to_dict(), source="stored") == cfg
 
 
@@ -190,7 +192,7 @@ def test_the_explained_settings_are_a_study_file_that_reads_back_the_same(name):
     import tomllib
 
     cfg = config.load(name)
-    assert config.parse(tomllib.loads(config.to_toml(cfg)), "explained") == cfg
+    assert config.parse(tomllib.loads(to_toml(cfg)), "explained") == cfg
 
 
 def test_successive_halving_is_a_study_file_pruner_with_its_options_checked():

@@ -10,21 +10,23 @@ from hpo.bench import pruners as pruner_bench
 from hpo.errors import HpoError
 from hpo.search.study import make_pruner
 from hpo.settings import config
+from hpo.settings.components import PRUNERS
+from hpo.settings.writer import to_toml
 
 
-@pytest.mark.parametrize("pruner", list(config.PRUNERS))
+@pytest.mark.parametrize("pruner", list(PRUNERS))
 def test_each_pruners_variant_is_a_study_file_optuna_accepts(pruner):
     cfg = config.load("cnn-quick")
     study_cfg = pruner_bench.variant(cfg, pruner, 1)
     # Written out and read back with the options checked against Optuna's real constructor.
-    again = config.parse(tomllib.loads(config.to_toml(study_cfg)))
+    again = config.parse(tomllib.loads(to_toml(study_cfg)))
     assert again.name == f"cnn-quick-{pruner.replace('_', '-')}-2" and again.seed == cfg.seed + 1
     assert again.pruner.name == pruner and again.space == cfg.space
     assert again.budget.n_trials == pruner_bench.UNCAPPED_TRIALS  # the clock ends each run
     assert again.budget.epochs == cfg.budget.epochs and again.budget.time_s == cfg.budget.time_s
     assert again.warm_start == cfg.warm_start and again.final == cfg.final
     built = make_pruner(again)
-    assert type(built).__name__ == config.PRUNERS[pruner]
+    assert type(built).__name__ == PRUNERS[pruner]
 
 
 def test_the_study_files_own_pruner_keeps_its_options_and_others_fit_its_horizon():

@@ -5,6 +5,8 @@ import pytest
 
 from hpo.search import space
 from hpo.settings import config
+from hpo.settings.dimensions import space_problems
+from hpo.settings.writer import to_toml
 
 # A space with one width per block (no growth) and one shared learning-rate range.
 PER_BLOCK = """
@@ -154,18 +156,18 @@ def test_the_new_keys_round_trip_through_the_stored_form():
     cfg = wide()
     again = config.from_dict(cfg.to_dict(), "stored")
     assert again.space == cfg.space
-    assert config.parse(__import__("tomllib").loads(config.to_toml(cfg)), "explained").space == cfg.space
+    assert config.parse(__import__("tomllib").loads(to_toml(cfg)), "explained").space == cfg.space
 
 
 def test_warm_start_points_are_checked_against_per_optimizer_ranges():
     cfg = wide()
     good = {"n_conv": 2, "filters_0": 16, "growth": 2.0, "optimizer": "sgd", "lr_sgd": 0.1}
-    assert config.space_problems(cfg.space, good) == []
-    assert config.space_problems(cfg.space, {**good, "lr_sgd": 1e-3}) == [
+    assert space_problems(cfg.space, good) == []
+    assert space_problems(cfg.space, {**good, "lr_sgd": 1e-3}) == [
         "lr_sgd = 0.001, but the space allows from 0.01 to 0.3"
     ]
-    assert "name it lr_sgd" in config.space_problems(cfg.space, {"optimizer": "sgd", "lr": 0.1})[0]
-    assert "filters_1 is not a parameter" in config.space_problems(cfg.space, {**good, "filters_1": 32})[0]
+    assert "name it lr_sgd" in space_problems(cfg.space, {"optimizer": "sgd", "lr": 0.1})[0]
+    assert "filters_1 is not a parameter" in space_problems(cfg.space, {**good, "filters_1": 32})[0]
 
 
 def test_the_middle_of_a_wide_space_builds():

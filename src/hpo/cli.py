@@ -22,6 +22,8 @@ from hpo.results import report
 from hpo.search import session
 from hpo.search.storage import default_url, mask, resolve_url
 from hpo.settings import config
+from hpo.settings.durations import format_duration, parse_duration
+from hpo.settings.writer import to_toml
 
 log = logging.getLogger("hpo")
 
@@ -125,7 +127,7 @@ def create(study_arg: str, storage: str | None, explain: bool) -> None:
         f"(budget {cfg.budget.n_trials})"
     )
     if explain:
-        click.echo(f"# the settings stored in study {cfg.name!r}, as a study file\n{config.to_toml(cfg)}", nl=False)
+        click.echo(f"# the settings stored in study {cfg.name!r}, as a study file\n{to_toml(cfg)}", nl=False)
 
 
 @cli.command()
@@ -220,7 +222,7 @@ def optimize(
 
 def _parse_time(text: str) -> float:
     try:
-        return config.parse_duration(text)
+        return parse_duration(text)
     except ValueError as e:
         raise HpoError(f"--time: {e}.") from e
 
@@ -518,7 +520,7 @@ def _bench_search(
 
     threads = threads or cpu_count()
     work_dir = bench_dir("search")
-    each = config.format_duration(time_s)
+    each = format_duration(time_s)
     click.echo(
         f"hpo bench --search: {each} of search + final model, then {each} of the fixed notebook CNN"
         f"{f', then {fidelity_top} finalists retrained for the fidelity report' if fidelity_top else ''}; "
@@ -560,10 +562,10 @@ def _bench_pruners(
     pruners = pruner_bench.parse_pruners(pruners_text)
     study_file = config.resolve_path(study_arg)
     work_dir = bench_dir("pruners")
-    each = config.format_duration(time_s)
+    each = format_duration(time_s)
     click.echo(
         f"hpo bench --pruners: {len(pruners)} pruners x {seeds} seed(s), {each} of search each "
-        f"(about {config.format_duration(time_s * len(pruners) * seeds)}); the studies go to {work_dir}/",
+        f"(about {format_duration(time_s * len(pruners) * seeds)}); the studies go to {work_dir}/",
         err=True,
     )
     result = pruner_bench.compare(

@@ -30,7 +30,8 @@ from hpo.search.status import study_status
 from hpo.search.study import create_or_load, exists, load
 from hpo.search.trials import FINISHED
 from hpo.settings import config
-from hpo.settings.config import StudyConfig, format_duration
+from hpo.settings.config import StudyConfig
+from hpo.settings.durations import format_duration
 
 log = logging.getLogger(__name__)
 

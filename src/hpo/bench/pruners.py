@@ -20,7 +20,9 @@ from hpo.bench.search import optimize_in
 from hpo.errors import HpoError
 from hpo.search.study import stored_config
 from hpo.settings import config
-from hpo.settings.config import Component, StudyConfig
+from hpo.settings.components import PRUNERS, Component
+from hpo.settings.config import StudyConfig
+from hpo.settings.writer import to_toml
 
 
 def horizon_options(name: str, cfg: StudyConfig) -> dict[str, Any]:
@@ -57,13 +59,13 @@ def variant(cfg: StudyConfig, pruner: str, seed_index: int) -> StudyConfig:
 def parse_pruners(text: str) -> list[str]:
     """'median,successive_halving' -> its names, each known and named once."""
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in config.PRUNERS]
+    unknown = [n for n in names if n not in PRUNERS]
     if unknown or len(names) < 2 or len(set(names)) != len(names):
         problem = (
             f"{', '.join(map(repr, unknown))} is not a pruner" if unknown else "it needs at least two different pruners"
         )
         raise HpoError(
-            f"--pruners {text!r}: {problem}. Give two or more of {', '.join(config.PRUNERS)}, comma-separated, "
+            f"--pruners {text!r}: {problem}. Give two or more of {', '.join(PRUNERS)}, comma-separated, "
             "e.g. --pruners median,successive_halving."
         )
     return names
@@ -142,7 +144,7 @@ def compare(
             where = work_dir / study_cfg.name
             where.mkdir(parents=True, exist_ok=True)
             path = where / f"{study_cfg.name}.toml"
-            path.write_text(config.to_toml(study_cfg))
+            path.write_text(to_toml(study_cfg))
             started = time.perf_counter()
             study = optimize_in(where, path, time_s, workers, data_dir, device, final=False)
             runs.append(record(study, pruner, study_cfg.seed, time.perf_counter() - started))

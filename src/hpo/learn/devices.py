@@ -18,7 +18,7 @@ import torch
 
 from hpo import attrs
 from hpo.errors import HpoError
-from hpo.settings.config import env_int
+from hpo.settings.envvars import env_int
 
 log = logging.getLogger(__name__)
 

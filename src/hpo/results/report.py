@@ -15,14 +15,14 @@ import optuna
 import hpo
 from hpo import attrs
 from hpo.search.status import search_over
-from hpo.settings import config
 from hpo.settings.config import StudyConfig
+from hpo.settings.durations import format_duration
 
 
 def time_note(deadline: Any) -> str:
     if deadline is None:
         return ""
-    return f", time budget {config.format_duration(deadline.time_s)} ({config.format_duration(deadline.left())} left)"
+    return f", time budget {format_duration(deadline.time_s)} ({format_duration(deadline.left())} left)"
 
 
 def final_text(metrics: dict[str, Any], out_dir: Path, name: str) -> str:
@@ -63,7 +63,7 @@ def _status_tail(summary: dict[str, Any]) -> list[str]:
     clock = summary.get("time_budget")
     if not search_over(summary):
         how = (
-            f"{len(summary['running'])} worker(s) at {config.format_duration(summary['mean_trial_s'])} per trial"
+            f"{len(summary['running'])} worker(s) at {format_duration(summary['mean_trial_s'])} per trial"
             if summary["running"]
             else "no worker is running"
         )
@@ -71,12 +71,12 @@ def _status_tail(summary: dict[str, Any]) -> list[str]:
             # An ETA past the deadline reads as hours to go; the clock ends the search first.
             lines.append(f"  the clock ends this search before its {summary['remaining']} remaining trial(s) ({how})")
         else:
-            eta = config.format_duration(summary["eta_s"])
+            eta = format_duration(summary["eta_s"])
             lines.append(f"  ETA {eta} for {summary['remaining']} remaining trial(s) ({how})")
     if clock:
         lines.append(
-            f"  time budget {config.format_duration(clock['time_s'])}: deadline {clock['deadline']}, "
-            + (f"{config.format_duration(clock['left_s'])} left" if clock["left_s"] else "over: no new trial starts")
+            f"  time budget {format_duration(clock['time_s'])}: deadline {clock['deadline']}, "
+            + (f"{format_duration(clock['left_s'])} left" if clock["left_s"] else "over: no new trial starts")
         )
     if summary["final"]:
         final = summary["final"]
@@ -96,7 +96,7 @@ def status_text(summary: dict[str, Any]) -> str:
     clock, states = summary.get("time_budget"), summary["states"]
     lines = []
     if clock:  # the clock, not the count, ends a timed search: say so first
-        left = f"{config.format_duration(clock['left_s'])} of {config.format_duration(clock['time_s'])} left"
+        left = f"{format_duration(clock['left_s'])} of {format_duration(clock['time_s'])} left"
         lines.append(
             f"study {summary['study']}: {left if clock['left_s'] else 'time budget spent'}, "
             f"{summary['started']} trials run ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
@@ -116,7 +116,7 @@ def status_text(summary: dict[str, Any]) -> str:
             if extension["n_trials"][0] != extension["n_trials"][1]
             else []
         )
-        changes += [f"time {config.format_duration(extension['time_s'])} from then"] if extension["time_s"] else []
+        changes += [f"time {format_duration(extension['time_s'])} from then"] if extension["time_s"] else []
         lines.append(f"  extended {when}: {', '.join(changes)}")
     epochs = summary["epochs"]
     capped = clock and summary["finished"] < summary["n_trials"]  # a timed study that met its trial cap says so
@@ -176,7 +176,7 @@ def bench_search_text(result: dict[str, Any], time_s: float, threads: int, devic
     lines: list[str] = []
     searched, fixed, pair = result["search"], result["fixed"], result["paired"]
     lines.append(f"{result['cpu']}, {threads} thread(s), {device or 'cpu'}")
-    lines.append(f"at {config.format_duration(time_s)} each, scored once on the 10,000 test images:")
+    lines.append(f"at {format_duration(time_s)} each, scored once on the 10,000 test images:")
     lines.append(
         f"  {searched['study']} search ({searched['trials']} trials: {searched['complete']} complete, "
         f"{searched['pruned']} pruned) + final model of {len(searched['members'])} member(s) "

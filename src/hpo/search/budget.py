@@ -26,7 +26,8 @@ from hpo import attrs
 from hpo.search.optuna_compat import study_engine
 from hpo.search.storage import database_time
 from hpo.search.trials import FINISHED, best_first
-from hpo.settings.config import FinalSettings, StudyConfig, format_duration, with_horizon
+from hpo.settings.config import FinalSettings, StudyConfig, with_horizon
+from hpo.settings.durations import format_duration
 
 if TYPE_CHECKING:  # types only: the time budget never imports torch
     from hpo.learn.train import EpochStats, Replan

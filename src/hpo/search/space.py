@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 
 from hpo.learn.params import TrialParams
-from hpo.settings.config import ParamSpec
+from hpo.settings.dimensions import ParamSpec
 
 
 def _suggest(trial: optuna.Trial, name: str, spec: ParamSpec) -> Any:

@@ -31,7 +31,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 
 from hpo import paths
 from hpo.errors import StorageError
-from hpo.settings.config import env_float, env_int
+from hpo.settings.envvars import env_float, env_int
 
 log = logging.getLogger(__name__)
 

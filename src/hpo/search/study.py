@@ -20,18 +20,20 @@ from hpo.search.reaper import adopt_liveness
 from hpo.search.storage import Storage, creation_lock
 from hpo.search.trials import FINISHED, best_first, value
 from hpo.settings import config
+from hpo.settings.components import PRUNERS, SAMPLERS
 from hpo.settings.config import StudyConfig
+from hpo.settings.dimensions import space_problems
 
 log = logging.getLogger(__name__)
 
 
 def make_sampler(cfg: StudyConfig, seed: int | None) -> optuna.samplers.BaseSampler:
-    cls = getattr(optuna.samplers, config.SAMPLERS[cfg.sampler.name])
+    cls = getattr(optuna.samplers, SAMPLERS[cfg.sampler.name])
     return _built(cfg, "sampler", lambda: cls(seed=seed, **cfg.sampler.options))
 
 
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
-    cls = getattr(optuna.pruners, config.PRUNERS[cfg.pruner.name])
+    cls = getattr(optuna.pruners, PRUNERS[cfg.pruner.name])
     return _built(cfg, "pruner", lambda: cls(**cfg.pruner.options))
 
 
@@ -150,7 +152,7 @@ def warm_start_trials(storage: optuna.storages.BaseStorage, cfg: StudyConfig) ->
         if taken == cfg.warm_start.top or key in seen:
             continue
         seen.add(key)
-        problems = config.space_problems(cfg.space, trial.params)
+        problems = space_problems(cfg.space, trial.params)
         if problems:
             log.warning(
                 "warm start: trial %d of study %r is not a point of this space (%s); skipped",
