@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 from hpo.bench.pipelines import DEFAULT_PARAMS
-from hpo.bench.search import fixed_baseline
+from hpo.bench.search import Setup, fixed_baseline
+from hpo.settings import config
 from hpo.settings.config import Augment, TrainSettings
 
 
+def setup(data_dir: Path, time_s: float = 3.0) -> Setup:
+    """One CPU thread on the fake data set; no search runs here, so no study file or folder is used."""
+    return Setup(Path("unused.toml"), time_s, 1, data_dir, "cpu", 1, Path("unused"))
+
+
+def plain(tta: str = "none") -> config.StudyConfig:
+    """A study whose [train] and [augment] are the defaults, as the baseline's own recipe."""
+    cfg = config.load("tiny")
+    final = dataclasses.replace(cfg.final, tta=tta)
+    return dataclasses.replace(cfg, train=TrainSettings(), augment=Augment(), seed=0, final=final)
+
+
 def test_fixed_baseline_fills_its_time_with_whole_epochs_and_reports_an_interval(fake_data_dir):
-    result = fixed_baseline(3.0, fake_data_dir, "cpu", 1, TrainSettings(), Augment(), tta="flip")
+    result = fixed_baseline(setup(fake_data_dir), plain(tta="flip"))
     assert result["params"] == DEFAULT_PARAMS  # two conv blocks of 32/64 filters, FC 512, Adam at 1e-3
     assert result["tta"] == "flip" and len(result["predictions"]) == 50  # one per test image (the fake set has 50)
     assert result["epochs"] >= 1 and result["epoch_s"] > 0
@@ -23,7 +39,7 @@ def test_a_fixed_baseline_whose_timer_read_fast_refits_its_epochs_to_its_budget(
 
     real = train.seconds_per_image
     monkeypatch.setattr(train, "seconds_per_image", lambda *a, **k: real(*a, **k) / 10_000)
-    result = fixed_baseline(3.0, fake_data_dir, "cpu", 1, TrainSettings(), Augment())
+    result = fixed_baseline(setup(fake_data_dir), plain())
     assert result["epochs"] >= 1
     assert result["wall_time_s"] < 60.0, result  # never a million epochs: re-fitted after the first
 
@@ -55,7 +71,6 @@ def test_the_paired_test_counts_only_the_images_the_two_disagree_on():
 
 
 def test_fidelity_retrains_the_finalists_at_the_horizon_and_ranks_them_on_validation(fake_data_dir):
-    import dataclasses
 
     import optuna
     from optuna.trial import TrialState, create_trial
@@ -76,7 +91,7 @@ def test_fidelity_retrains_the_finalists_at_the_horizon_and_ranks_them_on_valida
     dists = {k: optuna.distributions.CategoricalDistribution([v]) for k, v in pruned.items()}
     study.add_trial(create_trial(state=TrialState.PRUNED, params=pruned, distributions=dists))
     seen: list[int] = []
-    report = fidelity(study, cfg, fake_data_dir, "cpu", 1, top=3, on_row=lambda row: seen.append(row["trial"]))
+    report = fidelity(study, cfg, setup(fake_data_dir), top=3, on_row=lambda row: seen.append(row["trial"]))
     # Best first by the value the search holds; the pruned trial (no intermediate value) has none to rank by.
     assert [r["trial"] for r in report["finalists"]] == [1, 3, 2] and report["pick"] == 1
     assert seen == [1, 3, 2]  # each row reported as its retrain ended, so a stopped run keeps what it measured

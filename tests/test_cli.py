@@ -169,7 +169,9 @@ def test_final_after_a_search_without_complete_trials_says_what_to_do(tmp_path):
     import optuna
 
     from hpo.errors import HpoError
+    from hpo.learn.devices import place
     from hpo.results.final import after_search
+    from hpo.search.session import Workspace
     from hpo.settings import config
 
     study = optuna.create_study(direction="maximize")
@@ -178,7 +180,7 @@ def test_final_after_a_search_without_complete_trials_says_what_to_do(tmp_path):
         match=r"--final: study 'tiny' has no COMPLETE trial after the search, so there is "
         r"nothing to retrain. Give a longer --time",
     ):
-        after_search(study, config.load("tiny"), None, tmp_path, "cpu", None)
+        after_search(study, config.load("tiny"), Workspace(None, None, place("cpu")))
 
 
 def test_final_after_a_search_that_added_nothing_keeps_the_published_model(tmp_path):
@@ -186,7 +188,9 @@ def test_final_after_a_search_that_added_nothing_keeps_the_published_model(tmp_p
 
     from hpo import attrs
     from hpo.errors import HpoError
+    from hpo.learn.devices import place
     from hpo.results.final import after_search
+    from hpo.search.session import Workspace
     from hpo.settings import config
 
     study = optuna.create_study(direction="maximize")
@@ -197,7 +201,7 @@ def test_final_after_a_search_that_added_nothing_keeps_the_published_model(tmp_p
     )
     study.set_user_attr(attrs.FINAL, {"test_accuracy": 0.9312})
     with pytest.raises(HpoError) as info:
-        after_search(study, config.load("tiny"), None, tmp_path, "cpu", None, finished_before=1)
+        after_search(study, config.load("tiny"), Workspace(None, None, place("cpu")), finished_before=1)
     message = str(info.value)
     assert (
         "--final: the search finished no new trial, so the published model (test accuracy 93.12 %) is kept" in message

@@ -26,6 +26,7 @@ from hpo.search import storage
 from hpo.search import study as study_mod
 from hpo.search import worker as worker_mod
 from hpo.search.optuna_compat import study_id, study_storage
+from hpo.search.session import Workspace
 from hpo.settings import config
 
 TINY = (REPO / "studies" / "tiny.toml").read_text()
@@ -223,7 +224,7 @@ def run_worker(tmp_path, cfg_text: str, enqueue: list[dict] | None = None):
     study, cfg = study_mod.create_or_load(store, config.load(str(path)), sampler_seed=0)
     for params in enqueue or []:
         study.enqueue_trial(params)
-    result = worker_mod.run(study, cfg, synthetic_trial_data(), place("cpu", 1), store)
+    result = worker_mod.run(study, cfg, synthetic_trial_data(), Workspace(store, None, place("cpu", 1)))
     return study, result
 
 

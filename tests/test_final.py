@@ -165,7 +165,7 @@ def test_the_test_passes_are_timed_for_every_member_and_view():
     import torch
 
     from hpo.learn.data import DeviceData
-    from hpo.results.final import test_pass_seconds, test_passes
+    from hpo.results.retrain import test_pass_seconds, test_passes
     from hpo.search import space
 
     cfg = config.load("tiny")  # flip TTA
@@ -247,9 +247,10 @@ def test_a_trial_and_the_finalizer_train_the_same_recipe_from_a_study_file(monke
     augmentation and the horizon, as each code path hands it to the one training loop."""
     from hpo.learn.data import DeviceData, TrialData
     from hpo.learn.devices import place
-    from hpo.results import final as final_mod
+    from hpo.results import retrain
     from hpo.search import objective as objective_mod
     from hpo.search import space
+    from hpo.search.session import Workspace
 
     cfg = config.load("cnn-quick")
     runs = []
@@ -262,16 +263,16 @@ def test_a_trial_and_the_finalizer_train_the_same_recipe_from_a_study_file(monke
         raise Captured
 
     monkeypatch.setattr(objective_mod, "fit", capture)
-    monkeypatch.setattr(final_mod, "fit", capture)
+    monkeypatch.setattr(retrain, "fit", capture)
     images = torch.randint(0, 255, (64, 28, 28), dtype=torch.uint8)
     data = DeviceData(images, torch.arange(64) % 10, torch.device("cpu"))
     study = optuna.create_study(direction="maximize")
     trial = study.ask()
     with pytest.raises(Captured):
-        objective_mod.TrialRun(cfg, TrialData(data, data), place("cpu", 1), trial).run(None)
+        objective_mod.TrialRun(cfg, TrialData(data, data), Workspace(None, None, place("cpu", 1)), trial).run(None)
     frozen = create_trial(state=TrialState.COMPLETE, value=0.9, params=trial.params, distributions=trial.distributions)
     with pytest.raises(Captured):
-        final_mod._train_member(frozen, cfg, data, cfg.final.epochs, 7, "member 1/1")
+        retrain._train_member(retrain.Retrain(frozen, 7), cfg, data, cfg.final.epochs)
     trial_run, final_run = runs
     assert trial_run.epochs == cfg.budget.epochs == cfg.final.epochs  # the final horizon is the trials' horizon
     assert dataclasses.replace(trial_run, seed=0) == dataclasses.replace(final_run, seed=0)

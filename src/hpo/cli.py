@@ -5,6 +5,7 @@ Errors a user can cause are `HpoError`s; they print as one line and exit 1 (`--d
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -20,9 +21,9 @@ from hpo.errors import HpoError
 from hpo.paths import bench_dir, final_dir
 from hpo.results import report
 from hpo.search import session
-from hpo.search.storage import default_url, mask, resolve_url
+from hpo.search.storage import default_url, mask
 from hpo.settings import config
-from hpo.settings.durations import format_duration, parse_duration
+from hpo.settings.durations import parse_duration
 from hpo.settings.writer import to_toml
 
 log = logging.getLogger("hpo")
@@ -160,16 +161,11 @@ def worker(
     trials_per_gpu: int | None,
 ) -> None:
     """Run trials of a shared study until its budget is met."""
-    from hpo.learn.devices import trials_per_gpu as slots_per_gpu
-    from hpo.search.artifacts import open_for
-    from hpo.search.worker import Shutdown, serve
+    from hpo.search.worker import Request, Shutdown, start
 
-    slots = slots_per_gpu(trials_per_gpu)
-    # The artifact store is checked first: a bad location must fail before the storage is touched.
-    _, artifact_store = open_for(artifacts, resolve_url(storage))
-    cfg, opened = session.worker_config(study_arg, storage)
+    request = Request(study_arg, storage, data_dir, device, artifacts, threads, sampler_seed, trials_per_gpu)
     try:
-        result = serve(cfg, opened, artifact_store, data_dir, device, threads, sampler_seed, slots)
+        result = start(request)
     except Shutdown as e:
         log.warning("stopping: %s; a running trial was failed and re-queued", e)
         sys.exit(128 + e.signal)
@@ -252,12 +248,10 @@ def final_train(
 
     opened = session.open_study(study_arg, storage)
     study, cfg = opened.study, opened.config
-    _, artifact_store = opened.artifact_store(artifacts)
-    placement = place(device)
-    dataset = sources.open_for(cfg, data_dir)
+    store = opened.artifact_store(artifacts)[1]
+    workspace = session.Workspace(opened.storage, store, place(device), sources.open_for(cfg, data_dir))
     out_dir = Path(out) if out else final_dir(cfg.name)
-    live = budget.running_deadline(study)
-    metrics = final.final_train(study, cfg, dataset, placement, out_dir, epochs, artifact_store, opened.storage, live)
+    metrics = final.final_train(study, cfg, workspace, out_dir, epochs, budget.running_deadline(study))
     click.echo(report.final_text(metrics, out_dir, cfg.name))
 
 
@@ -315,15 +309,20 @@ def delete(study_arg: str, storage: str | None, artifacts: str | None, yes: bool
     if not force:
         hpo.search.study.refuse_while_live(study, opened.storage)
     if not yes:
-        if not sys.stdin.isatty():
-            raise HpoError(
-                f"deleting study {cfg.name!r} needs a confirmation and there is no terminal to ask on. Pass --yes."
-            )
-        click.confirm(f"Delete study {cfg.name!r} with its {len(study.trials)} trials and their artifacts?", abort=True)
-    _, artifact_store = opened.artifact_store(artifacts)
+        _confirm(
+            f"deleting study {cfg.name!r}",
+            f"Delete study {cfg.name!r} with its {len(study.trials)} trials and their artifacts?",
+        )
     n_trials = len(study.get_trials(deepcopy=False))
-    removed = hpo.search.study.delete(study, opened.storage, artifact_store)
+    removed = hpo.search.study.delete(study, opened.storage, opened.artifact_store(artifacts)[1])
     click.echo(f"deleted study {cfg.name!r}: {n_trials} trials and {removed} artifact file(s)")
+
+
+def _confirm(what: str, question: str) -> None:
+    """Ask on the terminal (no: abort); without a terminal to ask on, refuse in one line."""
+    if not sys.stdin.isatty():
+        raise HpoError(f"{what} needs a confirmation and there is no terminal to ask on. Pass --yes.")
+    click.confirm(question, abort=True)
 
 
 @cli.command()
@@ -359,20 +358,28 @@ def status(study_arg: str, storage: str | None, as_json: bool, watch: bool, inte
     from hpo.search.status import search_over, study_status
 
     opened = session.open_study(study_arg, storage)
-    while True:
+    for refresh in itertools.count():
         summary = study_status(opened.study, opened.config, opened.storage)
-        text = json.dumps(summary, indent=None if watch else 2) if as_json else report.status_text(summary)
-        if watch and not as_json and sys.stdout.isatty():
-            click.clear()
-        click.echo(text)
+        _show_status(summary, as_json, watch, again=refresh > 0)
         if not watch or (search_over(summary) and not summary["running"]):
             return
         try:
             time.sleep(interval)
         except KeyboardInterrupt:
             return
-        if not as_json and not sys.stdout.isatty():
-            click.echo("")
+
+
+def _show_status(summary: dict[str, Any], as_json: bool, watch: bool, again: bool) -> None:
+    """One refresh: JSON (one line per refresh with --watch), or the table; on a terminal --watch
+    redraws the screen, elsewhere a blank line separates the refreshes."""
+    if as_json:
+        click.echo(json.dumps(summary, indent=None if watch else 2))
+        return
+    if watch and sys.stdout.isatty():
+        click.clear()
+    elif again:
+        click.echo("")
+    click.echo(report.status_text(summary))
 
 
 @cli.command()
@@ -394,11 +401,8 @@ def dashboard(study_arg: str | None, storage: str | None, artifacts: str | None,
     from hpo.search import optuna_compat
 
     opened = session.open_study(study_arg, storage) if study_arg else session.open_storage(storage)
-    page = (
-        f"dashboard/studies/{optuna_compat.study_id(opened.study)}"
-        if isinstance(opened, session.OpenedStudy)
-        else "dashboard"
-    )
+    study = opened.study if isinstance(opened, session.OpenedStudy) else None
+    page = f"dashboard/studies/{optuna_compat.study_id(study)}" if study else "dashboard"
     location, artifact_store = opened.artifact_store(artifacts)
     click.echo(
         f"optuna-dashboard on {mask(opened.url)}, artifacts in {location}: "
@@ -484,98 +488,54 @@ def bench(
 ) -> None:
     """Images/s of our training engine against the seed-style notebook pipeline, same model and batch
     (or, with --search, the searched ensemble against the fixed notebook CNN at the same time budget)."""
-    import hpo.bench.pipelines
+    from hpo.bench import pipelines
 
-    if pruners:
-        if not search_time:
-            raise HpoError("--pruners needs --search DURATION, the time each pruner's search gets, e.g. --search 10m.")
-        where = spec_options["data_dir"], spec_options["device"], spec_options["repeats"]
-        _bench_pruners(study_arg or "cnn-quick", _parse_time(search_time), workers or 2, pruners, *where, as_json)
-        return
+    if pruners and not search_time:
+        raise HpoError("--pruners needs --search DURATION, the time each pruner's search gets, e.g. --search 10m.")
     if search_time:
-        where = spec_options["data_dir"], spec_options["device"], spec_options["threads"]
-        _bench_search(study_arg or "cnn-quick", _parse_time(search_time), workers or 2, *where, fidelity_top, as_json)
-        return
+        kind = "pruners" if pruners else "search"
+        setup = _bench_setup(study_arg or "cnn-quick", search_time, workers, spec_options, kind)
+        if pruners:
+            return _bench_pruners(setup, pruners, spec_options["repeats"], as_json)
+        return _bench_search(setup, fidelity_top, as_json)
     best = session.open_study(study_arg, storage).study.best_trial.params if study_arg else {}
-    params = hpo.bench.pipelines.params_for(best, params_json)
-    result = hpo.bench.pipelines.measure(
-        hpo.bench.pipelines.BenchSpec.from_options(params, **spec_options), workers, rounds
-    )
-    click.echo(json.dumps(result, indent=2) if as_json else hpo.bench.pipelines.describe(result))
+    spec = pipelines.BenchSpec.from_options(pipelines.params_for(best, params_json), **spec_options)
+    result = pipelines.measure(spec, workers, rounds)
+    click.echo(json.dumps(result, indent=2) if as_json else pipelines.describe(result))
 
 
-def _bench_search(
-    study_arg: str,
-    time_s: float,
-    workers: int,
-    data_dir: str | None,
-    device: str | None,
-    threads: int | None,
-    fidelity_top: int,
-    as_json: bool,
-) -> None:
-    from hpo.bench import search as search_bench
-    from hpo.learn import data
-    from hpo.learn.devices import cpu_count, describe_cpu
+def _bench_setup(study_arg: str, search_time: str, workers: int, spec_options: dict[str, Any], kind: str) -> Any:
+    from hpo.bench.search import Setup
+    from hpo.learn.data import find_data_dir
+    from hpo.learn.devices import cpu_count
 
-    threads = threads or cpu_count()
-    work_dir = bench_dir("search")
-    each = format_duration(time_s)
-    click.echo(
-        f"hpo bench --search: {each} of search + final model, then {each} of the fixed notebook CNN"
-        f"{f', then {fidelity_top} finalists retrained for the fidelity report' if fidelity_top else ''}; "
-        f"the search's storage and outputs go to {work_dir}/, and each stage's figures to "
-        f"{work_dir / 'bench-search.json'} as it ends",
-        err=True,
-    )
-    result = search_bench.search_against_fixed(
-        config.resolve_path(study_arg),
-        time_s,
-        workers,
-        data.find_data_dir(data_dir),
-        device,
-        threads,
-        work_dir,
-        fidelity_top,
-    )
-    result["cpu"] = describe_cpu()
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    click.echo(report.bench_search_text(result, time_s, threads, device))
+    where = find_data_dir(spec_options["data_dir"]), spec_options["device"], spec_options["threads"] or cpu_count()
+    return Setup(config.resolve_path(study_arg), _parse_time(search_time), workers or 2, *where, bench_dir(kind))
 
 
-def _bench_pruners(
-    study_arg: str,
-    time_s: float,
-    workers: int,
-    pruners_text: str,
-    data_dir: str | None,
-    device: str | None,
-    seeds: int,
-    as_json: bool,
-) -> None:
-    from hpo.bench import pruners as pruner_bench
-    from hpo.learn import data
+def _bench_search(setup: Any, fidelity_top: int, as_json: bool) -> None:
+    from hpo.bench import search
     from hpo.learn.devices import describe_cpu
 
-    pruners = pruner_bench.parse_pruners(pruners_text)
-    study_file = config.resolve_path(study_arg)
-    work_dir = bench_dir("pruners")
-    each = format_duration(time_s)
+    click.echo(report.bench_search_banner(setup.time_s, fidelity_top, setup.work_dir), err=True)
+    result = {**search.search_against_fixed(setup, fidelity_top), "cpu": describe_cpu()}
     click.echo(
-        f"hpo bench --pruners: {len(pruners)} pruners x {seeds} seed(s), {each} of search each "
-        f"(about {format_duration(time_s * len(pruners) * seeds)}); the studies go to {work_dir}/",
-        err=True,
+        json.dumps(result, indent=2)
+        if as_json
+        else report.bench_search_text(result, setup.time_s, setup.threads, setup.device)
     )
-    result = pruner_bench.compare(
-        study_file, pruners, time_s, workers, seeds, data.find_data_dir(data_dir), device, work_dir
-    )
-    result["cpu"] = describe_cpu()
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    click.echo(report.bench_pruners_text(result, workers, device, each))
+
+
+def _bench_pruners(setup: Any, pruners_text: str, seeds: int, as_json: bool) -> None:
+    from hpo.bench import pruners as pruner_bench
+    from hpo.learn.devices import describe_cpu
+    from hpo.settings.durations import format_duration
+
+    pruners = pruner_bench.parse_pruners(pruners_text)
+    click.echo(report.bench_pruners_banner(setup.time_s, len(pruners), seeds, setup.work_dir), err=True)
+    result = {**pruner_bench.compare(setup, pruners, seeds), "cpu": describe_cpu()}
+    text = report.bench_pruners_text(result, setup.workers, setup.device, format_duration(setup.time_s))
+    click.echo(json.dumps(result, indent=2) if as_json else text)
 
 
 def _final_model_path(study_arg: str, model_path: str | None) -> tuple[str, Path]:
@@ -618,15 +578,8 @@ def predict(
     for result in results:
         if result.error:
             click.echo(f"{result.path}: cannot predict: {result.error}", err=True)
-            if not as_json:
-                continue
-        if as_json:
-            top_k = [{"label": c, "probability": p} for c, p in result.top]
-            row = {"path": result.path, "label": result.label, "probability": result.probability, "top": top_k}
-            click.echo(json.dumps({**row, "error": result.error}))
-        else:
-            others = "  ".join(f"{c} {p:.4f}" for c, p in result.top[1:])
-            click.echo(f"{result.path}\t{result.label}\t{result.probability:.4f}" + (f"\t{others}" if others else ""))
+        if as_json or not result.error:
+            click.echo(report.prediction_line(result, as_json))
     failed = sum(1 for result in results if result.error)
     if failed:
         raise HpoError(f"{failed} of {len(results)} files could not be predicted (reasons above); the others were.")
@@ -656,27 +609,15 @@ def export(
 
     name, path = _final_model_path(study_arg, model_path)
     model, meta = inference.load_model(path, name)
-    info = meta["data"]
     target = Path(out) if out else path.with_suffix(inference.EXPORT_FORMATS[fmt])
     inference.export(model, meta, fmt, target)
-    click.echo(
-        f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, {fmt}): input {inference.input_text(info)}, "
-        f"output log-probabilities (N, {len(info['classes'])}); class names and normalisation in its metadata"
-    )
-    if not check:
-        return
-    images = sources.test_images(info, data_dir)
-    result = inference.check_export(model, target, fmt, images, info)
-    click.echo(
-        f"check on the {result.images:,} test images: max |output difference| {result.max_diff:.2e}, "
-        f"same class for {result.agree:.2%}"
-    )
-    if not result.ok:
-        raise HpoError(
-            f"the exported {fmt} model does not match the PyTorch model (max difference "
-            f"{result.max_diff:.2e}, {result.agree:.2%} same class). Report this with the versions of "
-            "torch and the runtime."
-        )
+    info = meta["data"]
+    click.echo(report.export_line(target, fmt, inference.input_text(info), len(info["classes"])))
+    if check:
+        result = inference.check_export(model, target, fmt, sources.test_images(info, data_dir), info)
+        click.echo(report.export_check_line(result))
+        if not result.ok:
+            raise HpoError(report.export_mismatch(result, fmt))
 
 
 _PROCESS_STARTED_AT: float | None = None  # set by main(): `hpo` run as a command, not in-process

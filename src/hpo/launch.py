@@ -87,9 +87,8 @@ def optimize(request: Request, echo: Callable[[str], None]) -> None:
     finally:
         echo(report.status_text(study_status(study, cfg, opened.storage)))
     if request.run_final:
-        metrics = final.after_search(
-            study, cfg, opened.storage, dataset, request.device, artifact_store, finished_before
-        )
+        workspace = session.Workspace(opened.storage, artifact_store, final.final_placement(request.device), dataset)
+        metrics = final.after_search(study, cfg, workspace, finished_before)
         echo(report.final_text(metrics, final_dir(cfg.name), cfg.name))
     echo(f"wall time {time.time() - request.started_at:.0f}s")
 

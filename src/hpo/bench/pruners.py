@@ -13,10 +13,9 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from hpo.bench.search import optimize_in
+from hpo.bench.search import Setup, optimize_in
 from hpo.errors import HpoError
 from hpo.search.study import stored_config
 from hpo.settings import config
@@ -124,34 +123,25 @@ def summarize(runs: list[dict[str, Any]], pruners: list[str], direction: str) ->
     return rows
 
 
-def compare(
-    study_file: Path,
-    pruners: list[str],
-    time_s: float,
-    workers: int,
-    seeds: int,
-    data_dir: Path,
-    device: str | None,
-    work_dir: Path,
-) -> dict[str, Any]:
-    """Run the study's search for `time_s` once per pruner and seed (interleaved), and compare."""
-    cfg = config.load(study_file)
-    work_dir.mkdir(parents=True, exist_ok=True)
+def compare(setup: Setup, pruners: list[str], seeds: int) -> dict[str, Any]:
+    """Run the study's search for `setup.time_s` once per pruner and seed (interleaved), and compare."""
+    cfg = config.load(setup.study_file)
+    setup.work_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed_index in range(seeds):
         for pruner in pruners:
             study_cfg = variant(cfg, pruner, seed_index)
-            where = work_dir / study_cfg.name
+            where = setup.work_dir / study_cfg.name
             where.mkdir(parents=True, exist_ok=True)
             path = where / f"{study_cfg.name}.toml"
             path.write_text(to_toml(study_cfg))
             started = time.perf_counter()
-            study = optimize_in(where, path, time_s, workers, data_dir, device, final=False)
+            study = optimize_in(replace(setup, study_file=path, work_dir=where), final=False)
             runs.append(record(study, pruner, study_cfg.seed, time.perf_counter() - started))
     return {
         "study": cfg.name,
-        "time_s": time_s,
-        "workers": workers,
+        "time_s": setup.time_s,
+        "workers": setup.workers,
         "metric": cfg.metric,
         "direction": cfg.direction,
         "options": {p: horizon_options(p, cfg) for p in pruners},

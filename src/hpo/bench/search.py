@@ -11,6 +11,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +22,24 @@ from hpo.paths import final_dir
 log = logging.getLogger(__name__)
 
 
-def fixed_baseline(
-    time_s: float,
-    data_dir: Path,
-    device: str,
-    threads: int,
-    settings: Any,
-    augment: Any,
-    seed: int = 0,
-    tta: str = "none",
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Setup:
+    """What every run of a benchmark shares: the study file, the time each run gets, the local
+    workers of a search, this host's data, device and threads, and the folder the runs go to."""
+
+    study_file: Path
+    time_s: float
+    workers: int
+    data_dir: Path
+    device: str | None
+    threads: int
+    work_dir: Path
+
+
+def fixed_baseline(setup: Setup, cfg: Any) -> dict[str, Any]:
     """The notebook's fixed CNN (DEFAULT_PARAMS) trained from scratch on all 60,000 training images
-    for as many epochs as fit in `time_s`, with the study's [train] settings, [augment] and TTA (what
-    the searched model gets), then scored once on the test split.
+    for as many epochs as fit in `setup.time_s`, with the study's [train] settings, [augment], seed
+    and TTA (what the searched model gets), then scored once on the test split.
 
     The epoch count comes from timing 60 training steps after 10 untimed ones (the finalizer's timer;
     that time counts too), and is re-fitted to its own epochs through its first half as the
@@ -48,22 +54,23 @@ def fixed_baseline(
     from hpo.learn.model import Ensemble
     from hpo.learn.params import TrialParams
     from hpo.learn.train import TrainingRun, evaluate, fit, seconds_per_image, seeded_model
-    from hpo.results.final import accuracy_figures
+    from hpo.results.scoring import accuracy_figures
     from hpo.search import budget
 
     started = time.perf_counter()
+    time_s, seed, tta = setup.time_s, cfg.seed, cfg.final.tta
     deadline = budget.Deadline(at=time.time() + time_s, time_s=time_s, set_at=time.time())
-    placement = place(device, threads)
-    images, labels = data.load_split(data_dir, "train")
+    placement = place(setup.device or "cpu", setup.threads)
+    images, labels = data.load_split(setup.data_dir, "train")
     train = data.DeviceData(images, labels, placement.device)
     params = TrialParams.from_flat(DEFAULT_PARAMS)
-    epoch_s = seconds_per_image(params, train, settings, augment, steps=60, warmup=10) * len(train)
+    epoch_s = seconds_per_image(params, train, cfg.train, cfg.augment, steps=60, warmup=10) * len(train)
     left = time_s - (time.perf_counter() - started) - 0.02 * time_s  # 2 % for the test pass and exit
     epochs = max(1, int(left // (1.05 * epoch_s)))
     model = seeded_model(params.model, seed, placement.device)
-    run = TrainingRun(params.optimizer, settings, augment, epochs, seed)
+    run = TrainingRun(params.optimizer, cfg.train, cfg.augment, epochs, seed)
     epochs = len(fit(model, train, None, run, replan=budget.timed_replan(deadline, 0.0, epochs)))  # as re-fitted
-    test_images, test_labels = data.load_split(data_dir, "test")
+    test_images, test_labels = data.load_split(setup.data_dir, "test")
     test = data.DeviceData(test_images, test_labels, placement.device)
     ev = evaluate(Ensemble([model], tta), test, fast=False)
     figures = accuracy_figures(ev.predictions, torch.as_tensor(test_labels))
@@ -84,13 +91,7 @@ FIDELITY_TAG = 0x46494445  # "FIDE": the fidelity retrains' seeds, apart from ev
 
 
 def fidelity(
-    study: Any,
-    cfg: Any,
-    data_dir: Path,
-    device: str,
-    threads: int,
-    top: int = 5,
-    on_row: Callable[[dict[str, Any]], None] | None = None,
+    study: Any, cfg: Any, setup: Setup, top: int = 5, on_row: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
     """The top `top` distinct finished trials by the value the search holds for them (a COMPLETE
     trial's value at the final horizon; a pruned one's at the epoch it stopped), each retrained
@@ -137,8 +138,8 @@ def fidelity(
     finalists = list(distinct.values())[:top]
     complete = [t for t in finalists if t.state == optuna.trial.TrialState.COMPLETE]
     pick = complete[0].number if complete else None
-    placement = place(device, threads)
-    dataset = sources.load(cfg.data, data_dir, cfg.seed, cfg.budget.val_fraction)
+    placement = place(setup.device or "cpu", setup.threads)
+    dataset = sources.load(cfg.data, setup.data_dir, cfg.seed, cfg.budget.val_fraction)
     split = data.trial_data(dataset, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset)
     rows = []
     for trial in finalists:
@@ -182,11 +183,10 @@ def paired(search_predictions: list[int], fixed_predictions: list[int], truth: l
     return {"only_search": only_search, "only_fixed": only_fixed, "p_value": mcnemar_exact(only_search, only_fixed)}
 
 
-def optimize_in(
-    work_dir: Path, study_file: Path, time_s: float, workers: int, data_dir: Path, device: str | None, final: bool
-) -> Any:
-    """`hpo optimize --time T [--final]` on `study_file` in a child process, in `work_dir` with a fresh
-    SQLite storage of its own (work_dir/runs/hpo.db); returns the finished Optuna study."""
+def optimize_in(setup: Setup, final: bool) -> Any:
+    """`hpo optimize --time T [--final]` on the setup's study file in a child process, in its
+    `work_dir` with a fresh SQLite storage of its own (work_dir/runs/hpo.db); returns the finished
+    Optuna study."""
     import subprocess
     import sys
 
@@ -194,11 +194,12 @@ def optimize_in(
 
     from hpo.settings import config
 
-    name = config.load(study_file).name
+    work_dir, device = setup.work_dir, setup.device
+    name = config.load(setup.study_file).name
     shutil.rmtree(work_dir / "runs", ignore_errors=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "hpo", "optimize", "--study", str(study_file.resolve())]
-    args += ["--workers", str(workers), "--time", f"{time_s:g}s", "--data-dir", str(data_dir)]
+    args = [sys.executable, "-m", "hpo", "optimize", "--study", str(setup.study_file.resolve())]
+    args += ["--workers", str(setup.workers), "--time", f"{setup.time_s:g}s", "--data-dir", str(setup.data_dir)]
     args += (["--final"] if final else []) + (["--device", device] if device else [])
     done = subprocess.run(args, cwd=work_dir, capture_output=True, text=True)
     if done.returncode != 0:
@@ -207,91 +208,38 @@ def optimize_in(
     return optuna.load_study(study_name=name, storage=f"sqlite:///{work_dir / 'runs' / 'hpo.db'}")
 
 
-def search_against_fixed(
-    study_file: Path,
-    time_s: float,
-    workers: int,
-    data_dir: Path,
-    device: str | None,
-    threads: int,
-    work_dir: Path,
-    fidelity_top: int = 5,
-) -> dict[str, Any]:
-    """`hpo optimize --time T --final` on `study_file` in `work_dir` (its own storage and outputs),
-    then the fixed notebook CNN for the same T on the same device and threads, with the study's
-    recipe, augmentation and TTA; both scored on the same test images, with McNemar's paired test.
-    Then the fidelity of the search's ranking (`fidelity_top` finalists retrained; 0: skipped)."""
-    import torch
+def search_against_fixed(setup: Setup, fidelity_top: int = 5) -> dict[str, Any]:
+    """`hpo optimize --time T --final` on the study file in `setup.work_dir` (its own storage and
+    outputs), then the fixed notebook CNN for the same T on the same device and threads, with the
+    study's recipe, augmentation and TTA; both scored on the same test images, with McNemar's paired
+    test. Then the fidelity of the search's ranking (`fidelity_top` finalists retrained; 0: skipped).
 
-    from hpo.learn import data
-    from hpo.learn.inference import load_model
-    from hpo.learn.train import evaluate
-    from hpo.search.study import stored_config
+    Each stage's figures are kept in work_dir/bench-search.json as it ends, so a run stopped
+    part-way (the fidelity report takes `fidelity_top` whole horizons) still holds what it measured."""
     from hpo.settings import config
 
-    cfg = config.load(study_file)
+    cfg = config.load(setup.study_file)
     if cfg.data.source != "fashion-mnist":
         raise HpoError(
             f"hpo bench --search compares a search with the notebook's fixed Fashion-MNIST CNN, but study "
             f"{cfg.name!r} trains on [data] source {cfg.data.source!r}. Give it a Fashion-MNIST study."
         )
-    # Each stage's figures are kept as they come, so a run stopped part-way (the fidelity report takes
-    # `fidelity_top` whole horizons) still holds what it measured.
-    partial = work_dir / "bench-search.json"
+    partial = setup.work_dir / "bench-search.json"
     partial.unlink(missing_ok=True)
-    started = time.perf_counter()
-    study = optimize_in(work_dir, study_file, time_s, workers, data_dir, device, final=True)
-    # The settings the study ran with: a study file with `fit_epochs` may have trained a shorter
-    # horizon than it names, and the fidelity retrains train the study's.
-    cfg = stored_config(study) or cfg
-    out = final_dir(cfg.name, work_dir / "runs")
-    searched = json.loads((out / "metrics.json").read_text())
-    states = [t.state.name for t in study.get_trials(deepcopy=False)]
-    result: dict[str, Any] = {
-        "time_s": time_s,
-        "search": {
-            "study": cfg.name,
-            "test_accuracy": searched["test_accuracy"],
-            "test_ci95": searched["test_ci95"],
-            "members": [m["trial"] for m in searched["members"] if m["trained_by"] == "final-train"],
-            "trial_models": [m["trial"] for m in searched["members"] if m["trained_by"] == "search"],
-            "ensemble": searched["ensemble"],
-            "epochs": searched["epochs"],
-            "trials": len(states),
-            "complete": states.count("COMPLETE"),
-            "pruned": states.count("PRUNED"),
-            "wall_time_s": round(time.perf_counter() - started, 1),
-        },
-    }
+    result: dict[str, Any] = {"time_s": setup.time_s}
 
     def keep(line: str) -> None:
         partial.write_text(json.dumps(result, indent=2))
         log.info("%s (kept in %s)", line, partial)
 
+    study, cfg, out = _search_stage(setup, cfg, result)
     keep(
-        f"search: {searched['test_accuracy']:.4f} test accuracy, {len(states)} trials, "
-        f"{result['search']['wall_time_s']:.0f}s; now the fixed CNN for {time_s:g}s"
+        f"search: {result['search']['test_accuracy']:.4f} test accuracy, {result['search']['trials']} trials, "
+        f"{result['search']['wall_time_s']:.0f}s; now the fixed CNN for {setup.time_s:g}s"
     )
-    fixed = fixed_baseline(
-        time_s, data_dir, device or "cpu", threads, cfg.train, cfg.augment, seed=cfg.seed, tta=cfg.final.tta
-    )
-    # The last lines read the test split again, for the paired test only: the searched model as
-    # model.pt holds it, in fp32 (the finalizer's own figure; checked equal below).
-    test_images, test_labels = data.load_split(data_dir, "test")
-    model, _ = load_model(out / "model.pt", cfg.name)
-    test = data.DeviceData(test_images, test_labels, torch.device("cpu"))
-    search_predictions = evaluate(model, test, fast=False).predictions.tolist()
-    truth = [int(y) for y in test_labels]
-    again = sum(p == t for p, t in zip(search_predictions, truth)) / len(truth)
-    if abs(again - searched["test_accuracy"]) > 1e-3:
-        raise HpoError(
-            f"model.pt scores {again:.4f} on the test split, but metrics.json says {searched['test_accuracy']:.4f}"
-        )
-    result["fixed"] = {k: v for k, v in fixed.items() if k != "predictions"}
-    result["difference"] = searched["test_accuracy"] - fixed["test_accuracy"]
-    result["paired"] = paired(search_predictions, fixed.pop("predictions"), truth)
+    _fixed_stage(setup, cfg, out, result)
     keep(
-        f"fixed CNN: {fixed['test_accuracy']:.4f} after {fixed['epochs']} epochs; McNemar p = "
+        f"fixed CNN: {result['fixed']['test_accuracy']:.4f} after {result['fixed']['epochs']} epochs; McNemar p = "
         f"{result['paired']['p_value']:.3g}"
         + (f"; now {fidelity_top} fidelity retrains of {cfg.budget.epochs} epochs each" if fidelity_top else "")
     )
@@ -305,7 +253,60 @@ def search_against_fixed(
                 f"retrained {row['retrained_value']:.4f}"
             )
 
-        result["fidelity"] = fidelity(study, cfg, data_dir, device or "cpu", threads, fidelity_top, row_done)
+        result["fidelity"] = fidelity(study, cfg, setup, fidelity_top, row_done)
         del result["fidelity_so_far"]
         keep(f"fidelity: Spearman's rho {result['fidelity']['spearman']:.2f}")
     return result
+
+
+def _search_stage(setup: Setup, cfg: Any, result: dict[str, Any]) -> tuple[Any, Any, Path]:
+    """The search with its finalizer; its figures go to result["search"]. Returns the study, the
+    settings it ran with (a study file with `fit_epochs` may have trained a shorter horizon than it
+    names, and the fidelity retrains train the study's) and its final/ folder."""
+    from hpo.search.study import stored_config
+
+    started = time.perf_counter()
+    study = optimize_in(setup, final=True)
+    cfg = stored_config(study) or cfg
+    out = final_dir(cfg.name, setup.work_dir / "runs")
+    searched = json.loads((out / "metrics.json").read_text())
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    result["search"] = {
+        "study": cfg.name,
+        "test_accuracy": searched["test_accuracy"],
+        "test_ci95": searched["test_ci95"],
+        "members": [m["trial"] for m in searched["members"] if m["trained_by"] == "final-train"],
+        "trial_models": [m["trial"] for m in searched["members"] if m["trained_by"] == "search"],
+        "ensemble": searched["ensemble"],
+        "epochs": searched["epochs"],
+        "trials": len(states),
+        "complete": states.count("COMPLETE"),
+        "pruned": states.count("PRUNED"),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    return study, cfg, out
+
+
+def _fixed_stage(setup: Setup, cfg: Any, out: Path, result: dict[str, Any]) -> None:
+    """The fixed CNN for the same time, then the paired test. These lines read the test split again,
+    for the paired test only: the searched model as model.pt holds it, in fp32 (the finalizer's own
+    figure; checked equal here)."""
+    import torch
+
+    from hpo.learn import data
+    from hpo.learn.inference import load_model
+    from hpo.learn.train import evaluate
+
+    fixed = fixed_baseline(setup, cfg)
+    test_images, test_labels = data.load_split(setup.data_dir, "test")
+    model, _ = load_model(out / "model.pt", cfg.name)
+    test = data.DeviceData(test_images, test_labels, torch.device("cpu"))
+    search_predictions = evaluate(model, test, fast=False).predictions.tolist()
+    truth = [int(y) for y in test_labels]
+    again = sum(p == t for p, t in zip(search_predictions, truth)) / len(truth)
+    searched = result["search"]["test_accuracy"]
+    if abs(again - searched) > 1e-3:
+        raise HpoError(f"model.pt scores {again:.4f} on the test split, but metrics.json says {searched:.4f}")
+    result["fixed"] = {k: v for k, v in fixed.items() if k != "predictions"}
+    result["difference"] = searched - fixed["test_accuracy"]
+    result["paired"] = paired(search_predictions, fixed.pop("predictions"), truth)

@@ -171,6 +171,25 @@ def best_text(found: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def bench_search_banner(time_s: float, fidelity_top: int, work_dir: Path) -> str:
+    """What `hpo bench --search` is about to do, and where its figures go."""
+    each = format_duration(time_s)
+    fidelity = f", then {fidelity_top} finalists retrained for the fidelity report" if fidelity_top else ""
+    return (
+        f"hpo bench --search: {each} of search + final model, then {each} of the fixed notebook CNN{fidelity}; "
+        f"the search's storage and outputs go to {work_dir}/, and each stage's figures to "
+        f"{work_dir / 'bench-search.json'} as it ends"
+    )
+
+
+def bench_pruners_banner(time_s: float, n_pruners: int, seeds: int, work_dir: Path) -> str:
+    """What `hpo bench --search T --pruners A,B` is about to do, and where its studies go."""
+    return (
+        f"hpo bench --pruners: {n_pruners} pruners x {seeds} seed(s), {format_duration(time_s)} of search each "
+        f"(about {format_duration(time_s * n_pruners * seeds)}); the studies go to {work_dir}/"
+    )
+
+
 def bench_search_text(result: dict[str, Any], time_s: float, threads: int, device: str | None) -> str:
     """`hpo bench --search`: both accuracies, their paired test and the fidelity report."""
     lines: list[str] = []
@@ -322,3 +341,37 @@ Study artifacts: `confusion_matrix.png`, `learning_curve.png`, `misclassified.pn
 `metrics.json`. Written {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, hpo {hpo.__version__},
 code {metrics["git_revision"] or "unknown"}.
 """
+
+
+def prediction_line(result: Any, as_json: bool) -> str:
+    """One image's prediction (an inference.Prediction): a tab-separated line, or a JSON object."""
+    if as_json:
+        top_k = [{"label": c, "probability": p} for c, p in result.top]
+        row = {"path": result.path, "label": result.label, "probability": result.probability, "top": top_k}
+        return json.dumps({**row, "error": result.error})
+    others = "  ".join(f"{c} {p:.4f}" for c, p in result.top[1:])
+    return f"{result.path}\t{result.label}\t{result.probability:.4f}" + (f"\t{others}" if others else "")
+
+
+def export_line(target: Path, fmt: str, input_text: str, n_classes: int) -> str:
+    """What `hpo export` wrote: the file, its input (inference.input_text) and output, what its metadata holds."""
+    return (
+        f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, {fmt}): input {input_text}, "
+        f"output log-probabilities (N, {n_classes}); class names and normalisation in its metadata"
+    )
+
+
+def export_check_line(result: Any) -> str:
+    """The exported model against the PyTorch model on the test split (an inference check result)."""
+    return (
+        f"check on the {result.images:,} test images: max |output difference| {result.max_diff:.2e}, "
+        f"same class for {result.agree:.2%}"
+    )
+
+
+def export_mismatch(result: Any, fmt: str) -> str:
+    return (
+        f"the exported {fmt} model does not match the PyTorch model (max difference "
+        f"{result.max_diff:.2e}, {result.agree:.2%} same class). Report this with the versions of "
+        "torch and the runtime."
+    )

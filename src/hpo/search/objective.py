@@ -34,6 +34,7 @@ from hpo.learn.train import (
 )
 from hpo.search import artifacts, budget, space
 from hpo.search.optuna_compat import trial_id
+from hpo.search.session import Workspace
 from hpo.search.trials import first_run
 from hpo.settings.config import StudyConfig
 
@@ -122,9 +123,8 @@ def calibrate(cfg: StudyConfig, data: TrialData, placement: Placement) -> budget
 def make_objective(
     cfg: StudyConfig,
     data: TrialData,
-    placement: Placement,
+    workspace: Workspace,
     claim: Callable[[optuna.Trial], bool],
-    artifact_store=None,
     plan: Callable[[], budget.Plan | None] = lambda: None,
     epoch_plan: Callable[[float, int, int], budget.Plan | None] = lambda _s, _n, _left: None,
 ) -> Callable[[optuna.Trial], float]:
@@ -134,7 +134,7 @@ def make_objective(
     `epoch_s` still fits before the finalizer's reserve (None: no time budget); a trial it stops is
     PRUNED.
 
-    A COMPLETE trial leaves its validation outputs in the artifact store (`val_outputs`): the
+    A COMPLETE trial leaves its validation outputs in the workspace's artifact store (`val_outputs`): the
     finalizer chooses ensemble members on them. One among the study's best also leaves its trained
     weights (`trial_model`), which the finalizer's ensemble reuses.
 
@@ -146,7 +146,7 @@ def make_objective(
         if not claim(trial):
             trial.set_user_attr(attrs.REASON, "over budget: another worker took the last slot")
             raise OverBudget(f"trial {trial.number} is beyond the budget of {cfg.budget.n_trials}")
-        return TrialRun(cfg, data, placement, trial, artifact_store, epoch_plan).run(plan())
+        return TrialRun(cfg, data, workspace, trial, epoch_plan).run(plan())
 
     return objective
 
@@ -159,12 +159,12 @@ class TrialRun:
         self,
         cfg: StudyConfig,
         data: TrialData,
-        placement: Placement,
+        workspace: Workspace,
         trial: optuna.Trial,
-        artifact_store=None,
         epoch_plan: Callable[[float, int, int], budget.Plan | None] = lambda _s, _n, _left: None,
     ):
-        self.cfg, self.data, self.placement, self.trial, self.store = cfg, data, placement, trial, artifact_store
+        self.cfg, self.data, self.trial = cfg, data, trial
+        self.placement, self.store = workspace.placement, workspace.artifact_store
         self.epoch_plan = epoch_plan
         self.params = space.suggest(trial, cfg.space)
         self.seed = trial_seed(cfg.seed, trial)
@@ -310,6 +310,7 @@ class TrialRun:
                 "study": self.cfg.name,
             }
         )
+        assert self.store is not None  # checkpoints are taken only with a store (TrialRun.run)
         try:
             new = artifacts.upload_bytes(self.store, trial, f"checkpoint-epoch{state['epoch']}.pt", payload)
         except HpoError as e:  # no checkpoint costs a resume, not the trial
@@ -320,7 +321,7 @@ class TrialRun:
         self.own_checkpoint.append(new)
 
     def drop_checkpoint(self) -> None:
-        while self.own_checkpoint:
+        while self.own_checkpoint and self.store is not None:
             artifacts.remove(self.store, self.trial, self.own_checkpoint.pop())
 
     def on_epoch(self, stats: EpochStats) -> None:

@@ -7,6 +7,7 @@ module turns them into typed objects, so that no command unpacks tuples of its o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import optuna
 
@@ -18,6 +19,10 @@ from hpo.search.storage import open_storage as open_database
 from hpo.search.study import load
 from hpo.settings import config
 from hpo.settings.config import StudyConfig
+
+if TYPE_CHECKING:  # torch stays out of the read-only commands, which import this module
+    from hpo.learn.devices import Placement
+    from hpo.learn.sources import DataSet
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,18 @@ class Opened:
 class OpenedStudy(Opened):
     study: optuna.Study
     config: StudyConfig  # the settings stored in the study
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """What a job works with besides its study and settings: the storage (None: an in-memory study),
+    the artifact store (None: nothing is uploaded), this process's device (a GPU slot or CPU
+    threads), and this host's copy of the study's data (None where the job reads none itself)."""
+
+    storage: Storage | None
+    artifact_store: ArtifactStore | None
+    placement: Placement
+    data: DataSet | None = None
 
 
 def study_name(study_arg: str) -> str:
@@ -71,4 +88,4 @@ def worker_config(study_arg: str, storage_url: str | None) -> tuple[StudyConfig,
     return cfg, open_storage(storage_url)
 
 
-__all__ = ["Opened", "OpenedStudy", "open_storage", "open_study", "study_name", "worker_config"]
+__all__ = ["Opened", "OpenedStudy", "Workspace", "open_storage", "open_study", "study_name", "worker_config"]

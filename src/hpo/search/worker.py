@@ -32,7 +32,7 @@ from hpo.search import budget
 from hpo.search.objective import OutOfMemory, OverBudget, calibrate, make_objective
 from hpo.search.optuna_compat import ArtifactStore, study_storage, trial_id
 from hpo.search.reaper import Reaper, fail, retry_note
-from hpo.search.session import Opened
+from hpo.search.session import Opened, Workspace
 from hpo.search.storage import (
     Backoff,
     Heartbeat,
@@ -161,20 +161,19 @@ def run(
     study: optuna.Study,
     cfg: StudyConfig,
     data: TrialData,
-    placement: Placement,
-    storage: Storage,
+    workspace: Workspace,
     poll_s: float = 2.0,
     outage_s: float = 120.0,
-    artifact_store=None,
 ) -> WorkerResult:
     """Run trials until the budget is met, riding out database outages of up to `outage_s`."""
-    storage.ride_out_s = outage_s
+    assert workspace.storage is not None, "a worker runs a stored study"
+    workspace.storage.ride_out_s = outage_s
     last_error = -1e9
     backoff = Backoff(outage_s, first=1.0, cap=15.0)
     result = WorkerResult()  # survives the restarts of _run after an outage
     while True:
         try:
-            _run(study, cfg, data, placement, poll_s, storage, result, artifact_store)
+            _run(study, cfg, data, workspace, poll_s, result)
             return result
         except Exception as e:
             cause = connection_error(e)
@@ -192,15 +191,10 @@ def run(
 
 
 def _run(
-    study: optuna.Study,
-    cfg: StudyConfig,
-    data: TrialData,
-    placement: Placement,
-    poll_s: float,
-    storage: Storage,
-    result: WorkerResult,
-    artifact_store=None,
+    study: optuna.Study, cfg: StudyConfig, data: TrialData, workspace: Workspace, poll_s: float, result: WorkerResult
 ) -> None:
+    storage, placement = workspace.storage, workspace.placement
+    assert storage is not None
     n_trials = cfg.budget.n_trials  # re-read before every trial: `hpo extend` may raise it
     lock = slot_lock(storage, cfg.name)
     reaper = Reaper(study, storage)
@@ -222,7 +216,7 @@ def _run(
             return None
         return budget.plan_epoch(study, cfg, deadline, final_threads, epoch_s, number=number, epochs_left=epochs_left)
 
-    objective = make_objective(cfg, data, placement, claim, artifact_store, lambda: plans[0], epoch_plan)
+    objective = make_objective(cfg, data, workspace, claim, lambda: plans[0], epoch_plan)
     ensure_calibrated(study, cfg, data, placement)
     waiting_logged = False
     while True:
@@ -261,15 +255,36 @@ def _run(
             time.sleep(poll_s)
 
 
+@dataclass(frozen=True)
+class Request:
+    """What `hpo worker` was asked for, as its options gave it."""
+
+    study_arg: str  # a study name or a study file's path
+    storage: str | None
+    data_dir: str | None
+    device: str | None
+    artifacts: str | None  # a directory or s3://BUCKET; None: the storage's default store
+    threads: int | None
+    sampler_seed: int | None
+    trials_per_gpu: int | None
+
+
+def start(request: Request) -> WorkerResult:
+    """`hpo worker`: the artifact store is opened first (a bad location fails before the storage is
+    touched), then the study file (an invalid one writes nothing), then the storage; then `serve`."""
+    from hpo.learn.devices import trials_per_gpu
+    from hpo.search.artifacts import open_for
+    from hpo.search.session import worker_config
+    from hpo.search.storage import resolve_url
+
+    slots = trials_per_gpu(request.trials_per_gpu)
+    _, artifact_store = open_for(request.artifacts, resolve_url(request.storage))
+    cfg, opened = worker_config(request.study_arg, request.storage)
+    return serve(request, cfg, opened, artifact_store, slots)
+
+
 def serve(
-    cfg: StudyConfig,
-    opened: Opened,
-    artifact_store: ArtifactStore | None,
-    data_dir: str | None,
-    device: str | None,
-    threads: int | None,
-    sampler_seed: int | None,
-    slots: int,
+    request: Request, cfg: StudyConfig, opened: Opened, artifact_store: ArtifactStore | None, slots: int
 ) -> WorkerResult:
     """`hpo worker`: claim a device, load the data once, join the study (creating it if this worker is
     first) and run trials until the budget says stop. Raises Shutdown on SIGTERM/SIGINT."""
@@ -279,12 +294,12 @@ def serve(
     from hpo.search.study import create_or_load
 
     install_signal_handlers()
-    placement = place(device, threads, claim=True, slots=slots)
+    placement = place(request.device, request.threads, claim=True, slots=slots)
     # Data problems surface before the study is touched; data that differs from the study's, before a trial.
     # A worker never opens the source's own test files (a held-out test split is set apart, unused).
-    dataset = sources.open_for(cfg, data_dir, with_test=False)
-    study, cfg = create_or_load(opened.storage, cfg, sampler_seed=sampler_seed)
-    dataset = sources.for_study(dataset, cfg, data_dir)
+    dataset = sources.open_for(cfg, request.data_dir, with_test=False)
+    study, cfg = create_or_load(opened.storage, cfg, sampler_seed=request.sampler_seed)
+    dataset = sources.for_study(dataset, cfg, request.data_dir)
     sources.check(study, dataset)
     trial_data = data.trial_data(
         dataset,
@@ -295,7 +310,7 @@ def serve(
         sources.test_count(study, dataset),
     )
     log.info("worker on %s joins study %r at %s (data %s)", placement.name, cfg.name, mask(opened.url), dataset.origin)
-    return run(study, cfg, trial_data, placement, opened.storage, artifact_store=artifact_store)
+    return run(study, cfg, trial_data, Workspace(opened.storage, artifact_store, placement, dataset))
 
 
 def ensure_calibrated(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Placement) -> None:
