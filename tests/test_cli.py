@@ -238,7 +238,9 @@ def test_a_study_that_fits_its_epochs_is_created_at_the_longest_horizon_the_time
     cfg = config.load(str(path))  # 5,000 epochs cannot fit a minute; a few of the fake data set's do
     opened = session.open_storage(f"sqlite:///{tmp_path / 'hpo.db'}")
     dataset = sources.fashion_mnist(fake_data_dir)
-    study, stored = launch.prepare(cfg, opened, 60.0, True, dataset, "cpu", 1, time.time())
+    study, stored = launch.prepare(
+        cfg, opened, dataset, launch.Local(1, 1, "cpu"), launch.Clock(60.0, True, time.time())
+    )
     epochs = stored.budget.epochs
     assert 1 <= epochs < 5000 and stored.final.epochs == 1  # the final run was set apart: 1 epoch
     cost = budget.calibration(study)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,32 @@ class Request:
     started_at: float  # unix seconds: the clock covers the command's own start-up
 
 
+@dataclass(frozen=True)
+class Local:
+    """This machine's share of a search: its worker processes, each one's CPU threads, and the device."""
+
+    workers: int
+    threads: int
+    device: str | None
+
+    def finalizer_threads(self) -> int:
+        """The finalizer has the machine alone: every core on a CPU, a worker's threads beside a GPU."""
+        from hpo.learn.devices import cpu_count
+
+        return self.threads if (self.device or "").startswith("cuda") else cpu_count()
+
+
+@dataclass(frozen=True)
+class Clock:
+    """A search's time budget as the command gives it: its seconds (None: no time budget), whether it
+    starts again now (`--time`; a file's time starts when the study is created), and when the
+    command started (unix seconds: the clock covers the command's own start-up)."""
+
+    time_s: float | None
+    restart: bool
+    started_at: float
+
+
 def optimize(request: Request, echo: Callable[[str], None]) -> None:
     """`hpo optimize`: check the data and the time budget, create the study once, run the local
     workers, print the status, and with --final run the finalizer inside the budget."""
@@ -68,22 +95,20 @@ def optimize(request: Request, echo: Callable[[str], None]) -> None:
     dataset = sources.open_for(cfg, request.data_dir)  # bad data stops here, before anything is stored
     opened = session.open_storage(request.storage)
     location, artifact_store = opened.artifact_store(request.artifacts)  # fail here, not in every worker
-    threads = threads_per_worker(request.workers)
-    restart_clock = request.time_s is not None
-    study, cfg = prepare(
-        cfg, opened, time_s, restart_clock, dataset, request.device, threads, request.started_at, request.workers
-    )
+    local = Local(request.workers, threads_per_worker(request.workers), request.device)
+    clock = Clock(time_s, request.time_s is not None, request.started_at)
+    study, cfg = prepare(cfg, opened, dataset, local, clock)
     dataset = sources.for_study(dataset, cfg, request.data_dir)  # the study's stored [data] win over the file's
     log.info(
-        f"study {cfg.name!r}: {request.workers} workers x {threads} thread(s), storage {mask(opened.url)}, "
+        f"study {cfg.name!r}: {local.workers} workers x {local.threads} thread(s), storage {mask(opened.url)}, "
         f"artifacts {location}{report.time_note(budget.get_deadline(study))}"
     )
-    if (line := outlook(study, cfg, request.workers, threads, request.device)) is not None:
+    if (line := outlook(study, cfg, local)) is not None:
         log.info(line)
     args = worker_args(request.study_arg, opened.url, Path(dataset.origin), location, request.device)
     finished_before = finished_count(study)
     try:
-        run_workers(study, cfg, opened.storage, request.workers, threads, args)
+        run_workers(study, cfg, opened.storage, local.workers, local.threads, args)
     finally:
         echo(report.status_text(study_status(study, cfg, opened.storage)))
     if request.run_final:
@@ -94,28 +119,20 @@ def optimize(request: Request, echo: Callable[[str], None]) -> None:
 
 
 def prepare(
-    cfg: StudyConfig,
-    opened: Opened,
-    time_s: float | None,
-    restart_clock: bool,
-    dataset: DataSet,
-    device: str | None,
-    threads: int,
-    started_at: float,
-    workers: int = 1,
+    cfg: StudyConfig, opened: Opened, dataset: DataSet, local: Local, clock: Clock
 ) -> tuple[optuna.Study, StudyConfig]:
     """Create (or load) the study once, so the workers only ever load it, and start its clock.
 
-    `--time` restarts the clock (`restart_clock`); a file's time starts it when the study is created.
-    A budget that cannot hold one trial plus the finalizer is refused before the study is touched."""
-    clock = time_s if restart_clock or not exists(opened.storage, cfg.name) else None
+    `--time` restarts the clock; a file's time starts it when the study is created. A budget that
+    cannot hold one trial plus the finalizer is refused before the study is touched."""
+    time_s = clock.time_s if clock.restart or not exists(opened.storage, cfg.name) else None
     calibrated = None
-    if clock:
-        cfg, calibrated = check_time_budget(cfg, clock, opened.storage, dataset, device, threads, workers)
+    if time_s:
+        cfg, calibrated = check_time_budget(cfg, time_s, opened.storage, dataset, local)
     study, cfg = create_or_load(opened.storage, cfg)
     sources.check(study, sources.for_study(dataset, cfg, dataset.origin))
-    if clock is not None:
-        budget.set_deadline(study, clock, now=started_at)
+    if time_s is not None:
+        budget.set_deadline(study, time_s, now=clock.started_at)
         if calibrated is not None and budget.calibration(study) is None:
             study.set_user_attr(attrs.CALIBRATION, dataclasses.asdict(calibrated))
     else:
@@ -139,7 +156,7 @@ def refuse_spent_budget(study: optuna.Study, cfg: StudyConfig) -> None:
 
 
 def check_time_budget(
-    cfg: StudyConfig, time_s: float, storage: Any, dataset: DataSet, device: str | None, threads: int, workers: int = 1
+    cfg: StudyConfig, time_s: float, storage: Any, dataset: DataSet, local: Local
 ) -> tuple[StudyConfig, budget.EpochCost | None]:
     """Refuse a budget that cannot hold one trial plus the finalizer, measured on this machine; a new
     study with `[budget] fit_epochs` gets the horizon fitted to the time instead (budget.fit_horizon),
@@ -163,17 +180,20 @@ def check_time_budget(
         cost = max(costs, key=lambda c: c.epoch_s)
     else:
         # An explicit device, so that calibrating does not claim a GPU a worker is about to want.
-        placement = place(device or ("cuda:0" if torch.cuda.is_available() else "cpu"), threads)
+        placement = place(local.device or ("cuda:0" if torch.cuda.is_available() else "cpu"), local.threads)
         trial_data = data.trial_data(
             dataset, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset
         )
         cost = calibrated = calibrate(cfg, trial_data, placement)
-    final_threads = finalizer_threads(device, threads)
+    final_threads = local.finalizer_threads()
     needed = budget.minimum_budget(cfg, cost, final_threads, calibrated=calibrated is not None)
     if cfg.budget.fit_epochs and calibrated is not None:  # a new study only
-        fitted = budget.fit_horizon(cfg, cost, final_threads, time_s, workers, calibrated=True)
-        if fitted is not None and fitted.budget.epochs != cfg.budget.epochs:
-            _say_fitted(cfg, fitted, cost, final_threads, time_s, workers, needed)
+        fitted = budget.fit_horizon(cfg, cost, final_threads, time_s, local.workers, calibrated=True)
+        if fitted is not None and fitted.budget.epochs > cfg.budget.epochs:
+            _say_grown(cfg, fitted, cost, local, time_s)
+            return fitted, calibrated
+        if fitted is not None and fitted.budget.epochs < cfg.budget.epochs:
+            _say_shrunk(cfg, fitted, cost, time_s, needed)
             return fitted, calibrated
     if time_s < needed:
         source = (
@@ -190,49 +210,34 @@ def check_time_budget(
     return cfg, calibrated
 
 
-def finalizer_threads(device: str | None, threads: int) -> int:
-    """The finalizer has the machine alone: every core on a CPU, a worker's threads beside a GPU."""
-    from hpo.learn.devices import cpu_count
-
-    return threads if (device or "").startswith("cuda") else cpu_count()
-
-
-def outlook(study: optuna.Study, cfg: StudyConfig, workers: int, threads: int, device: str | None) -> str | None:
+def outlook(study: optuna.Study, cfg: StudyConfig, local: Local) -> str | None:
     """The line that says what a timed study's time left holds (budget.outlook); None without a clock."""
     deadline = budget.get_deadline(study)
     if deadline is None or deadline.left() <= 0:
         return None
-    line = budget.outlook(study, cfg, workers, finalizer_threads(device, threads), deadline.left())
+    line = budget.outlook(study, cfg, local.workers, local.finalizer_threads(), deadline.left())
     return None if line is None else f"study {cfg.name!r}: {line}"
 
 
-def _say_fitted(
-    cfg: StudyConfig,
-    fitted: StudyConfig,
-    cost: budget.EpochCost,
-    final_threads: int,
-    time_s: float,
-    workers: int,
-    needed: float,
-) -> None:
-    epochs = fitted.budget.epochs
-    if epochs > cfg.budget.epochs:
-        holds = budget.search_holds(fitted, cost, final_threads, time_s, workers, calibrated=True)
-        log.info(
-            "study %r: --time %s holds a %d-epoch horizon here (%.1fs per trial epoch, calibrated on this machine): "
-            "%.1f whole trials across %d worker(s) besides the finalizer's %d member(s) "
-            "([budget] fit_epochs: the file's %d epochs, up to max_epochs %d)",
-            cfg.name,
-            format_duration(time_s),
-            epochs,
-            cost.epoch_s,
-            holds,
-            workers,
-            cfg.final.ensemble,
-            cfg.budget.epochs,
-            cfg.budget.max_epochs,
-        )
-        return
+def _say_grown(cfg: StudyConfig, fitted: StudyConfig, cost: budget.EpochCost, local: Local, time_s: float) -> None:
+    holds = budget.search_holds(fitted, cost, local.finalizer_threads(), time_s, local.workers, calibrated=True)
+    log.info(
+        "study %r: --time %s holds a %d-epoch horizon here (%.1fs per trial epoch, calibrated on this machine): "
+        "%.1f whole trials across %d worker(s) besides the finalizer's %d member(s) "
+        "([budget] fit_epochs: the file's %d epochs, up to max_epochs %d)",
+        cfg.name,
+        format_duration(time_s),
+        fitted.budget.epochs,
+        cost.epoch_s,
+        holds,
+        local.workers,
+        cfg.final.ensemble,
+        cfg.budget.epochs,
+        cfg.budget.max_epochs,
+    )
+
+
+def _say_shrunk(cfg: StudyConfig, fitted: StudyConfig, cost: budget.EpochCost, time_s: float, needed: float) -> None:
     log.warning(
         "study %r: %d epochs of one trial plus the finalizer need about %s here (%.1fs per trial epoch, "
         "calibrated on this machine), more than --time %s: it trains a %d-epoch horizon instead "
@@ -242,7 +247,7 @@ def _say_fitted(
         format_duration(needed),
         cost.epoch_s,
         format_duration(time_s),
-        epochs,
+        fitted.budget.epochs,
     )
 
 
