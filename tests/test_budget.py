@@ -159,8 +159,8 @@ def test_a_trial_starts_when_its_first_epoch_fits_and_stops_before_an_epoch_that
     assert budget.plan_trial(study, cfg, deadline, 1, now=latest_start - 0.1).fits
     assert not budget.plan_trial(study, cfg, deadline, 1, now=latest_start + 0.1).fits
     # A running trial: its next epoch (its own slowest, 10 s) must end before the reserve.
-    ok = budget.plan_epoch(study, cfg, deadline, 1, 10.0, now=1600.0 - reserve - 10.1)
-    late = budget.plan_epoch(study, cfg, deadline, 1, 10.0, now=1600.0 - reserve - 9.9)
+    ok = budget.plan_epoch(study, cfg, deadline, 1, budget.NextEpoch(None, 10.0), now=1600.0 - reserve - 10.1)
+    late = budget.plan_epoch(study, cfg, deadline, 1, budget.NextEpoch(None, 10.0), now=1600.0 - reserve - 9.9)
     assert ok.fits and not late.fits
     assert late.describe().startswith("its next epoch needs about 10s and the finalizer")
 
@@ -230,15 +230,17 @@ def test_while_nothing_is_complete_the_leading_trial_runs_on_if_its_epochs_and_o
     cost = budget.trial_cost(study.get_trials()[1])
     one = budget.member_estimate(cost, 1, 1, cfg.final) + budget.slack_s(600.0)
     # One epoch left: it may end as late as one final epoch before the deadline.
-    assert budget.plan_epoch(study, cfg, deadline, 1, 10.0, now=1600.0 - one - 10.1, number=lead.number).fits
-    late = budget.plan_epoch(study, cfg, deadline, 1, 10.0, now=1600.0 - one - 9.9, number=lead.number)
+    assert budget.plan_epoch(study, cfg, deadline, 1, budget.NextEpoch(lead.number, 10.0), now=1600.0 - one - 10.1).fits
+    late = budget.plan_epoch(study, cfg, deadline, 1, budget.NextEpoch(lead.number, 10.0), now=1600.0 - one - 9.9)
     assert not late.fits and late.describe().startswith("its remaining epochs needs about 10s")
     # Another trial gets no such leave: the whole reserve applies to it.
-    other = budget.plan_epoch(study, cfg, deadline, 1, 10.0, now=1600.0 - one - 10.1, number=lead.number + 1)
+    other = budget.plan_epoch(study, cfg, deadline, 1, budget.NextEpoch(lead.number + 1, 10.0), now=1600.0 - one - 10.1)
     assert not other.fits
     # Once a trial is COMPLETE, the leader is a trial like any other.
     study.tell(lead, 0.8)
-    assert not budget.plan_epoch(study, cfg, deadline, 1, 10.0, now=1600.0 - one - 10.1, number=lead.number).fits
+    assert not budget.plan_epoch(
+        study, cfg, deadline, 1, budget.NextEpoch(lead.number, 10.0), now=1600.0 - one - 10.1
+    ).fits
 
 
 def test_fit_horizon_is_the_longest_horizon_whose_first_trial_and_final_run_fit():

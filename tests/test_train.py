@@ -7,7 +7,7 @@ import torch
 
 from hpo.learn.data import DeviceData
 from hpo.learn.params import TrialParams
-from hpo.learn.train import TrainingDiverged, TrainingRun, evaluate, fit, get_lr, seeded_model
+from hpo.learn.train import Hooks, TrainingDiverged, TrainingRun, evaluate, fit, get_lr, seeded_model
 from hpo.settings.config import Augment, TrainSettings
 
 PARAMS = dict(
@@ -86,7 +86,7 @@ def test_callback_sees_every_epoch_and_can_stop_training():
             raise Stop
 
     with pytest.raises(Stop):
-        fit(model_of(PARAMS, 0), data, data, run_of(PARAMS, TrainSettings(), Augment(), 5, 0), on_epoch)
+        fit(model_of(PARAMS, 0), data, data, run_of(PARAMS, TrainSettings(), Augment(), 5, 0), Hooks(on_epoch))
     assert seen == [1, 2]
 
 
@@ -139,7 +139,7 @@ def test_resuming_from_a_snapshot_repeats_the_uninterrupted_run(optimizer, tmp_p
         torch.save(state, path)
         snapshots.append(path)
 
-    fit(model_of(params, 5), data, val, run, on_snapshot=save)
+    fit(model_of(params, 5), data, val, run, Hooks(on_snapshot=save))
     assert [p.name for p in snapshots] == ["epoch1.pt", "epoch2.pt", "epoch3.pt", "epoch4.pt"]
     torch.manual_seed(12345)  # whatever the new process's global RNG holds, the snapshot restores it
     state = torch.load(snapshots[1], weights_only=True)
@@ -159,7 +159,7 @@ def test_replan_changes_the_epochs_and_the_schedule_ends_at_zero():
         return 3 if len(history) == 1 else total
 
     run = run_of(PARAMS, TrainSettings(schedule="cosine"), Augment(), 6, 0)
-    history = fit(model_of(PARAMS, 0), data, None, run, replan=replan)
+    history = fit(model_of(PARAMS, 0), data, None, run, Hooks(replan=replan))
     assert [s.epoch for s in history] == [1, 2, 3]
     assert asked == [(1, 6), (2, 3), (3, 3)]
     # 64 images at batch 32: 2 steps an epoch; the last of the 6 steps has the cosine's last value.
@@ -168,7 +168,7 @@ def test_replan_changes_the_epochs_and_the_schedule_ends_at_zero():
 
 def _snapshot_after(params: dict, run: TrainingRun, data: DeviceData, val: DeviceData, epoch: int) -> dict:
     snapshots: list[dict] = []
-    fit(model_of(params, 5), data, val, run, on_snapshot=snapshots.append)
+    fit(model_of(params, 5), data, val, run, Hooks(on_snapshot=snapshots.append))
     return snapshots[epoch - 1]
 
 

@@ -18,7 +18,7 @@ import torch
 from hpo.learn import data
 from hpo.learn.devices import place
 from hpo.learn.params import TrialParams
-from hpo.learn.train import TrainingRun, fit, seeded_model
+from hpo.learn.train import Hooks, TrainingRun, fit, seeded_model
 from hpo.settings.config import Augment, TrainSettings
 
 BASE = {"kernel_size": 3, "n_fc": 1, "dropout": 0.2, "batch_size": 128, "weight_decay": 5e-4}
@@ -85,7 +85,7 @@ def main() -> None:
             print(f"{name} epoch {stats.epoch} val {stats.val_accuracy:.4f} ({stats.seconds:.1f}s)", flush=True)
 
         history = fit(
-            model, split.train, split.val, TrainingRun(params.optimizer, RECIPE, AUGMENT, epochs, 1), on_epoch
+            model, split.train, split.val, TrainingRun(params.optimizer, RECIPE, AUGMENT, epochs, 1), Hooks(on_epoch)
         )
         n = sum(p.numel() for p in model.parameters())
         best = max(s.val_accuracy for s in history)

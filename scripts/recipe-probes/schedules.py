@@ -56,7 +56,7 @@ def _train(job: tuple[str, int, dict, int, str]) -> tuple[str, int, list[float],
     model = seeded_model(params.model, index + 1, _split.train.device)  # the same weights under every schedule
     run = TrainingRun(params.optimizer, replace(cfg.train, schedule=schedule), cfg.augment, epochs, index + 1)
     started = time.perf_counter()
-    history = fit(model, _split.train, _split.val, run, lambda stats: None)
+    history = fit(model, _split.train, _split.val, run)
     values = [s.val_accuracy for s in history]
     print(f"config {index} {schedule:<8} " + " ".join(f"{v:.4f}" for v in values), flush=True)
     return schedule, index, values, time.perf_counter() - started

@@ -53,7 +53,7 @@ def fixed_baseline(setup: Setup, cfg: Any) -> dict[str, Any]:
     from hpo.learn.devices import place
     from hpo.learn.model import Ensemble
     from hpo.learn.params import TrialParams
-    from hpo.learn.train import TrainingRun, evaluate, fit, seconds_per_image, seeded_model
+    from hpo.learn.train import Hooks, TrainingRun, evaluate, fit, seconds_per_image, seeded_model
     from hpo.results.scoring import accuracy_figures
     from hpo.search import budget
 
@@ -69,7 +69,7 @@ def fixed_baseline(setup: Setup, cfg: Any) -> dict[str, Any]:
     epochs = max(1, int(left // (1.05 * epoch_s)))
     model = seeded_model(params.model, seed, placement.device)
     run = TrainingRun(params.optimizer, cfg.train, cfg.augment, epochs, seed)
-    epochs = len(fit(model, train, None, run, replan=budget.timed_replan(deadline, 0.0, epochs)))  # as re-fitted
+    epochs = len(fit(model, train, None, run, Hooks(replan=budget.timed_replan(deadline, 0.0, epochs))))  # as re-fitted
     test_images, test_labels = data.load_split(setup.data_dir, "test")
     test = data.DeviceData(test_images, test_labels, placement.device)
     ev = evaluate(Ensemble([model], tta), test, fast=False)

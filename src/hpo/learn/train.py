@@ -145,39 +145,37 @@ class _EpochSums:
     seen: int = 0
 
 
+@dataclass(frozen=True)
+class Hooks:
+    """What a caller hears from a training run, and may change in it: `on_epoch` gets each epoch's
+    figures and may raise to stop early (pruning); `on_snapshot` gets the whole training state after
+    every epoch, before `on_epoch` (checkpoints); `replan(history, epochs)` after each epoch may
+    change the number of epochs (never below those done)."""
+
+    on_epoch: OnEpoch | None = None
+    on_snapshot: OnSnapshot | None = None
+    replan: Replan | None = None
+
+
 def fit(
     model: DynamicCNN,
     train: DeviceData,
     val: DeviceData | None,
     run: TrainingRun,
-    on_epoch: OnEpoch | None = None,
-    *,
-    on_snapshot: OnSnapshot | None = None,
+    hooks: Hooks = Hooks(),
     resume: dict[str, Any] | None = None,
-    replan: Replan | None = None,
 ) -> list[EpochStats]:
-    """Train `model` in place for `run.epochs`; `on_epoch` may raise to stop early (pruning).
+    """Train `model` in place for `run.epochs`, telling `hooks` after each epoch.
 
-    `replan(history, epochs)` after each epoch may change the number of epochs (never below those
-    done): the learning-rate schedule stretches or shrinks to the new length from the next step.
-
-    `on_snapshot` gets the whole training state after every epoch, before `on_epoch`;
-    passing that state back as `resume` carries on from the next epoch exactly as if never stopped
-    (same batches, augmentations, dropout masks and learning rates).
+    A re-planned run's learning-rate schedule stretches or shrinks to its new length from the next
+    step. Passing a snapshot back as `resume` carries on from the next epoch exactly as if never
+    stopped (same batches, augmentations, dropout masks and learning rates).
     """
     device, settings = train.device, run.settings
     generator = torch.Generator(device=device)
     generator.manual_seed(run.seed)
     optimizer = make_optimizer(model, run.optimizer)
-    history: list[EpochStats] = []
-    step = 0
-    if resume is not None:
-        # Weights and optimizer state move to this device (load_state_dict copies them there).
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        restore_random_state(resume, generator, run.seed, device)
-        step = resume["step"]
-        history = [EpochStats(**s) for s in resume["history"]]
+    step, history = _resume(resume, model, optimizer, generator, run.seed) if resume is not None else (0, [])
     forward = torch.compile(model) if settings.compile else model
     while len(history) < run.epochs:
         epoch, started = len(history) + 1, time.perf_counter()
@@ -193,13 +191,24 @@ def fit(
         accuracy, seconds = float(sums.correct) / max(1, sums.seen), time.perf_counter() - started
         stats = EpochStats(epoch, train_loss, accuracy, val_loss, val_accuracy, lr, seconds)
         history.append(stats)
-        if on_snapshot is not None:
-            on_snapshot(_snapshot(epoch, step, model, optimizer, generator, history))
-        if on_epoch is not None:
-            on_epoch(stats)
-        if replan is not None:
-            run = dataclasses.replace(run, epochs=max(epoch, replan(history, run.epochs)))
+        if hooks.on_snapshot is not None:
+            hooks.on_snapshot(_snapshot(epoch, step, model, optimizer, generator, history))
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(stats)
+        if hooks.replan is not None:
+            run = dataclasses.replace(run, epochs=max(epoch, hooks.replan(history, run.epochs)))
     return history
+
+
+def _resume(
+    state: dict[str, Any], model: DynamicCNN, optimizer: Any, generator: torch.Generator, seed: int
+) -> tuple[int, list[EpochStats]]:
+    """Restore a snapshot: weights and optimizer state move to this device (load_state_dict copies
+    them there), and every random stream; returns the step and the history it had reached."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    restore_random_state(state, generator, seed, generator.device)
+    return state["step"], [EpochStats(**s) for s in state["history"]]
 
 
 def _snapshot(

@@ -12,7 +12,7 @@ import optuna
 
 from hpo.learn.data import DeviceData
 from hpo.learn.params import TrialParams
-from hpo.learn.train import EpochStats, Replan, evaluate, fit, recipe, seconds_per_image, seeded_model
+from hpo.learn.train import EpochStats, Hooks, Replan, evaluate, fit, recipe, seconds_per_image, seeded_model
 from hpo.results.members import Member, member_seed
 from hpo.search import budget
 from hpo.search.progress import Progress
@@ -159,12 +159,6 @@ def _train_member(
             bar.resize(new)
             return new
 
-        history = fit(
-            model,
-            train_all,
-            None,
-            recipe(cfg, params, seed, epochs),
-            on_epoch,
-            replan=replan_shown if replan is not None else None,
-        )
+        hooks = Hooks(on_epoch, replan=replan_shown if replan is not None else None)
+        history = fit(model, train_all, None, recipe(cfg, params, seed, epochs), hooks)
     return Member(trial, seed, model, history, time.perf_counter() - started)

@@ -286,24 +286,32 @@ def plan_trial(
     return Plan(now, estimate, reserve + slack_s(deadline.time_s), deadline.at)
 
 
+@dataclass(frozen=True)
+class NextEpoch:
+    """A running trial asking to train on: its number, its slowest epoch so far, its epochs left."""
+
+    number: int | None
+    epoch_s: float
+    epochs_left: int = 1
+
+
 def plan_epoch(
     study: optuna.Study,
     cfg: StudyConfig,
     deadline: Deadline,
     final_threads: int,
-    epoch_s: float,
+    ask: NextEpoch,
     now: float | None = None,
-    number: int | None = None,
-    epochs_left: int = 1,
 ) -> Plan:
-    """May running trial `number` train its next epoch (`epoch_s`: its own slowest so far) before
-    the finalizer's reserve? The reserve is re-read: it grows as better trials complete.
+    """May the running trial train its next epoch before the finalizer's reserve? The reserve is
+    re-read: it grows as better trials complete.
 
     While no trial is COMPLETE, the leading trial is the only finalist in sight: stopping it would
-    leave the finalizer nothing. It goes on while its `epochs_left` and one final epoch fit (the
+    leave the finalizer nothing. It goes on while its epochs left and one final epoch fit (the
     finalizer then trains the epochs left to it, and says so), rather than stop one epoch short of
     the horizon for a reserve sized for a whole member."""
     now = deadline.now() if now is None else now
+    number, epoch_s, epochs_left = ask.number, ask.epoch_s, ask.epochs_left
     costs = measured(study)
     lead = leading_trial(study, cfg.direction == "maximize")
     alone = not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

@@ -23,6 +23,7 @@ from hpo.learn.params import TrialParams
 from hpo.learn.seeds import derive_seed
 from hpo.learn.train import (
     EpochStats,
+    Hooks,
     TrainingDiverged,
     evaluate,
     fit,
@@ -195,15 +196,8 @@ class TrialRun:
         checkpointing = self.store is not None and cfg.checkpoints.every_epoch
         try:
             run = recipe(cfg, self.params, self.seed)
-            history_stats = fit(
-                model,
-                self.data.train,
-                self.data.val,
-                run,
-                self.on_epoch,
-                on_snapshot=self.on_snapshot if checkpointing else None,
-                resume=resume,
-            )
+            hooks = Hooks(self.on_epoch, self.on_snapshot if checkpointing else None)
+            history_stats = fit(model, self.data.train, self.data.val, run, hooks, resume)
         except TrainingDiverged as e:
             trial.set_user_attr(attrs.REASON, str(e))
             self.drop_checkpoint()

@@ -214,7 +214,7 @@ def _run(
         deadline = budget.get_deadline(study)
         if deadline is None:
             return None
-        return budget.plan_epoch(study, cfg, deadline, final_threads, epoch_s, number=number, epochs_left=epochs_left)
+        return budget.plan_epoch(study, cfg, deadline, final_threads, budget.NextEpoch(number, epoch_s, epochs_left))
 
     objective = make_objective(cfg, data, workspace, claim, lambda: plans[0], epoch_plan)
     ensure_calibrated(study, cfg, data, placement)
