@@ -164,27 +164,7 @@ def check_time_budget(
 
     Returns the study's settings (the fitted ones, or `cfg`) and the calibration it measured (None
     when the study had measured epochs to go by)."""
-    import torch
-
-    from hpo.learn import data
-    from hpo.learn.devices import place
-    from hpo.search.objective import calibrate
-
-    costs: list[budget.EpochCost] = []
-    try:
-        costs = budget.measured(load(storage, cfg.name)[0])
-    except HpoError:
-        pass  # a new study: calibrate below
-    calibrated = None
-    if costs:
-        cost = max(costs, key=lambda c: c.epoch_s)
-    else:
-        # An explicit device, so that calibrating does not claim a GPU a worker is about to want.
-        placement = place(local.device or ("cuda:0" if torch.cuda.is_available() else "cpu"), local.threads)
-        trial_data = data.trial_data(
-            dataset, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset
-        )
-        cost = calibrated = calibrate(cfg, trial_data, placement)
+    cost, calibrated = _epoch_cost(cfg, storage, dataset, local)
     final_threads = local.finalizer_threads()
     needed = budget.minimum_budget(cfg, cost, final_threads, calibrated=calibrated is not None)
     if cfg.budget.fit_epochs and calibrated is not None:  # a new study only
@@ -208,6 +188,31 @@ def check_time_budget(
             "epochs or [final] epochs in the study file."
         )
     return cfg, calibrated
+
+
+def _epoch_cost(
+    cfg: StudyConfig, storage: Any, dataset: DataSet, local: Local
+) -> tuple[budget.EpochCost, budget.EpochCost | None]:
+    """What a trial epoch costs: the slowest the study measured, any host; for a new study, the
+    first trial calibrated on this machine (also returned, to be recorded)."""
+    import torch
+
+    from hpo.learn import data
+    from hpo.learn.devices import place
+    from hpo.search.objective import calibrate
+
+    costs: list[budget.EpochCost] = []
+    try:
+        costs = budget.measured(load(storage, cfg.name)[0])
+    except HpoError:
+        pass  # a new study: calibrate below
+    if costs:
+        return max(costs, key=lambda c: c.epoch_s), None
+    # An explicit device, so that calibrating does not claim a GPU a worker is about to want.
+    placement = place(local.device or ("cuda:0" if torch.cuda.is_available() else "cpu"), local.threads)
+    trial_data = data.trial_data(dataset, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset)
+    calibrated = calibrate(cfg, trial_data, placement)
+    return calibrated, calibrated
 
 
 def outlook(study: optuna.Study, cfg: StudyConfig, local: Local) -> str | None:

@@ -62,7 +62,24 @@ def choose_members(
             f"trial {best.number} alone: the best COMPLETE trial by validation {cfg.metric}{lead}; it has no "
             "validation outputs in the artifact store to choose further members on"
         )
-    members, total = [best], outputs[best.number].clone()
+    members, scores = _greedy(candidates, outputs, val_labels, k)
+    path = " -> ".join(f"{100 * a:.2f}" for a in scores)
+    why = (
+        f"{len(members)} of up to {k} member(s), trials {', '.join(str(t.number) for t in members)}: each raised "
+        f"the ensemble's validation accuracy ({path} %)"
+    )
+    if len(members) < k:
+        why += f"; no other of the {len(candidates)} best distinct trials raised it further"
+    return members, why + lead
+
+
+def _greedy(
+    candidates: list[optuna.trial.FrozenTrial], outputs: dict[int, torch.Tensor], val_labels: torch.Tensor, k: int
+) -> tuple[list[optuna.trial.FrozenTrial], list[float]]:
+    """Caruana's greedy selection from the first candidate: the one whose outputs raise the averaged
+    ensemble's validation accuracy most joins, until none raises it or `k` have joined. Returns
+    the members and the ensemble's accuracy after each joined."""
+    members, total = [candidates[0]], outputs[candidates[0].number].clone()
     scores = [_accuracy(total, val_labels)]
     while len(members) < k:
         gains = {
@@ -76,14 +93,7 @@ def choose_members(
         members.append(next(t for t in candidates if t.number == number))
         total += outputs[number]
         scores.append(gains[number])
-    path = " -> ".join(f"{100 * a:.2f}" for a in scores)
-    why = (
-        f"{len(members)} of up to {k} member(s), trials {', '.join(str(t.number) for t in members)}: each raised "
-        f"the ensemble's validation accuracy ({path} %)"
-    )
-    if len(members) < k:
-        why += f"; no other of the {len(candidates)} best distinct trials raised it further"
-    return members, why + lead
+    return members, scores
 
 
 def warm_start_lead(study: optuna.Study, best: optuna.trial.FrozenTrial) -> str:

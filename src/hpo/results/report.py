@@ -109,15 +109,7 @@ def status_text(summary: dict[str, Any]) -> str:
         "  state       trials",
     ]
     lines += [f"  {state:<10}{n:>7}" for state, n in summary["states"].items() if n or state in ("COMPLETE", "PRUNED")]
-    for extension in summary["extended"]:
-        when = datetime.datetime.fromtimestamp(extension["at"]).strftime("%Y-%m-%d %H:%M")
-        changes = (
-            [f"trials {extension['n_trials'][0]} -> {extension['n_trials'][1]}"]
-            if extension["n_trials"][0] != extension["n_trials"][1]
-            else []
-        )
-        changes += [f"time {format_duration(extension['time_s'])} from then"] if extension["time_s"] else []
-        lines.append(f"  extended {when}: {', '.join(changes)}")
+    lines += [_extension_line(extension) for extension in summary["extended"]]
     epochs = summary["epochs"]
     capped = clock and summary["finished"] < summary["n_trials"]  # a timed study that met its trial cap says so
     finished = f"{summary['finished']}" + (
@@ -143,6 +135,15 @@ def status_text(summary: dict[str, Any]) -> str:
             f"pid {row['pid']} {row['device']}, {age}"
         )
     return "\n".join(lines + _status_tail(summary))
+
+
+def _extension_line(extension: dict[str, Any]) -> str:
+    """One `hpo extend` in the status: when, and what it raised."""
+    when = datetime.datetime.fromtimestamp(extension["at"]).strftime("%Y-%m-%d %H:%M")
+    trials = extension["n_trials"]
+    changes = [f"trials {trials[0]} -> {trials[1]}"] if trials[0] != trials[1] else []
+    changes += [f"time {format_duration(extension['time_s'])} from then"] if extension["time_s"] else []
+    return f"  extended {when}: {', '.join(changes)}"
 
 
 def studies_text(found: list[dict[str, Any]]) -> str:
@@ -271,11 +272,49 @@ def describe_accuracy(accuracy: float, ci95: list[float]) -> str:
 
 def dashboard_note(cfg: StudyConfig, best: optuna.trial.FrozenTrial, metrics: dict[str, Any]) -> str:
     """The study's dashboard note: the final result first, so a final-trained study is obvious."""
-    val, test = metrics["best_trial_value"], metrics["test_accuracy"]
-    ens = metrics["ensemble"]
+    test, ens = metrics["test_accuracy"], metrics["ensemble"]
     params = "\n".join(
         f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in best.params.items()
     )
+    others = "" if ens["trained"] == 1 else f", and {ens['trained'] - 1} more"  # retrained members
+    which = (
+        "the warm start the study file names, which no trial of the search beat on validation"
+        if attrs.WARM_START in best.user_attrs
+        else "the best of the search"
+    )
+    subset = (
+        f"{cfg.budget.train_subset:,} images of the trial training split"
+        if cfg.budget.train_subset
+        else ("the trial training split")
+    )
+    return f"""## Final-trained: test accuracy {describe_accuracy(test, metrics["test_ci95"])}
+
+Trial {best.number}, {which}{others}, retrained from scratch by `hpo final-train` for
+{metrics["epochs"]} epochs on all {metrics["train_images"]:,} training images, then scored once on the untouched
+{metrics["test_images"]:,}-image test split. {_note_policy(cfg, ens)}
+
+| | |
+|---|---|
+{_note_table(cfg, best, metrics)}
+
+Trials train the same recipe for {cfg.budget.epochs} epochs on {subset}, unless a pruner or the time
+budget stops them; the final run adds the validation images to its training data.
+
+### Params of the first member (trial {best.number})
+
+| param | value |
+|---|---|
+{params}
+
+Study artifacts: `confusion_matrix.png`, `learning_curve.png`, `misclassified.png`, `model.pt`,
+`metrics.json`. Written {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, hpo {hpo.__version__},
+code {metrics["git_revision"] or "unknown"}.
+"""
+
+
+def _note_table(cfg: StudyConfig, best: optuna.trial.FrozenTrial, metrics: dict[str, Any]) -> str:
+    """The note's figures: validation and test, each member's own, the ensemble's gain, the weakest class."""
+    val, test, ens = metrics["best_trial_value"], metrics["test_accuracy"], metrics["ensemble"]
     worst = min(metrics["per_class_accuracy"].items(), key=lambda kv: kv[1])
     what = "the final model" if ens["models"] == 1 else f"the ensemble of {ens['models']}"
     rows = [
@@ -292,7 +331,11 @@ def dashboard_note(cfg: StudyConfig, best: optuna.trial.FrozenTrial, metrics: di
     if cfg.metric == "val_accuracy":
         rows.append(f"| gap, test minus validation | {100 * (test - val):+.2f} points |")
     rows.append(f"| weakest class | {worst[0]} ({worst[1]:.4f}) |")
-    table = "\n".join(rows)
+    return "\n".join(rows)
+
+
+def _note_policy(cfg: StudyConfig, ens: dict[str, Any]) -> str:
+    """How the members were chosen and trained, and what shrank to fit the time."""
     chosen_by = ens.get("chosen_by") or f"the best trial by validation {cfg.metric}"
     policy = (
         f"Members chosen on the validation split: {chosen_by}. Each is retrained with its own seed and the "
@@ -307,40 +350,7 @@ def dashboard_note(cfg: StudyConfig, best: optuna.trial.FrozenTrial, metrics: di
         )
     if ens["shrunk"]:
         policy += f" The {ens['shrunk']}."
-    others = "" if ens["trained"] == 1 else f", and {ens['trained'] - 1} more"  # retrained members
-    which = (
-        "the warm start the study file names, which no trial of the search beat on validation"
-        if attrs.WARM_START in best.user_attrs
-        else "the best of the search"
-    )
-    subset = (
-        f"{cfg.budget.train_subset:,} images of the trial training split"
-        if cfg.budget.train_subset
-        else ("the trial training split")
-    )
-    return f"""## Final-trained: test accuracy {describe_accuracy(test, metrics["test_ci95"])}
-
-Trial {best.number}, {which}{others}, retrained from scratch by `hpo final-train` for
-{metrics["epochs"]} epochs on all {metrics["train_images"]:,} training images, then scored once on the untouched
-{metrics["test_images"]:,}-image test split. {policy}
-
-| | |
-|---|---|
-{table}
-
-Trials train the same recipe for {cfg.budget.epochs} epochs on {subset}, unless a pruner or the time
-budget stops them; the final run adds the validation images to its training data.
-
-### Params of the first member (trial {best.number})
-
-| param | value |
-|---|---|
-{params}
-
-Study artifacts: `confusion_matrix.png`, `learning_curve.png`, `misclassified.png`, `model.pt`,
-`metrics.json`. Written {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, hpo {hpo.__version__},
-code {metrics["git_revision"] or "unknown"}.
-"""
+    return policy
 
 
 def prediction_line(result: Any, as_json: bool) -> str:

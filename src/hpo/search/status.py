@@ -39,19 +39,8 @@ def study_status(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages
     # Epochs: what finished trials trained, and what pruning spared them (budget epochs minus the last report).
     trained = sum(_last_epoch(trial) for trial in finished_trials)
     saved = sum(cfg.budget.epochs - _last_epoch(trial) for trial in finished_trials if trial.state == TrialState.PRUNED)
-    durations = [
-        (trial.datetime_complete - trial.datetime_start).total_seconds()
-        for trial in finished_trials
-        if trial.datetime_start and trial.datetime_complete
-    ]
-    mean_s = sum(durations) / len(durations) if durations else None
+    mean_s, eta = _eta(cfg, finished_trials, running)
     remaining = max(0, cfg.budget.n_trials - finished)
-    # Work left, in mean finished-trial durations (running trials count by their epochs still to go),
-    # spread over the workers now running. Pruned trials are in the mean, as they will be in what is left.
-    left = max(0, remaining - len(running)) + sum(
-        max(0.0, 1 - trial.user_attrs.get(attrs.EPOCH, 0) / cfg.budget.epochs) for trial in running
-    )
-    eta = None if mean_s is None or (remaining and not running) else left * mean_s / max(1, len(running))
     return {
         "schema": STATUS_SCHEMA,
         "study": study.study_name,
@@ -77,6 +66,26 @@ def study_status(study: optuna.Study, cfg: StudyConfig, storage: optuna.storages
         "time_budget": budget.describe_deadline(budget.get_deadline(study)),
         "extended": study.user_attrs.get(attrs.EXTENDED, []),
     }
+
+
+def _eta(
+    cfg: StudyConfig, finished_trials: list[optuna.trial.FrozenTrial], running: list[optuna.trial.FrozenTrial]
+) -> tuple[float | None, float | None]:
+    """The mean finished trial's seconds, and the seconds left: work left in mean finished-trial
+    durations (running trials count by their epochs still to go), spread over the workers now
+    running. Pruned trials are in the mean, as they will be in what is left."""
+    durations = [
+        (trial.datetime_complete - trial.datetime_start).total_seconds()
+        for trial in finished_trials
+        if trial.datetime_start and trial.datetime_complete
+    ]
+    mean_s = sum(durations) / len(durations) if durations else None
+    remaining = max(0, cfg.budget.n_trials - len(finished_trials))
+    left = max(0, remaining - len(running)) + sum(
+        max(0.0, 1 - trial.user_attrs.get(attrs.EPOCH, 0) / cfg.budget.epochs) for trial in running
+    )
+    eta = None if mean_s is None or (remaining and not running) else left * mean_s / max(1, len(running))
+    return mean_s, eta
 
 
 def _running_row(trial: optuna.trial.FrozenTrial, cfg: StudyConfig, heartbeat_age_s: float | None) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from hpo.search.reaper import Reaper, fail, retry_note
 from hpo.search.session import Opened, Workspace
 from hpo.search.storage import (
     Backoff,
+    DatabaseLock,
     Heartbeat,
     Storage,
     StorageSettings,
@@ -193,31 +194,13 @@ def run(
 def _run(
     study: optuna.Study, cfg: StudyConfig, data: TrialData, workspace: Workspace, poll_s: float, result: WorkerResult
 ) -> None:
-    storage, placement = workspace.storage, workspace.placement
+    storage = workspace.storage
     assert storage is not None
-    n_trials = cfg.budget.n_trials  # re-read before every trial: `hpo extend` may raise it
     lock = slot_lock(storage, cfg.name)
     reaper = Reaper(study, storage)
-
-    def claim(trial: optuna.Trial) -> bool:
-        """Called by the objective first: is this trial within the budget? Then let others ask."""
-        try:
-            return not over_budget(study, n_trials, trial)
-        finally:
-            lock.release()
-
-    plans: list[budget.Plan | None] = [None]  # the latest decision, read by the objective it let start
-    # The finalizer has the whole machine: all its cores, or this worker's GPU.
-    final_threads = placement.threads if placement.device.type == "cuda" else cpu_count()
-
-    def epoch_plan(epoch_s: float, number: int, epochs_left: int) -> budget.Plan | None:
-        deadline = budget.get_deadline(study)
-        if deadline is None:
-            return None
-        return budget.plan_epoch(study, cfg, deadline, final_threads, budget.NextEpoch(number, epoch_s, epochs_left))
-
-    objective = make_objective(cfg, data, workspace, claim, lambda: plans[0], epoch_plan)
-    ensure_calibrated(study, cfg, data, placement)
+    slots = _Slots(cfg.budget.n_trials)  # re-read before every trial: `hpo extend` may raise it
+    objective = _objective(study, cfg, data, workspace, lock, slots)
+    ensure_calibrated(study, cfg, data, workspace.placement)
     waiting_logged = False
     while True:
         reaper()
@@ -225,34 +208,83 @@ def _run(
         # Count and ask under the lock: a slot seen free here is still free when the trial is created.
         lock.acquire()
         try:
-            n_trials = current_budget(study)
-            states = counts(study)
-            finished = states["COMPLETE"] + states["PRUNED"]
-            if finished >= n_trials:
-                result.reason = f"budget met: {finished}/{n_trials} trials finished"
+            free = _free_slot(study, cfg, slots, reaper, result, finalizer_threads(workspace.placement))
+            if free is None:
                 return
-            deadline = budget.get_deadline(study)
-            if deadline is not None:
-                plan = plans[0] = budget.plan_trial(study, cfg, deadline, final_threads)
-                if not plan.fits:
-                    result.reason = f"time budget: {plan.describe()}, so no trial starts"
-                    reaper.settle()  # a copy owed now is failed below with the reason, not lost
-                    fail_waiting(
-                        study, f"over budget: the time ran out before this retry could start ({plan.describe()})"
-                    )
-                    return
-            full = states["WAITING"] == 0 and finished + states["RUNNING"] >= n_trials
-            if not full:
+            if free:
                 waiting_logged = False
                 run_trial(study, storage, objective, reaper)
                 result.trials_run += 1
         finally:
             lock.release()
-        if full:
+        if not free:
             if not waiting_logged:
-                log.info("all %d slots are taken (%d running); waiting for them to finish", n_trials, states["RUNNING"])
+                log.info(
+                    "all %d slots are taken (%d running); waiting for them to finish", slots.n_trials, slots.running
+                )
                 waiting_logged = True
             time.sleep(poll_s)
+
+
+@dataclass
+class _Slots:
+    """The budget as last read under the slot lock, and the time-budget decision that let the
+    latest trial start (read by the objective it let start)."""
+
+    n_trials: int
+    running: int = 0
+    plan: budget.Plan | None = None
+
+
+def _objective(
+    study: optuna.Study, cfg: StudyConfig, data: TrialData, workspace: Workspace, lock: DatabaseLock, slots: _Slots
+) -> Callable[[optuna.Trial], float]:
+    """The trial objective, with its slot claim (which lets the other workers ask once the trial
+    exists) and its per-epoch time check."""
+    final_threads = finalizer_threads(workspace.placement)
+
+    def claim(trial: optuna.Trial) -> bool:
+        """Called by the objective first: is this trial within the budget? Then let others ask."""
+        try:
+            return not over_budget(study, slots.n_trials, trial)
+        finally:
+            lock.release()
+
+    def epoch_plan(epoch_s: float, number: int, epochs_left: int) -> budget.Plan | None:
+        deadline = budget.get_deadline(study)
+        if deadline is None:
+            return None
+        return budget.plan_epoch(study, cfg, deadline, final_threads, budget.NextEpoch(number, epoch_s, epochs_left))
+
+    return make_objective(cfg, data, workspace, claim, lambda: slots.plan, epoch_plan)
+
+
+def finalizer_threads(placement: Placement) -> int:
+    """The finalizer has the whole machine: all its cores, or this worker's GPU (with its threads)."""
+    return placement.threads if placement.device.type == "cuda" else cpu_count()
+
+
+def _free_slot(
+    study: optuna.Study, cfg: StudyConfig, slots: _Slots, reaper: Reaper, result: WorkerResult, final_threads: int
+) -> bool | None:
+    """Under the slot lock: True if a trial may start now, False while every slot is held by a
+    running trial, None once the budget is met or the time left holds no trial (`result.reason` says
+    which)."""
+    slots.n_trials = current_budget(study)
+    states = counts(study)
+    finished, slots.running = states["COMPLETE"] + states["PRUNED"], states["RUNNING"]
+    if finished >= slots.n_trials:
+        result.reason = f"budget met: {finished}/{slots.n_trials} trials finished"
+        return None
+    deadline = budget.get_deadline(study)
+    if deadline is not None:
+        plan = slots.plan = budget.plan_trial(study, cfg, deadline, final_threads)
+        if not plan.fits:
+            result.reason = f"time budget: {plan.describe()}, so no trial starts"
+            reaper.settle()  # a copy owed now is failed below with the reason, not lost
+            fail_waiting(study, f"over budget: the time ran out before this retry could start ({plan.describe()})")
+            return None
+    return states["WAITING"] > 0 or finished + states["RUNNING"] < slots.n_trials
 
 
 @dataclass(frozen=True)
