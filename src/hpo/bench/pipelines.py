@@ -163,7 +163,6 @@ def _run_seed(spec: BenchSpec) -> PipelineResult:
     import numpy as np
     import torch
     from torch import nn
-    from torchvision import datasets, transforms
 
     from hpo.learn import data
     from hpo.learn.devices import place
@@ -172,19 +171,7 @@ def _run_seed(spec: BenchSpec) -> PipelineResult:
 
     placement = place(spec.device, spec.threads)
     device = placement.device
-    root = _torchvision_root(Path(spec.data_dir))
-    transform = transforms.Compose(
-        [
-            transforms.RandomHorizontalFlip(),
-            transforms.RandomCrop(28, padding=spec.crop_padding),
-            transforms.ToTensor(),
-            transforms.Normalize((data.MEAN,), (data.STD,)),
-        ]
-    )
-    try:  # torchvision reads the files into memory here, so the copy goes at once (53 MB a run)
-        full = datasets.FashionMNIST(str(root), train=True, download=False, transform=transform)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    full = _notebook_dataset(spec)
     # The same trial split as the engine, so the accuracy check compares like with like.
     train_idx, val_idx = data.stratified_split(full.targets.numpy(), 0.1, spec.seed)
     params = TrialParams.from_flat({**spec.params, "batch_size": spec.batch_size})
@@ -220,6 +207,28 @@ def _run_seed(spec: BenchSpec) -> PipelineResult:
             _seed_train(model, batches, params, device, None)
         accuracies.append(_evaluate_fp32(model, full, val_idx, device))
     return PipelineResult("seed", trained, seconds, trained / seconds, _peak_rss_mib(), tuple(accuracies))
+
+
+def _notebook_dataset(spec: BenchSpec) -> Any:
+    """The training set as a notebook reads it: torchvision's FashionMNIST with per-image flip, crop,
+    tensor conversion and normalisation."""
+    from torchvision import datasets, transforms
+
+    from hpo.learn import data
+
+    root = _torchvision_root(Path(spec.data_dir))
+    transform = transforms.Compose(
+        [
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomCrop(28, padding=spec.crop_padding),
+            transforms.ToTensor(),
+            transforms.Normalize((data.MEAN,), (data.STD,)),
+        ]
+    )
+    try:  # torchvision reads the files into memory here, so the copy goes at once (53 MB a run)
+        return datasets.FashionMNIST(str(root), train=True, download=False, transform=transform)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _seed_train(model: Any, batches: Any, params: Any, device: Any, limit: int | None) -> int:

@@ -100,42 +100,15 @@ def fidelity(
     the regret of the pick (the best retrained value less the retrained value of the trial the
     finalizer took, the best COMPLETE one). Reads no test image. `on_row` gets each row as its
     retrain ends (a retrain takes the whole horizon)."""
-    import json
 
     import optuna
 
     from hpo.learn import data, sources
     from hpo.learn.devices import place
-    from hpo.learn.params import TrialParams
-    from hpo.learn.seeds import derive_seed
-    from hpo.learn.train import evaluate, fit, recipe, seeded_model
     from hpo.results.stats import spearman
-    from hpo.search.trials import value
 
     maximize = cfg.direction == "maximize"
-    finished = study.get_trials(
-        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    )
-
-    def held(trial: Any) -> float:
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            return value(trial)
-        return trial.intermediate_values[max(trial.intermediate_values)]
-
-    def reached(trial: Any) -> int:
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            return cfg.budget.epochs
-        return max(trial.intermediate_values)
-
-    ranked = sorted(
-        (t for t in finished if t.state == optuna.trial.TrialState.COMPLETE or t.intermediate_values),
-        key=held,
-        reverse=maximize,
-    )
-    distinct: dict[str, Any] = {}
-    for trial in ranked:
-        distinct.setdefault(json.dumps(trial.params, sort_keys=True), trial)
-    finalists = list(distinct.values())[:top]
+    finalists = _finalists(study, cfg, top)
     complete = [t for t in finalists if t.state == optuna.trial.TrialState.COMPLETE]
     pick = complete[0].number if complete else None
     placement = place(setup.device or "cpu", setup.threads)
@@ -143,23 +116,7 @@ def fidelity(
     split = data.trial_data(dataset, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset)
     rows = []
     for trial in finalists:
-        params = TrialParams.from_flat(trial.params)
-        seed = derive_seed(cfg.seed, FIDELITY_TAG, trial.number)
-        model = seeded_model(params.model.shaped(split.train.shape), seed, placement.device)
-        started = time.perf_counter()
-        fit(model, split.train, None, recipe(cfg, params, seed))
-        ev = evaluate(model, split.val, cfg.train.eval_batch_size)
-        retrained = ev.accuracy if cfg.metric == "val_accuracy" else ev.loss
-        rows.append(
-            {
-                "trial": trial.number,
-                "state": trial.state.name,
-                "search_epochs": reached(trial),
-                "search_value": held(trial),
-                "retrained_value": retrained,
-                "seconds": round(time.perf_counter() - started, 1),
-            }
-        )
+        rows.append(_retrain_row(trial, cfg, split, placement.device))
         if on_row:
             on_row(rows[-1])
     rho = spearman([r["search_value"] for r in rows], [r["retrained_value"] for r in rows])
@@ -172,6 +129,64 @@ def fidelity(
         "spearman": rho,
         "regret": abs(best_retrained - picked),
     }
+
+
+def _retrain_row(trial: Any, cfg: Any, split: Any, device: Any) -> dict[str, Any]:
+    """One finalist retrained with the fidelity seed for the whole horizon on the trial split, scored on validation."""
+    from hpo.learn.params import TrialParams
+    from hpo.learn.seeds import derive_seed
+    from hpo.learn.train import evaluate, fit, recipe, seeded_model
+
+    params = TrialParams.from_flat(trial.params)
+    seed = derive_seed(cfg.seed, FIDELITY_TAG, trial.number)
+    model = seeded_model(params.model.shaped(split.train.shape), seed, device)
+    started = time.perf_counter()
+    fit(model, split.train, None, recipe(cfg, params, seed))
+    ev = evaluate(model, split.val, cfg.train.eval_batch_size)
+    return {
+        "trial": trial.number,
+        "state": trial.state.name,
+        "search_epochs": _reached(trial, cfg),
+        "search_value": _held(trial),
+        "retrained_value": ev.accuracy if cfg.metric == "val_accuracy" else ev.loss,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _held(trial: Any) -> float:
+    """The value the search holds for a finished trial: a COMPLETE one's, a pruned one's last report."""
+    import optuna
+
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        from hpo.search.trials import value
+
+        return value(trial)
+    return trial.intermediate_values[max(trial.intermediate_values)]
+
+
+def _reached(trial: Any, cfg: Any) -> int:
+    """The epochs a finished trial trained: the horizon, or the epoch it was pruned at."""
+    import optuna
+
+    return cfg.budget.epochs if trial.state == optuna.trial.TrialState.COMPLETE else max(trial.intermediate_values)
+
+
+def _finalists(study: Any, cfg: Any, top: int) -> list[Any]:
+    """The `top` distinct finished trials by the value the search holds for them, best first."""
+    import json
+
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ranked = sorted(
+        (t for t in study.get_trials(deepcopy=False, states=states) if t.state == states[0] or t.intermediate_values),
+        key=_held,
+        reverse=cfg.direction == "maximize",
+    )
+    distinct: dict[str, Any] = {}
+    for trial in ranked:
+        distinct.setdefault(json.dumps(trial.params, sort_keys=True), trial)
+    return list(distinct.values())[:top]
 
 
 def paired(search_predictions: list[int], fixed_predictions: list[int], truth: list[int]) -> dict[str, Any]:
