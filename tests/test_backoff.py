@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hpo.search.storage import Backoff
+from hpo.search.outages import Backoff
 
 
 def test_waits_double_up_to_the_cap():

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from hpo import attrs
 from hpo.search import storage as storage_mod
 from hpo.search import study as study_mod
+from hpo.search.locks import slot_lock
 from hpo.search.optuna_compat import stale_trial_ids, trial_id
 from hpo.search.reaper import Reaper, fail, lost_requeues
 from hpo.search.storage import StorageSettings
@@ -150,7 +151,7 @@ def test_a_fail_whose_requeue_was_lost_gets_its_copy_once(shared):
     assert [t.number for t in lost_requeues(study)] == [number]
 
     reaper = Reaper(study, store)
-    lock = storage_mod.slot_lock(store, study.study_name)
+    lock = slot_lock(store, study.study_name)
     now = time.monotonic()
     assert reaper.repair(lock, now) == []  # seen once: the failing worker may still be queuing it
     assert reaper.repair(lock, now + reaper.confirm_s) == [number]
@@ -186,9 +187,9 @@ def test_repair_waits_while_another_process_holds_the_study_lock(shared):
     now = time.monotonic()
     reaper.repair(now=now)
     later = now + reaper.confirm_s
-    with storage_mod.slot_lock(store, study.study_name):  # another worker counting slots
-        assert reaper.repair(storage_mod.slot_lock(store, study.study_name), later) == []
-    assert len(reaper.repair(storage_mod.slot_lock(store, study.study_name), later)) == 1
+    with slot_lock(store, study.study_name):  # another worker counting slots
+        assert reaper.repair(slot_lock(store, study.study_name), later) == []
+    assert len(reaper.repair(slot_lock(store, study.study_name), later)) == 1
 
 
 def test_telling_a_trial_that_was_reaped_meanwhile_drops_the_result_instead_of_crashing(shared):

@@ -16,8 +16,10 @@ import torch
 
 from hpo.launch import KILL_AFTER_S
 from hpo.search.artifacts import listed
+from hpo.search.heartbeat import Heartbeat
 from hpo.search.optuna_compat import study_id, study_storage, trial_id
-from hpo.search.storage import Heartbeat, StorageSettings, connection_error, open_storage
+from hpo.search.outages import connection_error
+from hpo.search.storage import StorageSettings, open_storage
 from hpo.search.study import create_or_load
 from hpo.settings import config
 from integration.test_postgres import (

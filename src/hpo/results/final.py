@@ -31,8 +31,8 @@ from hpo.results.provenance import git_revision, versions
 from hpo.results.retrain import TimeLimit, train_members
 from hpo.results.scoring import score
 from hpo.search import artifacts, budget
+from hpo.search.locks import DatabaseLock
 from hpo.search.session import Workspace
-from hpo.search.storage import DatabaseLock
 from hpo.search.trials import finished_count
 from hpo.settings.config import StudyConfig
 

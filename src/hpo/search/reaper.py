@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo import attrs
+from hpo.search.locks import DatabaseLock
 from hpo.search.optuna_compat import (
     last_heartbeats,
     running_without_heartbeat,
@@ -25,7 +26,7 @@ from hpo.search.optuna_compat import (
     study_storage,
     trial_id,
 )
-from hpo.search.storage import DatabaseLock, Storage, StorageSettings
+from hpo.search.storage import Storage, StorageSettings
 from hpo.search.trials import retry_history
 
 log = logging.getLogger(__name__)

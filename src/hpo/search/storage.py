@@ -9,12 +9,8 @@ included, so they take turns: fine on one machine, and PostgreSQL is the storage
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import logging
 import os
-import random
-import socket
 import sqlite3
 import threading
 import time
@@ -22,7 +18,6 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import optuna
 import sqlalchemy
@@ -31,6 +26,8 @@ from sqlalchemy.engine import URL, Engine, make_url
 
 from hpo import paths
 from hpo.errors import StorageError
+from hpo.search.locks import app_name, creation_lock
+from hpo.search.outages import Backoff, connection_error, first_line, lost_database
 from hpo.settings.envvars import env_float, env_int
 
 log = logging.getLogger(__name__)
@@ -99,26 +96,6 @@ def _make_sqlite_concurrent(engine: Engine) -> None:
     engine.dispose()  # pooled connections from the set-up predate the hooks
 
 
-def connection_error(e: BaseException) -> BaseException | None:
-    """The lost-connection error behind `e`, if that is what `e` is: the server is down, restarting
-    or unreachable. Integrity errors and bugs are not; retrying them would only repeat them.
-
-    When the database drops while a trial is being told, Optuna's `_run_trial` fails again while
-    recovering, with the storage error as the context; so the whole chain is searched.
-    """
-    seen = 0
-    current: BaseException | None = e
-    while current is not None and seen < 8:
-        if isinstance(
-            current,
-            (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.PendingRollbackError),
-        ) or (isinstance(current, sqlalchemy.exc.DBAPIError) and current.connection_invalidated):
-            return current
-        current = current.__cause__ or current.__context__
-        seen += 1
-    return None
-
-
 def database_time(engine: Engine) -> float:
     """Unix seconds by the database server's clock, the one clock every host of a study shares
     (heartbeats are stamped with it). SQLite's is this host's own."""
@@ -128,10 +105,6 @@ def database_time(engine: Engine) -> float:
         query = "SELECT EXTRACT(EPOCH FROM clock_timestamp())"
     with engine.connect() as conn:
         return float(conn.exec_driver_sql(query).scalar_one())
-
-
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # Storage calls that read, or write a value that a repeat writes again unchanged: a worker may repeat
@@ -157,35 +130,6 @@ REPEATABLE = (
     "set_trial_intermediate_value",
     "set_study_user_attr",
 )
-
-
-class Backoff:
-    """The one schedule every loop that waits for the database follows: waits that double from
-    `first` up to `cap` seconds (with `jitter`, each varied by +-25 % so that workers restarted
-    together do not come back in step), until `limit_s` seconds have passed since the first."""
-
-    def __init__(self, limit_s: float, first: float = 0.5, cap: float = 8.0, jitter: bool = False, clip: bool = False):
-        self.limit_s, self.cap, self.jitter, self.clip = limit_s, cap, jitter, clip
-        self.started = time.monotonic()
-        self.delay = first
-
-    def next_wait(self) -> float | None:
-        """How long to wait before the next try; None once the limit is passed (`clip`: no wait
-        runs past it)."""
-        remaining = self.limit_s - (time.monotonic() - self.started)
-        if remaining < 0 or (self.clip and remaining == 0):
-            return None
-        wait = min(self.delay, remaining) if self.clip else self.delay
-        self.delay = min(self.delay * 2, self.cap) * ((0.75 + random.random() / 2) if self.jitter else 1.0)
-        return wait
-
-
-def lost_database(limit_s: float, cause: BaseException) -> StorageError:
-    """What a worker says when an outage outlasts what it rides out."""
-    return StorageError(
-        f"lost the database for more than {limit_s:.0f}s ({first_line(cause)}). "
-        "Check that it is up; the study's trials are safe in it."
-    )
 
 
 _fail_fast = threading.local()  # per thread: Storage.failing_fast
@@ -279,70 +223,10 @@ for _name in REPEATABLE:
     setattr(Storage, _name, _repeatable(_name))
 
 
-class Heartbeat:
-    """A running trial's heartbeat, sent from a thread every `interval` seconds until the block ends.
-
-    `also` runs after each beat in the same thread (a worker reaps dead trials there, so that a
-    dead worker's trial is found while every live worker is busy training).
-    """
-
-    def __init__(self, storage: Storage, trial_id: int, interval: float, also=None):
-        self.storage, self.trial_id, self.interval, self.also = storage, trial_id, interval, also
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial_id}", daemon=True)
-
-    def _beat(self) -> None:
-        while True:
-            started = time.monotonic()
-            self.storage.record_heartbeat(self.trial_id)
-            if self.also is not None and self.storage.beating:
-                try:
-                    with self.storage.failing_fast():
-                        self.also()
-                except Exception as e:  # the next beat tries again; the trial must not die of it
-                    log.warning("reaping dead trials failed (%s)", first_line(connection_error(e) or e))
-            # Beats keep their schedule however long the reaping took (slow queries after an outage
-            # would otherwise space them past what other hosts' reapers confirm a death by).
-            if self._stop.wait(max(0.0, self.interval - (time.monotonic() - started))):
-                return
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _new_rdb_storage(url: str, **kwargs) -> Storage:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return Storage(url, **kwargs)
-
-
-@contextlib.contextmanager
-def creation_lock(url: str) -> Iterator[None]:
-    """Hold a database-wide lock, so that N workers starting together create tables and the study
-    exactly once (Optuna creates the tables before the BEGIN IMMEDIATE hooks are in place, so SQLite
-    alone would race on them). No storage is open yet, so the lock gets an engine of its own."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and (not parsed.database or parsed.database == ":memory:"):
-        yield  # one process's private database: nobody to wait for
-        return
-    postgres = parsed.get_backend_name() != "sqlite"
-    connect_args = {"connect_timeout": 5, "application_name": _app_name("create")} if postgres else {}
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
-    try:
-        with DatabaseLock(engine, "create", key=_CREATE_LOCK_KEY):
-            yield
-    finally:
-        engine.dispose()
-
-
-def _app_name(role: str) -> str:
-    """Shown in pg_stat_activity, so an operator can tell whose connections are whose."""
-    return f"hpo-{role}-{socket.gethostname()}-{os.getpid()}"[:63]
 
 
 def _engine_kwargs(url: sqlalchemy.URL, settings: StorageSettings) -> dict:
@@ -353,7 +237,7 @@ def _engine_kwargs(url: sqlalchemy.URL, settings: StorageSettings) -> dict:
         "pool_size": settings.pool_size,
         "max_overflow": 1,
         "pool_recycle": 300,  # seconds; stays under typical proxy idle timeouts
-        "connect_args": {"connect_timeout": 5, "application_name": _app_name("worker")},
+        "connect_args": {"connect_timeout": 5, "application_name": app_name("worker")},
     }
 
 
@@ -436,82 +320,3 @@ def open_storage(url: str, settings: StorageSettings | None = None) -> Storage:
                 settings.wait_s,
             )
             time.sleep(wait)
-
-
-# Any fixed 64-bit key: it names the lock that serialises table and study creation in PostgreSQL.
-_CREATE_LOCK_KEY = 0x68706F5F63726561  # "hpo_crea"
-
-
-class DatabaseLock:
-    """A named lock shared by every process of one database, and the only kind hpo takes:
-    - `creation_lock`: tables and a study are created once, however many workers start together;
-    - a study's name: a worker counts the free slots of the budget and creates its trial as one step;
-    - a study's name + ".final": one finalizer publishes at a time.
-
-    PostgreSQL: a session advisory lock on a pooled connection (the server drops it if the holder
-    dies). SQLite: an flock on a file beside the database (the kernel drops it likewise).
-    """
-
-    def __init__(self, engine: Engine, name: str, key: int | None = None):
-        self.engine = engine
-        digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
-        self.key = key if key is not None else int.from_bytes(digest, "big", signed=True)
-        self._conn: sqlalchemy.Connection | None = None
-        self._file: IO[str] | None = None
-        database = engine.url.database
-        self.path = Path(f"{database}.{name}.lock") if engine.dialect.name == "sqlite" else None
-
-    def acquire(self) -> None:
-        if self.path is not None:
-            self._file = open(self.path, "a")
-            fcntl.flock(self._file, fcntl.LOCK_EX)
-            return
-        self._conn = self.engine.connect()
-        self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
-        self._conn.commit()
-
-    def try_acquire(self) -> bool:
-        """Take the lock only if it is free now; True if taken (then `release` it)."""
-        if self.path is not None:
-            self._file = open(self.path, "a")
-            try:
-                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._file.close()
-                self._file = None
-                return False
-            return True
-        conn = self.engine.connect()
-        taken = bool(conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}).scalar())
-        conn.commit()
-        if not taken:
-            conn.close()
-            return False
-        self._conn = conn
-        return True
-
-    def __enter__(self) -> DatabaseLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.release()
-
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # closing drops the flock
-            self._file = None
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            try:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
-                conn.commit()
-            except sqlalchemy.exc.SQLAlchemyError:
-                conn.invalidate()  # a dead connection took its lock with it
-            finally:
-                conn.close()
-
-
-def slot_lock(storage: optuna.storages.RDBStorage, study_name: str) -> DatabaseLock:
-    """The lock a worker holds while it counts a study's free slots and creates its trial."""
-    return DatabaseLock(storage.engine, study_name)

@@ -15,9 +15,10 @@ from optuna.trial import TrialState
 from hpo import attrs
 from hpo.errors import ConfigError, HpoError, StorageError
 from hpo.search import artifacts, budget
+from hpo.search.locks import creation_lock
 from hpo.search.optuna_compat import heartbeat_ages, study_id, study_storage, trial_id
 from hpo.search.reaper import adopt_liveness
-from hpo.search.storage import Storage, creation_lock
+from hpo.search.storage import Storage
 from hpo.search.trials import FINISHED, best_first, value
 from hpo.settings import config
 from hpo.settings.components import PRUNERS, SAMPLERS

@@ -29,21 +29,14 @@ from hpo.learn.data import TrialData
 from hpo.learn.devices import Placement, cpu_count
 from hpo.learn.train import TrainingDiverged
 from hpo.search import budget
+from hpo.search.heartbeat import Heartbeat
+from hpo.search.locks import DatabaseLock, slot_lock
 from hpo.search.objective import OutOfMemory, OverBudget, calibrate, make_objective
 from hpo.search.optuna_compat import ArtifactStore, study_storage, trial_id
+from hpo.search.outages import Backoff, connection_error, first_line, lost_database
 from hpo.search.reaper import Reaper, fail, retry_note
 from hpo.search.session import Opened, Workspace
-from hpo.search.storage import (
-    Backoff,
-    DatabaseLock,
-    Heartbeat,
-    Storage,
-    StorageSettings,
-    connection_error,
-    first_line,
-    lost_database,
-    slot_lock,
-)
+from hpo.search.storage import Storage, StorageSettings
 from hpo.search.study import current_budget
 from hpo.search.trials import FINISHED, counts
 from hpo.settings.config import StudyConfig
