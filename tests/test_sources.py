@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import make_dataset, write_idx
 from hpo.errors import ConfigError, DataError
 from hpo.learn import data, sources
+from hpo.learn.readers import decode_image
 from hpo.settings import config
 from hpo.settings.config import DataSettings
 
@@ -79,10 +80,10 @@ def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path: Path) ->
     Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
     plain = tmp_path / "plain.jpg"
     Image.fromarray(pixels).save(plain, quality=95)
-    upright = sources.decode_image(tmp_path / "phone.jpg", 8, 1)[0].astype(int)
+    upright = decode_image(tmp_path / "phone.jpg", 8, 1)[0].astype(int)
     assert upright[:3].mean() < 60 and upright[-3:].mean() > 190  # dark top, light bottom
     assert abs(upright[:, :3].mean() - upright[:, -3:].mean()) < 10  # left and right alike
-    as_stored = sources.decode_image(plain, 8, 1)[0].astype(int)
+    as_stored = decode_image(plain, 8, 1)[0].astype(int)
     assert as_stored[:, :3].mean() < 60 and as_stored[:, -3:].mean() > 190  # without the tag: as stored
 
 

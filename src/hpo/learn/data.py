@@ -22,7 +22,8 @@ from hpo.learn.model import InputShape
 from hpo.settings.config import Augment
 
 if TYPE_CHECKING:
-    from hpo.learn.sources import DataSet, Labelled
+    from hpo.learn.readers import Labelled
+    from hpo.learn.sources import DataSet
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FILES = {

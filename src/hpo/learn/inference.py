@@ -76,7 +76,7 @@ def read_image(path: Path, info: dict[str, Any] = FASHION_MNIST_INFO) -> np.ndar
         raise ImageError("is a directory, not an image")
     size = int(info["image_size"])
     if not info.get("light_on_dark"):
-        from hpo.learn.sources import decode_image
+        from hpo.learn.readers import decode_image
 
         try:
             return decode_image(path, size, int(info["channels"]))
