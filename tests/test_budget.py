@@ -11,6 +11,7 @@ from optuna.trial import TrialState, create_trial
 from hpo import attrs
 from hpo.search import budget
 from hpo.search.budget import EpochCost, Plan
+from hpo.search.horizon import fit_horizon, minimum_budget, outlook, search_holds
 from hpo.settings import config
 from hpo.settings.durations import format_duration, parse_duration
 
@@ -182,7 +183,7 @@ def test_minimum_budget_is_the_shortest_in_which_a_first_trial_completes_and_a_m
     cfg = config.load("tiny")  # 3 trial epochs, members of 1 final epoch
     cost = EpochCost(epoch_s=1.0, train_images=1000, val_images=300, threads=1)
     for calibrated in (True, False):
-        needed = budget.minimum_budget(cfg, cost, 1, calibrated=calibrated, start_s=10.0)
+        needed = minimum_budget(cfg, cost, 1, calibrated=calibrated, start_s=10.0)
         costs = [] if calibrated else [cost]
         whole = budget.trial_estimate(cfg, costs, cost if calibrated else None)  # the whole horizon
         member = budget.member_estimate(cost, cfg.final.epochs, 1, cfg.final)
@@ -190,9 +191,9 @@ def test_minimum_budget_is_the_shortest_in_which_a_first_trial_completes_and_a_m
             assert (10.0 + whole + member + budget.slack_s(time_s) <= time_s) is fits, (calibrated, time_s)
     # A warm start's calibration is of the first trial itself: once, not doubled.
     warm = dataclasses.replace(cfg, warm_start=dataclasses.replace(cfg.warm_start, params=({"n_conv": 1},)))
-    once = budget.minimum_budget(warm, cost, 1, calibrated=True, start_s=10.0)
-    assert once == budget.minimum_budget(warm, cost, 1, calibrated=False, start_s=10.0)
-    assert once < budget.minimum_budget(cfg, cost, 1, calibrated=True, start_s=10.0)
+    once = minimum_budget(warm, cost, 1, calibrated=True, start_s=10.0)
+    assert once == minimum_budget(warm, cost, 1, calibrated=False, start_s=10.0)
+    assert once < minimum_budget(cfg, cost, 1, calibrated=True, start_s=10.0)
 
 
 def test_the_calibrated_first_trial_is_the_warm_start_completed_from_the_middle_of_the_space():
@@ -246,12 +247,12 @@ def test_while_nothing_is_complete_the_leading_trial_runs_on_if_its_epochs_and_o
 def test_fit_horizon_is_the_longest_horizon_whose_first_trial_and_final_run_fit():
     cfg = config.load("cnn-quick")  # 6 epochs, the final run trains the horizon
     cost = EpochCost(epoch_s=60.0, train_images=54000, val_images=6000, threads=1)
-    needs = {e: budget.minimum_budget(config.with_horizon(cfg, e), cost, 2) for e in range(1, 7)}
+    needs = {e: minimum_budget(config.with_horizon(cfg, e), cost, 2) for e in range(1, 7)}
     assert needs[6] > 600.0 >= needs[5]  # the AMD EPYC's reading: 6 epochs do not fit 10 minutes, 5 do
-    fitted = budget.fit_horizon(cfg, cost, 2, 600.0)
+    fitted = fit_horizon(cfg, cost, 2, 600.0)
     assert fitted is not None and fitted.budget.epochs == 5 and fitted.final.epochs == 5
     assert fitted.space == cfg.space and fitted.pruner == cfg.pruner
-    assert budget.fit_horizon(cfg, cost, 2, needs[1] - 1.0) is None  # not even one epoch: refused as before
+    assert fit_horizon(cfg, cost, 2, needs[1] - 1.0) is None  # not even one epoch: refused as before
 
 
 def test_a_faster_machine_fits_a_longer_horizon_where_the_time_holds_the_finalists_and_one_trial_more():
@@ -259,21 +260,21 @@ def test_a_faster_machine_fits_a_longer_horizon_where_the_time_holds_the_finalis
     assert grows.budget.max_epochs == 200
     cfg = dataclasses.replace(grows, budget=dataclasses.replace(grows.budget, max_epochs=None))
     fast = EpochCost(epoch_s=15.0, train_images=54000, val_images=6000, threads=1)  # 4x the EPYC's speed
-    fitted = budget.fit_horizon(grows, fast, 2, 600.0, workers=2)
+    fitted = fit_horizon(grows, fast, 2, 600.0, workers=2)
     epochs = fitted.budget.epochs
     assert 6 < epochs < 200 and fitted.final.epochs == epochs
     # The longest such horizon: it holds ensemble + 1 = 2 whole trials across the 2 workers, one more does not.
-    assert budget.search_holds(fitted, fast, 2, 600.0, 2) >= 2
-    assert budget.search_holds(config.with_horizon(grows, epochs + 1), fast, 2, 600.0, 2) < 2
+    assert search_holds(fitted, fast, 2, 600.0, 2) >= 2
+    assert search_holds(config.with_horizon(grows, epochs + 1), fast, 2, 600.0, 2) < 2
     # Twice the budget, a longer horizon; one worker, a shorter one; without max_epochs, the file's 6.
-    assert budget.fit_horizon(grows, fast, 2, 1200.0, workers=2).budget.epochs > epochs
-    assert budget.fit_horizon(grows, fast, 2, 600.0, workers=1).budget.epochs < epochs
-    assert budget.fit_horizon(cfg, fast, 2, 600.0, workers=2) == cfg
+    assert fit_horizon(grows, fast, 2, 1200.0, workers=2).budget.epochs > epochs
+    assert fit_horizon(grows, fast, 2, 600.0, workers=1).budget.epochs < epochs
+    assert fit_horizon(cfg, fast, 2, 600.0, workers=2) == cfg
     # The cap holds, and a slow machine still shrinks the horizon (the EPYC's reading above).
     capped = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, max_epochs=8))
-    assert budget.fit_horizon(capped, fast, 2, 600.0, workers=2).budget.epochs == 8
+    assert fit_horizon(capped, fast, 2, 600.0, workers=2).budget.epochs == 8
     slow = EpochCost(epoch_s=60.0, train_images=54000, val_images=6000, threads=1)
-    assert budget.fit_horizon(grows, slow, 2, 600.0, workers=2).budget.epochs == 5
+    assert fit_horizon(grows, slow, 2, 600.0, workers=2).budget.epochs == 5
 
 
 def test_a_final_run_set_apart_from_the_horizon_is_only_capped_by_the_fitted_one():
@@ -293,13 +294,13 @@ def test_the_outlook_counts_whole_trials_in_the_time_left_beside_the_finalizers_
     reserve = 2 * budget.member_estimate(calibrated, cfg.final.epochs, 1, cfg.final)
     left = 600.0
     whole = 2 * (left - reserve - budget.slack_s(left)) / trial_s
-    line = budget.outlook(fresh, cfg, 2, 1, left)
+    line = outlook(fresh, cfg, 2, 1, left)
     assert line.startswith(f"the 10m00s left hold about {whole:.1f} whole trial(s) of 3 epochs (about 6s each)")
     assert whole > 100
     assert "across 2 worker(s)" in line and f"besides the finalizer's {format_duration(reserve)}" in line
     # A budget that the reserve fills holds none, and says so rather than a negative count.
-    assert "about 0.0 whole trial(s)" in budget.outlook(fresh, cfg, 2, 1, reserve)
+    assert "about 0.0 whole trial(s)" in outlook(fresh, cfg, 2, 1, reserve)
     # Measured epochs replace the calibration; a study with neither has no outlook.
     measured = study_with([5.0, 5.0])
-    assert "(about 18s each)" in budget.outlook(measured, cfg, 2, 1, left)
-    assert budget.outlook(optuna.create_study(), cfg, 2, 1, left) is None
+    assert "(about 18s each)" in outlook(measured, cfg, 2, 1, left)
+    assert outlook(optuna.create_study(), cfg, 2, 1, left) is None

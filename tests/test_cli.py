@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import user_error
+from hpo.search.horizon import minimum_budget
 
 
 def test_password_is_masked_in_messages(run):
@@ -247,7 +248,7 @@ def test_a_study_that_fits_its_epochs_is_created_at_the_longest_horizon_the_time
     assert cost is not None
     # The longest that fits: one epoch more would not have (the final run takes every core).
     cores = cpu_count()
-    assert budget.minimum_budget(stored, cost, cores, calibrated=True) <= 60.0
-    assert budget.minimum_budget(config.with_horizon(cfg, epochs + 1), cost, cores, calibrated=True) > 60.0
+    assert minimum_budget(stored, cost, cores, calibrated=True) <= 60.0
+    assert minimum_budget(config.with_horizon(cfg, epochs + 1), cost, cores, calibrated=True) > 60.0
     # A worker that reads the file gets the stored, fitted horizon.
     assert create_or_load(opened.storage, cfg)[1].budget.epochs == epochs

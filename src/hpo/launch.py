@@ -25,7 +25,7 @@ from hpo.learn import sources
 from hpo.learn.seeds import derive_seed
 from hpo.learn.sources import DataSet
 from hpo.paths import log_dir
-from hpo.search import budget, progress
+from hpo.search import budget, horizon, progress
 from hpo.search.session import Opened
 from hpo.search.status import study_status
 from hpo.search.study import create_or_load, exists, load
@@ -159,16 +159,16 @@ def check_time_budget(
     cfg: StudyConfig, time_s: float, storage: Any, dataset: DataSet, local: Local
 ) -> tuple[StudyConfig, budget.EpochCost | None]:
     """Refuse a budget that cannot hold one trial plus the finalizer, measured on this machine; a new
-    study with `[budget] fit_epochs` gets the horizon fitted to the time instead (budget.fit_horizon),
+    study with `[budget] fit_epochs` gets the horizon fitted to the time instead (fit_horizon),
     and says so.
 
     Returns the study's settings (the fitted ones, or `cfg`) and the calibration it measured (None
     when the study had measured epochs to go by)."""
     cost, calibrated = _epoch_cost(cfg, storage, dataset, local)
     final_threads = local.finalizer_threads()
-    needed = budget.minimum_budget(cfg, cost, final_threads, calibrated=calibrated is not None)
+    needed = horizon.minimum_budget(cfg, cost, final_threads, calibrated=calibrated is not None)
     if cfg.budget.fit_epochs and calibrated is not None:  # a new study only
-        fitted = budget.fit_horizon(cfg, cost, final_threads, time_s, local.workers, calibrated=True)
+        fitted = horizon.fit_horizon(cfg, cost, final_threads, time_s, local.workers, calibrated=True)
         if fitted is not None and fitted.budget.epochs > cfg.budget.epochs:
             _say_grown(cfg, fitted, cost, local, time_s)
             return fitted, calibrated
@@ -216,16 +216,16 @@ def _epoch_cost(
 
 
 def outlook(study: optuna.Study, cfg: StudyConfig, local: Local) -> str | None:
-    """The line that says what a timed study's time left holds (budget.outlook); None without a clock."""
+    """The line that says what a timed study's time left holds (horizon.outlook); None without a clock."""
     deadline = budget.get_deadline(study)
     if deadline is None or deadline.left() <= 0:
         return None
-    line = budget.outlook(study, cfg, local.workers, local.finalizer_threads(), deadline.left())
+    line = horizon.outlook(study, cfg, local.workers, local.finalizer_threads(), deadline.left())
     return None if line is None else f"study {cfg.name!r}: {line}"
 
 
 def _say_grown(cfg: StudyConfig, fitted: StudyConfig, cost: budget.EpochCost, local: Local, time_s: float) -> None:
-    holds = budget.search_holds(fitted, cost, local.finalizer_threads(), time_s, local.workers, calibrated=True)
+    holds = horizon.search_holds(fitted, cost, local.finalizer_threads(), time_s, local.workers, calibrated=True)
     log.info(
         "study %r: --time %s holds a %d-epoch horizon here (%.1fs per trial epoch, calibrated on this machine): "
         "%.1f whole trials across %d worker(s) besides the finalizer's %d member(s) "

@@ -39,7 +39,7 @@ class TrialBudget:
     val_fraction: float = 0.1  # share of the official training set held out for validation
     time_s: float | None = None  # wall-clock budget of search plus finalizer, seconds; None = no limit
     # With a time budget, a new study's horizon is fitted to it on the machine that creates it
-    # (hpo.search.budget.fit_horizon): longer than `epochs`, up to `max_epochs`, where the time holds the
+    # (hpo.search.horizon.fit_horizon): longer than `epochs`, up to `max_epochs`, where the time holds the
     # finalizer's members and one whole trial more than that across the workers; shorter than
     # `epochs` where not even one trial and one final member fit.
     fit_epochs: bool = False
