@@ -1,5 +1,6 @@
-"""What each part of the package may import: each layer only the layers below it, study files
-without torch, training without optuna, and the read-only commands free of torch."""
+"""What each part of the package may import (each layer only the layers below it, study files
+without torch, training without optuna, the read-only commands free of torch), and how large a
+module, a function and a command may grow."""
 
 from __future__ import annotations
 
@@ -75,6 +76,43 @@ def test_the_layering_check_catches_a_forbidden_import(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     assert breaches(fake / "learn" / "model.py") == ["hpo.search.budget", "optuna"]
     assert breaches(fake / "settings" / "config.py") == ["torch"]
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_PARAMETERS, MAX_COMMAND_BODY = 400, 50, 6, 15
+
+
+def sizes(path: Path) -> list[str]:
+    """What in `path` is past the size rules: a module over 400 lines, a function over 50, one that
+    takes more than 6 parameters (click commands aside: their options are their parameters), or a
+    command whose body, decorators and docstring aside, is over 15 lines."""
+    text = path.read_text()
+    found = [f"{len(text.splitlines())} lines"] if len(text.splitlines()) > MAX_MODULE_LINES else []
+    for node in ast.walk(ast.parse(text)):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        command = any("command" in ast.unparse(d) for d in node.decorator_list)
+        a = node.args
+        params = len(a.posonlyargs + a.args + a.kwonlyargs) + (a.vararg is not None) + (a.kwarg is not None)
+        params -= bool(a.args) and a.args[0].arg in ("self", "cls")
+        if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+            found.append(f"{node.name}: {node.end_lineno - node.lineno + 1} lines")
+        if params > MAX_PARAMETERS and not command:
+            found.append(f"{node.name}: {params} parameters")
+        body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+        if command and body and node.end_lineno - body[0].lineno + 1 > MAX_COMMAND_BODY:
+            found.append(f"{node.name}: a command body of {node.end_lineno - body[0].lineno + 1} lines")
+    return found
+
+
+def test_modules_and_functions_stay_small_enough_to_read_whole():
+    found = {str(p.relative_to(PACKAGE)): s for p in sorted(PACKAGE.rglob("*.py")) if (s := sizes(p))}
+    assert found == {}
+
+
+def test_the_size_check_catches_a_long_function_and_a_long_parameter_list(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(50))
+    (tmp_path / "big.py").write_text(f"def long():\n{body}\n\n\ndef wide(a, b, c, d, e, f, g):\n    pass\n")
+    assert sizes(tmp_path / "big.py") == ["long: 51 lines", "wide: 7 parameters"]
 
 
 RUN_IN_PROCESS = """

@@ -238,28 +238,33 @@ def bench_pruners_text(result: dict[str, Any], workers: int, device: str | None,
         f"{result['study']}: {each} of search per run, best {result['metric']} at the final horizon "
         "(validation; the test split is not read):"
     )
-    for run in result["runs"]:
-        best = "no COMPLETE trial"
-        if run["best_value"] is not None:
-            best = f"best {run['best_value']:.4f} (trial {run['best_trial']})"
-        lines.append(
-            f"  {run['pruner']:<19} seed {run['seed']:>3}  {best} at {run['horizon']} epochs; "
-            f"{run['trials']} trials ({run['complete']} complete, "
-            f"{run['pruned']} pruned, {run['failed']} failed), {run['epochs']} epochs, {run['wall_time_s']:.0f}s"
-        )
+    lines += [_pruner_run_line(run) for run in result["runs"]]
     first = result["pruners"][0]["pruner"]
-    for row in result["pruners"]:
-        mean = "-" if row["mean_best"] is None else f"{row['mean_best']:.4f}"
-        versus = ""
-        if row["vs_first"] is not None:
-            versus = f"; {100 * row['vs_first']:+.2f} points against {first}, seed by seed"
-        lines.append(
-            f"  {row['pruner']:<19} mean best {mean} over {len(row['best_values'])} run(s), "
-            f"{row['mean_trials']:.1f} trials, {row['mean_complete']:.1f} complete, "
-            f"{row['mean_epochs']:.0f} epochs{versus}"
-        )
+    lines += [_pruner_mean_line(row, first) for row in result["pruners"]]
     lines.append(f"options: {json.dumps(result['options'])}")
     return "\n".join(lines)
+
+
+def _pruner_run_line(run: dict[str, Any]) -> str:
+    """One pruner's run for one seed: its best value at the horizon, its trials and its epochs."""
+    best = "no COMPLETE trial"
+    if run["best_value"] is not None:
+        best = f"best {run['best_value']:.4f} (trial {run['best_trial']})"
+    return (
+        f"  {run['pruner']:<19} seed {run['seed']:>3}  {best} at {run['horizon']} epochs; "
+        f"{run['trials']} trials ({run['complete']} complete, "
+        f"{run['pruned']} pruned, {run['failed']} failed), {run['epochs']} epochs, {run['wall_time_s']:.0f}s"
+    )
+
+
+def _pruner_mean_line(row: dict[str, Any], first: str) -> str:
+    """One pruner over its seeds, and its seed-by-seed difference from the first pruner."""
+    mean = "-" if row["mean_best"] is None else f"{row['mean_best']:.4f}"
+    versus = "" if row["vs_first"] is None else f"; {100 * row['vs_first']:+.2f} points against {first}, seed by seed"
+    return (
+        f"  {row['pruner']:<19} mean best {mean} over {len(row['best_values'])} run(s), "
+        f"{row['mean_trials']:.1f} trials, {row['mean_complete']:.1f} complete, {row['mean_epochs']:.0f} epochs{versus}"
+    )
 
 
 SEARCHED = {"final-train": "", "search": ", its trial's own model"}
