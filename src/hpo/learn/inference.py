@@ -68,7 +68,7 @@ class ImageError(Exception):
 
 def read_image(path: Path, info: dict[str, Any] = FASHION_MNIST_INFO) -> np.ndarray:
     """Any PNG or JPEG as the uint8 input of a model trained on `info`'s data: (C, S, S) as a folder
-    data set's images were read (hpo.learn.sources.decode_image), or, for MNIST-style grey data, (S, S) as a
+    data set's images were read (hpo.learn.readers.decode_image), or, for MNIST-style grey data, (S, S) as a
     light object on a dark background, centred and padded to a square before resizing."""
     if not path.exists():
         raise ImageError("no such file")

@@ -190,7 +190,7 @@ FP32_EVAL_SHARE = 0.6
 
 def test_passes(tta: str, trial_models: bool = False) -> int:
     """Forward passes the finalizer makes per test image and member: each TTA view, in the ensemble
-    and again alone (hpo.results.final.score), and as many again for the member's own trial model."""
+    and again alone (hpo.results.scoring.score), and as many again for the member's own trial model."""
     return 2 * (2 if tta == "flip" else 1) * (2 if trial_models else 1)
 
 
