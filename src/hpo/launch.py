@@ -63,10 +63,9 @@ class Local:
     device: str | None
 
     def finalizer_threads(self) -> int:
-        """The finalizer has the machine alone: every core on a CPU, a worker's threads beside a GPU."""
-        from hpo.learn.devices import cpu_count
+        from hpo.learn.devices import finalizer_threads
 
-        return self.threads if (self.device or "").startswith("cuda") else cpu_count()
+        return finalizer_threads((self.device or "").startswith("cuda"), self.threads)
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ class Clock:
 def optimize(request: Request, echo: Callable[[str], None]) -> None:
     """`hpo optimize`: check the data and the time budget, create the study once, run the local
     workers, print the status, and with --final run the finalizer inside the budget."""
-    from hpo.learn.devices import threads_per_worker
+    from hpo.learn.devices import place, threads_per_worker
     from hpo.paths import final_dir
     from hpo.results import final, report
     from hpo.search import session
@@ -112,7 +111,7 @@ def optimize(request: Request, echo: Callable[[str], None]) -> None:
     finally:
         echo(report.status_text(study_status(study, cfg, opened.storage)))
     if request.run_final:
-        workspace = session.Workspace(opened.storage, artifact_store, final.final_placement(request.device), dataset)
+        workspace = session.Workspace(opened.storage, artifact_store, place(request.device), dataset)
         metrics = final.after_search(study, cfg, workspace, finished_before)
         echo(report.final_text(metrics, final_dir(cfg.name), cfg.name))
     echo(f"wall time {time.time() - request.started_at:.0f}s")
@@ -195,7 +194,6 @@ def _epoch_cost(
 ) -> tuple[budget.EpochCost, budget.EpochCost | None]:
     """What a trial epoch costs: the slowest the study measured, any host; for a new study, the
     first trial calibrated on this machine (also returned, to be recorded)."""
-    import torch
 
     from hpo.learn import data
     from hpo.learn.devices import place
@@ -209,7 +207,7 @@ def _epoch_cost(
     if costs:
         return max(costs, key=lambda c: c.epoch_s), None
     # An explicit device, so that calibrating does not claim a GPU a worker is about to want.
-    placement = place(local.device or ("cuda:0" if torch.cuda.is_available() else "cpu"), local.threads)
+    placement = place(local.device, local.threads)  # no claim: a worker may be about to want the GPU
     trial_data = data.trial_data(dataset, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset)
     calibrated = calibrate(cfg, trial_data, placement)
     return calibrated, calibrated

@@ -28,6 +28,11 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def finalizer_threads(on_gpu: bool, threads: int) -> int:
+    """The finalizer has the machine alone: every core on a CPU, a worker's `threads` beside a GPU."""
+    return threads if on_gpu else cpu_count()
+
+
 def threads_per_worker(workers: int, cores: int | None = None) -> int:
     """Split the cores evenly so N local workers never oversubscribe the CPU."""
     return max(1, (cores or cpu_count()) // max(1, workers))

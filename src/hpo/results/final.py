@@ -21,7 +21,6 @@ from hpo import attrs
 from hpo.errors import HpoError
 from hpo.learn import checkpoints, sources
 from hpo.learn.data import device_data, stratified_split
-from hpo.learn.devices import Placement
 from hpo.learn.model import InputShape, cpu_weights
 from hpo.learn.params import TrialParams
 from hpo.paths import final_dir
@@ -164,14 +163,6 @@ def _checkpoint(
         "test_accuracy": test_accuracy,
         "hpo_version": hpo.__version__,
     }
-
-
-def final_placement(device: str | None) -> Placement:
-    """The finalizer's device: the one asked for, else a GPU without taking a worker's claim on it
-    (the workers have exited), else every CPU core."""
-    from hpo.learn.devices import place
-
-    return place(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
 
 
 def after_search(

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from hpo import attrs
 from hpo.errors import StorageError
 from hpo.learn.data import TrialData
-from hpo.learn.devices import Placement, cpu_count
+from hpo.learn.devices import Placement, finalizer_threads
 from hpo.learn.train import TrainingDiverged
 from hpo.search import budget
 from hpo.search.heartbeat import Heartbeat
@@ -189,6 +189,7 @@ def _run(
 ) -> None:
     storage = workspace.storage
     assert storage is not None
+    final_threads = finalizer_threads(workspace.placement.device.type == "cuda", workspace.placement.threads)
     lock = slot_lock(storage, cfg.name)
     reaper = Reaper(study, storage)
     slots = _Slots(cfg.budget.n_trials)  # re-read before every trial: `hpo extend` may raise it
@@ -201,7 +202,7 @@ def _run(
         # Count and ask under the lock: a slot seen free here is still free when the trial is created.
         lock.acquire()
         try:
-            free = _free_slot(study, cfg, slots, reaper, result, finalizer_threads(workspace.placement))
+            free = _free_slot(study, cfg, slots, reaper, result, final_threads)
             if free is None:
                 return
             if free:
@@ -234,7 +235,8 @@ def _objective(
 ) -> Callable[[optuna.Trial], float]:
     """The trial objective, with its slot claim (which lets the other workers ask once the trial
     exists) and its per-epoch time check."""
-    final_threads = finalizer_threads(workspace.placement)
+    placement = workspace.placement
+    final_threads = finalizer_threads(placement.device.type == "cuda", placement.threads)
 
     def claim(trial: optuna.Trial) -> bool:
         """Called by the objective first: is this trial within the budget? Then let others ask."""
@@ -250,11 +252,6 @@ def _objective(
         return budget.plan_epoch(study, cfg, deadline, final_threads, budget.NextEpoch(number, epoch_s, epochs_left))
 
     return make_objective(cfg, data, workspace, claim, lambda: slots.plan, epoch_plan)
-
-
-def finalizer_threads(placement: Placement) -> int:
-    """The finalizer has the whole machine: all its cores, or this worker's GPU (with its threads)."""
-    return placement.threads if placement.device.type == "cuda" else cpu_count()
 
 
 def _free_slot(
