@@ -56,11 +56,106 @@ def test_bad_pruner_lists_get_one_line_naming_the_fix(text, says):
 
 
 def test_pruners_parse_in_order():
-    assert pruner_bench.parse_pruners("successive_halving, median,hyperband") == [
-        "successive_halving",
-        "median",
-        "hyperband",
+    arms = pruner_bench.parse_pruners("successive_halving, median,hyperband")
+    assert [(a.label, a.name, a.given) for a in arms] == [
+        ("successive_halving", "successive_halving", {}),
+        ("median", "median", {}),
+        ("hyperband", "hyperband", {}),
     ]
+
+
+def test_one_pruner_twice_with_options_after_a_colon():
+    same, scaled = pruner_bench.parse_pruners(
+        "successive_halving, successive_halving:min_resource=3:reduction_factor=2"
+    )
+    assert same.given == {} and scaled.name == "successive_halving"
+    assert scaled.given == {"min_resource": 3, "reduction_factor": 2}  # read as TOML values: integers
+    assert scaled.label == "successive_halving:min_resource=3:reduction_factor=2"
+    cfg = config.load("cnn-quick")
+    # The given options win over the study file's; the others stay.
+    assert scaled.options(cfg) == {**cfg.pruner.options, "min_resource": 3, "reduction_factor": 2}
+    study_cfg = pruner_bench.variant(cfg, scaled, 0)
+    assert study_cfg.name == "cnn-quick-successive-halving-min-resource-3-reduction-factor-2-1"
+    again = config.parse(tomllib.loads(to_toml(study_cfg)))
+    assert again.pruner.options["min_resource"] == 3
+    assert make_pruner(again)._min_resource == 3  # what Optuna was built with  # noqa: SLF001
+    percentile, auto = pruner_bench.parse_pruners("percentile:percentile=25.5,hyperband:max_resource=auto")
+    assert percentile.given == {"percentile": 25.5} and auto.given == {"max_resource": "auto"}
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("median,successive_halving:min_resource", "'min_resource' is not key=value"),
+        ("median,median:", "'' is not key=value"),
+        ("median:n_warmup_steps=2,median:n_warmup_steps=2", "at least two different pruners"),  # twice the same
+    ],
+)
+def test_bad_pruner_options_get_one_line_naming_the_fix(text, says):
+    with pytest.raises(HpoError) as caught:
+        pruner_bench.parse_pruners(text)
+    message = str(caught.value)
+    assert says in message and "successive_halving:min_resource=3" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("median,successive_halving:bogus=1", "SuccessiveHalvingPruner has no option 'bogus'"),
+        ("median,successive_halving:min_resource=0", "min_resource = 0 is out of range"),
+    ],
+)
+def test_an_option_optuna_would_refuse_stops_the_bench_before_its_first_run(text, says, monkeypatch, tmp_path):
+    ran = []
+    monkeypatch.setattr(pruner_bench, "optimize_in", lambda *a, **k: ran.append(a))
+    monkeypatch.setattr(pruner_bench, "shared_horizon", lambda setup, cfg: ran.append("calibrated"))
+    setup = pruner_bench.Setup(config.resolve_path("tiny"), 60.0, 2, tmp_path, None, 1, tmp_path / "runs")
+    with pytest.raises(HpoError) as caught:
+        pruner_bench.compare(setup, pruner_bench.parse_pruners(text), 1)
+    assert says in str(caught.value) and str(caught.value).startswith("--pruners: 'successive_halving:")
+    assert ran == [] and not (tmp_path / "runs").exists()
+
+
+def test_every_run_trains_the_one_horizon_fitted_from_one_calibration(monkeypatch, fake_data_dir, tmp_path):
+    import optuna
+
+    from hpo.learn.devices import finalizer_threads, threads_per_worker
+    from hpo.search import horizon, objective
+
+    written, calibrations = [], []
+    calibrate = objective.calibrate_here
+    monkeypatch.setattr(objective, "calibrate_here", lambda *a: calibrations.append(calibrate(*a)) or calibrations[-1])
+
+    def searched(setup, final):  # the child `hpo optimize` is the integration test's part; here, its study file
+        written.append(config.load(setup.study_file))
+        return optuna.create_study(direction="maximize")
+
+    monkeypatch.setattr(pruner_bench, "optimize_in", searched)
+    monkeypatch.setattr(pruner_bench, "record", lambda study, label, seed, s: {"pruner": label, "seed": seed})
+    monkeypatch.setattr(pruner_bench, "summarize", lambda runs, labels, direction: [])
+    setup = pruner_bench.Setup(config.resolve_path("cnn-quick"), 600.0, 2, fake_data_dir, "cpu", 2, tmp_path / "r")
+    arms = pruner_bench.parse_pruners("successive_halving,successive_halving:min_resource=3,hyperband")
+    result = pruner_bench.compare(setup, arms, 2)
+    assert len(calibrations) == 1 and len(written) == 6  # one calibration for 3 pruners x 2 seeds
+    assert {c.budget.epochs for c in written} == {result["horizon"]}  # one horizon for every run
+    assert not any(c.budget.fit_epochs for c in written)  # so no run fits its own
+    # The horizon `hpo optimize --workers 2 --time 10m` fits to that calibration.
+    threads = threads_per_worker(2)
+    fitted = horizon.fit_horizon(
+        config.load("cnn-quick"), calibrations[0], finalizer_threads(False, threads), 600.0, 2, True
+    )
+    assert fitted is not None and result["horizon"] == fitted.budget.epochs
+    assert result["calibration_s"] == calibrations[0].epoch_s
+    # hyperband's max_resource is the fitted horizon, whatever the file's epochs; given options win.
+    assert written[2].pruner.options["max_resource"] == result["horizon"]
+    assert written[1].pruner.options["min_resource"] == 3 and written[0].pruner.options["min_resource"] == 1
+
+
+def test_a_study_without_fit_epochs_keeps_its_file_horizon(tmp_path):
+    tiny = config.load("tiny")
+    assert not tiny.budget.fit_epochs
+    setup = pruner_bench.Setup(config.resolve_path("tiny"), 60.0, 2, tmp_path, None, 1, tmp_path / "runs")
+    assert pruner_bench.shared_horizon(setup, tiny) == (tiny, None)
 
 
 def _run(pruner, seed, best, trials=10):

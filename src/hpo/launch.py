@@ -195,9 +195,7 @@ def _epoch_cost(
     """What a trial epoch costs: the slowest the study measured, any host; for a new study, the
     first trial calibrated on this machine (also returned, to be recorded)."""
 
-    from hpo.learn import data
-    from hpo.learn.devices import place
-    from hpo.search.objective import calibrate
+    from hpo.search.objective import calibrate_here
 
     costs: list[budget.EpochCost] = []
     try:
@@ -206,10 +204,7 @@ def _epoch_cost(
         pass  # a new study: calibrate below
     if costs:
         return max(costs, key=lambda c: c.epoch_s), None
-    # An explicit device, so that calibrating does not claim a GPU a worker is about to want.
-    placement = place(local.device, local.threads)  # no claim: a worker may be about to want the GPU
-    trial_data = data.trial_data(dataset, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset)
-    calibrated = calibrate(cfg, trial_data, placement)
+    calibrated = calibrate_here(cfg, dataset, local.device, local.threads)
     return calibrated, calibrated
 
 

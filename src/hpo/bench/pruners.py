@@ -6,13 +6,20 @@ the same configurations and the runs differ by what the pruner stopped. Runs are
 by seed, so that a slow spell of a shared machine falls on every pruner alike. The figure compared
 is the study's best value at the final horizon, the one the finalizer would retrain; the test
 split is not read.
+
+Every run trains one horizon: a study with `[budget] fit_epochs` is calibrated once, here, and the
+horizon fitted to T is written into each run's study file (each run calibrating on its own would
+fit its own horizon to the machine's speed at that moment, and the pruners would be compared at
+different horizons). A pruner may be given with options, `successive_halving:min_resource=3`, so
+that two settings of one pruner can be compared.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import replace
+import tomllib
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hpo.bench.search import Setup, optimize_in
@@ -21,6 +28,7 @@ from hpo.search.study import stored_config
 from hpo.settings import config
 from hpo.settings.components import PRUNERS, Component
 from hpo.settings.config import StudyConfig
+from hpo.settings.durations import format_duration
 from hpo.settings.writer import to_toml
 
 
@@ -43,31 +51,101 @@ def horizon_options(name: str, cfg: StudyConfig) -> dict[str, Any]:
 UNCAPPED_TRIALS = 100_000  # [budget] n_trials of every run: the clock, not the count, ends each search
 
 
-def variant(cfg: StudyConfig, pruner: str, seed_index: int) -> StudyConfig:
-    """The study with `pruner` and the seed_index-th seed, under a name of its own, with no trial cap
-    (a pruner that stops trials sooner must get to spend the time it saves)."""
+@dataclass(frozen=True)
+class Arm:
+    """One pruner of the comparison: its label as given (`median`, or `successive_halving:min_resource=3`),
+    the pruner's name, and the options given beside the name (over horizon_options)."""
+
+    label: str
+    name: str
+    given: dict[str, Any]
+
+    def options(self, cfg: StudyConfig) -> dict[str, Any]:
+        return {**horizon_options(self.name, cfg), **self.given}
+
+
+def variant(cfg: StudyConfig, arm: Arm | str, seed_index: int) -> StudyConfig:
+    """The study with `arm`'s pruner and the seed_index-th seed, under a name of its own, with no trial
+    cap (a pruner that stops trials sooner must get to spend the time it saves)."""
+    arm = arm if isinstance(arm, Arm) else Arm(arm, arm, {})
+    slug = "".join(c if c.isalnum() else "-" for c in arm.label)
     return replace(
         cfg,
-        name=f"{cfg.name}-{pruner.replace('_', '-')}-{seed_index + 1}",
+        name=f"{cfg.name}-{slug}-{seed_index + 1}",
         seed=cfg.seed + seed_index,
         budget=replace(cfg.budget, n_trials=max(cfg.budget.n_trials, UNCAPPED_TRIALS)),
-        pruner=Component(pruner, horizon_options(pruner, cfg)),
+        pruner=Component(arm.name, arm.options(cfg)),
     )
 
 
-def parse_pruners(text: str) -> list[str]:
-    """'median,successive_halving' -> its names, each known and named once."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PRUNERS]
-    if unknown or len(names) < 2 or len(set(names)) != len(names):
-        problem = (
-            f"{', '.join(map(repr, unknown))} is not a pruner" if unknown else "it needs at least two different pruners"
-        )
+EXAMPLE = "e.g. --pruners median,successive_halving or successive_halving,successive_halving:min_resource=3"
+
+
+def parse_pruners(text: str) -> list[Arm]:
+    """'median,successive_halving:min_resource=3' -> its arms, each pruner known and each arm given once."""
+    labels = [n.strip() for n in text.split(",") if n.strip()]
+    arms = [_arm(text, label) for label in labels]
+    if len(arms) < 2 or len({(a.name, tuple(sorted(a.given.items()))) for a in arms}) != len(arms):
         raise HpoError(
-            f"--pruners {text!r}: {problem}. Give two or more of {', '.join(PRUNERS)}, comma-separated, "
-            "e.g. --pruners median,successive_halving."
+            f"--pruners {text!r}: it needs at least two different pruners. Give two or more of "
+            f"{', '.join(PRUNERS)}, comma-separated, with options after a colon if you like; {EXAMPLE}."
         )
-    return names
+    return arms
+
+
+def _arm(text: str, label: str) -> Arm:
+    """One comma-separated item: a pruner's name, then `:key=value` options."""
+    name, *pairs = [part.strip() for part in label.split(":")]
+    if name not in PRUNERS:
+        raise HpoError(
+            f"--pruners {text!r}: {name!r} is not a pruner. Give two or more of {', '.join(PRUNERS)}, "
+            f"comma-separated; {EXAMPLE}."
+        )
+    given: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        if not eq or not key.strip() or not raw.strip():
+            raise HpoError(
+                f"--pruners {text!r}: {pair!r} is not key=value. Write options as {name}:key=value; {EXAMPLE}."
+            )
+        try:  # a TOML value, as a study file would give it: 3, 0.5, true, "auto"
+            given[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            given[key.strip()] = raw.strip()
+    return Arm(label.replace(" ", ""), name, given)
+
+
+def check_arms(cfg: StudyConfig, arms: list[Arm]) -> None:
+    """Each arm's study file as it will be written, read back with its pruner's options checked against
+    Optuna's own constructor, so that a bad option stops the benchmark before its first run."""
+    for arm in arms:
+        try:
+            config.parse(tomllib.loads(to_toml(variant(cfg, arm, 0))))
+        except HpoError as e:
+            raise HpoError(f"--pruners: {arm.label!r}: {e}") from None
+
+
+def shared_horizon(setup: Setup, cfg: StudyConfig) -> tuple[StudyConfig, float | None]:
+    """The study as every run trains it, and the calibrated seconds of a trial epoch behind it: with
+    `[budget] fit_epochs`, the horizon fitted to `setup.time_s` from one calibration on this machine
+    (as `hpo optimize` would fit it), then fixed; without it, the file's horizon."""
+    if not cfg.budget.fit_epochs:
+        return cfg, None
+    from hpo.learn import sources
+    from hpo.learn.devices import finalizer_threads, threads_per_worker
+    from hpo.search import horizon
+    from hpo.search.objective import calibrate_here
+
+    threads = threads_per_worker(setup.workers)  # as `hpo optimize --workers` gives each worker
+    cost = calibrate_here(cfg, sources.open_for(cfg, str(setup.data_dir)), setup.device, threads)
+    on_gpu = (setup.device or "").startswith("cuda")
+    fitted = horizon.fit_horizon(cfg, cost, finalizer_threads(on_gpu, threads), setup.time_s, setup.workers, True)
+    if fitted is None:
+        raise HpoError(
+            f"--search {format_duration(setup.time_s)} does not hold one epoch of study {cfg.name!r} plus its "
+            f"finalizer here ({cost.epoch_s:.1f}s per trial epoch, calibrated on this machine). Give a longer --search."
+        )
+    return replace(fitted, budget=replace(fitted.budget, fit_epochs=False, max_epochs=None)), cost.epoch_s
 
 
 def record(study: Any, pruner: str, seed: int, wall_s: float) -> dict[str, Any]:
@@ -123,28 +201,33 @@ def summarize(runs: list[dict[str, Any]], pruners: list[str], direction: str) ->
     return rows
 
 
-def compare(setup: Setup, pruners: list[str], seeds: int) -> dict[str, Any]:
-    """Run the study's search for `setup.time_s` once per pruner and seed (interleaved), and compare."""
+def compare(setup: Setup, arms: list[Arm], seeds: int) -> dict[str, Any]:
+    """Run the study's search for `setup.time_s` once per pruner and seed (interleaved), at one shared
+    horizon, and compare."""
     cfg = config.load(setup.study_file)
+    check_arms(cfg, arms)
+    cfg, calibration_s = shared_horizon(setup, cfg)
     setup.work_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed_index in range(seeds):
-        for pruner in pruners:
-            study_cfg = variant(cfg, pruner, seed_index)
+        for arm in arms:
+            study_cfg = variant(cfg, arm, seed_index)
             where = setup.work_dir / study_cfg.name
             where.mkdir(parents=True, exist_ok=True)
             path = where / f"{study_cfg.name}.toml"
             path.write_text(to_toml(study_cfg))
             started = time.perf_counter()
             study = optimize_in(replace(setup, study_file=path, work_dir=where), final=False)
-            runs.append(record(study, pruner, study_cfg.seed, time.perf_counter() - started))
+            runs.append(record(study, arm.label, study_cfg.seed, time.perf_counter() - started))
     return {
         "study": cfg.name,
         "time_s": setup.time_s,
         "workers": setup.workers,
         "metric": cfg.metric,
         "direction": cfg.direction,
-        "options": {p: horizon_options(p, cfg) for p in pruners},
+        "horizon": cfg.budget.epochs,
+        "calibration_s": calibration_s,
+        "options": {arm.label: arm.options(cfg) for arm in arms},
         "runs": runs,
-        "pruners": summarize(runs, pruners, cfg.direction),
+        "pruners": summarize(runs, [arm.label for arm in arms], cfg.direction),
     }

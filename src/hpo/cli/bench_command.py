@@ -74,8 +74,9 @@ from hpo.settings import config
 @click.option(
     "--pruners",
     metavar="A,B",
-    help="With --search: instead, run the search for DURATION once per pruner and seed (--repeats) and "
-    "compare their best validation values, e.g. median,successive_halving,hyperband.",
+    help="With --search: instead, run the search for DURATION once per pruner and seed (--repeats), at one "
+    "horizon, and compare their best validation values, e.g. median,successive_halving,hyperband; options "
+    "after a colon: successive_halving,successive_halving:min_resource=3.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench(

@@ -238,6 +238,11 @@ def bench_pruners_text(result: dict[str, Any], workers: int, device: str | None,
         f"{result['study']}: {each} of search per run, best {result['metric']} at the final horizon "
         "(validation; the test split is not read):"
     )
+    if result.get("calibration_s") is not None:
+        lines.append(
+            f"  one horizon for every run: {result['horizon']} epochs, fitted to {each} from one calibration here "
+            f"({result['calibration_s']:.1f}s per trial epoch)"
+        )
     lines += [_pruner_run_line(run) for run in result["runs"]]
     first = result["pruners"][0]["pruner"]
     lines += [_pruner_mean_line(row, first) for row in result["pruners"]]

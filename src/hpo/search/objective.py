@@ -21,6 +21,7 @@ from hpo.learn.devices import Placement
 from hpo.learn.model import count_parameters, cpu_weights
 from hpo.learn.params import TrialParams
 from hpo.learn.seeds import derive_seed
+from hpo.learn.sources import DataSet
 from hpo.learn.train import (
     EpochStats,
     Hooks,
@@ -119,6 +120,17 @@ def calibrate(cfg: StudyConfig, data: TrialData, placement: Placement) -> budget
     return budget.EpochCost(
         epoch_s, len(data.train), len(data.val), placement.threads, data.pool_images, data.test_images
     )
+
+
+def calibrate_here(cfg: StudyConfig, dataset: DataSet, device: str | None, threads: int) -> budget.EpochCost:
+    """`calibrate` on this machine's `device` (None: place()'s default) and `threads`, on the study's
+    trial split of `dataset`; takes no GPU slot, since a worker may be about to want it."""
+    from hpo.learn import data
+    from hpo.learn.devices import place
+
+    placement = place(device, threads)
+    trial_data = data.trial_data(dataset, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset)
+    return calibrate(cfg, trial_data, placement)
 
 
 def make_objective(
