@@ -227,3 +227,7 @@ def test_the_printed_report_names_the_cpu_each_run_and_the_paired_difference(mon
     assert "(AVX2 only)" in printed.output or "(AMX)" in printed.output or "(AVX-512 BF16)" in printed.output
     assert "median              seed   0  best 0.9000 (trial 0) at 6 epochs; 10 trials" in printed.output
     assert "+1.00 points against median, seed by seed" in printed.output
+    assert "one horizon for every run" not in printed.output  # tiny keeps its file's horizon
+    result.update(horizon=23, calibration_s=12.34)  # a study with [budget] fit_epochs
+    printed = CliRunner().invoke(cli, [*args, "--data-dir", str(fake_data_dir)])
+    assert "one horizon for every run: 23 epochs, fitted to 1m00s from one calibration here (12.3s" in printed.output
