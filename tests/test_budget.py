@@ -256,8 +256,9 @@ def test_fit_horizon_is_the_longest_horizon_whose_first_trial_and_final_run_fit(
 
 
 def test_a_faster_machine_fits_a_longer_horizon_where_the_time_holds_the_finalists_and_one_trial_more():
-    grows = config.load("cnn-quick")  # 6 epochs up to max_epochs 200, one final member
-    assert grows.budget.max_epochs == 200
+    shipped = config.load("cnn-quick")  # 6 epochs up to max_epochs 27, one final member
+    assert shipped.budget.max_epochs == 27
+    grows = dataclasses.replace(shipped, budget=dataclasses.replace(shipped.budget, max_epochs=200))
     cfg = dataclasses.replace(grows, budget=dataclasses.replace(grows.budget, max_epochs=None))
     fast = EpochCost(epoch_s=15.0, train_images=54000, val_images=6000, threads=1)  # 4x the EPYC's speed
     fitted = fit_horizon(grows, fast, 2, 600.0, workers=2)
@@ -275,6 +276,9 @@ def test_a_faster_machine_fits_a_longer_horizon_where_the_time_holds_the_finalis
     assert fit_horizon(capped, fast, 2, 600.0, workers=2).budget.epochs == 8
     slow = EpochCost(epoch_s=60.0, train_images=54000, val_images=6000, threads=1)
     assert fit_horizon(grows, slow, 2, 600.0, workers=2).budget.epochs == 5
+    # The shipped cap: an hour on the fast machine would hold far more than 27 epochs; it trains 27.
+    assert fit_horizon(grows, fast, 2, 3600.0, workers=2).budget.epochs > 27
+    assert fit_horizon(shipped, fast, 2, 3600.0, workers=2).budget.epochs == 27
 
 
 def test_a_final_run_set_apart_from_the_horizon_is_only_capped_by_the_fitted_one():
