@@ -16,8 +16,8 @@ import torch
 from hpo import attrs
 from hpo.errors import HpoError
 from hpo.learn import checkpoints
-from hpo.learn.data import TrialData
-from hpo.learn.devices import Placement
+from hpo.learn.data import TrialData, trial_data
+from hpo.learn.devices import Placement, place
 from hpo.learn.model import count_parameters, cpu_weights
 from hpo.learn.params import TrialParams
 from hpo.learn.seeds import derive_seed
@@ -125,12 +125,9 @@ def calibrate(cfg: StudyConfig, data: TrialData, placement: Placement) -> budget
 def calibrate_here(cfg: StudyConfig, dataset: DataSet, device: str | None, threads: int) -> budget.EpochCost:
     """`calibrate` on this machine's `device` (None: place()'s default) and `threads`, on the study's
     trial split of `dataset`; takes no GPU slot, since a worker may be about to want it."""
-    from hpo.learn import data
-    from hpo.learn.devices import place
-
     placement = place(device, threads)
-    trial_data = data.trial_data(dataset, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset)
-    return calibrate(cfg, trial_data, placement)
+    split = trial_data(dataset, cfg.budget.val_fraction, cfg.seed, placement.device, cfg.budget.train_subset)
+    return calibrate(cfg, split, placement)
 
 
 def make_objective(
