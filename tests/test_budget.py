@@ -308,3 +308,28 @@ def test_the_outlook_counts_whole_trials_in_the_time_left_beside_the_finalizers_
     measured = study_with([5.0, 5.0])
     assert "(about 18s each)" in outlook(measured, cfg, 2, 1, left)
     assert outlook(optuna.create_study(), cfg, 2, 1, left) is None
+
+
+def test_a_trial_that_took_a_leaving_workers_cores_is_costed_at_its_new_threads():
+    """A quick start's warm start trained its first epochs on 1 thread beside the other worker and
+    the rest on 2 once that worker left (devices.CpuShare): the finalizer's reserve and the trial's
+    own next epochs are read from the epochs at 2 threads, not from the slower ones before."""
+    rows = [{"epoch": 1, "seconds": 20.0, "threads": 1}, {"epoch": 2, "seconds": 22.0, "threads": 1}]
+    rows += [{"epoch": 3, "seconds": 12.0, "threads": 2}, {"epoch": 4, "seconds": 11.0, "threads": 2}]
+    assert budget.current_epochs(rows) == ([12.0, 11.0], 2)
+    assert budget.current_epochs(rows[:2]) == ([20.0, 22.0], 1)
+    # A history written before threads were recorded, or a resumed trial's first rows, count as before.
+    assert budget.current_epochs([{"epoch": 1, "seconds": 5.0}]) == ([5.0], None)
+    trial = create_trial(
+        state=TrialState.COMPLETE,
+        value=0.9,
+        params={},
+        user_attrs={attrs.HISTORY: rows, attrs.TRAIN_IMAGES: 1000, attrs.VAL_IMAGES: 300, attrs.THREADS: 1},
+    )
+    assert budget.trial_cost(trial) == EpochCost(11.5, 1000, 300, 2)
+    # Costed at 2 threads, a finalizer on 2 threads gets no speed-up on top of it.
+    cfg = config.load("tiny")
+    one_thread = dataclasses.replace(budget.trial_cost(trial), epoch_s=21.0, threads=1)
+    assert budget.member_estimate(budget.trial_cost(trial), 1, 2, cfg.final) < budget.member_estimate(
+        one_thread, 1, 2, cfg.final
+    )

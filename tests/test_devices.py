@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,3 +76,45 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
         pytest.skip("this machine has a GPU (CI machines have none), so the CPU-only message cannot be shown")
     with pytest.raises(HpoError, match="torch sees no GPU here"):
         devices.place("cuda:0")
+
+
+JOIN_AND_WAIT = (
+    "import sys; from hpo.learn.devices import CpuShare; share = CpuShare.from_env(); print('joined', flush=True);"
+    "sys.stdin.readline(); share.leave(); print('left', flush=True); sys.stdin.readline()"
+)
+
+
+def sibling(folder) -> subprocess.Popen:
+    """A real process that joins the share in `folder`, then leaves it when told (a line on stdin)."""
+    env = {**os.environ, devices.CPU_SHARE_ENV: str(folder)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", JOIN_AND_WAIT], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout.readline() == "joined\n"
+    return child
+
+
+def test_a_cpu_share_gives_a_leaving_workers_cores_to_the_others_however_it_leaves():
+    """Three workers of one `hpo optimize` on 4 cores: 1 thread each while all three run (or have not
+    started yet), 2 once one leaves, all 4 once another is SIGKILLed."""
+    folder = devices.CpuShare.create(3)
+    children: list[subprocess.Popen] = []
+    try:
+        share = devices.CpuShare(folder, cores=4)
+        assert (share.running(), share.threads()) == (3, 1)  # two workers not started yet still count
+        children = [sibling(folder), sibling(folder)]
+        assert (share.running(), share.threads()) == (3, 1)
+        children[0].stdin.write("leave\n")
+        children[0].stdin.flush()
+        assert children[0].stdout.readline() == "left\n"  # it left the share but its process lives on
+        assert (share.left(), share.running(), share.threads()) == (1, 2, 2)
+        children[1].send_signal(signal.SIGKILL)
+        children[1].wait(timeout=10)
+        assert (share.left(), share.running(), share.threads()) == (2, 1, 4)
+        share.leave()
+        assert share.left() == 3
+    finally:
+        for child in children:
+            child.kill()
+            child.wait(timeout=10)
+        shutil.rmtree(folder)

@@ -9,7 +9,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
+import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -217,14 +221,15 @@ def synthetic_trial_data(n: int = 200) -> TrialData:
     return TrialData(DeviceData(images, labels, cpu), DeviceData(images[:50], labels[:50], cpu))
 
 
-def run_worker(tmp_path, cfg_text: str, enqueue: list[dict] | None = None):
+def run_worker(tmp_path, cfg_text: str, enqueue: list[dict] | None = None, share=None):
     path = tmp_path / "w.toml"
     path.write_text(cfg_text)
     store = storage.open_storage(f"sqlite:///{tmp_path / 'w.db'}")
     study, cfg = study_mod.create_or_load(store, config.load(str(path)), sampler_seed=0)
     for params in enqueue or []:
         study.enqueue_trial(params)
-    result = worker_mod.run(study, cfg, synthetic_trial_data(), Workspace(store, None, place("cpu", 1)))
+    placement = place("cpu", 1)
+    result = worker_mod.run(study, cfg, synthetic_trial_data(), Workspace(store, None, placement, None, share))
     return study, result
 
 
@@ -266,6 +271,44 @@ def test_out_of_memory_fails_the_trial_and_the_worker_carries_on(tmp_path, monke
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) == 1 and failed[0].user_attrs["fail_reason"].startswith("out of memory on cpu")
     assert result.trials_run == 3 and "budget met: 2/2" in result.reason
+
+
+def test_a_worker_trains_on_the_cores_a_local_worker_left_behind(tmp_path, caplog):
+    """Two workers of one `hpo optimize` on 2 cores: while the other (a real process) holds its share,
+    a trial trains on 1 thread; once it has left, on both, and each epoch of its history says so."""
+    from hpo.learn.devices import CpuShare
+
+    folder = CpuShare.create(2)
+    other = subprocess.Popen(
+        [sys.executable, "-c", "from hpo.learn.devices import CpuShare; s = CpuShare.from_env(); input()"],
+        env={**os.environ, "HPO_CPU_SHARE": str(folder)},
+        stdin=subprocess.PIPE,
+        text=True,
+    )
+    before = torch.get_num_threads()
+    caplog.set_level("INFO", logger="hpo")
+    share = None
+    try:
+        while not list(folder.glob("worker-*.lock")):
+            time.sleep(0.05)
+        share = CpuShare(folder, cores=2)
+        text = TINY.replace("n_trials = 8", "n_trials = 1")
+        threads = []
+        for phase in ("beside", "alone"):
+            if phase == "alone":
+                other.communicate("\n", timeout=30)  # it exits: the kernel frees its lock
+            (tmp_path / phase).mkdir()
+            study, _ = run_worker(tmp_path / phase, text, share=share)
+            threads.append([row["threads"] for row in study.trials[0].user_attrs["history"]])
+        assert threads == [[1, 1, 1], [2, 2, 2]]
+        assert torch.get_num_threads() == 2
+        assert "1 of 2 local workers still run, so it trains on 2 threads from epoch 1" in caplog.text
+    finally:
+        other.kill()
+        if share is not None:
+            share.leave()
+        shutil.rmtree(folder)
+        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- final-train

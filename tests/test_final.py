@@ -141,7 +141,7 @@ def test_a_study_without_complete_trials_has_nothing_to_retrain():
 def test_timed_replan_fits_the_epochs_to_the_measured_ones_in_the_first_half_only():
     from hpo.learn.train import EpochStats
     from hpo.search import budget
-    from hpo.search.budget import timed_replan
+    from hpo.search.final_epochs import timed_replan
 
     def epochs(*seconds):
         return [EpochStats(i + 1, 1.0, 0.5, None, None, 0.1, s) for i, s in enumerate(seconds)]

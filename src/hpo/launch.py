@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -262,7 +263,19 @@ def run_workers(
     end, with a progress bar on a terminal. SIGINT and SIGTERM are forwarded as SIGTERM to every
     worker, which fails and re-queues its trial and exits. Raises HpoError if a signal stopped
     them or one exited with an error."""
-    children, logs = _spawn(cfg, workers, threads, args)
+    from hpo.learn.devices import CPU_SHARE_ENV, CpuShare
+
+    share = CpuShare.create(workers)
+    try:
+        _run_workers(study, cfg, storage, workers, args, {"HPO_THREADS": str(threads), CPU_SHARE_ENV: str(share)})
+    finally:
+        shutil.rmtree(share, ignore_errors=True)
+
+
+def _run_workers(
+    study: optuna.Study, cfg: StudyConfig, storage: Any, workers: int, args: list[str], env: dict[str, str]
+) -> None:
+    children, logs = _spawn(cfg, workers, args, env)
     stopped_by: list[str] = []
 
     def forward(signum: int, _frame: Any) -> None:
@@ -296,9 +309,12 @@ def run_workers(
         )
 
 
-def _spawn(cfg: StudyConfig, workers: int, threads: int, args: list[str]) -> tuple[list[subprocess.Popen], list[Path]]:
-    """Start the workers; on a terminal each one's output goes to runs/STUDY/logs/worker-N.log."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HPO_THREADS": str(threads)}
+def _spawn(
+    cfg: StudyConfig, workers: int, args: list[str], share: dict[str, str]
+) -> tuple[list[subprocess.Popen], list[Path]]:
+    """Start the workers, each on its share of the cores (`share`: HPO_THREADS, and the folder of
+    devices.CpuShare); on a terminal each one's output goes to runs/STUDY/logs/worker-N.log."""
+    env = {**os.environ, "OMP_NUM_THREADS": share["HPO_THREADS"], **share}
     base = [sys.executable, "-m", "hpo", "worker", *args]
     logs: list[Path] = []
     if progress.interactive():

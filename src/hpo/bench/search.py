@@ -43,7 +43,7 @@ def fixed_baseline(setup: Setup, cfg: Any) -> dict[str, Any]:
 
     The epoch count comes from timing 60 training steps after 10 untimed ones (the finalizer's timer;
     that time counts too), and is re-fitted to its own epochs through its first half as the
-    finalizer's is (hpo.search.budget.timed_replan), so the whole baseline, test pass included, ends within
+    finalizer's is (hpo.search.final_epochs.timed_replan), so the whole baseline, test pass included, ends within
     the budget it is compared at, as the search's finalizer must. The timing is warm: a cold epoch
     reads about twice the real time (docs/performance.md, "Search against a fixed guess").
     """
@@ -55,7 +55,7 @@ def fixed_baseline(setup: Setup, cfg: Any) -> dict[str, Any]:
     from hpo.learn.params import TrialParams
     from hpo.learn.train import Hooks, TrainingRun, evaluate, fit, seconds_per_image, seeded_model
     from hpo.results.scoring import accuracy_figures
-    from hpo.search import budget
+    from hpo.search import budget, final_epochs
 
     started = time.perf_counter()
     time_s, seed, tta = setup.time_s, cfg.seed, cfg.final.tta
@@ -69,7 +69,8 @@ def fixed_baseline(setup: Setup, cfg: Any) -> dict[str, Any]:
     epochs = max(1, int(left // (1.05 * epoch_s)))
     model = seeded_model(params.model, seed, placement.device)
     run = TrainingRun(params.optimizer, cfg.train, cfg.augment, epochs, seed)
-    epochs = len(fit(model, train, None, run, Hooks(replan=budget.timed_replan(deadline, 0.0, epochs))))  # as re-fitted
+    replan = final_epochs.timed_replan(deadline, 0.0, epochs)
+    epochs = len(fit(model, train, None, run, Hooks(replan=replan)))  # as re-fitted
     test_images, test_labels = data.load_split(setup.data_dir, "test")
     test = data.DeviceData(test_images, test_labels, placement.device)
     ev = evaluate(Ensemble([model], tta), test, fast=False)

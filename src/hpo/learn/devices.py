@@ -167,6 +167,77 @@ def claim_gpu(
         time.sleep(poll_s)
 
 
+CPU_SHARE_ENV = "HPO_CPU_SHARE"  # set by `hpo optimize` for its local workers: the folder of their share
+
+
+class CpuShare:
+    """The cores of one `hpo optimize --workers N` on a CPU, split among the workers still running.
+
+    The launcher splits the cores evenly (threads_per_worker). A worker that stops taking trials (the
+    clock or the budget ended its search) leaves its cores to the others: each running worker re-reads
+    the share before every epoch and trains on `cores // workers left`, so the last trial of a timed
+    search does not run on one core while the other idles.
+
+    Each worker holds an flock on worker-PID.lock in the launcher's folder, which also holds the
+    number launched (`workers`). A file whose lock is free belongs to a worker that left; the kernel
+    frees the lock however the process ends. A worker not yet started has no file, so it still
+    counts as running: the share never oversubscribes the cores, it only grows as workers leave.
+    """
+
+    def __init__(self, folder: Path, cores: int | None = None):
+        self.folder = folder
+        self.cores = cores or cpu_count()
+        self.launched = int((folder / "workers").read_text())
+        # Locked under a private name, then renamed: another worker never sees it unlocked.
+        staging = folder / f".joining-{os.getpid()}"
+        self._own: IO[str] | None = open(staging, "w")
+        fcntl.flock(self._own, fcntl.LOCK_EX)
+        staging.rename(folder / f"worker-{os.getpid()}.lock")
+
+    @classmethod
+    def from_env(cls) -> CpuShare | None:
+        """The share `hpo optimize` set up for this worker, if it did (HPO_CPU_SHARE)."""
+        folder = os.environ.get(CPU_SHARE_ENV)
+        return cls(Path(folder)) if folder else None
+
+    @staticmethod
+    def create(workers: int) -> Path:
+        """The launcher's side: a fresh folder for `workers` workers to share (the launcher removes it)."""
+        folder = Path(tempfile.mkdtemp(prefix="hpo-cpu-share-"))
+        (folder / "workers").write_text(f"{workers}\n")
+        return folder
+
+    def left(self) -> int:
+        """Workers that joined and have since left."""
+        gone = 0
+        for path in self.folder.glob("worker-*.lock"):
+            try:
+                probe = open(path)
+            except FileNotFoundError:
+                continue
+            with probe:
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # held: that worker runs
+                fcntl.flock(probe, fcntl.LOCK_UN)
+                gone += 1
+        return gone
+
+    def running(self) -> int:
+        return max(1, self.launched - self.left())
+
+    def threads(self) -> int:
+        """This worker's threads now: the cores split among the workers still running."""
+        return max(1, self.cores // self.running())
+
+    def leave(self) -> None:
+        """This worker takes no more trials: its cores go to the others from their next epoch."""
+        if self._own is not None:
+            self._own.close()  # closing the only descriptor drops the flock
+            self._own = None
+
+
 def place(device: str | None = None, threads: int | None = None, claim: bool = False, slots: int = 1) -> Placement:
     """Choose the device and pin the CPU thread count.
 

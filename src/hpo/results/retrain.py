@@ -14,7 +14,7 @@ from hpo.learn.data import DeviceData
 from hpo.learn.params import TrialParams
 from hpo.learn.train import EpochStats, Hooks, Replan, evaluate, fit, recipe, seconds_per_image, seeded_model
 from hpo.results.members import Member, member_seed
-from hpo.search import budget
+from hpo.search import budget, final_epochs
 from hpo.search.progress import Progress
 from hpo.settings.config import StudyConfig
 
@@ -103,8 +103,8 @@ def train_members(
     if limit is not None:
         test_s = test_pass_seconds(chosen, cfg, train_all, limit.test_images, len(chosen) + limit.reused)
         per_epoch, source = epoch_seconds(chosen[0], cfg, train_all, limit.threads)
-        epochs = budget.fitted_epochs(per_epoch, limit.deadline, test_s, epochs, source)
-        replan = budget.timed_replan(limit.deadline, test_s, requested)
+        epochs = final_epochs.fitted_epochs(per_epoch, limit.deadline, test_s, epochs, source)
+        replan = final_epochs.timed_replan(limit.deadline, test_s, requested)
     for index, trial in enumerate(chosen):
         late = _would_end_late(members, trial, index, len(chosen), limit, test_s) if members and limit else None
         if late:
@@ -129,7 +129,7 @@ def _would_end_late(
     time; None if it fits. Its share of the test passes counts, the reused trial models' too."""
     share = test_s * (index + 1 + limit.reused) / (chosen + limit.reused)
     first = members[0]
-    return budget.would_end_late(first.trial, first.train_s, trial, len(members) + 1, limit.deadline, share)
+    return final_epochs.would_end_late(first.trial, first.train_s, trial, len(members) + 1, limit.deadline, share)
 
 
 def _train_member(

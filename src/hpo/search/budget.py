@@ -7,17 +7,17 @@ measured, from a calibration: a few timed training steps of the space's middle c
 Trials train the final horizon unless a pruner stops them, so the budget decides two things, both
 at epoch boundaries: a trial starts when its first epoch, plus the finalizer's reserve, ends
 before the deadline; and a running trial stops (PRUNED, reason "time budget") before an epoch
-that would run into that reserve. Nothing is killed mid-epoch, and the finalizer is never cut.
+that would run into that reserve. Nothing is killed mid-epoch, and the finalizer is never cut
+(its own epochs: hpo.search.final_epochs). No torch.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -27,9 +27,6 @@ from hpo.search.optuna_compat import study_engine
 from hpo.search.storage import database_time
 from hpo.search.trials import FINISHED, best_first
 from hpo.settings.config import FinalSettings, StudyConfig
-
-if TYPE_CHECKING:  # types only: the time budget never imports torch
-    from hpo.learn.train import EpochStats, Replan
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +128,28 @@ class EpochCost:
         return self.epoch_s / max(1.0, self.train_images + EVAL_SHARE * self.val_images)
 
 
+def current_epochs(history: list[dict[str, float]]) -> tuple[list[float], int | None]:
+    """The seconds of a trial's epochs at the CPU threads of its latest one, and that count (None:
+    a history that does not record threads). A worker of `hpo optimize` takes more threads when
+    another worker leaves (devices.CpuShare), and its earlier epochs then say little of its next."""
+    rows = [row for row in history if "seconds" in row]
+    threads = rows[-1].get("threads") if rows else None
+    if threads is not None:
+        rows = [row for row in rows if row.get("threads") == threads]
+    return [row["seconds"] for row in rows], None if threads is None else int(threads)
+
+
 def trial_cost(trial: FrozenTrial) -> EpochCost | None:
-    """The mean epoch of a trial that has trained at least one, from its `history` attribute."""
-    seconds = [row["seconds"] for row in trial.user_attrs.get(attrs.HISTORY, []) if "seconds" in row]
+    """The mean epoch of a trial that has trained at least one, from its `history` attribute (at
+    the threads of its latest epoch)."""
+    seconds, threads = current_epochs(trial.user_attrs.get(attrs.HISTORY, []))
     if not seconds or attrs.TRAIN_IMAGES not in trial.user_attrs:
         return None
     return EpochCost(
         sum(seconds) / len(seconds),
         int(trial.user_attrs[attrs.TRAIN_IMAGES]),
         int(trial.user_attrs.get(attrs.VAL_IMAGES, 0)),
-        int(trial.user_attrs.get(attrs.THREADS, 1)),
+        threads or int(trial.user_attrs.get(attrs.THREADS, 1)),
         int(trial.user_attrs.get(attrs.POOL_IMAGES, DATASET_IMAGES)),
         int(trial.user_attrs.get(attrs.TEST_IMAGES, TEST_IMAGES)),
     )
@@ -331,69 +340,3 @@ def describe_deadline(deadline: Deadline | None, now: float | None = None) -> di
         "deadline": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(deadline.at)),
         "left_s": round(max(0.0, deadline.left(now)), 1),
     }
-
-
-# --------------------------------------------------------------------------- the finalizer's epochs
-
-SHRINK_MARGIN = 1.05  # an epoch is counted 5 % slower than measured when fitting epochs to the time left
-
-
-def fitted_epochs(per_epoch: float, deadline: Deadline, test_s: float, epochs: int, source: str) -> int:
-    """The first member's epochs that end before `deadline`, `test_s` for the test passes kept free:
-    all of them unless time is short, else as many as fit (at least one)."""
-    fitted = epochs_that_fit(per_epoch, time_left_for_epochs(deadline, test_s), epochs)
-    log.info(
-        f"final-train: {per_epoch:.1f}s per epoch ({source}), {deadline.left():.0f}s left ({test_s:.0f}s of "
-        f"them for the test passes): {fitted} of {epochs} epochs fit"
-    )
-    return fitted
-
-
-def time_left_for_epochs(deadline: Deadline, test_s: float) -> float:
-    """Seconds left for training epochs: the deadline less the slack and the measured test passes."""
-    return deadline.left() - slack_s(deadline.time_s) - test_s
-
-
-def epochs_that_fit(per_epoch: float, left: float, epochs: int, done: int = 0) -> int:
-    """Epochs in all (`done` of them trained already), up to `epochs`, that end in `left` seconds more."""
-    return max(done or 1, min(epochs, done + int(left // (SHRINK_MARGIN * per_epoch))))
-
-
-def timed_replan(deadline: Deadline, test_s: float, epochs: int) -> Replan:
-    """Re-fit the first member's epochs to the epochs it has timed itself, through its first half:
-    fewer where the time left is short of them (another load on the machine), more, up to the
-    `epochs` asked for, where the estimate it started from was slow (a trial's epochs timed beside
-    another worker read about 15 % slower than the finalizer trains alone). Past halfway the
-    schedule is left alone, since stretching it late would raise the learning rate again."""
-
-    def replan(history: list[EpochStats], total: int) -> int:
-        done = len(history)
-        if done >= total or 2 * done > total:
-            return total
-        per_epoch = statistics.median(s.seconds for s in history)
-        new = epochs_that_fit(per_epoch, time_left_for_epochs(deadline, test_s), epochs, done)
-        if new != total:
-            log.info(f"final-train: {per_epoch:.1f}s per epoch trained after epoch {done}: {new} epochs fit")
-        return new
-
-    return replan
-
-
-def would_end_late(
-    first: optuna.trial.FrozenTrial,
-    first_train_s: float,
-    trial: optuna.trial.FrozenTrial,
-    member: int,
-    deadline: Deadline,
-    test_s: float,
-) -> str | None:
-    """Why member number `member` (trial `trial`) would end past the deadline: the first member's
-    measured training time, scaled by the trials' relative cost per image, plus `test_s`, the test
-    passes of the ensemble with it; None if it fits."""
-    first_cost, this = trial_cost(first), trial_cost(trial)
-    ratio = this.per_image_s() / first_cost.per_image_s() if first_cost and this else 1.0
-    needed = first_train_s * ratio + slack_s(deadline.time_s) + test_s
-    if deadline.left() >= needed:
-        return None
-    left = max(0.0, deadline.left())
-    return f"member {member} (trial {trial.number}) needs about {needed:.0f}s, {left:.0f}s are left"

@@ -175,6 +175,8 @@ class TrialRun:
     ):
         self.cfg, self.data, self.trial = cfg, data, trial
         self.placement, self.store = workspace.placement, workspace.artifact_store
+        self.share = workspace.share if self.placement.device.type == "cpu" else None
+        self.threads = torch.get_num_threads()  # the count the next epoch trains on
         self.epoch_plan = epoch_plan
         self.params = space.suggest(trial, cfg.space)
         self.seed = trial_seed(cfg.seed, trial)
@@ -184,6 +186,7 @@ class TrialRun:
 
     def run(self, decision: budget.Plan | None) -> float:
         cfg, trial, placement = self.cfg, self.trial, self.placement
+        self.rebalance(0)
         model = seeded_model(self.params.model.shaped(self.data.train.shape), self.seed, placement.device)
         for key, value in {
             **placement.describe(),
@@ -330,7 +333,7 @@ class TrialRun:
     def on_epoch(self, stats: EpochStats) -> None:
         cfg, trial = self.cfg, self.trial
         value = self.value_of(stats)
-        self.history.append(history_row(stats))
+        self.history.append({**history_row(stats), "threads": self.threads})
         trial.set_user_attr(attrs.HISTORY, self.history)
         trial.set_user_attr(attrs.EPOCH, stats.epoch)
         log.info(
@@ -348,12 +351,31 @@ class TrialRun:
             return
         if trial.should_prune():
             self.stop(f"val {cfg.metric} {value:.4f} at epoch {stats.epoch}")
-        slowest = max(row["seconds"] for row in self.history)
+        # The slowest epoch at the threads it trains on now: epochs before a rebalance ran on fewer.
+        slowest = max(budget.current_epochs(self.history)[0])
         plan = self.epoch_plan(slowest, trial.number, cfg.budget.epochs - stats.epoch)
         if plan is not None and not plan.fits:
             reason = f"time budget: {plan.describe()}, so it stops after epoch {stats.epoch}"
             trial.set_user_attr(attrs.REASON, reason)
             self.stop(reason)
+        self.rebalance(stats.epoch)
+
+    def rebalance(self, epoch: int) -> None:
+        """Take the cores that workers of the same `hpo optimize` left behind (CpuShare), from the next epoch."""
+        if self.share is None:
+            return
+        threads = self.share.threads()
+        if threads != self.threads:
+            log.info(
+                "trial %d: %d of %d local workers still run, so it trains on %d threads from epoch %d",
+                self.trial.number,
+                self.share.running(),
+                self.share.launched,
+                threads,
+                epoch + 1,
+            )
+            torch.set_num_threads(threads)
+            self.threads = threads
 
     def stop(self, why: str) -> None:
         self.trial.set_user_attr(attrs.WALL_TIME, round(time.perf_counter() - self.started, 2))

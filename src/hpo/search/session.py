@@ -21,7 +21,7 @@ from hpo.settings import config
 from hpo.settings.config import StudyConfig
 
 if TYPE_CHECKING:  # torch stays out of the read-only commands, which import this module
-    from hpo.learn.devices import Placement
+    from hpo.learn.devices import CpuShare, Placement
     from hpo.learn.sources import DataSet
 
 
@@ -45,12 +45,14 @@ class OpenedStudy(Opened):
 class Workspace:
     """What a job works with besides its study and settings: the storage (None: an in-memory study),
     the artifact store (None: nothing is uploaded), this process's device (a GPU slot or CPU
-    threads), and this host's copy of the study's data (None where the job reads none itself)."""
+    threads), this host's copy of the study's data (None where the job reads none itself), and the
+    cores it shares with the other workers of one `hpo optimize` (None: its threads are fixed)."""
 
     storage: Storage | None
     artifact_store: ArtifactStore | None
     placement: Placement
     data: DataSet | None = None
+    share: CpuShare | None = None
 
 
 def study_name(study_arg: str) -> str:

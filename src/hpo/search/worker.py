@@ -311,7 +311,7 @@ def serve(
     """`hpo worker`: claim a device, load the data once, join the study (creating it if this worker is
     first) and run trials until the budget says stop. Raises Shutdown on SIGTERM/SIGINT."""
     from hpo.learn import data, sources
-    from hpo.learn.devices import place
+    from hpo.learn.devices import CpuShare, place
     from hpo.search.storage import mask
     from hpo.search.study import create_or_load
 
@@ -332,7 +332,12 @@ def serve(
         sources.test_count(study, dataset),
     )
     log.info("worker on %s joins study %r at %s (data %s)", placement.name, cfg.name, mask(opened.url), dataset.origin)
-    return run(study, cfg, trial_data, Workspace(opened.storage, artifact_store, placement, dataset))
+    share = CpuShare.from_env() if placement.device.type == "cpu" else None
+    try:
+        return run(study, cfg, trial_data, Workspace(opened.storage, artifact_store, placement, dataset, share))
+    finally:
+        if share is not None:
+            share.leave()  # its cores go to the workers still training
 
 
 def ensure_calibrated(study: optuna.Study, cfg: StudyConfig, data: TrialData, placement: Placement) -> None:
