@@ -138,7 +138,7 @@ def test_a_study_without_complete_trials_has_nothing_to_retrain():
         choose_members(optuna.create_study(direction="maximize"), config.load("tiny"))
 
 
-def test_timed_replan_fits_the_epochs_to_the_measured_ones_in_the_first_half_only():
+def test_timed_replan_fits_the_epochs_to_the_measured_ones_and_past_halfway_only_shrinks_them():
     from hpo.learn.train import EpochStats
     from hpo.search import budget
     from hpo.search.final_epochs import timed_replan
@@ -151,7 +151,11 @@ def test_timed_replan_fits_the_epochs_to_the_measured_ones_in_the_first_half_onl
     replan = timed_replan(deadline, 7.0, epochs=36)
     left = 300 - 12 - 7
     assert replan(epochs(30.0, 10.0, 30.0), 36) == 3 + int(left // (1.05 * 30.0))  # the median epoch
-    assert replan(epochs(*[30.0] * 19), 36) == 36  # past halfway: left alone
+    assert replan(epochs(*[10.0] * 19), 36) == 36  # past halfway, time to spare: never grown
+    assert replan(epochs(*[2.0] * 19), 30) == 30
+    # Past halfway, a slow spell in the latest epochs shrinks the rest to what still fits.
+    assert replan(epochs(*[10.0] * 16, 30.0, 30.0, 30.0), 36) == 19 + int(left // (1.05 * 30.0))
+    assert replan(epochs(*[10.0] * 18, 40.0), 36) == 36  # one slow epoch among the latest three is not a spell
     # Time to spare: grown back towards the 36 asked for, as far as its own epochs say they fit.
     assert replan(epochs(2.0, 2.0), 20) == 36
     assert replan(epochs(10.0), 20) == 1 + int(left // (1.05 * 10.0)) == 27

@@ -42,8 +42,8 @@ def fixed_baseline(setup: Setup, cfg: Any) -> dict[str, Any]:
     and TTA (what the searched model gets), then scored once on the test split.
 
     The epoch count comes from timing 60 training steps after 10 untimed ones (the finalizer's timer;
-    that time counts too), and is re-fitted to its own epochs through its first half as the
-    finalizer's is (hpo.search.final_epochs.timed_replan), so the whole baseline, test pass included, ends within
+    that time counts too), and is re-fitted to its own epochs as the finalizer's is
+    (hpo.search.final_epochs.timed_replan), so the whole baseline, test pass included, ends within
     the budget it is compared at, as the search's finalizer must. The timing is warm: a cold epoch
     reads about twice the real time (docs/performance.md, "Search against a fixed guess").
     """
