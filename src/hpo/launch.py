@@ -310,11 +310,11 @@ def _run_workers(
 
 
 def _spawn(
-    cfg: StudyConfig, workers: int, args: list[str], share: dict[str, str]
+    cfg: StudyConfig, workers: int, args: list[str], env: dict[str, str]
 ) -> tuple[list[subprocess.Popen], list[Path]]:
-    """Start the workers, each on its share of the cores (`share`: HPO_THREADS, and the folder of
-    devices.CpuShare); on a terminal each one's output goes to runs/STUDY/logs/worker-N.log."""
-    env = {**os.environ, "OMP_NUM_THREADS": share["HPO_THREADS"], **share}
+    """Start the workers with `env` added (HPO_THREADS, each one's first share of the cores, and the
+    folder of their devices.CpuShare); on a terminal each one's output goes to runs/STUDY/logs/worker-N.log."""
+    env = {**os.environ, "OMP_NUM_THREADS": env["HPO_THREADS"], **env}
     base = [sys.executable, "-m", "hpo", "worker", *args]
     logs: list[Path] = []
     if progress.interactive():

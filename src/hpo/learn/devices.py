@@ -229,7 +229,7 @@ class CpuShare:
 
     def threads(self) -> int:
         """This worker's threads now: the cores split among the workers still running."""
-        return max(1, self.cores // self.running())
+        return threads_per_worker(self.running(), self.cores)
 
     def leave(self) -> None:
         """This worker takes no more trials: its cores go to the others from their next epoch."""

@@ -134,9 +134,7 @@ def current_epochs(history: list[dict[str, float]]) -> tuple[list[float], int | 
     another worker leaves (devices.CpuShare), and its earlier epochs then say little of its next."""
     rows = [row for row in history if "seconds" in row]
     threads = rows[-1].get("threads") if rows else None
-    if threads is not None:
-        rows = [row for row in rows if row.get("threads") == threads]
-    return [row["seconds"] for row in rows], None if threads is None else int(threads)
+    return [row["seconds"] for row in rows if row.get("threads") == threads], None if threads is None else int(threads)
 
 
 def trial_cost(trial: FrozenTrial) -> EpochCost | None:
