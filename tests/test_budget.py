@@ -121,6 +121,34 @@ def test_final_reserve_counts_at_most_the_ensemble_and_one_typical_member_before
     assert budget.final_reserve(empty, cfg, 1, costs, None) == pytest.approx(costs[2].per_image_s() * each)
 
 
+def test_final_reserve_counts_the_members_the_join_rule_keeps_when_given_them():
+    """A 60-minute run reserved 1,156 s for three members (the three best COMPLETE trials) where the
+    finalizer's join rule kept two and took 480 s: 19 % of the hour went unused. Given the members
+    the rule keeps now, the reserve counts those, whichever they are, and no others."""
+    cfg = config.load("tiny")  # ensemble 2
+    study = study_with([1.0, 2.0, 4.0])  # trial 2 is the best, trial 0 the worst
+    costs = budget.measured(study)
+    trials = study.get_trials()
+    each = (
+        budget.DATASET_IMAGES
+        + budget.test_passes("flip", trial_models=True) * budget.FP32_EVAL_SHARE * budget.TEST_IMAGES
+    )
+    alone = budget.final_reserve(study, cfg, 1, costs, None, chosen=[trials[2]])
+    assert alone == pytest.approx(costs[2].per_image_s() * each)
+    assert alone < budget.final_reserve(study, cfg, 1, costs, None)  # the two best, as before
+    # The rule may keep a trial below the best two (it raised the ensemble more): its cost counts.
+    mixed = budget.final_reserve(study, cfg, 1, costs, None, chosen=[trials[2], trials[0]])
+    assert mixed == pytest.approx((costs[2].per_image_s() + costs[0].per_image_s()) * each)
+    # Both decisions read it: a smaller reserve lets a trial start later.
+    deadline = budget.Deadline(at=10_000.0, time_s=600.0, set_at=1000.0)
+    now = 10_000.0 - budget.final_reserve(study, cfg, 1, costs, None) - budget.slack_s(600.0) + 1.0
+    assert not budget.plan_trial(study, cfg, deadline, 1, now=now).fits
+    assert budget.plan_trial(study, cfg, deadline, 1, now=now, chosen=[trials[2]]).fits
+    ask = budget.NextEpoch(None, 100.0, at=now)  # trial 1's share of the reserve is about 150 s
+    assert not budget.plan_epoch(study, cfg, deadline, 1, ask).fits
+    assert budget.plan_epoch(study, cfg, deadline, 1, ask, chosen=[trials[2]]).fits
+
+
 def test_before_any_trial_completes_the_leading_trial_stands_in_for_the_member():
     """A quick start lost its only full-horizon trial: slow configurations pruned after one epoch
     made the typical member 338 s where the warm start's own final run needed about 205, so the
@@ -150,7 +178,7 @@ def test_before_any_trial_completes_the_leading_trial_stands_in_for_the_member()
     assert budget.leading_trial(study, maximize=True).intermediate_values == {1: 0.80, 2: 0.85}
 
 
-def test_a_trial_starts_when_its_first_epoch_fits_and_stops_before_an_epoch_that_would_not():
+def test_a_trial_starts_when_its_first_epoch_fits_and_stops_once_it_cannot_complete_before_the_reserve():
     cfg = config.load("tiny")  # 3 epochs a trial; 1 final epoch per member
     study = study_with([10.0])  # 10 s epochs of 1,000 + 300 images
     deadline = budget.Deadline(at=1600.0, time_s=600.0, set_at=1000.0)
@@ -160,10 +188,18 @@ def test_a_trial_starts_when_its_first_epoch_fits_and_stops_before_an_epoch_that
     assert budget.plan_trial(study, cfg, deadline, 1, now=latest_start - 0.1).fits
     assert not budget.plan_trial(study, cfg, deadline, 1, now=latest_start + 0.1).fits
     # A running trial: its next epoch (its own slowest, 10 s) must end before the reserve.
-    ok = budget.plan_epoch(study, cfg, deadline, 1, budget.NextEpoch(None, 10.0), now=1600.0 - reserve - 10.1)
-    late = budget.plan_epoch(study, cfg, deadline, 1, budget.NextEpoch(None, 10.0), now=1600.0 - reserve - 9.9)
+    ok = budget.plan_epoch(study, cfg, deadline, 1, budget.NextEpoch(None, 10.0, at=1600.0 - reserve - 10.1))
+    late = budget.plan_epoch(study, cfg, deadline, 1, budget.NextEpoch(None, 10.0, at=1600.0 - reserve - 9.9))
     assert ok.fits and not late.fits
-    assert late.describe().startswith("its next epoch needs about 10s and the finalizer")
+    assert late.describe().startswith("its last epoch needs about 10s and the finalizer")
+    # With epochs left, all of them must end before the reserve (the next at its slowest epoch, 10 s,
+    # the others at its median, 8 s): a trial that cannot complete is no finalist, so it stops now.
+    ask = budget.NextEpoch(None, 10.0, epochs_left=3, median_s=8.0)
+    assert ask.rest_s() == 26.0
+    assert budget.plan_epoch(study, cfg, deadline, 1, dataclasses.replace(ask, at=1600.0 - reserve - 26.1)).fits
+    cannot = budget.plan_epoch(study, cfg, deadline, 1, dataclasses.replace(ask, at=1600.0 - reserve - 25.9))
+    assert not cannot.fits  # though its next epoch alone would fit
+    assert cannot.describe().startswith("its remaining 3 epochs need about 26s and the finalizer")
 
 
 def test_plan_fits_only_when_trial_and_reserve_end_before_the_deadline():
@@ -231,16 +267,16 @@ def test_while_nothing_is_complete_the_leading_trial_runs_on_if_its_epochs_and_o
     cost = budget.trial_cost(study.get_trials()[1])
     one = budget.member_estimate(cost, 1, 1, cfg.final) + budget.slack_s(600.0)
     # One epoch left: it may end as late as one final epoch before the deadline.
-    assert budget.plan_epoch(study, cfg, deadline, 1, budget.NextEpoch(lead.number, 10.0), now=1600.0 - one - 10.1).fits
-    late = budget.plan_epoch(study, cfg, deadline, 1, budget.NextEpoch(lead.number, 10.0), now=1600.0 - one - 9.9)
-    assert not late.fits and late.describe().startswith("its remaining epochs needs about 10s")
+    assert budget.plan_epoch(study, cfg, deadline, 1, budget.NextEpoch(lead.number, 10.0, at=1600.0 - one - 10.1)).fits
+    late = budget.plan_epoch(study, cfg, deadline, 1, budget.NextEpoch(lead.number, 10.0, at=1600.0 - one - 9.9))
+    assert not late.fits and late.describe().startswith("its last epoch needs about 10s")
     # Another trial gets no such leave: the whole reserve applies to it.
-    other = budget.plan_epoch(study, cfg, deadline, 1, budget.NextEpoch(lead.number + 1, 10.0), now=1600.0 - one - 10.1)
+    other = budget.plan_epoch(study, cfg, deadline, 1, budget.NextEpoch(lead.number + 1, 10.0, at=1600.0 - one - 10.1))
     assert not other.fits
     # Once a trial is COMPLETE, the leader is a trial like any other.
     study.tell(lead, 0.8)
     assert not budget.plan_epoch(
-        study, cfg, deadline, 1, budget.NextEpoch(lead.number, 10.0), now=1600.0 - one - 10.1
+        study, cfg, deadline, 1, budget.NextEpoch(lead.number, 10.0, at=1600.0 - one - 10.1)
     ).fits
 
 

@@ -12,8 +12,8 @@ from optuna.trial import TrialState, create_trial
 
 from hpo import attrs
 from hpo.errors import HpoError
-from hpo.results.members import choose_members
 from hpo.results.stats import wilson_interval
+from hpo.search.join import choose_members
 from hpo.settings import config
 
 
@@ -131,6 +131,37 @@ def test_without_validation_outputs_the_best_trial_stands_alone_and_says_why(tmp
     chosen, why = choose_members(study, tiny_with(ensemble=2), LABELS, store)
     assert [t.number for t in chosen] == [0]
     assert "it has no validation outputs in the artifact store" in why
+
+
+def test_the_reserve_asks_the_join_rule_for_the_members_it_keeps_now(tmp_path, caplog):
+    """What the time budget's reserve counts while the search runs: the members the finalizer would
+    choose now, on the same validation outputs; each file read once; none while nothing is COMPLETE."""
+    from hpo.search.join import Reserved
+
+    empty = optuna.create_study(direction="maximize")
+    assert Reserved(empty, tiny_with(ensemble=3), LABELS, None)() is None
+    best = outputs(set(range(80)))
+    same = outputs(set(range(78)), sure=0.55)  # right only where the best is: it raises nothing
+    study, store = study_with_outputs(tmp_path, [(0.80, best), (0.78, same)])
+    reserved = Reserved(study, tiny_with(ensemble=3), LABELS, store)
+    with caplog.at_level("INFO", logger="hpo.search.join"):
+        assert [t.number for t in reserved()] == [0]
+    assert "the finalizer's reserve counts trial(s) 0: the members its join rule keeps now" in caplog.text
+    assert len(reserved.cache) == 2
+    for pointer in list(reserved.cache):
+        store.remove(pointer)  # read once: asking again reads the cache, not the store
+    other = outputs(set(range(20, 100)), sure=0.9, unsure=set(range(20)))
+    from hpo.search import artifacts
+
+    payload = artifacts.torch_bytes({"probs": other.half(), "images": 100, "seed": 0})
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)}
+    pointer = artifacts.upload_bytes(store, study, "val-outputs.pt", payload)
+    joins = create_trial(value=0.79, params={"lr": 0.5}, distributions=dist, user_attrs={"val_outputs": pointer})
+    study.add_trial(joins)  # a trial completes that mends the best one's mistakes: it joins
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hpo.search.join"):
+        assert [t.number for t in reserved()] == [0, 2]
+    assert "counts trial(s) 0, 2" in caplog.text
 
 
 def test_a_study_without_complete_trials_has_nothing_to_retrain():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -55,6 +56,11 @@ def test_time_budget_ends_the_search_cleanly_and_keeps_the_finalizer_inside_it(t
         assert plan["deadline"] == deadline["at"]
         assert plan["decided_at"] + plan["estimate_s"] + plan["reserve_s"] <= plan["deadline"], (t.number, plan)
         assert t.datetime_start.timestamp() >= plan["decided_at"] - 1.0
+    # A trial the clock stopped could not complete before the reserve: all its epochs left are counted.
+    for t in study.trials:
+        reason = t.user_attrs.get("fail_reason", "")
+        if reason.startswith("time budget"):
+            assert re.match(r"time budget: its (last epoch needs|remaining \d+ epochs need) about \d+s", reason), reason
     # Each worker stopped because the next trial would not have fit, and said so.
     assert result.stderr.count("time budget: a trial's first epoch needs about") == 2, result.stderr[-3000:]
 

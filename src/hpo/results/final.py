@@ -25,11 +25,12 @@ from hpo.learn.model import InputShape, cpu_weights
 from hpo.learn.params import TrialParams
 from hpo.paths import final_dir
 from hpo.results import plots, report
-from hpo.results.members import Member, choose_members, trial_models
+from hpo.results.members import Member, trial_models
 from hpo.results.provenance import git_revision, versions
 from hpo.results.retrain import TimeLimit, train_members
 from hpo.results.scoring import score
 from hpo.search import artifacts, budget
+from hpo.search.join import choose_members
 from hpo.search.locks import DatabaseLock
 from hpo.search.session import Workspace
 from hpo.search.trials import finished_count

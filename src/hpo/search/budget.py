@@ -6,9 +6,9 @@ from the epoch times the study has measured (each trial's `history`); before any
 measured, from a calibration: a few timed training steps of the space's middle configuration.
 Trials train the final horizon unless a pruner stops them, so the budget decides two things, both
 at epoch boundaries: a trial starts when its first epoch, plus the finalizer's reserve, ends
-before the deadline; and a running trial stops (PRUNED, reason "time budget") before an epoch
-that would run into that reserve. Nothing is killed mid-epoch, and the finalizer is never cut
-(its own epochs: hpo.search.final_epochs). No torch.
+before the deadline; and a running trial stops (PRUNED, reason "time budget") once its epochs left
+would run into that reserve, since a trial that cannot complete is no finalist. Nothing is killed
+mid-epoch, and the finalizer is never cut (its own epochs: hpo.search.final_epochs). No torch.
 """
 
 from __future__ import annotations
@@ -209,16 +209,24 @@ def member_estimate(cost: EpochCost, epochs: int, final_threads: int, final: Fin
 
 
 def final_reserve(
-    study: optuna.Study, cfg: StudyConfig, final_threads: int, costs: list[EpochCost], calibrated: EpochCost | None
+    study: optuna.Study,
+    cfg: StudyConfig,
+    final_threads: int,
+    costs: list[EpochCost],
+    calibrated: EpochCost | None,
+    chosen: list[FrozenTrial] | None = None,
 ) -> float:
     """Seconds kept for the finalizer: its members' runs at the final horizon, each from the epoch
-    times its own trial measured. The members are the best distinct COMPLETE trials, up to
-    `[final] ensemble` (the finalizer may keep fewer, never more). Before any trial is complete,
-    the leading trial stands in: the one with the best value at its latest epoch, which is the
-    likeliest to complete and be retrained (a typical epoch, the 90th percentile of those measured,
-    or the calibration, before any epoch)."""
-    complete = [t for t in best_first(study, cfg.direction == "maximize") if trial_cost(t) is not None]
-    members = [c for t in complete[: cfg.final.ensemble] if (c := trial_cost(t)) is not None]
+    times its own trial measured. The members are `chosen`: those the finalizer's join rule keeps
+    now (hpo.search.join.members_now, on the trials' validation outputs); without it, the best
+    COMPLETE trials up to `[final] ensemble` (the finalizer may keep fewer, never more). Before any
+    trial is complete, the leading trial stands in: the one with the best value at its latest
+    epoch, which is the likeliest to complete and be retrained (a typical epoch, the 90th
+    percentile of those measured, or the calibration, before any epoch)."""
+    if chosen is None:
+        complete = [t for t in best_first(study, cfg.direction == "maximize") if trial_cost(t) is not None]
+        chosen = complete[: cfg.final.ensemble]
+    members = [c for t in chosen if (c := trial_cost(t)) is not None]
     if not members:
         lead = leading_trial(study, cfg.direction == "maximize")
         stand_in = trial_cost(lead) if lead is not None else None
@@ -272,8 +280,9 @@ class Plan:
         return self.decided_at + self.estimate_s + self.reserve_s <= self.deadline
 
     def describe(self) -> str:
+        needs = "need" if self.what.endswith("epochs") else "needs"
         return (
-            f"{self.what} needs about {self.estimate_s:.0f}s and the finalizer {self.reserve_s:.0f}s, "
+            f"{self.what} {needs} about {self.estimate_s:.0f}s and the finalizer {self.reserve_s:.0f}s, "
             f"{max(0.0, self.deadline - self.decided_at):.0f}s are left"
         )
 
@@ -282,23 +291,40 @@ FIRST_EPOCHS = 1  # a trial starts when this many of its epochs fit: the pruners
 
 
 def plan_trial(
-    study: optuna.Study, cfg: StudyConfig, deadline: Deadline, final_threads: int, now: float | None = None
+    study: optuna.Study,
+    cfg: StudyConfig,
+    deadline: Deadline,
+    final_threads: int,
+    now: float | None = None,
+    chosen: list[FrozenTrial] | None = None,
 ) -> Plan:
-    """May a new trial start: do its first epoch and the finalizer's reserve end before the deadline?"""
+    """May a new trial start: do its first epoch and the finalizer's reserve (for the members
+    `chosen`: final_reserve) end before the deadline?"""
     now = deadline.now() if now is None else now
     costs, calibrated = measured(study), calibration(study)
     estimate = trial_estimate(cfg, costs, calibrated, epochs=FIRST_EPOCHS)
-    reserve = final_reserve(study, cfg, final_threads, costs, calibrated)
+    reserve = final_reserve(study, cfg, final_threads, costs, calibrated, chosen)
     return Plan(now, estimate, reserve + slack_s(deadline.time_s), deadline.at)
 
 
 @dataclass(frozen=True)
 class NextEpoch:
-    """A running trial asking to train on: its number, its slowest epoch so far, its epochs left."""
+    """A running trial asking to train on: its number, its slowest and its median epoch so far (at
+    the threads it trains on now), its epochs left, and when it asks."""
 
     number: int | None
     epoch_s: float
     epochs_left: int = 1
+    median_s: float | None = None  # None: epoch_s
+    at: float | None = None  # when it asks, unix seconds by the database's clock (None: now)
+
+    def rest_s(self) -> float:
+        """Its epochs left: the next at its slowest so far, the others at its median."""
+        typical = self.epoch_s if self.median_s is None else self.median_s
+        return self.epoch_s + typical * max(0, self.epochs_left - 1)
+
+    def rest(self) -> str:
+        return "its last epoch" if self.epochs_left <= 1 else f"its remaining {self.epochs_left} epochs"
 
 
 def plan_epoch(
@@ -307,26 +333,29 @@ def plan_epoch(
     deadline: Deadline,
     final_threads: int,
     ask: NextEpoch,
-    now: float | None = None,
+    chosen: list[FrozenTrial] | None = None,
 ) -> Plan:
-    """May the running trial train its next epoch before the finalizer's reserve? The reserve is
-    re-read: it grows as better trials complete.
+    """May the running trial train on: do its epochs left end before the finalizer's reserve (for
+    the members `chosen`: final_reserve)? The reserve is re-read: it grows as better trials complete.
+
+    A trial that cannot complete before the reserve is no finalist, so it stops now rather than at
+    the clock: its epochs go to trials that can complete. (In a 60-minute run a residual trial at
+    200 s an epoch on one thread trained 7 of its 27 epochs, 23 minutes of one worker's 49, before
+    the clock stopped it, and the finalizer could use none of it.)
 
     While no trial is COMPLETE, the leading trial is the only finalist in sight: stopping it would
     leave the finalizer nothing. It goes on while its epochs left and one final epoch fit (the
-    finalizer then trains the epochs left to it, and says so), rather than stop one epoch short of
-    the horizon for a reserve sized for a whole member."""
-    now = deadline.now() if now is None else now
-    number, epoch_s, epochs_left = ask.number, ask.epoch_s, ask.epochs_left
+    finalizer then trains the epochs left to it, and says so), rather than stop short of the
+    horizon for a reserve sized for a whole member."""
+    now = deadline.now() if ask.at is None else ask.at
     costs = measured(study)
     lead = leading_trial(study, cfg.direction == "maximize")
     alone = not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if alone and lead is not None and lead.number == number and (cost := trial_cost(lead)) is not None:
-        one_epoch = member_estimate(cost, 1, final_threads, cfg.final)
-        reserve = one_epoch + slack_s(deadline.time_s)
-        return Plan(now, epoch_s * epochs_left, reserve, deadline.at, "its remaining epochs")
-    reserve = final_reserve(study, cfg, final_threads, costs, calibration(study))
-    return Plan(now, epoch_s, reserve + slack_s(deadline.time_s), deadline.at, "its next epoch")
+    if alone and lead is not None and lead.number == ask.number and (cost := trial_cost(lead)) is not None:
+        reserve = member_estimate(cost, 1, final_threads, cfg.final)
+    else:
+        reserve = final_reserve(study, cfg, final_threads, costs, calibration(study), chosen)
+    return Plan(now, ask.rest_s(), reserve + slack_s(deadline.time_s), deadline.at, ask.rest())
 
 
 def describe_deadline(deadline: Deadline | None, now: float | None = None) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ import gc
 import io
 import logging
 import os
+import statistics
 import time
 from collections.abc import Callable
 
@@ -136,13 +137,12 @@ def make_objective(
     workspace: Workspace,
     claim: Callable[[optuna.Trial], bool],
     plan: Callable[[], budget.Plan | None] = lambda: None,
-    epoch_plan: Callable[[float, int, int], budget.Plan | None] = lambda _s, _n, _left: None,
+    epoch_plan: Callable[[budget.NextEpoch], budget.Plan | None] = lambda _ask: None,
 ) -> Callable[[optuna.Trial], float]:
     """`claim(trial)` says whether the trial holds one of the budget's slots; it is asked first.
     `plan()` is the time-budget decision that let this trial start, recorded on it (None: no time budget).
-    `epoch_plan(epoch_s, trial number, epochs left)` says, before each further epoch, whether one of
-    `epoch_s` still fits before the finalizer's reserve (None: no time budget); a trial it stops is
-    PRUNED.
+    `epoch_plan(ask)` says, before each further epoch, whether the trial's epochs left still end
+    before the finalizer's reserve (None: no time budget); a trial it stops is PRUNED.
 
     A COMPLETE trial leaves its validation outputs in the workspace's artifact store (`val_outputs`): the
     finalizer chooses ensemble members on them. One among the study's best also leaves its trained
@@ -171,7 +171,7 @@ class TrialRun:
         data: TrialData,
         workspace: Workspace,
         trial: optuna.Trial,
-        epoch_plan: Callable[[float, int, int], budget.Plan | None] = lambda _s, _n, _left: None,
+        epoch_plan: Callable[[budget.NextEpoch], budget.Plan | None] = lambda _ask: None,
     ):
         self.cfg, self.data, self.trial = cfg, data, trial
         self.placement, self.store = workspace.placement, workspace.artifact_store
@@ -351,9 +351,10 @@ class TrialRun:
             return
         if trial.should_prune():
             self.stop(f"val {cfg.metric} {value:.4f} at epoch {stats.epoch}")
-        # The slowest epoch at the threads it trains on now: epochs before a rebalance ran on fewer.
-        slowest = max(budget.current_epochs(self.history)[0])
-        plan = self.epoch_plan(slowest, trial.number, cfg.budget.epochs - stats.epoch)
+        # Its epochs at the threads it trains on now: epochs before a rebalance ran on fewer.
+        seconds = budget.current_epochs(self.history)[0]
+        ask = budget.NextEpoch(trial.number, max(seconds), cfg.budget.epochs - stats.epoch, statistics.median(seconds))
+        plan = self.epoch_plan(ask)
         if plan is not None and not plan.fits:
             reason = f"time budget: {plan.describe()}, so it stops after epoch {stats.epoch}"
             trial.set_user_attr(attrs.REASON, reason)

@@ -30,6 +30,7 @@ from hpo.learn.devices import Placement, finalizer_threads
 from hpo.learn.train import TrainingDiverged
 from hpo.search import budget
 from hpo.search.heartbeat import Heartbeat
+from hpo.search.join import Reserved
 from hpo.search.locks import DatabaseLock, slot_lock
 from hpo.search.objective import OutOfMemory, OverBudget, calibrate, make_objective
 from hpo.search.optuna_compat import ArtifactStore, study_storage, trial_id
@@ -193,6 +194,7 @@ def _run(
     lock = slot_lock(storage, cfg.name)
     reaper = Reaper(study, storage)
     slots = _Slots(cfg.budget.n_trials)  # re-read before every trial: `hpo extend` may raise it
+    slots.members = Reserved(study, cfg, data.val.y, workspace.artifact_store)
     objective = _objective(study, cfg, data, workspace, lock, slots)
     ensure_calibrated(study, cfg, data, workspace.placement)
     waiting_logged = False
@@ -222,12 +224,13 @@ def _run(
 
 @dataclass
 class _Slots:
-    """The budget as last read under the slot lock, and the time-budget decision that let the
-    latest trial start (read by the objective it let start)."""
+    """The budget as last read under the slot lock, the time-budget decision that let the latest
+    trial start (read by the objective it let start), and the members its reserve counts."""
 
     n_trials: int
     running: int = 0
     plan: budget.Plan | None = None
+    members: Callable[[], list[optuna.trial.FrozenTrial] | None] = lambda: None  # the reserve's (join.Reserved)
 
 
 def _objective(
@@ -245,11 +248,11 @@ def _objective(
         finally:
             lock.release()
 
-    def epoch_plan(epoch_s: float, number: int, epochs_left: int) -> budget.Plan | None:
+    def epoch_plan(ask: budget.NextEpoch) -> budget.Plan | None:
         deadline = budget.get_deadline(study)
         if deadline is None:
             return None
-        return budget.plan_epoch(study, cfg, deadline, final_threads, budget.NextEpoch(number, epoch_s, epochs_left))
+        return budget.plan_epoch(study, cfg, deadline, final_threads, ask, chosen=slots.members())
 
     return make_objective(cfg, data, workspace, claim, lambda: slots.plan, epoch_plan)
 
@@ -268,7 +271,7 @@ def _free_slot(
         return None
     deadline = budget.get_deadline(study)
     if deadline is not None:
-        plan = slots.plan = budget.plan_trial(study, cfg, deadline, final_threads)
+        plan = slots.plan = budget.plan_trial(study, cfg, deadline, final_threads, chosen=slots.members())
         if not plan.fits:
             result.reason = f"time budget: {plan.describe()}, so no trial starts"
             reaper.settle()  # a copy owed now is failed below with the reason, not lost

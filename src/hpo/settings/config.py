@@ -68,7 +68,7 @@ class TrainSettings:
 class FinalSettings:
     epochs: int  # epochs of the from-scratch retrain on train + validation; the trials' horizon by default
     ensemble: int = 1  # at most this many members: distinct COMPLETE trials, each joining only if it raises
-    # the ensemble's validation accuracy (hpo.results.members.choose_members)
+    # the ensemble's validation accuracy (hpo.search.join.choose_members)
     tta: str = "none"  # "flip": also average each test image with its mirror image
     trial_models: bool = True  # each member's own trial model, trained by the search, joins its retrained copy
 
