@@ -126,6 +126,18 @@ def test_a_member_joins_only_if_it_raises_the_ensembles_validation_accuracy(tmp_
     )
 
 
+def test_the_ensembles_validation_accuracy_averages_its_members_outputs(tmp_path):
+    from hpo.search.join import ensemble_accuracy
+
+    best = outputs(set(range(80)))  # 80 % alone; the other mends 80-99 and is unsure where it is wrong
+    other = outputs(set(range(20, 100)), sure=0.9, unsure=set(range(20)))
+    study, store = study_with_outputs(tmp_path, [(0.80, best), (0.79, other), (0.5, None)])
+    first, second, unkept = study.get_trials()
+    assert ensemble_accuracy([first], LABELS, store) == pytest.approx(0.80)
+    assert ensemble_accuracy([first, second], LABELS, store) == pytest.approx(1.00)
+    assert ensemble_accuracy([first, unkept], LABELS, store) is None  # a member without outputs: no figure
+
+
 def test_without_validation_outputs_the_best_trial_stands_alone_and_says_why(tmp_path):
     study, store = study_with_outputs(tmp_path, [(0.80, None), (0.79, outputs(set(range(50))))])
     chosen, why = choose_members(study, tiny_with(ensemble=2), LABELS, store)

@@ -8,6 +8,7 @@ import pytest
 
 from hpo.bench import pruners as pruner_bench
 from hpo.errors import HpoError
+from hpo.results import report
 from hpo.search.study import make_pruner
 from hpo.settings import config
 from hpo.settings.components import PRUNERS
@@ -188,6 +189,26 @@ def test_the_summary_pairs_each_pruner_with_the_first_on_the_same_seed():
     # Minimizing, a lower value is the better one, so the sign turns.
     _, lower = pruner_bench.summarize([_run("median", 0, 0.40), _run("none", 0, 0.30)], ["median", "none"], "minimize")
     assert lower["vs_first"] == pytest.approx(0.10)
+
+
+def test_the_ensembles_are_paired_like_the_best_values_and_higher_is_better_either_way():
+    runs = [
+        {**_run("median", 0, 0.40), "members": [0], "ensemble_value": 0.90},
+        {**_run("none", 0, 0.30), "members": [0, 3], "ensemble_value": 0.93},
+        {**_run("median", 1, 0.40), "members": [0], "ensemble_value": 0.91},
+        {**_run("none", 1, None), "members": [], "ensemble_value": None},
+    ]
+    median, none = pruner_bench.summarize(runs, ["median", "none"], "minimize")
+    assert median["mean_ensemble"] == pytest.approx(0.905) and median["ensemble_vs_first"] is None
+    assert none["ensemble_values"] == [0.93] and none["ensemble_vs_first"] == pytest.approx(0.03)  # seed 0 only
+    assert none["vs_first"] == pytest.approx(0.10)  # the best value's sign follows the direction
+    line = report.bench_pruners_text(
+        {"cpu": "x (AVX2 only)", "study": "s", "metric": "m", "runs": runs, "pruners": [median, none], "options": {}},
+        2,
+        None,
+        "10m",
+    )
+    assert "ensemble 0.9300 (trial(s) 0, 3)" in line and "mean ensemble 0.9300" in line and "(ensemble +3.00)" in line
 
 
 def test_a_run_without_a_complete_trial_is_counted_not_averaged():

@@ -48,7 +48,15 @@ def test_each_pruner_searches_for_the_same_time_and_is_compared_on_validation(tm
         assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
         assert run["pruned"] >= 1 and run["complete"] >= 1
         assert run["best_value"] == pytest.approx(max(t.value for t in trials if t.state.name == "COMPLETE"))
+        # The join rule's ensemble, read from the run's own validation outputs: the best trial leads it,
+        # every member is a COMPLETE trial of the run, and each that joined raised its accuracy.
+        complete = {t.number for t in trials if t.state.name == "COMPLETE"}
+        assert run["members"][0] == run["best_trial"] and set(run["members"]) <= complete, run
+        assert 0.5 < run["ensemble_value"] <= 1.0
         assert not (where / "runs" / name / "final").exists()  # no final model: the test split is not read
     medians = [row for row in report["pruners"] if row["pruner"] == "median"]
     assert medians[0]["vs_first"] is None and report["pruners"][1]["vs_first"] is not None
+    assert report["pruners"][1]["ensemble_vs_first"] == pytest.approx(
+        report["runs"][1]["ensemble_value"] - report["runs"][0]["ensemble_value"]
+    )
     assert report["cpu"].endswith(("(AMX)", "(AVX-512 BF16)", "(AVX2 only)"))  # named beside the times

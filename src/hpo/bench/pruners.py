@@ -4,8 +4,9 @@ Each pruner runs the study's own search (`hpo optimize --time T`, no final model
 a fresh storage of its own, once per seed. A seed's runs share the sampler seed, so their first trials are
 the same configurations and the runs differ by what the pruner stopped. Runs are interleaved, seed
 by seed, so that a slow spell of a shared machine falls on every pruner alike. The figure compared
-is the study's best value at the final horizon, the one the finalizer would retrain; the test
-split is not read.
+is the study's best value at the final horizon, the one the finalizer would retrain, and beside it
+the validation accuracy of the ensemble the finalizer's join rule keeps from the run (a pruner that
+lets more distinct configurations complete gives it more to choose from); the test split is not read.
 
 Every run trains one horizon: a study with `[budget] fit_epochs` is calibrated once, here, and the
 horizon fitted to T is written into each run's study file (each run calibrating on its own would
@@ -20,6 +21,7 @@ import statistics
 import time
 import tomllib
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from hpo.bench.search import Setup, optimize_in
@@ -172,8 +174,9 @@ def record(study: Any, pruner: str, seed: int, wall_s: float) -> dict[str, Any]:
 
 
 def summarize(runs: list[dict[str, Any]], pruners: list[str], direction: str) -> list[dict[str, Any]]:
-    """Per pruner: its best values over the seeds, their mean, and the mean paired difference from
-    the first pruner's run on the same seed (positive: better, in the study's direction)."""
+    """Per pruner: its best values over the seeds and the join rule's ensembles, their means, and the
+    mean paired difference of each from the first pruner's run on the same seed (positive: better,
+    in the study's direction; an ensemble's accuracy is always better higher)."""
     sign = 1.0 if direction == "maximize" else -1.0
     by_seed = {(r["pruner"], r["seed"]): r for r in runs}
     first = pruners[0]
@@ -181,24 +184,56 @@ def summarize(runs: list[dict[str, Any]], pruners: list[str], direction: str) ->
     for name in pruners:
         own = [r for r in runs if r["pruner"] == name]
         values = [r["best_value"] for r in own if r["best_value"] is not None]
-        gaps = [
-            sign * (r["best_value"] - by_seed[(first, r["seed"])]["best_value"])
-            for r in own
-            if r["best_value"] is not None and by_seed.get((first, r["seed"]), {}).get("best_value") is not None
-        ]
+        ensembles = [r["ensemble_value"] for r in own if r.get("ensemble_value") is not None]
         rows.append(
             {
                 "pruner": name,
                 "best_values": values,
                 "mean_best": statistics.fmean(values) if values else None,
+                "ensemble_values": ensembles,
+                "mean_ensemble": statistics.fmean(ensembles) if ensembles else None,
                 "runs_without_a_complete_trial": len(own) - len(values),
                 "mean_trials": statistics.fmean(r["trials"] for r in own),
                 "mean_complete": statistics.fmean(r["complete"] for r in own),
                 "mean_epochs": statistics.fmean(r["epochs"] for r in own),
-                "vs_first": statistics.fmean(gaps) if gaps and name != first else None,
+                "vs_first": None if name == first else _paired(own, by_seed, first, "best_value", sign),
+                "ensemble_vs_first": None if name == first else _paired(own, by_seed, first, "ensemble_value", 1.0),
             }
         )
     return rows
+
+
+def _paired(own: list[dict[str, Any]], by_seed: dict[Any, dict[str, Any]], first: str, key: str, sign: float) -> Any:
+    """The mean of `key`'s differences from the first pruner's run on the same seed (None: no pair)."""
+    gaps = [
+        sign * (r[key] - theirs)
+        for r in own
+        if r.get(key) is not None and (theirs := by_seed.get((first, r["seed"]), {}).get(key)) is not None
+    ]
+    return statistics.fmean(gaps) if gaps else None
+
+
+def joined(study: Any, setup: Setup, where: Path) -> dict[str, Any]:
+    """The ensemble the finalizer's join rule (hpo.search.join) would keep from a finished run: its
+    members and their averaged validation accuracy. The finalizer trains those members, so a pruner
+    that lets more distinct configurations complete can raise this where the best value cannot."""
+    import optuna
+    import torch
+
+    from hpo.learn import sources
+    from hpo.learn.data import stratified_split
+    from hpo.search import artifacts, join
+
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        return {"members": [], "ensemble_value": None}
+    stored = stored_config(study)
+    assert stored is not None, "hpo optimize records the settings when it creates the study"
+    labels = sources.open_for(stored, setup.data_dir, with_test=False).train.labels
+    _, val_idx = stratified_split(labels, stored.budget.val_fraction, stored.seed)  # the trials' validation split
+    val = torch.as_tensor(labels[val_idx], dtype=torch.int64)
+    store = artifacts.open_store(artifacts.resolve_location(None, f"sqlite:///{where / 'runs' / 'hpo.db'}"))
+    members, _ = join.choose_members(study, stored, val, store)
+    return {"members": [t.number for t in members], "ensemble_value": join.ensemble_accuracy(members, val, store)}
 
 
 def compare(setup: Setup, arms: list[Arm], seeds: int) -> dict[str, Any]:
@@ -218,7 +253,8 @@ def compare(setup: Setup, arms: list[Arm], seeds: int) -> dict[str, Any]:
             path.write_text(to_toml(study_cfg))
             started = time.perf_counter()
             study = optimize_in(replace(setup, study_file=path, work_dir=where), final=False)
-            runs.append(record(study, arm.label, study_cfg.seed, time.perf_counter() - started))
+            wall_s = time.perf_counter() - started
+            runs.append({**record(study, arm.label, study_cfg.seed, wall_s), **joined(study, setup, where)})
     return {
         "study": cfg.name,
         "time_s": setup.time_s,

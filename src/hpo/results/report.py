@@ -232,11 +232,10 @@ def bench_search_text(result: dict[str, Any], time_s: float, threads: int, devic
 
 def bench_pruners_text(result: dict[str, Any], workers: int, device: str | None, each: str) -> str:
     """`hpo bench --search T --pruners A,B`: each run, then each pruner's means."""
-    lines: list[str] = []
-    lines.append(f"{result['cpu']}, {workers} worker(s), {device or 'the default device'}")
+    lines = [f"{result['cpu']}, {workers} worker(s), {device or 'the default device'}"]
     lines.append(
         f"{result['study']}: {each} of search per run, best {result['metric']} at the final horizon "
-        "(validation; the test split is not read):"
+        "and the join rule's ensemble (validation; the test split is not read):"
     )
     if result.get("calibration_s") is not None:
         lines.append(
@@ -244,8 +243,7 @@ def bench_pruners_text(result: dict[str, Any], workers: int, device: str | None,
             f"({result['calibration_s']:.1f}s per trial epoch)"
         )
     lines += [_pruner_run_line(run) for run in result["runs"]]
-    first = result["pruners"][0]["pruner"]
-    lines += [_pruner_mean_line(row, first) for row in result["pruners"]]
+    lines += [_pruner_mean_line(row, result["pruners"][0]["pruner"]) for row in result["pruners"]]
     lines.append(f"options: {json.dumps(result['options'])}")
     return "\n".join(lines)
 
@@ -255,6 +253,8 @@ def _pruner_run_line(run: dict[str, Any]) -> str:
     best = "no COMPLETE trial"
     if run["best_value"] is not None:
         best = f"best {run['best_value']:.4f} (trial {run['best_trial']})"
+    if run.get("ensemble_value") is not None:
+        best += f", ensemble {run['ensemble_value']:.4f} (trial(s) {', '.join(map(str, run['members']))})"
     return (
         f"  {run['pruner']:<19} seed {run['seed']:>3}  {best} at {run['horizon']} epochs; "
         f"{run['trials']} trials ({run['complete']} complete, "
@@ -266,6 +266,9 @@ def _pruner_mean_line(row: dict[str, Any], first: str) -> str:
     """One pruner over its seeds, and its seed-by-seed difference from the first pruner."""
     mean = "-" if row["mean_best"] is None else f"{row['mean_best']:.4f}"
     versus = "" if row["vs_first"] is None else f"; {100 * row['vs_first']:+.2f} points against {first}, seed by seed"
+    ensemble, gap = row.get("mean_ensemble"), row.get("ensemble_vs_first")
+    mean += "" if ensemble is None else f", mean ensemble {ensemble:.4f}"
+    versus += "" if gap is None else f" (ensemble {100 * gap:+.2f})"
     return (
         f"  {row['pruner']:<19} mean best {mean} over {len(row['best_values'])} run(s), "
         f"{row['mean_trials']:.1f} trials, {row['mean_complete']:.1f} complete, {row['mean_epochs']:.0f} epochs{versus}"

@@ -139,6 +139,15 @@ def val_outputs(
     return probs
 
 
+def ensemble_accuracy(members: list[optuna.trial.FrozenTrial], labels: torch.Tensor, store: Any) -> float | None:
+    """The members' averaged validation outputs scored on `labels`: what the join rule's ensemble
+    scores on validation (None where a member's outputs are not kept)."""
+    outputs = [val_outputs(store, t, labels) for t in members]
+    if not outputs or any(o is None for o in outputs):
+        return None
+    return _accuracy(torch.stack([o for o in outputs if o is not None]).sum(0), labels)
+
+
 def members_now(
     study: optuna.Study, cfg: StudyConfig, val_labels: torch.Tensor, store: Any, cache: dict[str, torch.Tensor]
 ) -> list[optuna.trial.FrozenTrial] | None:
