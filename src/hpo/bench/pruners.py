@@ -36,7 +36,9 @@ from hpo.settings.writer import to_toml
 
 def horizon_options(name: str, cfg: StudyConfig) -> dict[str, Any]:
     """`name`'s options: the study file's own where it names that pruner, else settings suited to its
-    horizon of `[budget] epochs`, as the shipped studies set them (studies/cnn.toml, cnn-quick.toml)."""
+    horizon of `[budget] epochs`: halving's as cnn-quick.toml sets them; median's prune from the first
+    COMPLETE trial on, as cnn.toml did until 2026-12-07 (it now waits for 3, which a 10-minute CPU
+    search never completes: docs/performance.md, "Pruning at the final horizon")."""
     if name == cfg.pruner.name:
         return dict(cfg.pruner.options)
     warmup = min(2, cfg.budget.epochs - 1)  # spare the learning-rate warm-up and the first cosine epoch
