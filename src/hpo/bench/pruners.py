@@ -220,19 +220,15 @@ def joined(study: Any, setup: Setup, where: Path) -> dict[str, Any]:
     members and their averaged validation accuracy. The finalizer trains those members, so a pruner
     that lets more distinct configurations complete can raise this where the best value cannot."""
     import optuna
-    import torch
 
     from hpo.learn import sources
-    from hpo.learn.data import stratified_split
     from hpo.search import artifacts, join
 
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         return {"members": [], "ensemble_value": None}
     stored = stored_config(study)
     assert stored is not None, "hpo optimize records the settings when it creates the study"
-    labels = sources.open_for(stored, setup.data_dir, with_test=False).train.labels
-    _, val_idx = stratified_split(labels, stored.budget.val_fraction, stored.seed)  # the trials' validation split
-    val = torch.as_tensor(labels[val_idx], dtype=torch.int64)
+    val = join.val_labels(sources.open_for(stored, setup.data_dir, with_test=False).train.labels, stored)
     store = artifacts.open_store(artifacts.resolve_location(None, f"sqlite:///{where / 'runs' / 'hpo.db'}"))
     members, _ = join.choose_members(study, stored, val, store)
     return {"members": [t.number for t in members], "ensemble_value": join.ensemble_accuracy(members, val, store)}

@@ -13,14 +13,13 @@ from typing import Any
 
 import numpy as np
 import optuna
-import torch
 from optuna_dashboard import save_note
 
 import hpo
 from hpo import attrs
 from hpo.errors import HpoError
 from hpo.learn import checkpoints, sources
-from hpo.learn.data import device_data, stratified_split
+from hpo.learn.data import device_data
 from hpo.learn.model import InputShape, cpu_weights
 from hpo.learn.params import TrialParams
 from hpo.paths import final_dir
@@ -30,7 +29,7 @@ from hpo.results.provenance import git_revision, versions
 from hpo.results.retrain import TimeLimit, train_members
 from hpo.results.scoring import score
 from hpo.search import artifacts, budget
-from hpo.search.join import choose_members
+from hpo.search.join import choose_members, val_labels
 from hpo.search.locks import DatabaseLock
 from hpo.search.session import Workspace
 from hpo.search.trials import finished_count
@@ -69,9 +68,8 @@ def final_train(
         checkpoints.load_final(out_dir / "model.pt", cfg.name)  # never overwrite another study's model
     started = time.perf_counter()
     sources.check(study, dataset)  # never scored on other data than the trials saw
-    held, labels = dataset.test, dataset.train.labels
-    _, val_idx = stratified_split(labels, cfg.budget.val_fraction, cfg.seed)  # the trials' validation split
-    chosen, chosen_by = choose_members(study, cfg, torch.as_tensor(labels[val_idx], dtype=torch.int64), store)
+    held = dataset.test
+    chosen, chosen_by = choose_members(study, cfg, val_labels(dataset.train.labels, cfg), store)
     log.info("final-train: %s", chosen_by)
     train_all = device_data(dataset.train, dataset, placement.device)
     reused = trial_models(chosen, cfg, train_all, store) if cfg.final.trial_models else []

@@ -15,6 +15,7 @@ import torch
 
 from hpo import attrs
 from hpo.errors import HpoError
+from hpo.learn.data import stratified_split
 from hpo.search import artifacts
 from hpo.search.trials import FINISHED, value
 from hpo.settings.config import StudyConfig
@@ -146,6 +147,13 @@ def ensemble_accuracy(members: list[optuna.trial.FrozenTrial], labels: torch.Ten
     if not outputs or any(o is None for o in outputs):
         return None
     return _accuracy(torch.stack([o for o in outputs if o is not None]).sum(0), labels)
+
+
+def val_labels(pool_labels: Any, cfg: StudyConfig) -> torch.Tensor:
+    """The labels of the trials' validation split of the data set's pool (`dataset.train.labels`), in
+    the order the trials stored their validation outputs (hpo.learn.data.trial_data splits it so)."""
+    _, val_idx = stratified_split(pool_labels, cfg.budget.val_fraction, cfg.seed)
+    return torch.as_tensor(pool_labels[val_idx], dtype=torch.int64)
 
 
 def members_now(
