@@ -13,7 +13,7 @@ from hpo.search import storage as storage_mod
 from hpo.search import study as study_mod
 from hpo.search.locks import slot_lock
 from hpo.search.optuna_compat import stale_trial_ids, trial_id
-from hpo.search.reaper import Reaper, fail, lost_requeues
+from hpo.search.reaper import Reaper, fail, lost_requeues, requeue_orphans
 from hpo.search.storage import StorageSettings
 from hpo.settings import config
 
@@ -221,3 +221,20 @@ def test_a_study_keeps_the_heartbeat_settings_it_was_created_with(tmp_path, capl
     reader = storage_mod.open_storage(url, StorageSettings(heartbeat_interval=3, grace_period=4))
     study_mod.load(reader, "tiny")  # status, delete: the same judgement of which trials are live
     assert (reader.heartbeat_interval, reader.grace_period) == (10, 30)
+
+
+def test_optimize_requeues_at_once_only_the_trials_of_its_own_workers_that_ended(shared):
+    """`hpo optimize` saw its workers end (one killed after ignoring a signal): their RUNNING trials
+    are failed and re-queued at once; another host's trial with the same pid and a live worker's stay."""
+    study, store = shared
+    ours, live, elsewhere = (running_trial(study, store) for _ in range(3))
+    for tid, host, pid in ((ours, "here", 4242), (live, "here", 4343), (elsewhere, "there", 4242)):
+        store.set_trial_user_attr(tid, attrs.HOST, host)
+        store.set_trial_user_attr(tid, attrs.PID, pid)
+    ending = "worker did not stop within 30s of SIGINT and was killed"
+    numbers = requeue_orphans(study, store.max_retry, "here", {4242: ending, 4444: "worker exited with code 1"})
+    assert numbers == [store.get_trial(ours).number]
+    failed = store.get_trial(ours)
+    assert failed.state == TrialState.FAIL and failed.user_attrs[attrs.REASON] == f"{ending}; re-queued"
+    assert [t.system_attrs["failed_trial"] for t in study.get_trials(states=(TrialState.WAITING,))] == numbers
+    assert {store.get_trial(live).state, store.get_trial(elsewhere).state} == {TrialState.RUNNING}

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from hpo import attrs
 from hpo.errors import HpoError
@@ -27,6 +27,7 @@ from hpo.learn.seeds import derive_seed
 from hpo.learn.sources import DataSet
 from hpo.paths import log_dir
 from hpo.search import budget, horizon, progress
+from hpo.search.reaper import requeue_orphans
 from hpo.search.session import Opened
 from hpo.search.status import study_status
 from hpo.search.study import create_or_load, exists, load
@@ -293,6 +294,8 @@ def _run_workers(
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     codes = [child.returncode for child in children]
+    exits = {child.pid: _ending(child.returncode, stopped_by) for child in children}
+    requeue_orphans(study, storage.max_retry, socket.gethostname(), exits)
     if stopped_by:
         raise HpoError(
             f"stopped by {stopped_by[0]}: all {workers} workers exited and their running trials were "
@@ -307,6 +310,13 @@ def _run_workers(
         raise HpoError(
             f"{sum(1 for c in codes if c)} of {workers} workers exited with an error (exit codes {codes}).{where}"
         )
+
+
+def _ending(code: int, stopped_by: list[str]) -> str:
+    """How a worker ended, as the reason of a trial it left RUNNING."""
+    if code == -signal.SIGKILL and stopped_by:
+        return f"worker did not stop within {KILL_AFTER_S}s of {stopped_by[0]} and was killed"
+    return f"worker ended by {signal.Signals(-code).name}" if code < 0 else f"worker exited with code {code}"
 
 
 def _spawn(
@@ -363,38 +373,7 @@ def _watch(
                     if child.poll() is None:
                         child.kill()
             if bar_mode:
-                update_bar(bar, study, cfg, storage, reported)
+                progress.show_study(bar, study, cfg, storage, reported)
             time.sleep(1.0)
         if bar_mode:
-            update_bar(bar, study, cfg, storage, reported)
-
-
-def update_bar(bar: progress.Progress, study: optuna.Study, cfg: StudyConfig, storage: Any, reported: set[int]) -> None:
-    """Announce each newly finished trial and move the bar to `hpo status`'s figures."""
-    try:
-        trials = study.get_trials(deepcopy=False)
-        summary = study_status(study, cfg, storage)
-    except Exception:  # a database blip: the workers ride it out, the bar waits for the next poll
-        return
-    for trial in sorted((trial for trial in trials if trial.state in FINISHED), key=lambda trial: trial.number):
-        if trial.number not in reported:
-            reported.add(trial.number)
-            last = max(trial.intermediate_values) if trial.intermediate_values else 0
-            value = trial.value if trial.state == TrialState.COMPLETE else trial.intermediate_values.get(last)
-            bar.write(
-                f"trial {trial.number} {trial.state.name.lower()} at epoch {last}: {value:.4f}"
-                if value is not None
-                else f"trial {trial.number} {trial.state.name.lower()}"
-            )
-    best = summary["best"]
-    figures = {
-        "best": "-" if best is None else f"{best['value']:.4f}",
-        "pruned": summary["states"]["PRUNED"],
-        "running": len(summary["running"]),
-    }
-    clock = summary["time_budget"]
-    if clock is None:
-        bar.set(summary["finished"], **figures)
-        return
-    left = clock["left_s"]
-    bar.set(round(clock["time_s"] - left), left=format_duration(left), trials=summary["started"], **figures)
+            progress.show_study(bar, study, cfg, storage, reported)

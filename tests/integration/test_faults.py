@@ -58,12 +58,8 @@ def test_wrong_credentials_exit_at_once_without_printing_the_password(postgres, 
     assert "not-the-password" not in out and "hpo:***@" in out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, "ctrl-c"])
-def test_a_signal_to_optimize_stops_every_worker_and_leaves_nothing_running(tmp_path, real_data_dir, sig):
-    """SIGINT or SIGTERM to `hpo optimize`; "ctrl-c": SIGINT to its whole process group, as a
-    terminal sends it, so each worker gets the terminal's SIGINT and then the parent's SIGTERM."""
-    group = sig == "ctrl-c"
-    sig = signal.SIGINT if group else sig
+def optimize_long(tmp_path: Path, data_dir: Path, group: bool = False) -> tuple[subprocess.Popen, str]:
+    """`hpo optimize` with 2 workers on a study long enough to be stopped, once a trial has run an epoch."""
     study = tmp_path / "long.toml"
     study.write_text(study_file(tmp_path, n_trials=20, epochs=8, subset=4000).read_text().replace('"pg"', '"long"'))
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
@@ -76,19 +72,39 @@ def test_a_signal_to_optimize_stops_every_worker_and_leaves_nothing_running(tmp_
         "--storage",
         url,
         "--data-dir",
-        str(real_data_dir),
+        str(data_dir),
         cwd=tmp_path,
         start_new_session=group,  # its own process group, like a foreground job of a shell
     )
+    wait_for(lambda: running_in_epoch(url), 120, "a running trial", interval=0.5)
+    return proc, url
 
-    def running() -> list:
-        try:
-            trials = optuna.load_study(study_name="long", storage=url).trials
-        except KeyError:  # not created yet
-            return []
-        return [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("epoch", 0) >= 1]
 
-    wait_for(running, 120, "a running trial", interval=0.5)
+def running_in_epoch(url: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        trials = optuna.load_study(study_name="long", storage=url).trials
+    except KeyError:  # not created yet
+        return []
+    return [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("epoch", 0) >= 1]
+
+
+def assert_stopped_and_requeued(url: str) -> list[optuna.trial.FrozenTrial]:
+    """Nothing is left RUNNING, and every trial the stop failed has its WAITING copy; the failed ones."""
+    trials = optuna.load_study(study_name="long", storage=url).trials
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    stopped = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    assert stopped and sorted(t.system_attrs["failed_trial"] for t in waiting) == sorted(t.number for t in stopped)
+    return stopped
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, "ctrl-c"])
+def test_a_signal_to_optimize_stops_every_worker_and_leaves_nothing_running(tmp_path, real_data_dir, sig):
+    """SIGINT or SIGTERM to `hpo optimize`; "ctrl-c": SIGINT to its whole process group, as a
+    terminal sends it, so each worker gets the terminal's SIGINT and then the parent's SIGTERM."""
+    group = sig == "ctrl-c"
+    sig = signal.SIGINT if group else sig
+    proc, url = optimize_long(tmp_path, real_data_dir, group)
     sent = time.monotonic()
     if group:
         os.killpg(proc.pid, signal.SIGINT)
@@ -100,13 +116,26 @@ def test_a_signal_to_optimize_stops_every_worker_and_leaves_nothing_running(tmp_
     assert stopped_s < KILL_AFTER_S, f"stopped {stopped_s:.1f}s after the signal\n{out}"
     assert proc.returncode == 1, out
     assert f"Error: stopped by {sig.name}: all 2 workers exited" in out
-    trials = optuna.load_study(study_name="long", storage=url).trials
-    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-    stopped = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
-    assert stopped and all("worker stopped" in t.user_attrs["fail_reason"] for t in stopped)
     # Every stopped trial is queued again, so running the command again loses nothing.
-    waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
-    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == sorted(t.number for t in stopped)
+    stopped = assert_stopped_and_requeued(url)
+    assert all("worker stopped" in t.user_attrs["fail_reason"] for t in stopped)
+
+
+def test_a_worker_killed_after_ignoring_the_signal_has_its_trial_requeued_by_optimize(tmp_path, real_data_dir):
+    """A worker that cannot stop (here: paused) is killed KILL_AFTER_S after the signal; `hpo optimize`
+    then fails and re-queues the trial it left RUNNING, instead of leaving it to the next run's reaper."""
+    proc, url = optimize_long(tmp_path, real_data_dir)
+    frozen = running_in_epoch(url)[0]
+    os.kill(frozen.user_attrs["pid"], signal.SIGSTOP)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=KILL_AFTER_S + 90)
+    assert proc.returncode == 1 and "Error: stopped by SIGINT: all 2 workers exited" in out, out
+    stopped = {t.number: t for t in assert_stopped_and_requeued(url)}
+    reason = stopped[frozen.number].user_attrs["fail_reason"]
+    assert reason == f"worker did not stop within {KILL_AFTER_S}s of SIGINT and was killed; re-queued", out
+    assert all(
+        "worker stopped by SIGTERM" in t.user_attrs["fail_reason"] for n, t in stopped.items() if n != frozen.number
+    )
 
 
 def test_two_final_trains_at_once_leave_whole_files(tmp_path, real_data_dir):

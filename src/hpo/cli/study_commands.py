@@ -80,7 +80,8 @@ def worker(
     trials_per_gpu: int | None,
 ) -> None:
     """Run trials of a shared study until its budget is met."""
-    from hpo.search.worker import Request, Shutdown, start
+    from hpo.search.interrupts import Shutdown
+    from hpo.search.worker import Request, start
 
     request = Request(study_arg, storage, data_dir, device, artifacts, threads, sampler_seed, trials_per_gpu)
     try:

@@ -17,6 +17,8 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import Engine, make_url
 
+from hpo.search.interrupts import uninterrupted
+
 # Any fixed 64-bit key: it names the lock that serialises table and study creation in PostgreSQL.
 _CREATE_LOCK_KEY = 0x68706F5F63726561  # "hpo_crea"
 
@@ -43,12 +45,15 @@ class DatabaseLock:
     def acquire(self) -> None:
         if self.path is not None:
             self._file = open(self.path, "a")
-            fcntl.flock(self._file, fcntl.LOCK_EX)
+            fcntl.flock(self._file, fcntl.LOCK_EX)  # a signal while it waits stops the worker at once
             return
-        self._conn = self.engine.connect()
-        self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
-        self._conn.commit()
+        # Raised inside, a signal could keep the connection in its transaction while the exception lives.
+        with uninterrupted():
+            self._conn = self.engine.connect()
+            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+            self._conn.commit()
 
+    @uninterrupted()
     def try_acquire(self) -> bool:
         """Take the lock only if it is free now; True if taken (then `release` it)."""
         if self.path is not None:
@@ -76,6 +81,7 @@ class DatabaseLock:
     def __exit__(self, *_exc: object) -> None:
         self.release()
 
+    @uninterrupted()
     def release(self) -> None:
         if self._file is not None:
             self._file.close()  # closing drops the flock

@@ -15,7 +15,10 @@ import sqlalchemy
 # (FileSystemArtifactStore, Boto3ArtifactStore) implements it. Goes when `optuna.artifacts` exports it.
 from optuna.artifacts._protocol import ArtifactStore
 
+from hpo.search.interrupts import uninterrupted
+
 __all__ = [
+    "CACHE_BACKEND_CALLS",
     "ArtifactStore",
     "heartbeat_ages",
     "last_heartbeats",
@@ -26,6 +29,12 @@ __all__ = [
     "study_storage",
     "trial_id",
 ]
+
+
+# The private RDBStorage methods that Optuna's cache in front of it (`_CachedStorage`, which every
+# Study uses) calls instead of the public ones: storage.Storage lets a signal wait for these too.
+# Goes when the cache calls the public methods only.
+CACHE_BACKEND_CALLS = ("_create_new_trial", "_get_best_trial_id", "_get_trials", "_set_trial_param")
 
 
 def study_id(study: optuna.Study) -> int:
@@ -53,6 +62,7 @@ def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
     return trial._trial_id
 
 
+@uninterrupted()
 def stale_trial_ids(storage: optuna.storages.RDBStorage, study: optuna.Study) -> list[int]:
     """RUNNING trials whose heartbeat is older than the grace period, by the database's clock.
     Optuna's public path (`fail_stale_trials`) fails them at once; our reaper first confirms that the
@@ -60,6 +70,7 @@ def stale_trial_ids(storage: optuna.storages.RDBStorage, study: optuna.Study) ->
     return storage._get_stale_trial_ids(study_id(study))
 
 
+@uninterrupted()
 def last_heartbeats(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> dict[int, tuple[Any, float]]:
     """Each trial's last heartbeat and its age in seconds by the database's clock; a trial with no
     heartbeat yet is absent. Optuna keeps no API for heartbeat times, so this reads its
@@ -82,6 +93,7 @@ def last_heartbeats(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -
     return {tid: (beat, max(0.0, (now - beat).total_seconds())) for tid, beat in rows}
 
 
+@uninterrupted()
 def running_without_heartbeat(storage: optuna.storages.RDBStorage, study: optuna.Study) -> list[int]:
     """RUNNING trials of the study that have no heartbeat row at all. Optuna's stale query skips
     them, so a worker that died between `ask()` and its first heartbeat would leave its trial

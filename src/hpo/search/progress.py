@@ -1,4 +1,5 @@
-"""Progress for people: a bar with an ETA on a terminal, plain log lines in a pipe or a CI log."""
+"""Progress for people: a bar with an ETA on a terminal, plain log lines in a pipe or a CI log; and
+a study's progress on that bar, as `hpo optimize` shows it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import os
 import sys
 from typing import Any, TextIO
 
+import optuna
+from optuna.trial import TrialState
 from tqdm import tqdm
+
+from hpo.search.status import study_status
+from hpo.search.trials import FINISHED
+from hpo.settings.config import StudyConfig
+from hpo.settings.durations import format_duration
 
 log = logging.getLogger("hpo")
 
@@ -85,3 +93,34 @@ class Progress:
 
     def __exit__(self, *_exc: Any) -> None:
         self.close()
+
+
+def show_study(bar: Progress, study: optuna.Study, cfg: StudyConfig, storage: Any, reported: set[int]) -> None:
+    """Announce each newly finished trial and move the bar to `hpo status`'s figures."""
+    try:
+        trials = study.get_trials(deepcopy=False)
+        summary = study_status(study, cfg, storage)
+    except Exception:  # a database blip: the workers ride it out, the bar waits for the next poll
+        return
+    for trial in sorted((trial for trial in trials if trial.state in FINISHED), key=lambda trial: trial.number):
+        if trial.number not in reported:
+            reported.add(trial.number)
+            last = max(trial.intermediate_values) if trial.intermediate_values else 0
+            value = trial.value if trial.state == TrialState.COMPLETE else trial.intermediate_values.get(last)
+            bar.write(
+                f"trial {trial.number} {trial.state.name.lower()} at epoch {last}: {value:.4f}"
+                if value is not None
+                else f"trial {trial.number} {trial.state.name.lower()}"
+            )
+    best = summary["best"]
+    figures = {
+        "best": "-" if best is None else f"{best['value']:.4f}",
+        "pruned": summary["states"]["PRUNED"],
+        "running": len(summary["running"]),
+    }
+    clock = summary["time_budget"]
+    if clock is None:
+        bar.set(summary["finished"], **figures)
+        return
+    left = clock["left_s"]
+    bar.set(round(clock["time_s"] - left), left=format_duration(left), trials=summary["started"], **figures)

@@ -75,6 +75,22 @@ def fail(study: optuna.Study, trial_id: int, reason: str, retry: bool) -> bool:
     return True
 
 
+def requeue_orphans(study: optuna.Study, max_retry: int, host: str, exits: dict[int, str]) -> list[int]:
+    """After workers of this host have exited (`exits`: each one's pid and how it ended), fail and
+    re-queue the trials they left RUNNING, at once rather than after the grace period: a worker
+    killed before its own fail-and-requeue ran. Returns the trials' numbers."""
+    numbers = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        ending = exits.get(trial.user_attrs.get(attrs.PID, -1))
+        if ending is None or trial.user_attrs.get(attrs.HOST) != host:
+            continue
+        reason = f"{ending}; {retry_note(trial, max_retry)}"
+        if fail(study, trial_id(trial), reason, retry=True):
+            log.warning("trial %d failed: %s", trial.number, reason)
+            numbers.append(trial.number)
+    return numbers
+
+
 def copy_of(trials: list[optuna.trial.FrozenTrial], number: int) -> optuna.trial.FrozenTrial | None:
     """The retry queued for trial `number`, if there is one (the copy's retry history ends with it)."""
     return next((t for t in trials if retry_history(t)[-1:] == [number]), None)

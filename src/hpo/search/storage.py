@@ -26,7 +26,9 @@ from sqlalchemy.engine import URL, Engine, make_url
 
 from hpo import paths
 from hpo.errors import StorageError
+from hpo.search.interrupts import uninterrupted
 from hpo.search.locks import app_name, creation_lock
+from hpo.search.optuna_compat import CACHE_BACKEND_CALLS
 from hpo.search.outages import Backoff, connection_error, first_line, lost_database
 from hpo.settings.envvars import env_float, env_int
 
@@ -103,7 +105,7 @@ def database_time(engine: Engine) -> float:
         query = "SELECT (julianday('now') - 2440587.5) * 86400.0"
     else:
         query = "SELECT EXTRACT(EPOCH FROM clock_timestamp())"
-    with engine.connect() as conn:
+    with uninterrupted(), engine.connect() as conn:
         return float(conn.exec_driver_sql(query).scalar_one())
 
 
@@ -197,7 +199,8 @@ class Storage(optuna.storages.RDBStorage):
         backoff = Backoff(self.ride_out_s)
         while True:
             try:
-                return call(*args, **kwargs)
+                with uninterrupted():  # a signal waits for this try, not for the waits between tries
+                    return call(*args, **kwargs)
             except Exception as e:
                 cause = connection_error(e)
                 if cause is None or self.ride_out_s <= 0 or getattr(_fail_fast, "on", False):
@@ -219,8 +222,25 @@ def _repeatable(name: str):
     return method
 
 
+def _uninterrupted(name: str):
+    def method(self: Storage, *args, **kwargs):
+        with uninterrupted():
+            return getattr(super(Storage, self), name)(*args, **kwargs)
+
+    method.__name__ = name
+    method.__doc__ = f"{name}, which a signal lets end before it stops the worker (see hpo.search.interrupts)."
+    return method
+
+
 for _name in REPEATABLE:
     setattr(Storage, _name, _repeatable(_name))
+# Every other public method of RDBStorage (record_heartbeat's thread takes no signals; those that
+# never reach the database pass through the same way), and those Optuna's cache calls instead.
+for _name, _value in vars(optuna.storages.RDBStorage).items():
+    if not _name.startswith("_") and callable(_value) and _name not in vars(Storage):
+        setattr(Storage, _name, _uninterrupted(_name))
+for _name in CACHE_BACKEND_CALLS:
+    setattr(Storage, _name, _uninterrupted(_name))
 
 
 def _new_rdb_storage(url: str, **kwargs) -> Storage:

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 
 import optuna
 from optuna.trial import TrialState
@@ -30,6 +28,7 @@ from hpo.learn.devices import Placement, finalizer_threads
 from hpo.learn.train import TrainingDiverged
 from hpo.search import budget
 from hpo.search.heartbeat import Heartbeat
+from hpo.search.interrupts import Shutdown, install_signal_handlers
 from hpo.search.join import Reserved
 from hpo.search.locks import DatabaseLock, slot_lock
 from hpo.search.objective import OutOfMemory, OverBudget, calibrate, make_objective
@@ -45,27 +44,6 @@ from hpo.settings.config import StudyConfig
 log = logging.getLogger(__name__)
 
 HOLDS_A_SLOT = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
-
-
-class Shutdown(KeyboardInterrupt):
-    """SIGTERM or SIGINT: the worker fails its running trial, re-queues it and exits."""
-
-    def __init__(self, signum: int):
-        self.signal = signal.Signals(signum)
-        super().__init__(f"received {self.signal.name}")
-
-
-def _raise_shutdown(signum: int, _frame: FrameType | None) -> None:
-    # Once: Ctrl-C sends the terminal's SIGINT and then `hpo optimize`'s SIGTERM to each local
-    # worker, and a second Shutdown raised inside the first one's fail-and-requeue would cut it short.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise Shutdown(signum)
-
-
-def install_signal_handlers() -> None:
-    signal.signal(signal.SIGTERM, _raise_shutdown)
-    signal.signal(signal.SIGINT, _raise_shutdown)
 
 
 def over_budget(study: optuna.Study, n_trials: int, trial: optuna.Trial) -> bool:
