@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -261,6 +262,26 @@ def test_a_15s_database_outage_creates_no_trial_and_fails_none(tmp_path, postgre
     assert_exact_budget(pg_url, n_trials)
     assert failures(pg_url) == [], [(t.number, t.user_attrs.get("fail_reason")) for t in failures(pg_url)]
     assert len(load(pg_url).trials) == n_trials  # numbered 0..n-1: nothing created and thrown away
+
+
+def test_reads_through_optuna_s_cache_ride_out_an_outage(postgres, pg_url):
+    """A Study reads its trials through Optuna's cache, which calls RDBStorage's private `_get_trials`
+    and `_get_best_trial_id`, not the public reads: a trial's should_prune and best-trial reads must
+    wait for the database like the public ones do, not fail the trial."""
+    store = open_storage(pg_url, StorageSettings(heartbeat_interval=1, grace_period=4))
+    store.ride_out_s = 120  # as a worker sets it
+    study, _ = create_or_load(store, config.load("tiny"))
+    study.tell(study.ask(), 0.5)
+    postgres.stop()
+    back = threading.Timer(3.0, postgres.start)
+    back.start()
+    try:
+        started = time.monotonic()
+        assert len(study.get_trials(deepcopy=False)) == 1
+        assert study.best_trial.value == 0.5
+        assert time.monotonic() - started >= 2.0, "the reads did not wait for the database"
+    finally:
+        back.join()  # the server is up again for the next test
 
 
 def test_reaping_in_the_heartbeat_thread_fails_fast_so_the_next_beat_keeps_its_time(postgres, pg_url):

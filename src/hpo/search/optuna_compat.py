@@ -32,9 +32,15 @@ __all__ = [
 
 
 # The private RDBStorage methods that Optuna's cache in front of it (`_CachedStorage`, which every
-# Study uses) calls instead of the public ones: storage.Storage lets a signal wait for these too.
+# Study uses) calls instead of public ones, each with the public call it stands for: storage.Storage
+# gives them that call's handling (a read rides out an outage; a signal waits for the call to end).
 # Goes when the cache calls the public methods only.
-CACHE_BACKEND_CALLS = ("_create_new_trial", "_get_best_trial_id", "_get_trials", "_set_trial_param")
+CACHE_BACKEND_CALLS = {
+    "_get_trials": "get_all_trials",
+    "_get_best_trial_id": "get_best_trial",
+    "_set_trial_param": "set_trial_param",
+    "_create_new_trial": "create_new_trial",
+}
 
 
 def study_id(study: optuna.Study) -> int:

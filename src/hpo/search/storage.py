@@ -135,6 +135,7 @@ REPEATABLE = (
 
 
 _fail_fast = threading.local()  # per thread: Storage.failing_fast
+_riding = threading.local()  # per thread: a call that rides out an outage is under way
 
 
 class Storage(optuna.storages.RDBStorage):
@@ -196,11 +197,17 @@ class Storage(optuna.storages.RDBStorage):
 
     def _ride_out(self, name: str, *args, **kwargs):
         call = getattr(super(), name)
+        if getattr(_riding, "on", False):  # inside another call's ride-out (get_all_trials -> _get_trials)
+            return call(*args, **kwargs)
         backoff = Backoff(self.ride_out_s)
         while True:
             try:
                 with uninterrupted():  # a signal waits for this try, not for the waits between tries
-                    return call(*args, **kwargs)
+                    _riding.on = True
+                    try:
+                        return call(*args, **kwargs)
+                    finally:
+                        _riding.on = False
             except Exception as e:
                 cause = connection_error(e)
                 if cause is None or self.ride_out_s <= 0 or getattr(_fail_fast, "on", False):
@@ -235,12 +242,13 @@ def _uninterrupted(name: str):
 for _name in REPEATABLE:
     setattr(Storage, _name, _repeatable(_name))
 # Every other public method of RDBStorage (record_heartbeat's thread takes no signals; those that
-# never reach the database pass through the same way), and those Optuna's cache calls instead.
+# never reach the database pass through the same way); and the private ones Optuna's cache calls
+# instead of public ones, handled as the calls they stand for (a read through the cache rides out too).
 for _name, _value in vars(optuna.storages.RDBStorage).items():
     if not _name.startswith("_") and callable(_value) and _name not in vars(Storage):
         setattr(Storage, _name, _uninterrupted(_name))
-for _name in CACHE_BACKEND_CALLS:
-    setattr(Storage, _name, _uninterrupted(_name))
+for _name, _public in CACHE_BACKEND_CALLS.items():
+    setattr(Storage, _name, (_repeatable if _public in REPEATABLE else _uninterrupted)(_name))
 
 
 def _new_rdb_storage(url: str, **kwargs) -> Storage:
