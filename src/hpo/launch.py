@@ -27,6 +27,7 @@ from hpo.learn.seeds import derive_seed
 from hpo.learn.sources import DataSet
 from hpo.paths import log_dir
 from hpo.search import budget, horizon, progress
+from hpo.search.outages import first_line
 from hpo.search.reaper import requeue_orphans
 from hpo.search.session import Opened
 from hpo.search.status import study_status
@@ -295,7 +296,10 @@ def _run_workers(
         signal.signal(signal.SIGINT, signal.default_int_handler)
     codes = [child.returncode for child in children]
     exits = {child.pid: _ending(child.returncode, stopped_by) for child in children}
-    requeue_orphans(study, storage.max_retry, socket.gethostname(), exits)
+    try:
+        requeue_orphans(study, storage.max_retry, socket.gethostname(), exits)
+    except Exception as e:  # the database went too: the next run's reapers re-queue them after the grace period
+        log.warning("could not re-queue the trials the workers left RUNNING (%s)", first_line(e))
     if stopped_by:
         raise HpoError(
             f"stopped by {stopped_by[0]}: all {workers} workers exited and their running trials were "
