@@ -77,16 +77,8 @@ def optimize_long(tmp_path: Path, data_dir: Path, group: bool = False) -> tuple[
         cwd=tmp_path,
         start_new_session=group,  # its own process group, like a foreground job of a shell
     )
-    wait_for(lambda: running_in_epoch(url), 120, "a running trial", interval=0.5)
+    wait_for(lambda: running_trial_in_epoch(url, study="long"), 120, "a running trial", interval=0.5)
     return proc, url
-
-
-def running_in_epoch(url: str) -> list[optuna.trial.FrozenTrial]:
-    try:
-        trials = optuna.load_study(study_name="long", storage=url).trials
-    except KeyError:  # not created yet
-        return []
-    return [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("epoch", 0) >= 1]
 
 
 def assert_stopped_and_requeued(url: str) -> list[optuna.trial.FrozenTrial]:
@@ -126,7 +118,7 @@ def test_a_worker_killed_after_ignoring_the_signal_has_its_trial_requeued_by_opt
     """A worker that cannot stop (here: paused) is killed KILL_AFTER_S after the signal; `hpo optimize`
     then fails and re-queues the trial it left RUNNING, instead of leaving it to the next run's reaper."""
     proc, url = optimize_long(tmp_path, real_data_dir)
-    frozen = running_in_epoch(url)[0]
+    frozen = running_trial_in_epoch(url, study="long")
     os.kill(frozen.user_attrs["pid"], signal.SIGSTOP)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=KILL_AFTER_S + 90)

@@ -130,8 +130,8 @@ def workers(tmp_path, pg_url, real_data_dir):
     w.kill()
 
 
-def load(url: str) -> optuna.Study:
-    return optuna.load_study(study_name="pg", storage=url)
+def load(url: str, study: str = "pg") -> optuna.Study:
+    return optuna.load_study(study_name=study, storage=url)
 
 
 def count(url: str) -> dict[str, int]:
@@ -151,10 +151,10 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def running_trial_in_epoch(url: str, epoch: int = 1):
+def running_trial_in_epoch(url: str, epoch: int = 1, study: str = "pg"):
     """A RUNNING trial that has finished at least `epoch` epochs, or None."""
     try:
-        trials = load(url).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        trials = load(url, study).get_trials(states=(optuna.trial.TrialState.RUNNING,))
     except KeyError:  # study not created yet
         return None
     return next((t for t in trials if t.user_attrs.get("epoch", 0) >= epoch), None)
