@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import threading
 import time
 
 import optuna
@@ -18,7 +19,8 @@ from hpo import attrs
 from hpo.search import storage as storage_mod
 from hpo.search.interrupts import Shutdown, install_signal_handlers, uninterrupted
 from hpo.search.optuna_compat import trial_id
-from hpo.search.reaper import fail
+from hpo.search.reaper import Reaper, fail
+from hpo.search.worker import run_trial
 
 
 @pytest.fixture
@@ -88,6 +90,39 @@ def test_a_signal_inside_any_statement_waits_for_the_call_and_leaves_no_lock(tmp
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
     assert len(failed) == statements - 1
     assert all("worker stopped by SIGTERM" in t.user_attrs[attrs.REASON] for t in failed)
+
+
+def test_a_signal_while_a_trial_is_asked_for_leaves_no_trial_running(tmp_path, handlers):
+    """A worker's ask-and-tell, with the signal during each of its main thread's statements in turn:
+    whenever Shutdown comes out of it, no trial is left RUNNING for another run's reaper."""
+    store = storage_mod.open_storage(f"sqlite:///{tmp_path / 'hpo.db'}")
+    study = optuna.create_study(study_name="s", storage=store, direction="maximize")
+    shoot_at = [0]
+
+    @sqlalchemy.event.listens_for(store.engine, "after_cursor_execute")
+    def signal_during_the_statement(*_args) -> None:
+        if threading.current_thread() is threading.main_thread():  # not the heartbeat's
+            shoot_at[0] -= 1
+            if shoot_at[0] == 0:
+                signal.raise_signal(signal.SIGTERM)
+
+    statements = 0
+    while True:
+        statements += 1
+        shoot_at[0] = statements
+        try:
+            run_trial(study, store, lambda trial: trial.suggest_float("x", 0, 1), Reaper(study, store))
+        except Shutdown:
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            assert not running, f"statement {statements}: trial {running[0].number} was left RUNNING"
+        else:
+            assert shoot_at[0] > 0, f"the signal during statement {statements} raised nothing: it was lost"
+            shoot_at[0] = 0
+            break
+        finally:
+            install_signal_handlers()
+    assert statements > 5  # ask, the objective's suggestion and tell were reached statement by statement
+    assert study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
 
 
 def test_outside_a_database_call_the_signal_stops_at_once_and_only_once(handlers):

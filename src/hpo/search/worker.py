@@ -28,7 +28,7 @@ from hpo.learn.devices import Placement, finalizer_threads
 from hpo.learn.train import TrainingDiverged
 from hpo.search import budget
 from hpo.search.heartbeat import Heartbeat
-from hpo.search.interrupts import Shutdown, install_signal_handlers
+from hpo.search.interrupts import Shutdown, install_signal_handlers, uninterrupted
 from hpo.search.join import Reserved
 from hpo.search.locks import DatabaseLock, slot_lock
 from hpo.search.objective import OutOfMemory, OverBudget, calibrate, make_objective
@@ -73,9 +73,7 @@ def run_trial(
       off), its result is dropped with one log line; its retry is already queued.
     - Any other failure leaves a reason on the trial. A signal re-queues it before the worker exits.
     """
-    with warnings.catch_warnings():  # Optuna warns that heartbeats belong to study.optimize; ours are sent below
-        warnings.simplefilter("ignore", UserWarning)
-        trial = study.ask()
+    trial = _ask(study, storage)
     try:
         interval = storage.heartbeat_interval or StorageSettings.heartbeat_interval
         with Heartbeat(storage, trial_id(trial), interval, also=reaper):
@@ -95,19 +93,35 @@ def run_trial(
             trial.number,
         )
     except Shutdown as e:
-        if fail(
-            study,
-            trial_id(trial),
-            f"worker stopped by {e.signal.name}; {retry_note(storage.get_trial(trial_id(trial)), storage.max_retry)}",
-            retry=True,
-        ):
-            log.warning("trial %d failed and re-queued: worker stopped by %s", trial.number, e.signal.name)
+        _requeue_on_stop(study, storage, trial, e)
         raise
     except Exception as e:
         if connection_error(e) is not None or isinstance(e, StorageError):
             raise  # the trial stays RUNNING without heartbeats; a reaper fails it and queues its retry
         fail(study, trial_id(trial), f"error in the worker: {type(e).__name__}: {first_line(e)}", retry=False)
         raise
+
+
+def _ask(study: optuna.Study, storage: Storage) -> optuna.Trial:
+    """study.ask(). A signal inside it (once the trial's row exists, before anything else marks the
+    trial as this worker's) takes effect when ask has returned, and the trial is failed and re-queued
+    instead of being left RUNNING with no heartbeat for another run's reaper."""
+    trial: optuna.Trial | None = None
+    try:
+        with warnings.catch_warnings(), uninterrupted():  # Optuna warns that heartbeats belong to study.optimize
+            warnings.simplefilter("ignore", UserWarning)
+            trial = study.ask()
+    except Shutdown as e:
+        if trial is not None:
+            _requeue_on_stop(study, storage, trial, e)
+        raise
+    return trial
+
+
+def _requeue_on_stop(study: optuna.Study, storage: Storage, trial: optuna.Trial, e: Shutdown) -> None:
+    reason = f"worker stopped by {e.signal.name}; {retry_note(storage.get_trial(trial_id(trial)), storage.max_retry)}"
+    if fail(study, trial_id(trial), reason, retry=True):
+        log.warning("trial %d failed and re-queued: worker stopped by %s", trial.number, e.signal.name)
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, **outcome) -> None:
